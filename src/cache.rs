@@ -1,0 +1,424 @@
+//! The in-process key cache in front of the store, and the two background jobs that keep it true:
+//! the change-feed poller (revocations reach the gateway within one poll interval) and the usage
+//! flusher (`last_used` and use counts written in batches, never per request).
+//!
+//! Entries are keyed by digest. A known key (active or not) is fresh for `positive_ttl` and kept
+//! `stale_if_error` longer, to be served only while the store is failing; an unknown key is cached
+//! for `negative_ttl`. A cache hit touches no lock and no store: one concurrent-map read and two
+//! atomic stores for usage. Misses for one digest are serialised through moka's per-key compute,
+//! so a burst of requests with the same unknown key costs one store lookup.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http::HeaderValue;
+use moka::future::Cache;
+use moka::notification::RemovalCause;
+use moka::ops::compute::{CompResult, Op};
+
+use crate::config;
+use crate::key::KeyDigest;
+use crate::metrics::Metrics;
+use crate::store::{Changes, KeyRecord, SharedStore, StoreError, Usage};
+
+/// A key the store knows, as cached: its record, header values prepared for forwarding, and usage
+/// not yet flushed.
+#[derive(Debug)]
+pub struct KnownKey {
+    /// The stored record (digest, never the key).
+    pub record: KeyRecord,
+    /// `record.id` as a header value, prepared once.
+    pub id_header: HeaderValue,
+    /// `record.name` as a header value, prepared once (names are validated to be header-safe).
+    pub name_header: HeaderValue,
+    fresh_until: Instant,
+    last_used: AtomicI64,
+    pending_uses: AtomicU64,
+}
+
+impl KnownKey {
+    fn new(record: KeyRecord, fresh_until: Instant) -> Self {
+        let id_header = HeaderValue::from_str(&record.id)
+            .unwrap_or_else(|_| HeaderValue::from_static("invalid-id"));
+        let name_header = HeaderValue::from_str(&record.name)
+            .unwrap_or_else(|_| HeaderValue::from_static("invalid-name"));
+        Self {
+            record,
+            id_header,
+            name_header,
+            fresh_until,
+            last_used: AtomicI64::new(0),
+            pending_uses: AtomicU64::new(0),
+        }
+    }
+
+    /// Records one authenticated use. Lock-free; flushed later by [`KeyCache::flush_usage`].
+    pub fn touch(&self, now_unix: i64) {
+        self.last_used.fetch_max(now_unix, Ordering::Relaxed);
+        self.pending_uses.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn take_usage(&self) -> Option<Usage> {
+        let count = self.pending_uses.swap(0, Ordering::Relaxed);
+        (count > 0).then(|| Usage {
+            id: self.record.id.clone(),
+            last_used: self.last_used.load(Ordering::Relaxed),
+            count,
+        })
+    }
+}
+
+/// A cached decision.
+#[derive(Debug, Clone)]
+pub enum Entry {
+    /// The store has this digest.
+    Known(Arc<KnownKey>),
+    /// The store does not have this digest (as of `fresh_until - negative_ttl`).
+    Unknown { fresh_until: Instant },
+}
+
+impl Entry {
+    fn fresh_until(&self) -> Instant {
+        match self {
+            Entry::Known(k) => k.fresh_until,
+            Entry::Unknown { fresh_until } => *fresh_until,
+        }
+    }
+}
+
+/// Where a resolved entry came from (for metrics and logs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// A fresh cache entry.
+    Hit,
+    /// Read from the store just now (or by a concurrent request for the same digest).
+    Store,
+    /// A known key past its TTL, served because the store is failing.
+    Stale,
+}
+
+/// The store could not answer and no usable cached decision exists.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("key store unavailable")]
+pub struct Unavailable;
+
+struct EntryExpiry {
+    positive_total: Duration,
+    negative: Duration,
+}
+
+impl moka::Expiry<KeyDigest, Entry> for EntryExpiry {
+    fn expire_after_create(&self, _: &KeyDigest, v: &Entry, _: Instant) -> Option<Duration> {
+        Some(match v {
+            Entry::Known(_) => self.positive_total,
+            Entry::Unknown { .. } => self.negative,
+        })
+    }
+
+    fn expire_after_update(
+        &self,
+        k: &KeyDigest,
+        v: &Entry,
+        at: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        self.expire_after_create(k, v, at)
+    }
+}
+
+/// Shared state of the cache and its background jobs.
+pub struct KeyCache {
+    cache: Cache<KeyDigest, Entry>,
+    store: SharedStore,
+    positive_ttl: Duration,
+    negative_ttl: Duration,
+    store_timeout: Duration,
+    /// Usage of entries evicted before their usage was flushed.
+    spilled: Arc<Mutex<HashMap<String, (i64, u64)>>>,
+    legacy_present: AtomicBool,
+    store_up: AtomicBool,
+    metrics: Arc<Metrics>,
+}
+
+impl KeyCache {
+    /// A cache in front of `store`, sized and timed by `[store]`.
+    pub fn new(store: SharedStore, cfg: &config::Store, metrics: Arc<Metrics>) -> Self {
+        let spilled: Arc<Mutex<HashMap<String, (i64, u64)>>> = Arc::default();
+        let spill = Arc::clone(&spilled);
+        let cache = Cache::builder()
+            .max_capacity(cfg.cache_capacity)
+            .expire_after(EntryExpiry {
+                positive_total: cfg.positive_ttl + cfg.stale_if_error,
+                negative: cfg.negative_ttl,
+            })
+            .eviction_listener(move |_, entry: Entry, _: RemovalCause| {
+                // Replaced or evicted entries must not lose usage that was not flushed yet.
+                if let Entry::Known(k) = entry
+                    && let Some(u) = k.take_usage()
+                    && let Ok(mut map) = spill.lock()
+                {
+                    let slot = map.entry(u.id).or_insert((0, 0));
+                    slot.0 = slot.0.max(u.last_used);
+                    slot.1 += u.count;
+                }
+            })
+            .build();
+        Self {
+            cache,
+            store,
+            positive_ttl: cfg.positive_ttl,
+            negative_ttl: cfg.negative_ttl,
+            store_timeout: cfg.timeout,
+            spilled,
+            legacy_present: AtomicBool::new(false),
+            store_up: AtomicBool::new(true),
+            metrics,
+        }
+    }
+
+    /// The store behind the cache.
+    pub fn store(&self) -> &SharedStore {
+        &self.store
+    }
+
+    /// Whether legacy (checksum-less) keys exist, so malformed keys still deserve a lookup.
+    pub fn legacy_present(&self) -> bool {
+        self.legacy_present.load(Ordering::Relaxed)
+    }
+
+    /// Whether the last store call succeeded.
+    pub fn store_up(&self) -> bool {
+        self.store_up.load(Ordering::Relaxed)
+    }
+
+    fn set_store_up(&self, up: bool) {
+        self.store_up.store(up, Ordering::Relaxed);
+        self.metrics.store_up.set(if up { 1.0 } else { 0.0 });
+    }
+
+    /// Number of cached entries (approximate, as moka reports it).
+    pub fn entry_count(&self) -> u64 {
+        self.cache.entry_count()
+    }
+
+    /// Calls the store with the configured timeout, tracking store health.
+    pub async fn call<T>(
+        &self,
+        fut: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let result = match tokio::time::timeout(self.store_timeout, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "no answer within {:?}",
+                self.store_timeout
+            ))),
+        };
+        match &result {
+            Ok(_) | Err(StoreError::NotFound(_) | StoreError::Conflict(_)) => self.set_store_up(true),
+            Err(StoreError::Unavailable(_) | StoreError::Corrupt(_)) => {
+                self.metrics.store_errors.increment(1);
+                self.set_store_up(false);
+            }
+        }
+        result
+    }
+
+    /// The decision for `digest`: from the cache when fresh, else from the store (one lookup per
+    /// digest at a time), else a stale known entry while the store is failing.
+    pub async fn resolve(&self, digest: KeyDigest) -> Result<(Entry, Source), Unavailable> {
+        let now = Instant::now();
+        if let Some(entry) = self.cache.get(&digest).await
+            && entry.fresh_until() > now
+        {
+            self.metrics.cache_hits.increment(1);
+            return Ok((entry, Source::Hit));
+        }
+        self.metrics.cache_misses.increment(1);
+        let mut failed = false;
+        let failed_flag = &mut failed;
+        let result = self
+            .cache
+            .entry(digest)
+            .and_compute_with(|current| {
+                let current = current.map(|e| e.into_value());
+                async move {
+                    let now = Instant::now();
+                    if current.as_ref().is_some_and(|e| e.fresh_until() > now) {
+                        // A request ahead of us in this digest's queue refreshed it.
+                        return Op::Nop;
+                    }
+                    match self.call(self.store.lookup(digest)).await {
+                        Ok(Some(record)) => Op::Put(Entry::Known(Arc::new(KnownKey::new(
+                            record,
+                            now + self.positive_ttl,
+                        )))),
+                        Ok(None) => Op::Put(Entry::Unknown {
+                            fresh_until: now + self.negative_ttl,
+                        }),
+                        Err(_) => {
+                            *failed_flag = true;
+                            Op::Nop
+                        }
+                    }
+                }
+            })
+            .await;
+        let entry = match result {
+            CompResult::Inserted(e) | CompResult::ReplacedWith(e) | CompResult::Unchanged(e) => {
+                Some(e.into_value())
+            }
+            CompResult::Removed(_) | CompResult::StillNone(_) => None,
+        };
+        match (entry, failed) {
+            (Some(e), false) => Ok((e, Source::Store)),
+            // Only a known key may outlive its TTL; moka drops it after `stale_if_error`.
+            (Some(e @ Entry::Known(_)), true) => {
+                self.metrics.cache_stale_served.increment(1);
+                Ok((e, Source::Stale))
+            }
+            (Some(Entry::Unknown { .. }) | None, _) => Err(Unavailable),
+        }
+    }
+
+    /// Drops the cached decision for `digest`. Serialised with lookups of the same digest, so a
+    /// lookup that read the store before a change cannot re-insert the old decision afterwards.
+    pub async fn evict(&self, digest: KeyDigest) {
+        self.cache
+            .entry(digest)
+            .and_compute_with(|_| async { Op::Remove })
+            .await;
+    }
+
+    /// Applies one poll of the change feed; returns the next position.
+    pub async fn apply_changes(&self, position: u64) -> Result<u64, StoreError> {
+        let changes = self.call(self.store.changes_since(position)).await?;
+        let next = match changes {
+            Changes::Digests { digests, next } => {
+                if digests.is_empty() {
+                    return Ok(next);
+                }
+                for d in digests {
+                    self.evict(d).await;
+                }
+                next
+            }
+            Changes::Gap { next } => {
+                tracing::warn!("change feed gap: dropping every cached key decision");
+                self.cache.invalidate_all();
+                next
+            }
+        };
+        self.refresh_counts().await;
+        Ok(next)
+    }
+
+    /// Re-reads the legacy flag and the active-key gauge.
+    pub async fn refresh_counts(&self) {
+        if let Ok(legacy) = self.call(self.store.has_legacy()).await {
+            self.legacy_present.store(legacy, Ordering::Relaxed);
+        }
+        if let Ok(n) = self.call(self.store.count_active()).await {
+            self.metrics.active_keys.set(n as f64);
+        }
+    }
+
+    /// Polls the change feed every `interval` until `shutdown` fires.
+    pub async fn poll_changes(
+        self: Arc<Self>,
+        interval: Duration,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let mut position = None;
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut since_counts = Instant::now();
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = shutdown.changed() => return,
+            }
+            let result = match position {
+                // Start from the feed's current end: the cache starts empty, so nothing before
+                // it can be stale.
+                None => self.call(self.store.change_position()).await.map(|p| {
+                    position = Some(p);
+                }),
+                Some(p) => self.apply_changes(p).await.map(|next| position = Some(next)),
+            };
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "change feed poll failed");
+            }
+            if since_counts.elapsed() >= Duration::from_secs(15) {
+                since_counts = Instant::now();
+                self.refresh_counts().await;
+            }
+            self.metrics.cache_entries.set(self.cache.entry_count() as f64);
+        }
+    }
+
+    /// Collects unflushed usage from cached and evicted entries and writes it in one batch.
+    /// On failure the usage is kept for the next flush.
+    pub async fn flush_usage(&self) -> Result<usize, StoreError> {
+        let mut merged: HashMap<String, (i64, u64)> = match self.spilled.lock() {
+            Ok(mut spilled) => std::mem::take(&mut *spilled),
+            Err(_) => HashMap::new(),
+        };
+        for (_, entry) in self.cache.iter() {
+            if let Entry::Known(k) = entry
+                && let Some(u) = k.take_usage()
+            {
+                let slot = merged.entry(u.id).or_insert((0, 0));
+                slot.0 = slot.0.max(u.last_used);
+                slot.1 += u.count;
+            }
+        }
+        if merged.is_empty() {
+            return Ok(0);
+        }
+        let batch: Vec<Usage> = merged
+            .iter()
+            .map(|(id, &(last_used, count))| Usage {
+                id: id.clone(),
+                last_used,
+                count,
+            })
+            .collect();
+        let n = batch.len();
+        match self.call(self.store.record_usage(batch)).await {
+            Ok(()) => Ok(n),
+            Err(e) => {
+                if let Ok(mut spilled) = self.spilled.lock() {
+                    for (id, (last, count)) in merged {
+                        let slot = spilled.entry(id).or_insert((0, 0));
+                        slot.0 = slot.0.max(last);
+                        slot.1 += count;
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Flushes usage every `interval` until `shutdown` fires (the final flush is the caller's).
+    pub async fn flush_usage_every(
+        self: Arc<Self>,
+        interval: Duration,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker.tick().await;
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = shutdown.changed() => return,
+            }
+            if let Err(e) = self.flush_usage().await {
+                tracing::warn!(error = %e, "usage flush failed; will retry");
+            }
+        }
+    }
+}
+

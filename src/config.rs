@@ -1,0 +1,965 @@
+//! Configuration in two stages: [`FileConfig`] is what `gateway.toml` and the environment say
+//! (serde, unknown keys refused); [`Config`] is the validated, typed form the gateway runs on.
+//!
+//! Environment overrides are `KEYGATE_<SECTION>_<FIELD>` (e.g. `KEYGATE_UPSTREAM_URL`), plus the
+//! old deployment's `CORS_ALLOWED_ORIGINS` (comma-separated). They are read through [`EnvSource`]
+//! so tests pass a map instead of mutating the process environment. Every validation error names
+//! the key, the value and what is expected.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Uri};
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// Where environment variables come from.
+pub trait EnvSource {
+    /// All variables, as (name, value).
+    fn vars(&self) -> Vec<(String, String)>;
+}
+
+/// The process environment.
+pub struct ProcessEnv;
+
+impl EnvSource for ProcessEnv {
+    fn vars(&self) -> Vec<(String, String)> {
+        std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+            .collect()
+    }
+}
+
+impl EnvSource for BTreeMap<String, String> {
+    fn vars(&self) -> Vec<(String, String)> {
+        self.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+}
+
+/// A configuration error: which key, which value, what is expected.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The TOML (after environment overrides) does not match the schema.
+    #[error("invalid config {origin}: {message}")]
+    Parse { origin: String, message: String },
+    /// A value that parses but is not acceptable.
+    #[error("invalid config: {key} = {value:?}: expected {expected}")]
+    Invalid {
+        key: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+}
+
+fn invalid(key: &'static str, value: impl std::fmt::Display, expected: &'static str) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        value: value.to_string(),
+        expected,
+    }
+}
+
+/// `gateway.toml` as written. Every field has a default; see the shipped `gateway.toml` for docs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FileConfig {
+    pub server: ServerSection,
+    pub tls: TlsSection,
+    pub upstream: UpstreamSection,
+    pub auth: AuthSection,
+    pub store: StoreSection,
+    pub cors: CorsSection,
+    pub headers: HeadersSection,
+    pub logging: LoggingSection,
+    pub metrics: MetricsSection,
+}
+
+/// `[server]`: listeners and connection limits.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerSection {
+    /// HTTPS listener address.
+    pub https_listen: String,
+    /// Plain HTTP listener that redirects to HTTPS; empty string disables it.
+    pub http_listen: String,
+    /// Admin listener (/metrics, /healthz, /readyz); empty string disables it.
+    pub admin_listen: String,
+    /// Host name used in HTTP→HTTPS redirects (never the client's Host header).
+    pub public_host: String,
+    /// Port used in redirects; 0 means "the HTTPS listener's port". Omitted from the URL when 443.
+    pub public_port: u16,
+    /// Time allowed for a TLS handshake.
+    pub handshake_timeout: String,
+    /// Time allowed for a client to send a request's headers.
+    pub header_read_timeout: String,
+    /// How long in-flight requests may run after SIGTERM/SIGINT before connections are closed.
+    pub shutdown_grace: String,
+    /// Maximum simultaneous client connections across listeners; excess connections are closed at once.
+    pub max_connections: usize,
+    /// CIDRs of proxies whose X-Forwarded-For / X-Forwarded-Proto are trusted.
+    pub trusted_proxies: Vec<String>,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        Self {
+            https_listen: "127.0.0.1:8443".into(),
+            http_listen: "127.0.0.1:8080".into(),
+            admin_listen: "127.0.0.1:9090".into(),
+            public_host: "localhost".into(),
+            public_port: 0,
+            handshake_timeout: "10s".into(),
+            header_read_timeout: "10s".into(),
+            shutdown_grace: "30s".into(),
+            max_connections: 10_000,
+            trusted_proxies: Vec::new(),
+        }
+    }
+}
+
+/// `[tls]`: the served certificate.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsSection {
+    /// PEM certificate chain.
+    pub cert: String,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: String,
+    /// When the files are missing, generate a self-signed development certificate there.
+    pub generate_dev_cert: bool,
+}
+
+impl Default for TlsSection {
+    fn default() -> Self {
+        Self {
+            cert: "certs/dev-cert.pem".into(),
+            key: "certs/dev-key.pem".into(),
+            generate_dev_cert: false,
+        }
+    }
+}
+
+/// `[upstream]`: the protected backend.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamSection {
+    /// Base URL (`http://host:port[/prefix]`).
+    pub url: String,
+    /// TCP connect timeout.
+    pub connect_timeout: String,
+    /// Time to the upstream's response headers.
+    pub response_timeout: String,
+    /// Idle keep-alive connections kept per upstream host.
+    pub pool_max_idle: usize,
+    /// How long an idle upstream connection is kept.
+    pub pool_idle_timeout: String,
+    /// Send the client's Host header upstream instead of the upstream's own authority.
+    pub preserve_host: bool,
+}
+
+impl Default for UpstreamSection {
+    fn default() -> Self {
+        Self {
+            url: "http://127.0.0.1:8000".into(),
+            connect_timeout: "5s".into(),
+            response_timeout: "60s".into(),
+            pool_max_idle: 256,
+            pool_idle_timeout: "90s".into(),
+            preserve_host: false,
+        }
+    }
+}
+
+/// `[auth]`: where keys are read from and what is sent upstream.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSection {
+    /// Header carrying the key.
+    pub key_header: String,
+    /// Also accept `Authorization: Bearer <key>` when the key header is absent.
+    pub bearer_fallback: bool,
+    /// Forward the credential headers to the upstream (off: they are stripped).
+    pub forward_credentials: bool,
+    /// Path prefixes forwarded without a key (e.g. "/static/").
+    pub public_paths: Vec<String>,
+    /// Header that tells the upstream the key's id.
+    pub id_header: String,
+    /// Header that tells the upstream the key's name.
+    pub name_header: String,
+    /// `realm` of the WWW-Authenticate challenge.
+    pub realm: String,
+}
+
+impl Default for AuthSection {
+    fn default() -> Self {
+        Self {
+            key_header: "X-API-Key".into(),
+            bearer_fallback: true,
+            forward_credentials: false,
+            public_paths: Vec::new(),
+            id_header: "X-Api-Key-Id".into(),
+            name_header: "X-Api-Key-Name".into(),
+            realm: "keygate".into(),
+        }
+    }
+}
+
+/// `[store]`: key storage and the in-process cache in front of it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreSection {
+    /// `sqlite` (embedded).
+    pub backend: String,
+    /// SQLite database file.
+    pub path: String,
+    /// Maximum cached keys (valid and unknown together).
+    pub cache_capacity: u64,
+    /// How long a valid key's decision is cached without re-reading the store.
+    pub positive_ttl: String,
+    /// How long an unknown key's rejection is cached.
+    pub negative_ttl: String,
+    /// How long past `positive_ttl` a cached valid key keeps working while the store is failing.
+    pub stale_if_error: String,
+    /// How often the change feed is polled (revocations take effect within this).
+    pub poll_interval: String,
+    /// How often `last_used` and usage counts are written.
+    pub usage_flush_interval: String,
+    /// Longest a store call may take before it counts as a failure.
+    pub timeout: String,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        Self {
+            backend: "sqlite".into(),
+            path: "keygate.db".into(),
+            cache_capacity: 100_000,
+            positive_ttl: "60s".into(),
+            negative_ttl: "30s".into(),
+            stale_if_error: "5m".into(),
+            poll_interval: "250ms".into(),
+            usage_flush_interval: "5s".into(),
+            timeout: "2s".into(),
+        }
+    }
+}
+
+/// `[cors]`: browser cross-origin policy.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CorsSection {
+    /// Exact origins (scheme://host[:port]) allowed; env `CORS_ALLOWED_ORIGINS` overrides.
+    pub allowed_origins: Vec<String>,
+    /// Methods allowed in preflights.
+    pub allowed_methods: Vec<String>,
+    /// Request headers allowed besides the key headers (which are always allowed).
+    pub allowed_headers: Vec<String>,
+    /// Response headers a browser may read.
+    pub expose_headers: Vec<String>,
+    /// Send `Access-Control-Allow-Credentials: true`.
+    pub allow_credentials: bool,
+    /// Seconds a browser may cache a preflight.
+    pub max_age: u64,
+}
+
+impl Default for CorsSection {
+    fn default() -> Self {
+        Self {
+            allowed_origins: Vec::new(),
+            allowed_methods: ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+                .map(String::from)
+                .into(),
+            allowed_headers: ["Accept", "Content-Type", "X-Request-Id"]
+                .map(String::from)
+                .into(),
+            expose_headers: vec!["X-Request-Id".into()],
+            allow_credentials: false,
+            max_age: 86_400,
+        }
+    }
+}
+
+/// `[headers]`: security headers set on every response; an empty string omits one.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HeadersSection {
+    /// `Strict-Transport-Security` on HTTPS responses.
+    pub strict_transport_security: String,
+    /// `X-Content-Type-Options`.
+    pub content_type_options: String,
+    /// `X-Frame-Options`.
+    pub frame_options: String,
+    /// `Referrer-Policy`.
+    pub referrer_policy: String,
+}
+
+impl Default for HeadersSection {
+    fn default() -> Self {
+        Self {
+            strict_transport_security: "max-age=31536000; includeSubDomains".into(),
+            content_type_options: "nosniff".into(),
+            frame_options: "DENY".into(),
+            referrer_policy: "no-referrer".into(),
+        }
+    }
+}
+
+/// `[logging]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoggingSection {
+    /// `text` or `json`.
+    pub format: String,
+    /// Filter directive (`info`, `keygate=debug`, ...).
+    pub level: String,
+    /// Also append logs to this file; empty: stdout only.
+    pub file: String,
+}
+
+impl Default for LoggingSection {
+    fn default() -> Self {
+        Self {
+            format: "text".into(),
+            level: "info".into(),
+            file: String::new(),
+        }
+    }
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsSection {
+    /// Histogram buckets for latencies, in seconds.
+    pub latency_buckets: Vec<f64>,
+}
+
+impl Default for MetricsSection {
+    fn default() -> Self {
+        Self {
+            latency_buckets: vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0,
+            ],
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validated configuration.
+
+/// The validated configuration the gateway runs on.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: Server,
+    pub tls: Tls,
+    pub upstream: Upstream,
+    pub auth: Auth,
+    pub store: Store,
+    pub cors: Cors,
+    pub headers: Headers,
+    pub logging: Logging,
+    pub metrics: Metrics,
+}
+
+/// Validated `[server]`.
+#[derive(Debug, Clone)]
+pub struct Server {
+    pub https_listen: SocketAddr,
+    pub http_listen: Option<SocketAddr>,
+    pub admin_listen: Option<SocketAddr>,
+    pub public_host: String,
+    pub public_port: u16,
+    pub handshake_timeout: Duration,
+    pub header_read_timeout: Duration,
+    pub shutdown_grace: Duration,
+    pub max_connections: usize,
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+/// Validated `[tls]`.
+#[derive(Debug, Clone)]
+pub struct Tls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub generate_dev_cert: bool,
+}
+
+/// Validated `[upstream]`.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub url: Uri,
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    pub pool_max_idle: usize,
+    pub pool_idle_timeout: Duration,
+    pub preserve_host: bool,
+}
+
+/// Validated `[auth]`.
+#[derive(Debug, Clone)]
+pub struct Auth {
+    pub key_header: HeaderName,
+    pub bearer_fallback: bool,
+    pub forward_credentials: bool,
+    pub public_paths: Vec<String>,
+    pub id_header: HeaderName,
+    pub name_header: HeaderName,
+    pub realm: String,
+}
+
+/// Which store backs the gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// Embedded SQLite file.
+    Sqlite { path: PathBuf },
+}
+
+/// Validated `[store]`.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pub backend: Backend,
+    pub cache_capacity: u64,
+    pub positive_ttl: Duration,
+    pub negative_ttl: Duration,
+    pub stale_if_error: Duration,
+    pub poll_interval: Duration,
+    pub usage_flush_interval: Duration,
+    pub timeout: Duration,
+}
+
+/// Validated `[cors]`.
+#[derive(Debug, Clone)]
+pub struct Cors {
+    pub allowed_origins: Vec<HeaderValue>,
+    pub allowed_methods: Vec<http::Method>,
+    pub allowed_headers: Vec<HeaderName>,
+    pub expose_headers: Vec<HeaderName>,
+    pub allow_credentials: bool,
+    pub max_age: u64,
+}
+
+/// Validated `[headers]`: `None` omits the header.
+#[derive(Debug, Clone)]
+pub struct Headers {
+    pub strict_transport_security: Option<HeaderValue>,
+    pub content_type_options: Option<HeaderValue>,
+    pub frame_options: Option<HeaderValue>,
+    pub referrer_policy: Option<HeaderValue>,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Validated `[logging]`.
+#[derive(Debug, Clone)]
+pub struct Logging {
+    pub format: LogFormat,
+    pub level: String,
+    pub file: Option<PathBuf>,
+}
+
+/// Validated `[metrics]`.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    pub latency_buckets: Vec<f64>,
+}
+
+const SECTIONS: [&str; 9] = [
+    "server", "tls", "upstream", "auth", "store", "cors", "headers", "logging", "metrics",
+];
+
+impl FileConfig {
+    /// Reads `path` (a missing file is an error), then applies environment overrides.
+    pub fn load(path: &Path, env: &dyn EnvSource) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text, &path.display().to_string(), env)
+    }
+
+    /// Parses TOML text, then applies environment overrides.
+    pub fn from_toml(text: &str, origin: &str, env: &dyn EnvSource) -> Result<Self, ConfigError> {
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Parse {
+            origin: format!("in {origin}"),
+            message: e.to_string(),
+        })?;
+        apply_env(&mut table, env)?;
+        toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse {
+                origin: format!("in {origin} (with environment overrides)"),
+                message: e.message().to_owned(),
+            })
+    }
+
+    /// Validates into the typed [`Config`].
+    pub fn validate(&self) -> Result<Config, ConfigError> {
+        Ok(Config {
+            server: self.server.validate()?,
+            tls: Tls {
+                cert: PathBuf::from(&self.tls.cert),
+                key: PathBuf::from(&self.tls.key),
+                generate_dev_cert: self.tls.generate_dev_cert,
+            },
+            upstream: self.upstream.validate()?,
+            auth: self.auth.validate()?,
+            store: self.store.validate()?,
+            cors: self.cors.validate()?,
+            headers: self.headers.validate()?,
+            logging: self.logging.validate()?,
+            metrics: self.metrics.validate()?,
+        })
+    }
+
+    /// The effective configuration as TOML, for `check-config`. No field holds a secret today;
+    /// credentials in URLs (a future store URL) must be redacted here.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+/// Applies `KEYGATE_<SECTION>_<FIELD>` and `CORS_ALLOWED_ORIGINS` to the parsed table.
+fn apply_env(table: &mut toml::Table, env: &dyn EnvSource) -> Result<(), ConfigError> {
+    let mut vars = env.vars();
+    vars.sort();
+    for (name, value) in vars {
+        let (section, field, value) = if name == "CORS_ALLOWED_ORIGINS" {
+            let origins = value
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| toml::Value::String(s.to_owned()))
+                .collect();
+            ("cors".to_owned(), "allowed_origins".to_owned(), toml::Value::Array(origins))
+        } else if let Some(rest) = name.strip_prefix("KEYGATE_") {
+            let lower = rest.to_ascii_lowercase();
+            let Some((section, field)) = lower.split_once('_') else {
+                continue; // KEYGATE_CONFIG and the like are not overrides.
+            };
+            if !SECTIONS.contains(&section) {
+                continue;
+            }
+            (section.to_owned(), field.to_owned(), env_value(&value))
+        } else {
+            continue;
+        };
+        let entry = table
+            .entry(section.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let toml::Value::Table(section_table) = entry else {
+            return Err(ConfigError::Parse {
+                origin: format!("for environment variable {name}"),
+                message: format!("[{section}] is not a table"),
+            });
+        };
+        section_table.insert(field, value);
+    }
+    Ok(())
+}
+
+/// An environment value is TOML when it parses as a TOML value (`true`, `8443`, `["a", "b"]`),
+/// otherwise a plain string (`127.0.0.1:8443`, `30s`).
+fn env_value(raw: &str) -> toml::Value {
+    format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()))
+}
+
+/// Parses "250ms", "30s", "5m", "7d".
+pub fn parse_duration(key: &'static str, value: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(value.trim())
+        .map_err(|_| invalid(key, value, "a duration such as \"250ms\", \"30s\", \"5m\" or \"7d\""))
+}
+
+fn parse_addr(key: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value
+        .parse()
+        .map_err(|_| invalid(key, value, "a socket address such as \"0.0.0.0:443\" or \"[::]:443\""))
+}
+
+fn optional_addr(key: &'static str, value: &str) -> Result<Option<SocketAddr>, ConfigError> {
+    if value.trim().is_empty() {
+        Ok(None)
+    } else {
+        parse_addr(key, value).map(Some)
+    }
+}
+
+fn header_name(key: &'static str, value: &str) -> Result<HeaderName, ConfigError> {
+    HeaderName::from_bytes(value.trim().as_bytes())
+        .map_err(|_| invalid(key, value, "an HTTP header name such as \"X-API-Key\""))
+}
+
+fn optional_header_value(key: &'static str, value: &str) -> Result<Option<HeaderValue>, ConfigError> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    HeaderValue::from_str(value)
+        .map(Some)
+        .map_err(|_| invalid(key, value, "a header value of visible ASCII characters"))
+}
+
+impl ServerSection {
+    fn validate(&self) -> Result<Server, ConfigError> {
+        let https_listen = parse_addr("server.https_listen", &self.https_listen)?;
+        if self.public_host.trim().is_empty()
+            || self.public_host.contains(['/', '?', '#', '@', ' '])
+            || Uri::try_from(format!("https://{}/", self.public_host)).is_err()
+        {
+            return Err(invalid(
+                "server.public_host",
+                &self.public_host,
+                "a host name or IP address (no scheme, port or path), e.g. \"api.example.com\"",
+            ));
+        }
+        if self.max_connections == 0 {
+            return Err(invalid("server.max_connections", 0, "a number above 0"));
+        }
+        let trusted_proxies = self
+            .trusted_proxies
+            .iter()
+            .map(|s| {
+                s.parse::<IpNet>()
+                    .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+                    .map_err(|_| {
+                        invalid("server.trusted_proxies", s, "CIDRs such as \"10.0.0.0/8\" or IPs")
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Server {
+            https_listen,
+            http_listen: optional_addr("server.http_listen", &self.http_listen)?,
+            admin_listen: optional_addr("server.admin_listen", &self.admin_listen)?,
+            public_host: self.public_host.trim().to_owned(),
+            public_port: if self.public_port == 0 {
+                https_listen.port()
+            } else {
+                self.public_port
+            },
+            handshake_timeout: parse_duration("server.handshake_timeout", &self.handshake_timeout)?,
+            header_read_timeout: parse_duration(
+                "server.header_read_timeout",
+                &self.header_read_timeout,
+            )?,
+            shutdown_grace: parse_duration("server.shutdown_grace", &self.shutdown_grace)?,
+            max_connections: self.max_connections,
+            trusted_proxies,
+        })
+    }
+}
+
+impl UpstreamSection {
+    fn validate(&self) -> Result<Upstream, ConfigError> {
+        const EXPECTED: &str = "an http:// URL with a host, e.g. \"http://127.0.0.1:8000\"";
+        let url: Uri = self
+            .url
+            .parse()
+            .map_err(|_| invalid("upstream.url", &self.url, EXPECTED))?;
+        if url.scheme_str() != Some("http") || url.host().is_none() || url.query().is_some() {
+            return Err(invalid("upstream.url", &self.url, EXPECTED));
+        }
+        if self.pool_max_idle == 0 {
+            return Err(invalid("upstream.pool_max_idle", 0, "a number above 0"));
+        }
+        Ok(Upstream {
+            url,
+            connect_timeout: parse_duration("upstream.connect_timeout", &self.connect_timeout)?,
+            response_timeout: parse_duration("upstream.response_timeout", &self.response_timeout)?,
+            pool_max_idle: self.pool_max_idle,
+            pool_idle_timeout: parse_duration("upstream.pool_idle_timeout", &self.pool_idle_timeout)?,
+            preserve_host: self.preserve_host,
+        })
+    }
+}
+
+impl AuthSection {
+    fn validate(&self) -> Result<Auth, ConfigError> {
+        let key_header = header_name("auth.key_header", &self.key_header)?;
+        if key_header == http::header::AUTHORIZATION {
+            return Err(invalid(
+                "auth.key_header",
+                &self.key_header,
+                "a dedicated header; Authorization is covered by auth.bearer_fallback",
+            ));
+        }
+        for p in &self.public_paths {
+            if !p.starts_with('/') {
+                return Err(invalid("auth.public_paths", p, "path prefixes starting with '/'"));
+            }
+        }
+        if self.realm.contains(['"', '\\']) || HeaderValue::from_str(&self.realm).is_err() {
+            return Err(invalid("auth.realm", &self.realm, "printable ASCII without quotes"));
+        }
+        Ok(Auth {
+            key_header,
+            bearer_fallback: self.bearer_fallback,
+            forward_credentials: self.forward_credentials,
+            public_paths: self.public_paths.clone(),
+            id_header: header_name("auth.id_header", &self.id_header)?,
+            name_header: header_name("auth.name_header", &self.name_header)?,
+            realm: self.realm.clone(),
+        })
+    }
+}
+
+impl StoreSection {
+    fn validate(&self) -> Result<Store, ConfigError> {
+        let backend = match self.backend.as_str() {
+            "sqlite" => {
+                if self.path.trim().is_empty() {
+                    return Err(invalid("store.path", &self.path, "a database file path"));
+                }
+                Backend::Sqlite {
+                    path: PathBuf::from(&self.path),
+                }
+            }
+            other => return Err(invalid("store.backend", other, "\"sqlite\"")),
+        };
+        if self.cache_capacity == 0 {
+            return Err(invalid("store.cache_capacity", 0, "a number above 0"));
+        }
+        let poll_interval = parse_duration("store.poll_interval", &self.poll_interval)?;
+        if poll_interval.is_zero() || poll_interval > Duration::from_secs(60) {
+            return Err(invalid("store.poll_interval", &self.poll_interval, "between 1ms and 60s"));
+        }
+        let usage_flush_interval =
+            parse_duration("store.usage_flush_interval", &self.usage_flush_interval)?;
+        if usage_flush_interval.is_zero() {
+            return Err(invalid(
+                "store.usage_flush_interval",
+                &self.usage_flush_interval,
+                "a duration above 0",
+            ));
+        }
+        let timeout = parse_duration("store.timeout", &self.timeout)?;
+        if timeout.is_zero() {
+            return Err(invalid("store.timeout", &self.timeout, "a duration above 0"));
+        }
+        Ok(Store {
+            backend,
+            cache_capacity: self.cache_capacity,
+            positive_ttl: parse_duration("store.positive_ttl", &self.positive_ttl)?,
+            negative_ttl: parse_duration("store.negative_ttl", &self.negative_ttl)?,
+            stale_if_error: parse_duration("store.stale_if_error", &self.stale_if_error)?,
+            poll_interval,
+            usage_flush_interval,
+            timeout,
+        })
+    }
+}
+
+impl CorsSection {
+    fn validate(&self) -> Result<Cors, ConfigError> {
+        const ORIGIN: &str =
+            "exact origins such as \"https://app.example.com\" (scheme://host[:port], no path, no \"*\")";
+        let allowed_origins = self
+            .allowed_origins
+            .iter()
+            .map(|o| {
+                let o = o.trim().trim_end_matches('/');
+                let uri: Uri = o.parse().map_err(|_| invalid("cors.allowed_origins", o, ORIGIN))?;
+                let ok = matches!(uri.scheme_str(), Some("http" | "https"))
+                    && uri.host().is_some()
+                    && uri.path_and_query().is_none_or(|p| p.as_str().is_empty() || p == "/");
+                if !ok || o.contains('*') {
+                    return Err(invalid("cors.allowed_origins", o, ORIGIN));
+                }
+                HeaderValue::from_str(o).map_err(|_| invalid("cors.allowed_origins", o, ORIGIN))
+            })
+            .collect::<Result<_, _>>()?;
+        let allowed_methods = self
+            .allowed_methods
+            .iter()
+            .map(|m| {
+                http::Method::from_bytes(m.trim().to_ascii_uppercase().as_bytes())
+                    .map_err(|_| invalid("cors.allowed_methods", m, "HTTP methods such as \"POST\""))
+            })
+            .collect::<Result<_, _>>()?;
+        let allowed_headers = self
+            .allowed_headers
+            .iter()
+            .map(|h| header_name("cors.allowed_headers", h))
+            .collect::<Result<_, _>>()?;
+        let expose_headers = self
+            .expose_headers
+            .iter()
+            .map(|h| header_name("cors.expose_headers", h))
+            .collect::<Result<_, _>>()?;
+        Ok(Cors {
+            allowed_origins,
+            allowed_methods,
+            allowed_headers,
+            expose_headers,
+            allow_credentials: self.allow_credentials,
+            max_age: self.max_age,
+        })
+    }
+}
+
+impl HeadersSection {
+    fn validate(&self) -> Result<Headers, ConfigError> {
+        Ok(Headers {
+            strict_transport_security: optional_header_value(
+                "headers.strict_transport_security",
+                &self.strict_transport_security,
+            )?,
+            content_type_options: optional_header_value(
+                "headers.content_type_options",
+                &self.content_type_options,
+            )?,
+            frame_options: optional_header_value("headers.frame_options", &self.frame_options)?,
+            referrer_policy: optional_header_value("headers.referrer_policy", &self.referrer_policy)?,
+        })
+    }
+}
+
+impl LoggingSection {
+    fn validate(&self) -> Result<Logging, ConfigError> {
+        let format = match self.format.as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => return Err(invalid("logging.format", other, "\"text\" or \"json\"")),
+        };
+        if tracing_subscriber::EnvFilter::try_new(&self.level).is_err() {
+            return Err(invalid(
+                "logging.level",
+                &self.level,
+                "a level (error, warn, info, debug, trace) or filter such as \"keygate=debug\"",
+            ));
+        }
+        Ok(Logging {
+            format,
+            level: self.level.clone(),
+            file: (!self.file.trim().is_empty()).then(|| PathBuf::from(&self.file)),
+        })
+    }
+}
+
+impl MetricsSection {
+    fn validate(&self) -> Result<Metrics, ConfigError> {
+        let b = &self.latency_buckets;
+        if b.is_empty()
+            || b.iter().any(|v| !v.is_finite() || *v <= 0.0)
+            || b.windows(2).any(|w| w[0] >= w[1])
+        {
+            return Err(invalid(
+                "metrics.latency_buckets",
+                format!("{b:?}"),
+                "a non-empty, strictly increasing list of positive seconds",
+            ));
+        }
+        Ok(Metrics {
+            latency_buckets: b.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    fn load(text: &str, pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        FileConfig::from_toml(text, "test", &env(pairs))?.validate()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = load("", &[]).unwrap();
+        assert_eq!(c.server.https_listen.port(), 8443);
+        assert_eq!(c.server.public_port, 8443);
+        assert_eq!(c.cors.max_age, 86_400);
+        assert!(!c.cors.allow_credentials);
+        assert_eq!(c.auth.key_header, "x-api-key");
+    }
+
+    #[test]
+    fn shipped_gateway_toml_is_valid() {
+        let text = include_str!("../gateway.toml");
+        load(text, &[]).unwrap();
+    }
+
+    #[test]
+    fn env_overrides_fields_and_cors_origins() {
+        let c = load(
+            "[upstream]\nurl = \"http://127.0.0.1:1\"\n",
+            &[
+                ("KEYGATE_UPSTREAM_URL", "http://10.1.2.3:9000"),
+                ("KEYGATE_SERVER_MAX_CONNECTIONS", "7"),
+                ("KEYGATE_STORE_POSITIVE_TTL", "5s"),
+                ("KEYGATE_CONFIG", "ignored.toml"),
+                ("CORS_ALLOWED_ORIGINS", "https://a.example, https://b.example"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.upstream.url, "http://10.1.2.3:9000/");
+        assert_eq!(c.server.max_connections, 7);
+        assert_eq!(c.store.positive_ttl, Duration::from_secs(5));
+        assert_eq!(c.cors.allowed_origins, ["https://a.example", "https://b.example"]);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_name() {
+        let err = load("[server]\nhttps_listn = \"x\"\n", &[]).unwrap_err().to_string();
+        assert!(err.contains("https_listn"), "{err}");
+        let err = load("", &[("KEYGATE_AUTH_KEYHEADER", "x")]).unwrap_err().to_string();
+        assert!(err.contains("keyheader"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_name_key_value_and_expectation() {
+        let cases = [
+            ("[server]\nhttps_listen = \"nope\"\n", "server.https_listen", "nope"),
+            ("[upstream]\nurl = \"ftp://x\"\n", "upstream.url", "ftp://x"),
+            ("[store]\npositive_ttl = \"soon\"\n", "store.positive_ttl", "soon"),
+            ("[cors]\nallowed_origins = [\"*\"]\n", "cors.allowed_origins", "*"),
+            (
+                "[cors]\nallowed_origins = [\"https://a.example/path\"]\n",
+                "cors.allowed_origins",
+                "https://a.example/path",
+            ),
+            ("[logging]\nformat = \"xml\"\n", "logging.format", "xml"),
+            ("[store]\nbackend = \"mysql\"\n", "store.backend", "mysql"),
+            ("[server]\ntrusted_proxies = [\"10.0.0.0/33\"]\n", "server.trusted_proxies", "10.0.0.0/33"),
+            ("[auth]\nkey_header = \"Authorization\"\n", "auth.key_header", "Authorization"),
+        ];
+        for (text, key, value) in cases {
+            let err = load(text, &[]).unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains(value) && err.contains("expected"), "{err}");
+        }
+    }
+
+    #[test]
+    fn empty_listen_disables_a_listener() {
+        let c = load("[server]\nhttp_listen = \"\"\nadmin_listen = \"\"\n", &[]).unwrap();
+        assert!(c.server.http_listen.is_none() && c.server.admin_listen.is_none());
+    }
+
+    #[test]
+    fn trusted_proxies_accept_ips_and_cidrs() {
+        let c = load("[server]\ntrusted_proxies = [\"10.0.0.0/8\", \"::1\"]\n", &[]).unwrap();
+        assert_eq!(c.server.trusted_proxies.len(), 2);
+    }
+}

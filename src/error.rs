@@ -1,0 +1,211 @@
+//! The request path's one error type, and the one place it becomes a response.
+//!
+//! Bodies are JSON with a `detail` field in the old Django API's wording, so existing clients keep
+//! working. The match from error to status is exhaustive: a new variant must choose its status.
+
+use bytes::Bytes;
+use http::{HeaderValue, StatusCode, header};
+
+use crate::key::FormatError;
+use crate::metrics::{AuthReason, UpstreamErrorKind};
+
+/// Why a presented key is invalid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InvalidReason {
+    /// Failed the offline format check.
+    Malformed(FormatError),
+    /// Too long to be any key.
+    TooLong,
+    /// More than one credential header value.
+    Ambiguous,
+    /// Not in the store.
+    Unknown,
+}
+
+/// Everything that can stop a request at the gateway.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum GatewayError {
+    /// No key presented.
+    #[error("no credentials")]
+    MissingCredentials,
+    /// A key that is not valid.
+    #[error("invalid API key ({0:?})")]
+    InvalidKey(InvalidReason),
+    /// A known key that was deactivated.
+    #[error("inactive API key")]
+    InactiveKey,
+    /// A known key past its expiry.
+    #[error("expired API key")]
+    ExpiredKey,
+    /// The store could not answer and the key was not cached.
+    #[error("key store unavailable")]
+    StoreUnavailable,
+    /// The upstream failed.
+    #[error("upstream {0:?} failure")]
+    Upstream(UpstreamErrorKind),
+}
+
+impl GatewayError {
+    /// HTTP status for this error.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            GatewayError::MissingCredentials
+            | GatewayError::InvalidKey(_)
+            | GatewayError::InactiveKey
+            | GatewayError::ExpiredKey => StatusCode::UNAUTHORIZED,
+            GatewayError::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::Upstream(UpstreamErrorKind::Timeout) => StatusCode::GATEWAY_TIMEOUT,
+            GatewayError::Upstream(UpstreamErrorKind::Connect | UpstreamErrorKind::Protocol) => {
+                StatusCode::BAD_GATEWAY
+            }
+        }
+    }
+
+    /// The auth decision this error records, if it is one.
+    pub fn auth_reason(&self) -> Option<AuthReason> {
+        match self {
+            GatewayError::MissingCredentials => Some(AuthReason::Missing),
+            GatewayError::InvalidKey(InvalidReason::Unknown) => Some(AuthReason::Unknown),
+            GatewayError::InvalidKey(
+                InvalidReason::Malformed(_) | InvalidReason::TooLong | InvalidReason::Ambiguous,
+            ) => Some(AuthReason::Malformed),
+            GatewayError::InactiveKey => Some(AuthReason::Inactive),
+            GatewayError::ExpiredKey => Some(AuthReason::Expired),
+            GatewayError::StoreUnavailable => Some(AuthReason::StoreUnavailable),
+            GatewayError::Upstream(_) => None,
+        }
+    }
+
+    /// Short reason for logs (never contains request data).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            GatewayError::InvalidKey(InvalidReason::Malformed(FormatError::Shape)) => "malformed_shape",
+            GatewayError::InvalidKey(InvalidReason::Malformed(FormatError::Alphabet)) => {
+                "malformed_alphabet"
+            }
+            GatewayError::InvalidKey(InvalidReason::Malformed(FormatError::Checksum)) => {
+                "malformed_checksum"
+            }
+            GatewayError::InvalidKey(InvalidReason::TooLong) => "malformed_too_long",
+            GatewayError::InvalidKey(InvalidReason::Ambiguous) => "ambiguous_credentials",
+            GatewayError::Upstream(kind) => match kind {
+                UpstreamErrorKind::Connect => "upstream_connect",
+                UpstreamErrorKind::Timeout => "upstream_timeout",
+                UpstreamErrorKind::Protocol => "upstream_protocol",
+            },
+            GatewayError::MissingCredentials
+            | GatewayError::InvalidKey(InvalidReason::Unknown)
+            | GatewayError::InactiveKey
+            | GatewayError::ExpiredKey
+            | GatewayError::StoreUnavailable => self.auth_reason().map_or("error", AuthReason::as_str),
+        }
+    }
+
+    /// The JSON body, as static bytes.
+    pub fn body(&self) -> Bytes {
+        Bytes::from_static(match self {
+            GatewayError::MissingCredentials => {
+                br#"{"detail":"Authentication credentials were not provided."}"#
+            }
+            GatewayError::InvalidKey(_) => br#"{"detail":"Invalid API key"}"#,
+            GatewayError::InactiveKey => br#"{"detail":"API key is inactive"}"#,
+            GatewayError::ExpiredKey => br#"{"detail":"API key has expired"}"#,
+            GatewayError::StoreUnavailable => {
+                br#"{"detail":"Authentication service temporarily unavailable. Please retry."}"#
+            }
+            GatewayError::Upstream(UpstreamErrorKind::Timeout) => {
+                br#"{"detail":"The upstream service did not respond in time."}"#
+            }
+            GatewayError::Upstream(UpstreamErrorKind::Connect | UpstreamErrorKind::Protocol) => {
+                br#"{"detail":"The upstream service is unavailable."}"#
+            }
+        })
+    }
+}
+
+/// Header values used when rendering errors, prepared once from configuration.
+#[derive(Debug, Clone)]
+pub struct ErrorHeaders {
+    /// Challenge for a request without credentials.
+    pub challenge: HeaderValue,
+    /// Challenge for a request with an invalid, inactive or expired key (RFC 6750 `invalid_token`).
+    pub challenge_invalid: HeaderValue,
+    /// `Retry-After` for 503.
+    pub retry_after: HeaderValue,
+}
+
+impl ErrorHeaders {
+    /// Builds the challenges for `realm` (validated by the config loader to be header-safe).
+    pub fn new(realm: &str) -> Self {
+        let value = |s: String| {
+            HeaderValue::from_str(&s).unwrap_or_else(|_| HeaderValue::from_static("Bearer"))
+        };
+        Self {
+            challenge: value(format!("Bearer realm=\"{realm}\"")),
+            challenge_invalid: value(format!("Bearer realm=\"{realm}\", error=\"invalid_token\"")),
+            retry_after: HeaderValue::from_static("1"),
+        }
+    }
+
+    /// Adds the headers `err` calls for.
+    pub fn apply(&self, err: &GatewayError, headers: &mut http::HeaderMap) {
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        match err {
+            GatewayError::MissingCredentials => {
+                headers.insert(header::WWW_AUTHENTICATE, self.challenge.clone());
+            }
+            GatewayError::InvalidKey(_) | GatewayError::InactiveKey | GatewayError::ExpiredKey => {
+                headers.insert(header::WWW_AUTHENTICATE, self.challenge_invalid.clone());
+            }
+            GatewayError::StoreUnavailable => {
+                headers.insert(header::RETRY_AFTER, self.retry_after.clone());
+            }
+            GatewayError::Upstream(_) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_follow_the_contract() {
+        assert_eq!(GatewayError::MissingCredentials.status(), 401);
+        assert_eq!(GatewayError::InvalidKey(InvalidReason::Unknown).status(), 401);
+        assert_eq!(GatewayError::InactiveKey.status(), 401);
+        assert_eq!(GatewayError::StoreUnavailable.status(), 503);
+        assert_eq!(GatewayError::Upstream(UpstreamErrorKind::Connect).status(), 502);
+        assert_eq!(GatewayError::Upstream(UpstreamErrorKind::Timeout).status(), 504);
+    }
+
+    #[test]
+    fn bodies_are_json_with_detail() {
+        for e in [
+            GatewayError::MissingCredentials,
+            GatewayError::InvalidKey(InvalidReason::Ambiguous),
+            GatewayError::InactiveKey,
+            GatewayError::ExpiredKey,
+            GatewayError::StoreUnavailable,
+            GatewayError::Upstream(UpstreamErrorKind::Protocol),
+        ] {
+            let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
+            assert!(v["detail"].is_string());
+        }
+    }
+
+    #[test]
+    fn rejections_carry_a_challenge_and_503_a_retry_after() {
+        let h = ErrorHeaders::new("keygate");
+        let mut map = http::HeaderMap::new();
+        h.apply(&GatewayError::InactiveKey, &mut map);
+        assert_eq!(
+            map[header::WWW_AUTHENTICATE],
+            "Bearer realm=\"keygate\", error=\"invalid_token\""
+        );
+        let mut map = http::HeaderMap::new();
+        h.apply(&GatewayError::StoreUnavailable, &mut map);
+        assert_eq!(map[header::RETRY_AFTER], "1");
+        assert!(!map.contains_key(header::WWW_AUTHENTICATE));
+    }
+}

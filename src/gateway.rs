@@ -1,0 +1,353 @@
+//! The request pipeline of the HTTPS listener, as a short list of named stages:
+//!
+//! 1. request id (propagated when sane, else generated) and client address;
+//! 2. own routes (`/health/api-auth/`);
+//! 3. CORS preflight, answered here, never authenticated or forwarded;
+//! 4. authentication (public paths skip it);
+//! 5. forwarding, with credential and identity headers rewritten;
+//! 6. response decoration (CORS, security headers, request id), one access-log event, metrics.
+//!
+//! Errors from any stage are a [`GatewayError`], rendered in one place ([`Gateway::reject`]).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use ipnet::IpNet;
+
+use crate::auth::{Authenticated, Authenticator, CredentialSource};
+use crate::cache::KeyCache;
+use crate::config::Config;
+use crate::cors::{CorsPolicy, Preflight};
+use crate::error::{ErrorHeaders, GatewayError};
+use crate::metrics::{AuthReason, Metrics, Outcome};
+use crate::proxy::{ClientInfo, GatewayBody, Upstream, client_ip};
+
+/// Path of the public health endpoint (the old API's URL).
+pub const HEALTH_PATH: &str = "/health/api-auth/";
+
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The connection a request arrived on.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    /// TCP peer address.
+    pub peer: SocketAddr,
+    /// Whether the connection is TLS.
+    pub tls: bool,
+}
+
+/// Generates request ids: a random per-process prefix and a counter, so ids are unique across
+/// restarts without a random draw per request.
+#[derive(Debug)]
+struct RequestIds {
+    prefix: u64,
+    next: AtomicU64,
+}
+
+impl RequestIds {
+    fn new() -> Self {
+        Self {
+            prefix: rand::random(),
+            next: AtomicU64::new(1),
+        }
+    }
+
+    fn next(&self) -> HeaderValue {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        HeaderValue::from_str(&format!("{:016x}{n:016x}", self.prefix))
+            .unwrap_or_else(|_| HeaderValue::from_static("0"))
+    }
+
+    /// A client-sent id is kept when it is short and made of safe characters.
+    fn accept(value: &HeaderValue) -> bool {
+        let b = value.as_bytes();
+        !b.is_empty()
+            && b.len() <= 128
+            && b.iter()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b':'))
+    }
+}
+
+/// What the pipeline decided, for logging and metrics.
+struct Handled {
+    response: Response<GatewayBody>,
+    outcome: Outcome,
+    auth: Option<AuthReason>,
+    reason: &'static str,
+    key: Option<Authenticated>,
+    cause: Option<String>,
+}
+
+impl Handled {
+    fn new(response: Response<GatewayBody>, outcome: Outcome, reason: &'static str) -> Self {
+        Self {
+            response,
+            outcome,
+            auth: None,
+            reason,
+            key: None,
+            cause: None,
+        }
+    }
+}
+
+/// Everything the HTTPS pipeline needs, prepared at start-up.
+pub struct Gateway {
+    cache: Arc<KeyCache>,
+    auth: Authenticator,
+    cors: CorsPolicy,
+    upstream: Upstream,
+    errors: ErrorHeaders,
+    security_headers: Vec<(HeaderName, HeaderValue)>,
+    hsts: Option<HeaderValue>,
+    metrics: Arc<Metrics>,
+    trusted_proxies: Vec<IpNet>,
+    forward_credentials: bool,
+    id_header: HeaderName,
+    name_header: HeaderName,
+    public_paths: Vec<String>,
+    request_ids: RequestIds,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway").finish_non_exhaustive()
+    }
+}
+
+impl Gateway {
+    /// Prepares the pipeline from validated configuration.
+    pub fn new(config: &Config, cache: Arc<KeyCache>, metrics: Arc<Metrics>) -> Self {
+        let h = &config.headers;
+        let security_headers = [
+            (header::X_CONTENT_TYPE_OPTIONS, &h.content_type_options),
+            (header::X_FRAME_OPTIONS, &h.frame_options),
+            (header::REFERRER_POLICY, &h.referrer_policy),
+        ]
+        .into_iter()
+        .filter_map(|(name, value)| value.clone().map(|v| (name, v)))
+        .collect();
+        Self {
+            cache,
+            auth: Authenticator::new(&config.auth),
+            cors: CorsPolicy::new(&config.cors, &config.auth.key_header, config.auth.bearer_fallback),
+            upstream: Upstream::new(&config.upstream),
+            errors: ErrorHeaders::new(&config.auth.realm),
+            security_headers,
+            hsts: h.strict_transport_security.clone(),
+            metrics,
+            trusted_proxies: config.server.trusted_proxies.clone(),
+            forward_credentials: config.auth.forward_credentials,
+            id_header: config.auth.id_header.clone(),
+            name_header: config.auth.name_header.clone(),
+            public_paths: config.auth.public_paths.clone(),
+            request_ids: RequestIds::new(),
+        }
+    }
+
+    /// The key cache (shared with the background jobs and the admin listener).
+    pub fn cache(&self) -> &Arc<KeyCache> {
+        &self.cache
+    }
+
+    /// The upstream (for the readiness probe).
+    pub fn upstream(&self) -> &Upstream {
+        &self.upstream
+    }
+
+    /// Handles one request from the HTTPS listener.
+    pub async fn handle(&self, mut req: Request<Incoming>, conn: ConnInfo) -> Response<GatewayBody> {
+        let started = Instant::now();
+        let request_id = match req.headers().get(X_REQUEST_ID) {
+            Some(v) if RequestIds::accept(v) => v.clone(),
+            _ => self.request_ids.next(),
+        };
+        req.headers_mut().insert(X_REQUEST_ID, request_id.clone());
+        let (client, trusted) = client_ip(conn.peer.ip(), req.headers(), &self.trusted_proxies);
+        let client = ClientInfo {
+            peer: conn.peer.ip(),
+            trusted,
+            client_ip: client,
+            tls: conn.tls,
+        };
+        let origin = req.headers().get(header::ORIGIN).cloned();
+        let user_agent = req.headers().get(header::USER_AGENT).cloned();
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+
+        let mut handled = self.route(req, &client).await;
+
+        let headers = handled.response.headers_mut();
+        if handled.outcome != Outcome::Preflight {
+            self.cors.decorate(origin.as_ref(), headers);
+        }
+        for (name, value) in &self.security_headers {
+            headers.insert(name.clone(), value.clone());
+        }
+        if conn.tls
+            && let Some(hsts) = &self.hsts
+        {
+            headers.insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
+        }
+        headers.insert(X_REQUEST_ID, request_id.clone());
+
+        let status = handled.response.status();
+        let elapsed = started.elapsed();
+        self.metrics.request(handled.outcome, status);
+        self.metrics.request_duration.record(elapsed.as_secs_f64());
+        if let Some(reason) = handled.auth {
+            self.metrics.auth(reason);
+        }
+        let key = handled.key.as_ref().map(|a| &a.key.record);
+        tracing::info!(
+            target: "keygate::access",
+            request_id = request_id.to_str().unwrap_or(""),
+            client_ip = %client.client_ip,
+            method = %method,
+            path = %path,
+            status = status.as_u16(),
+            latency_ms = elapsed.as_secs_f64() * 1000.0,
+            outcome = handled.outcome.as_str(),
+            auth = handled.auth.map(AuthReason::as_str),
+            reason = handled.reason,
+            key_id = key.map(|k| k.id.as_str()),
+            key_name = key.map(|k| k.name.as_str()),
+            user_agent = user_agent.as_ref().and_then(|v| v.to_str().ok()),
+            cause = handled.cause.as_deref(),
+            "request"
+        );
+        handled.response
+    }
+
+    async fn route(&self, req: Request<Incoming>, client: &ClientInfo) -> Handled {
+        if req.uri().path() == HEALTH_PATH && matches!(*req.method(), Method::GET | Method::HEAD) {
+            return self.health().await;
+        }
+        if CorsPolicy::is_preflight(&req) {
+            return self.preflight(&req);
+        }
+        if self.is_public(req.uri().path()) {
+            return self.forward(req, client, None).await;
+        }
+        match self.auth.authenticate(req.headers(), &self.cache).await {
+            Ok(authenticated) => self.forward(req, client, Some(authenticated)).await,
+            Err(e) => self.reject(e, None),
+        }
+    }
+
+    fn is_public(&self, path: &str) -> bool {
+        self.public_paths.iter().any(|p| path.starts_with(p.as_str()))
+    }
+
+    /// Renders a gateway error: the one place errors become responses.
+    fn reject(&self, err: GatewayError, cause: Option<String>) -> Handled {
+        let mut response = Response::new(GatewayBody::full(err.body()));
+        *response.status_mut() = err.status();
+        self.errors.apply(&err, response.headers_mut());
+        let outcome = match err {
+            GatewayError::MissingCredentials
+            | GatewayError::InvalidKey(_)
+            | GatewayError::InactiveKey
+            | GatewayError::ExpiredKey => Outcome::Rejected,
+            GatewayError::StoreUnavailable | GatewayError::Upstream(_) => Outcome::Failed,
+        };
+        if let GatewayError::Upstream(kind) = err {
+            self.metrics.upstream_error(kind);
+        }
+        Handled {
+            response,
+            outcome,
+            auth: err.auth_reason(),
+            reason: err.reason(),
+            key: None,
+            cause,
+        }
+    }
+
+    fn preflight<B>(&self, req: &Request<B>) -> Handled {
+        let (headers, reason) = match self.cors.preflight(req.headers()) {
+            Preflight::Allowed(h) => (h, "cors_allowed"),
+            Preflight::Refused(h) => (h, "cors_origin_not_allowed"),
+        };
+        let mut response = Response::new(GatewayBody::empty());
+        *response.status_mut() = StatusCode::NO_CONTENT;
+        *response.headers_mut() = headers;
+        Handled::new(response, Outcome::Preflight, reason)
+    }
+
+    async fn health(&self) -> Handled {
+        let timestamp = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+        let store = self.cache.store();
+        let (status, body) = match self.cache.call(store.count_active()).await {
+            Ok(n) => (
+                StatusCode::OK,
+                serde_json::json!({"status": "healthy", "active_api_keys": n, "timestamp": timestamp}),
+            ),
+            Err(e) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                serde_json::json!({"status": "unhealthy", "error": e.to_string(), "timestamp": timestamp}),
+            ),
+        };
+        let mut response = Response::new(GatewayBody::full(Bytes::from(body.to_string())));
+        *response.status_mut() = status;
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        response
+            .headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        Handled::new(response, Outcome::Local, "health")
+    }
+
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        client: &ClientInfo,
+        authenticated: Option<Authenticated>,
+    ) -> Handled {
+        self.upstream.prepare(&mut req, client);
+        let headers = req.headers_mut();
+        // Client-sent identity headers are never trusted, whatever the auth outcome.
+        headers.remove(&self.id_header);
+        headers.remove(&self.name_header);
+        if let Some(a) = &authenticated {
+            if !self.forward_credentials {
+                headers.remove(self.auth.key_header());
+                if a.source == CredentialSource::Bearer {
+                    headers.remove(header::AUTHORIZATION);
+                }
+            }
+            headers.insert(self.id_header.clone(), a.key.id_header.clone());
+            headers.insert(self.name_header.clone(), a.key.name_header.clone());
+        }
+        let (auth, reason) = match &authenticated {
+            Some(_) => (Some(AuthReason::Ok), "ok"),
+            None => (None, "public_path"),
+        };
+        match self.upstream.send(req).await {
+            Ok((resp, upstream_latency)) => {
+                self.metrics.upstream_duration.record(upstream_latency.as_secs_f64());
+                Handled {
+                    response: resp.map(GatewayBody::Upstream),
+                    outcome: Outcome::Forwarded,
+                    auth,
+                    reason,
+                    key: authenticated,
+                    cause: None,
+                }
+            }
+            Err(e) => {
+                let mut handled = self.reject(GatewayError::Upstream(e.kind), Some(e.cause));
+                handled.auth = auth;
+                handled.key = authenticated;
+                handled
+            }
+        }
+    }
+}

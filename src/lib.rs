@@ -1,0 +1,42 @@
+//! keygate: an API-key authentication gateway.
+//!
+//! # Layout
+//!
+//! The request path, in the order a request meets it:
+//!
+//! - [`server`]: listeners, TLS accept, connection limits, graceful shutdown; [`server::run`]
+//!   takes bound listeners and a shutdown future.
+//! - [`tls`]: rustls configuration and the generated development certificate.
+//! - [`redirect`]: the plain-HTTP listener's 308 to HTTPS.
+//! - [`gateway`]: the HTTPS pipeline's stages (request id, health, preflight, auth, forward,
+//!   decorate, log).
+//! - [`cors`]: the CORS policy, prepared once.
+//! - [`auth`]: finding the credential and deciding on it.
+//! - [`key`]: the key format, checksum, digest and the redacting secret types.
+//! - [`cache`]: the in-process key cache, change-feed poller and usage flusher.
+//! - [`store`]: the [`store::KeyStore`] seam and its SQLite implementation.
+//! - [`proxy`]: the upstream client, header rewriting and the response body type.
+//! - [`error`]: the request path's error type and its one rendering.
+//!
+//! Around it: [`config`] (two-stage configuration), [`metrics`] (pre-registered Prometheus
+//! series), [`admin`] (metrics, liveness, readiness), [`logging`] (subscriber set-up) and
+//! [`cli`] (the `keygate` command line).
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod auth;
+pub mod cache;
+pub mod cli;
+pub mod config;
+pub mod cors;
+pub mod error;
+pub mod gateway;
+pub mod key;
+pub mod logging;
+pub mod metrics;
+pub mod proxy;
+pub mod redirect;
+pub mod server;
+pub mod store;
+pub mod tls;

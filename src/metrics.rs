@@ -1,0 +1,303 @@
+//! Prometheus metrics: every series is registered once at start-up into a per-gateway recorder, and
+//! the request path only increments pre-built handles (no label allocation, no registry lookup).
+//! No series carries a per-key label, so cardinality is fixed whatever clients send.
+
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString, Unit};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+
+/// How a request ended, for `keygate_requests_total{outcome}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Authenticated (or public) and answered by the upstream.
+    Forwarded,
+    /// Refused by the gateway's policy (401, 403, 429...).
+    Rejected,
+    /// CORS preflight answered by the gateway.
+    Preflight,
+    /// Answered by the gateway itself (health endpoint).
+    Local,
+    /// The gateway could not do its job (store or upstream failure).
+    Failed,
+}
+
+impl Outcome {
+    const ALL: [Outcome; 5] = [
+        Outcome::Forwarded,
+        Outcome::Rejected,
+        Outcome::Preflight,
+        Outcome::Local,
+        Outcome::Failed,
+    ];
+
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Forwarded => "forwarded",
+            Outcome::Rejected => "rejected",
+            Outcome::Preflight => "preflight",
+            Outcome::Local => "local",
+            Outcome::Failed => "failed",
+        }
+    }
+}
+
+/// Result of authentication, for `keygate_auth_decisions_total{reason}` and the access log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthReason {
+    /// Valid, active key.
+    Ok,
+    /// No credential presented.
+    Missing,
+    /// Failed the offline format/checksum check (or too long to be a key).
+    Malformed,
+    /// Well-formed, but not in the store.
+    Unknown,
+    /// Known but deactivated.
+    Inactive,
+    /// Known but past its expiry.
+    Expired,
+    /// The store could not answer.
+    StoreUnavailable,
+}
+
+impl AuthReason {
+    const ALL: [AuthReason; 7] = [
+        AuthReason::Ok,
+        AuthReason::Missing,
+        AuthReason::Malformed,
+        AuthReason::Unknown,
+        AuthReason::Inactive,
+        AuthReason::Expired,
+        AuthReason::StoreUnavailable,
+    ];
+
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthReason::Ok => "ok",
+            AuthReason::Missing => "missing",
+            AuthReason::Malformed => "malformed",
+            AuthReason::Unknown => "unknown",
+            AuthReason::Inactive => "inactive",
+            AuthReason::Expired => "expired",
+            AuthReason::StoreUnavailable => "store_unavailable",
+        }
+    }
+}
+
+/// Kind of upstream failure, for `keygate_upstream_errors_total{kind}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamErrorKind {
+    /// Could not connect.
+    Connect,
+    /// No response headers within `response_timeout`.
+    Timeout,
+    /// Connection broke or the upstream spoke bad HTTP.
+    Protocol,
+}
+
+impl UpstreamErrorKind {
+    const ALL: [UpstreamErrorKind; 3] = [
+        UpstreamErrorKind::Connect,
+        UpstreamErrorKind::Timeout,
+        UpstreamErrorKind::Protocol,
+    ];
+
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamErrorKind::Connect => "connect",
+            UpstreamErrorKind::Timeout => "timeout",
+            UpstreamErrorKind::Protocol => "protocol",
+        }
+    }
+}
+
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// Every metric handle the gateway uses.
+pub struct Metrics {
+    handle: PrometheusHandle,
+    requests: [[Counter; 5]; 5],
+    auth: [Counter; 7],
+    upstream_errors: [Counter; 3],
+    /// End-to-end request latency at the gateway.
+    pub request_duration: Histogram,
+    /// Time to the upstream's response headers.
+    pub upstream_duration: Histogram,
+    /// Fresh cache hits.
+    pub cache_hits: Counter,
+    /// Cache misses (store lookups or coalesced waits).
+    pub cache_misses: Counter,
+    /// Known keys served past their TTL because the store failed.
+    pub cache_stale_served: Counter,
+    /// Cached entries.
+    pub cache_entries: Gauge,
+    /// Failed store calls.
+    pub store_errors: Counter,
+    /// 1 when the last store call succeeded.
+    pub store_up: Gauge,
+    /// Active, unexpired keys in the store.
+    pub active_keys: Gauge,
+    /// Failed or timed-out TLS handshakes.
+    pub tls_handshake_failures: Counter,
+    /// Connections refused because `max_connections` was reached.
+    pub connections_refused: Counter,
+    /// Client connections open now.
+    pub connections_open: Gauge,
+    /// Plain-HTTP requests redirected to HTTPS.
+    pub redirects: Counter,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+struct Registrar {
+    recorder: PrometheusRecorder,
+}
+
+static METADATA: Metadata<'static> = Metadata::new("keygate", metrics::Level::INFO, Some("keygate"));
+
+impl Registrar {
+    fn counter(&self, name: &'static str, help: &'static str, labels: &[(&'static str, &'static str)]) -> Counter {
+        self.recorder
+            .describe_counter(KeyName::from_const_str(name), None, SharedString::const_str(help));
+        self.recorder.register_counter(&key(name, labels), &METADATA)
+    }
+
+    fn gauge(&self, name: &'static str, help: &'static str, labels: &[(&'static str, &'static str)]) -> Gauge {
+        self.recorder
+            .describe_gauge(KeyName::from_const_str(name), None, SharedString::const_str(help));
+        self.recorder.register_gauge(&key(name, labels), &METADATA)
+    }
+
+    fn histogram(&self, name: &'static str, help: &'static str) -> Histogram {
+        self.recorder.describe_histogram(
+            KeyName::from_const_str(name),
+            Some(Unit::Seconds),
+            SharedString::const_str(help),
+        );
+        self.recorder.register_histogram(&key(name, &[]), &METADATA)
+    }
+}
+
+fn key(name: &'static str, labels: &[(&'static str, &'static str)]) -> Key {
+    let labels: Vec<Label> = labels.iter().map(|&(k, v)| Label::from_static_parts(k, v)).collect();
+    Key::from_parts(name, labels)
+}
+
+impl Metrics {
+    /// Registers every series in a fresh recorder with these latency buckets (seconds).
+    pub fn new(latency_buckets: &[f64]) -> Self {
+        let builder = PrometheusBuilder::new();
+        // Buckets are validated by the config loader; an empty list falls back to summaries.
+        let builder = match builder.set_buckets(latency_buckets) {
+            Ok(b) => b,
+            Err(_) => PrometheusBuilder::new(),
+        };
+        let r = Registrar {
+            recorder: builder.build_recorder(),
+        };
+        let requests = Outcome::ALL.map(|o| {
+            STATUS_CLASSES.map(|class| {
+                r.counter(
+                    "keygate_requests_total",
+                    "Requests handled, by how they ended and the status class returned.",
+                    &[("outcome", o.as_str()), ("status", class)],
+                )
+            })
+        });
+        let auth = AuthReason::ALL.map(|reason| {
+            r.counter(
+                "keygate_auth_decisions_total",
+                "Authentication decisions, by reason (ok, missing, malformed, unknown, inactive, expired, store_unavailable).",
+                &[("reason", reason.as_str())],
+            )
+        });
+        let upstream_errors = UpstreamErrorKind::ALL.map(|kind| {
+            r.counter(
+                "keygate_upstream_errors_total",
+                "Upstream failures, by kind (connect, timeout, protocol).",
+                &[("kind", kind.as_str())],
+            )
+        });
+        let build_info = r.gauge(
+            "keygate_build_info",
+            "Build information; the value is always 1.",
+            &[("version", env!("CARGO_PKG_VERSION"))],
+        );
+        build_info.set(1.0);
+        let store_up = r.gauge("keygate_store_up", "1 if the last key store call succeeded, else 0.", &[]);
+        store_up.set(1.0);
+        Self {
+            requests,
+            auth,
+            upstream_errors,
+            request_duration: r.histogram(
+                "keygate_request_duration_seconds",
+                "Time from request received to response headers sent.",
+            ),
+            upstream_duration: r.histogram(
+                "keygate_upstream_duration_seconds",
+                "Time from forwarding a request to the upstream's response headers.",
+            ),
+            cache_hits: r.counter("keygate_cache_hits_total", "Key lookups answered by a fresh cache entry.", &[]),
+            cache_misses: r.counter(
+                "keygate_cache_misses_total",
+                "Key lookups that needed the store (or waited on a concurrent lookup).",
+                &[],
+            ),
+            cache_stale_served: r.counter(
+                "keygate_cache_stale_served_total",
+                "Known keys served past their TTL because the store was failing (stale_if_error).",
+                &[],
+            ),
+            cache_entries: r.gauge("keygate_cache_entries", "Entries in the key cache.", &[]),
+            store_errors: r.counter("keygate_store_errors_total", "Failed or timed-out key store calls.", &[]),
+            store_up,
+            active_keys: r.gauge("keygate_active_keys", "Active, unexpired API keys in the store.", &[]),
+            tls_handshake_failures: r.counter(
+                "keygate_tls_handshake_failures_total",
+                "TLS handshakes that failed or timed out.",
+                &[],
+            ),
+            connections_refused: r.counter(
+                "keygate_connections_refused_total",
+                "Connections closed at once because server.max_connections was reached.",
+                &[],
+            ),
+            connections_open: r.gauge("keygate_connections_open", "Client connections open now.", &[]),
+            redirects: r.counter("keygate_redirects_total", "Plain-HTTP requests redirected to HTTPS.", &[]),
+            handle: r.recorder.handle(),
+        }
+    }
+
+    /// Counts one finished request.
+    pub fn request(&self, outcome: Outcome, status: http::StatusCode) {
+        let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
+        self.requests[outcome as usize][class].increment(1);
+    }
+
+    /// Counts one authentication decision.
+    pub fn auth(&self, reason: AuthReason) {
+        self.auth[reason as usize].increment(1);
+    }
+
+    /// Counts one upstream failure.
+    pub fn upstream_error(&self, kind: UpstreamErrorKind) {
+        self.upstream_errors[kind as usize].increment(1);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        self.handle.render()
+    }
+
+    /// Drains histogram buffers; call every few seconds.
+    pub fn upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+}

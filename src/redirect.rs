@@ -1,0 +1,82 @@
+//! The plain-HTTP listener's only job: a 308 to the same path and query on HTTPS.
+//!
+//! `Location` is built from the configured public host and port, never from the client's `Host`
+//! header, so the redirect cannot be pointed at another site. Nothing is forwarded.
+
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode};
+
+use crate::config;
+use crate::proxy::GatewayBody;
+
+/// The prepared redirect target.
+#[derive(Debug, Clone)]
+pub struct Redirect {
+    base: String,
+}
+
+impl Redirect {
+    /// `https://<public_host>[:<public_port>]`, the port omitted when it is 443.
+    pub fn new(cfg: &config::Server) -> Self {
+        let host = if cfg.public_host.contains(':') && !cfg.public_host.starts_with('[') {
+            format!("[{}]", cfg.public_host) // a bare IPv6 address
+        } else {
+            cfg.public_host.clone()
+        };
+        let base = match cfg.public_port {
+            443 => format!("https://{host}"),
+            port => format!("https://{host}:{port}"),
+        };
+        Self { base }
+    }
+
+    /// The 308 for `req`.
+    pub fn respond<B>(&self, req: &Request<B>) -> Response<GatewayBody> {
+        let pq = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+        // Absolute-form and authority-form targets still yield a path; anything else gets "/".
+        let pq = if pq.starts_with('/') { pq } else { "/" };
+        let location = HeaderValue::from_str(&format!("{}{pq}", self.base))
+            .unwrap_or_else(|_| HeaderValue::from_static("/"));
+        let mut resp = Response::new(GatewayBody::empty());
+        *resp.status_mut() = StatusCode::PERMANENT_REDIRECT;
+        resp.headers_mut().insert(header::LOCATION, location);
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn redirect(toml: &str) -> Redirect {
+        let cfg = config::FileConfig::from_toml(toml, "test", &BTreeMap::new())
+            .unwrap()
+            .validate()
+            .unwrap();
+        Redirect::new(&cfg.server)
+    }
+
+    fn location(r: &Redirect, uri: &str, host: &str) -> String {
+        let req = Request::builder().uri(uri).header("host", host).body(()).unwrap();
+        let resp = r.respond(&req);
+        assert_eq!(resp.status(), 308);
+        resp.headers()[header::LOCATION].to_str().unwrap().to_owned()
+    }
+
+    #[test]
+    fn keeps_path_and_query_and_ignores_host() {
+        let r = redirect("[server]\npublic_host = \"api.example\"\npublic_port = 443\n");
+        assert_eq!(
+            location(&r, "/api/v1/video/process/?a=1&b=2", "evil.example"),
+            "https://api.example/api/v1/video/process/?a=1&b=2"
+        );
+        assert_eq!(location(&r, "http://evil.example/x", "evil.example"), "https://api.example/x");
+    }
+
+    #[test]
+    fn non_default_port_is_kept() {
+        let r = redirect("[server]\nhttps_listen = \"127.0.0.1:8443\"\n");
+        assert_eq!(location(&r, "/", "x"), "https://localhost:8443/");
+    }
+}

@@ -1,0 +1,151 @@
+//! The key store: the one trait seam of keygate.
+//!
+//! [`KeyStore`] is implemented by the embedded SQLite store ([`sqlite`]) and, for fleets, a shared
+//! store. The gateway only reads it on a cache miss, polls its change feed, and flushes usage to
+//! it in batches; the CLI uses it directly, which is why every mutation records a change.
+
+pub mod sqlite;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::key::KeyDigest;
+
+/// A boxed future: store calls happen off the hot path (misses, polls, flushes, the CLI), so the
+/// allocation does not matter and the trait stays object-safe.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// One stored key. Holds the digest, never the key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRecord {
+    /// Short public identifier, safe to log and to send upstream.
+    pub id: String,
+    /// Unique human name.
+    pub name: String,
+    /// SHA-256 of the key.
+    #[serde(with = "digest_hex")]
+    pub digest: KeyDigest,
+    /// Non-secret reminder of the key's first characters.
+    pub hint: String,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds of the last authenticated request (flushed in batches).
+    pub last_used: Option<i64>,
+    /// Authenticated requests counted so far (flushed in batches).
+    pub use_count: u64,
+    /// Inactive keys are refused with "API key is inactive".
+    pub is_active: bool,
+    /// Imported plaintext key without keygate's checksum.
+    pub legacy: bool,
+    /// Unix seconds after which the key is refused as expired.
+    pub expires_at: Option<i64>,
+}
+
+impl KeyRecord {
+    /// Whether the key has expired at `now` (Unix seconds).
+    pub fn is_expired(&self, now: i64) -> bool {
+        self.expires_at.is_some_and(|at| now >= at)
+    }
+}
+
+mod digest_hex {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    use crate::key::KeyDigest;
+
+    pub fn serialize<S: Serializer>(d: &KeyDigest, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&d.to_hex())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<KeyDigest, D::Error> {
+        let s = String::deserialize(d)?;
+        KeyDigest::from_hex(&s).ok_or_else(|| D::Error::custom("digest must be 64 hex digits"))
+    }
+}
+
+/// Usage observed by one gateway since its last flush.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Usage {
+    /// The key's id.
+    pub id: String,
+    /// Latest use, Unix seconds.
+    pub last_used: i64,
+    /// Number of uses since the last flush.
+    pub count: u64,
+}
+
+/// What changed since a change-feed position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Changes {
+    /// These digests changed (created, revoked, enabled, deleted); `next` is the new position.
+    Digests { digests: Vec<KeyDigest>, next: u64 },
+    /// The feed no longer reaches back to the position asked for: drop every cached decision.
+    Gap { next: u64 },
+}
+
+/// Errors from a store. Names say what a caller can do about them.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The store cannot be reached or read right now; retrying later may work.
+    #[error("key store unavailable: {0}")]
+    Unavailable(String),
+    /// No key with that id or name.
+    #[error("no API key with id or name '{0}'")]
+    NotFound(String),
+    /// A key with that name (or digest) already exists.
+    #[error("an API key named '{0}' already exists")]
+    Conflict(String),
+    /// Stored data that keygate cannot read (a newer schema, corruption).
+    #[error("key store data is invalid: {0}")]
+    Corrupt(String),
+}
+
+/// The storage seam. Implementations must make each mutation and its change-feed entry atomic.
+pub trait KeyStore: Send + Sync + 'static {
+    /// The record with this digest, if any. The gateway's only call on a cache miss.
+    fn lookup(&self, digest: KeyDigest) -> StoreFuture<'_, Option<KeyRecord>>;
+    /// Adds a new key; `Conflict` if the name or digest exists.
+    fn insert(&self, record: KeyRecord) -> StoreFuture<'_, ()>;
+    /// Every record, oldest first.
+    fn list(&self) -> StoreFuture<'_, Vec<KeyRecord>>;
+    /// The record whose id, or else name, is `id_or_name`.
+    fn find(&self, id_or_name: &str) -> StoreFuture<'_, KeyRecord>;
+    /// Sets `is_active`; returns the updated record.
+    fn set_active(&self, id_or_name: &str, active: bool) -> StoreFuture<'_, KeyRecord>;
+    /// Removes a key; returns the removed record.
+    fn delete(&self, id_or_name: &str) -> StoreFuture<'_, KeyRecord>;
+    /// Number of active, unexpired keys (the health check's figure). Also serves as a liveness probe.
+    fn count_active(&self) -> StoreFuture<'_, u64>;
+    /// Whether any legacy (checksum-less) key exists.
+    fn has_legacy(&self) -> StoreFuture<'_, bool>;
+    /// Adds a batch of usage in one transaction.
+    fn record_usage(&self, batch: Vec<Usage>) -> StoreFuture<'_, ()>;
+    /// Current change-feed position.
+    fn change_position(&self) -> StoreFuture<'_, u64>;
+    /// Changes after position `since`.
+    fn changes_since(&self, since: u64) -> StoreFuture<'_, Changes>;
+}
+
+/// Shared handle to the configured store.
+pub type SharedStore = Arc<dyn KeyStore>;
+
+/// Current time as Unix seconds.
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Opens the store `[store]` configures.
+pub fn open(cfg: &crate::config::Store) -> Result<SharedStore, StoreError> {
+    match &cfg.backend {
+        crate::config::Backend::Sqlite { path } => {
+            Ok(Arc::new(sqlite::SqliteStore::open(path, cfg.timeout)?))
+        }
+    }
+}

@@ -1,0 +1,352 @@
+//! Embedded store: one SQLite file in WAL mode, shared safely by the running gateway and the CLI.
+//!
+//! Every mutation appends the affected digest to a `changes` table in the same transaction; the
+//! gateway polls that table (one indexed read) and evicts exactly those digests from its cache. The
+//! feed is trimmed to its last [`CHANGE_LOG_KEEP`] entries; a gateway that fell further behind sees
+//! a gap and drops its whole cache.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::{Changes, KeyRecord, KeyStore, StoreError, StoreFuture, Usage, unix_now};
+use crate::key::KeyDigest;
+
+/// How many change-feed entries are kept.
+pub const CHANGE_LOG_KEEP: i64 = 10_000;
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS api_keys (
+    id          TEXT PRIMARY KEY,
+    name        TEXT NOT NULL UNIQUE,
+    digest      BLOB NOT NULL UNIQUE,
+    hint        TEXT NOT NULL,
+    created_at  INTEGER NOT NULL,
+    last_used   INTEGER,
+    use_count   INTEGER NOT NULL DEFAULT 0,
+    is_active   INTEGER NOT NULL,
+    legacy      INTEGER NOT NULL DEFAULT 0,
+    expires_at  INTEGER
+);
+CREATE TABLE IF NOT EXISTS changes (
+    seq     INTEGER PRIMARY KEY AUTOINCREMENT,
+    digest  BLOB NOT NULL,
+    at      INTEGER NOT NULL
+);
+";
+
+const COLUMNS: &str =
+    "id, name, digest, hint, created_at, last_used, use_count, is_active, legacy, expires_at";
+
+/// SQLite-backed [`KeyStore`].
+#[derive(Clone)]
+pub struct SqliteStore {
+    // One connection: the gateway touches the store only on misses, polls and flushes. Calls run
+    // on tokio's blocking pool, and the mutex is never held across an `.await`.
+    conn: Arc<Mutex<Connection>>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").field("path", &self.path).finish()
+    }
+}
+
+fn unavailable(e: rusqlite::Error) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path`, in WAL mode.
+    pub fn open(path: &Path, busy_timeout: Duration) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
+            })?;
+        }
+        let conn = Connection::open(path).map_err(|e| {
+            StoreError::Unavailable(format!("cannot open {}: {e}", path.display()))
+        })?;
+        conn.busy_timeout(busy_timeout).map_err(unavailable)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(unavailable)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(unavailable)?;
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(unavailable)?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::Corrupt(format!(
+                "{} has schema version {version}; this keygate understands up to {SCHEMA_VERSION}",
+                path.display()
+            )));
+        }
+        conn.execute_batch(SCHEMA).map_err(unavailable)?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)
+            .map_err(unavailable)?;
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+            path: path.to_owned(),
+        })
+    }
+
+    /// Runs `f` with the connection on the blocking pool.
+    fn with_conn<T, F>(&self, f: F) -> StoreFuture<'_, T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let conn = Arc::clone(&self.conn);
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let mut guard = conn
+                    .lock()
+                    .map_err(|_| StoreError::Unavailable("store connection poisoned".into()))?;
+                f(&mut guard)
+            })
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("store task failed: {e}")))?
+        })
+    }
+}
+
+fn row_to_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRecord> {
+    let digest: Vec<u8> = row.get(2)?;
+    let digest: [u8; 32] = digest.try_into().map_err(|_| {
+        rusqlite::Error::FromSqlConversionFailure(
+            2,
+            rusqlite::types::Type::Blob,
+            "digest is not 32 bytes".into(),
+        )
+    })?;
+    Ok(KeyRecord {
+        id: row.get(0)?,
+        name: row.get(1)?,
+        digest: KeyDigest(digest),
+        hint: row.get(3)?,
+        created_at: row.get(4)?,
+        last_used: row.get(5)?,
+        use_count: u64::try_from(row.get::<_, i64>(6)?).unwrap_or(0),
+        is_active: row.get(7)?,
+        legacy: row.get(8)?,
+        expires_at: row.get(9)?,
+    })
+}
+
+fn find_in(conn: &Connection, id_or_name: &str) -> Result<KeyRecord, StoreError> {
+    let by = |column: &str| {
+        conn.query_row(
+            &format!("SELECT {COLUMNS} FROM api_keys WHERE {column} = ?1"),
+            params![id_or_name],
+            row_to_record,
+        )
+        .optional()
+        .map_err(unavailable)
+    };
+    match by("id")? {
+        Some(r) => Ok(r),
+        None => by("name")?.ok_or_else(|| StoreError::NotFound(id_or_name.to_owned())),
+    }
+}
+
+fn log_change(tx: &rusqlite::Transaction<'_>, digest: &KeyDigest) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO changes (digest, at) VALUES (?1, ?2)",
+        params![&digest.0[..], unix_now()],
+    )
+    .map_err(unavailable)?;
+    tx.execute(
+        "DELETE FROM changes WHERE seq <= (SELECT max(seq) FROM changes) - ?1",
+        params![CHANGE_LOG_KEEP],
+    )
+    .map_err(unavailable)?;
+    Ok(())
+}
+
+impl KeyStore for SqliteStore {
+    fn lookup(&self, digest: KeyDigest) -> StoreFuture<'_, Option<KeyRecord>> {
+        self.with_conn(move |conn| {
+            conn.prepare_cached(&format!("SELECT {COLUMNS} FROM api_keys WHERE digest = ?1"))
+                .and_then(|mut stmt| stmt.query_row(params![&digest.0[..]], row_to_record).optional())
+                .map_err(unavailable)
+        })
+    }
+
+    fn insert(&self, record: KeyRecord) -> StoreFuture<'_, ()> {
+        self.with_conn(move |conn| {
+            let tx = conn.transaction().map_err(unavailable)?;
+            let inserted = tx.execute(
+                &format!(
+                    "INSERT INTO api_keys ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
+                ),
+                params![
+                    record.id,
+                    record.name,
+                    &record.digest.0[..],
+                    record.hint,
+                    record.created_at,
+                    record.last_used,
+                    i64::try_from(record.use_count).unwrap_or(i64::MAX),
+                    record.is_active,
+                    record.legacy,
+                    record.expires_at,
+                ],
+            );
+            match inserted {
+                Ok(_) => {}
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+                {
+                    return Err(StoreError::Conflict(record.name));
+                }
+                Err(e) => return Err(unavailable(e)),
+            }
+            log_change(&tx, &record.digest)?;
+            tx.commit().map_err(unavailable)
+        })
+    }
+
+    fn list(&self) -> StoreFuture<'_, Vec<KeyRecord>> {
+        self.with_conn(|conn| {
+            let mut stmt = conn
+                .prepare(&format!(
+                    "SELECT {COLUMNS} FROM api_keys ORDER BY created_at, name"
+                ))
+                .map_err(unavailable)?;
+            let rows = stmt.query_map([], row_to_record).map_err(unavailable)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(unavailable)
+        })
+    }
+
+    fn find(&self, id_or_name: &str) -> StoreFuture<'_, KeyRecord> {
+        let id_or_name = id_or_name.to_owned();
+        self.with_conn(move |conn| find_in(conn, &id_or_name))
+    }
+
+    fn set_active(&self, id_or_name: &str, active: bool) -> StoreFuture<'_, KeyRecord> {
+        let id_or_name = id_or_name.to_owned();
+        self.with_conn(move |conn| {
+            let tx = conn.transaction().map_err(unavailable)?;
+            let mut record = find_in(&tx, &id_or_name)?;
+            tx.execute(
+                "UPDATE api_keys SET is_active = ?2 WHERE id = ?1",
+                params![record.id, active],
+            )
+            .map_err(unavailable)?;
+            log_change(&tx, &record.digest)?;
+            tx.commit().map_err(unavailable)?;
+            record.is_active = active;
+            Ok(record)
+        })
+    }
+
+    fn delete(&self, id_or_name: &str) -> StoreFuture<'_, KeyRecord> {
+        let id_or_name = id_or_name.to_owned();
+        self.with_conn(move |conn| {
+            let tx = conn.transaction().map_err(unavailable)?;
+            let record = find_in(&tx, &id_or_name)?;
+            tx.execute("DELETE FROM api_keys WHERE id = ?1", params![record.id])
+                .map_err(unavailable)?;
+            log_change(&tx, &record.digest)?;
+            tx.commit().map_err(unavailable)?;
+            Ok(record)
+        })
+    }
+
+    fn count_active(&self) -> StoreFuture<'_, u64> {
+        self.with_conn(|conn| {
+            conn.query_row(
+                "SELECT count(*) FROM api_keys
+                 WHERE is_active AND (expires_at IS NULL OR expires_at > ?1)",
+                params![unix_now()],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| u64::try_from(n).unwrap_or(0))
+            .map_err(unavailable)
+        })
+    }
+
+    fn has_legacy(&self) -> StoreFuture<'_, bool> {
+        self.with_conn(|conn| {
+            conn.query_row(
+                "SELECT EXISTS (SELECT 1 FROM api_keys WHERE legacy)",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(unavailable)
+        })
+    }
+
+    fn record_usage(&self, batch: Vec<Usage>) -> StoreFuture<'_, ()> {
+        self.with_conn(move |conn| {
+            let tx = conn.transaction().map_err(unavailable)?;
+            {
+                let mut stmt = tx
+                    .prepare_cached(
+                        "UPDATE api_keys
+                         SET last_used = max(coalesce(last_used, 0), ?2),
+                             use_count = use_count + ?3
+                         WHERE id = ?1",
+                    )
+                    .map_err(unavailable)?;
+                for u in &batch {
+                    stmt.execute(params![
+                        u.id,
+                        u.last_used,
+                        i64::try_from(u.count).unwrap_or(i64::MAX)
+                    ])
+                    .map_err(unavailable)?;
+                }
+            }
+            tx.commit().map_err(unavailable)
+        })
+    }
+
+    fn change_position(&self) -> StoreFuture<'_, u64> {
+        self.with_conn(|conn| {
+            conn.query_row("SELECT coalesce(max(seq), 0) FROM changes", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map(|n| u64::try_from(n).unwrap_or(0))
+            .map_err(unavailable)
+        })
+    }
+
+    fn changes_since(&self, since: u64) -> StoreFuture<'_, Changes> {
+        self.with_conn(move |conn| {
+            let since_i = i64::try_from(since).unwrap_or(i64::MAX);
+            let mut stmt = conn
+                .prepare_cached("SELECT seq, digest FROM changes WHERE seq > ?1 ORDER BY seq")
+                .map_err(unavailable)?;
+            let rows = stmt
+                .query_map(params![since_i], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
+                })
+                .map_err(unavailable)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(unavailable)?;
+            let Some(&(first, _)) = rows.first() else {
+                return Ok(Changes::Digests {
+                    digests: Vec::new(),
+                    next: since,
+                });
+            };
+            let next = rows
+                .last()
+                .map_or(since, |(seq, _)| u64::try_from(*seq).unwrap_or(since));
+            if first > since_i + 1 {
+                // Entries between `since` and `first` were trimmed (or the database was replaced).
+                return Ok(Changes::Gap { next });
+            }
+            let digests = rows
+                .into_iter()
+                .filter_map(|(_, d)| <[u8; 32]>::try_from(d).ok().map(KeyDigest))
+                .collect();
+            Ok(Changes::Digests { digests, next })
+        })
+    }
+}
