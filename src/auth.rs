@@ -74,13 +74,13 @@ impl Authenticator {
         }
         if self.bearer_fallback {
             let mut values = headers.get_all(header::AUTHORIZATION).iter();
-            if let Some(first) = values.next() {
-                if let Some(token) = bearer_token(first.as_bytes()) {
-                    if values.next().is_some() {
-                        return Err(GatewayError::InvalidKey(InvalidReason::Ambiguous));
-                    }
-                    return Ok((Presented::new(token), CredentialSource::Bearer));
+            if let Some(first) = values.next()
+                && let Some(token) = bearer_token(first.as_bytes())
+            {
+                if values.next().is_some() {
+                    return Err(GatewayError::InvalidKey(InvalidReason::Ambiguous));
                 }
+                return Ok((Presented::new(token), CredentialSource::Bearer));
             }
         }
         Err(GatewayError::MissingCredentials)
@@ -112,11 +112,11 @@ impl Authenticator {
             Entry::Unknown { .. } => return Err(GatewayError::InvalidKey(InvalidReason::Unknown)),
         };
         if !key.record.is_active {
-            return Err(GatewayError::InactiveKey);
+            return Err(GatewayError::InactiveKey(key));
         }
         let now = unix_now();
         if key.record.is_expired(now) {
-            return Err(GatewayError::ExpiredKey);
+            return Err(GatewayError::ExpiredKey(key));
         }
         key.touch(now);
         Ok(Authenticated {

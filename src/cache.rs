@@ -39,7 +39,7 @@ pub struct KnownKey {
 }
 
 impl KnownKey {
-    fn new(record: KeyRecord, fresh_until: Instant) -> Self {
+    pub(crate) fn new(record: KeyRecord, fresh_until: Instant) -> Self {
         let id_header = HeaderValue::from_str(&record.id)
             .unwrap_or_else(|_| HeaderValue::from_static("invalid-id"));
         let name_header = HeaderValue::from_str(&record.name)

@@ -3,8 +3,12 @@
 //! Bodies are JSON with a `detail` field in the old Django API's wording, so existing clients keep
 //! working. The match from error to status is exhaustive: a new variant must choose its status.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode, header};
+
+use crate::cache::KnownKey;
 
 use crate::key::FormatError;
 use crate::metrics::{AuthReason, UpstreamErrorKind};
@@ -31,12 +35,12 @@ pub enum GatewayError {
     /// A key that is not valid.
     #[error("invalid API key ({0:?})")]
     InvalidKey(InvalidReason),
-    /// A known key that was deactivated.
+    /// A known key that was deactivated (carried for the log line: which key was tried).
     #[error("inactive API key")]
-    InactiveKey,
+    InactiveKey(Arc<KnownKey>),
     /// A known key past its expiry.
     #[error("expired API key")]
-    ExpiredKey,
+    ExpiredKey(Arc<KnownKey>),
     /// The store could not answer and the key was not cached.
     #[error("key store unavailable")]
     StoreUnavailable,
@@ -51,8 +55,8 @@ impl GatewayError {
         match self {
             GatewayError::MissingCredentials
             | GatewayError::InvalidKey(_)
-            | GatewayError::InactiveKey
-            | GatewayError::ExpiredKey => StatusCode::UNAUTHORIZED,
+            | GatewayError::InactiveKey(_)
+            | GatewayError::ExpiredKey(_) => StatusCode::UNAUTHORIZED,
             GatewayError::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::Upstream(UpstreamErrorKind::Timeout) => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::Upstream(UpstreamErrorKind::Connect | UpstreamErrorKind::Protocol) => {
@@ -69,10 +73,21 @@ impl GatewayError {
             GatewayError::InvalidKey(
                 InvalidReason::Malformed(_) | InvalidReason::TooLong | InvalidReason::Ambiguous,
             ) => Some(AuthReason::Malformed),
-            GatewayError::InactiveKey => Some(AuthReason::Inactive),
-            GatewayError::ExpiredKey => Some(AuthReason::Expired),
+            GatewayError::InactiveKey(_) => Some(AuthReason::Inactive),
+            GatewayError::ExpiredKey(_) => Some(AuthReason::Expired),
             GatewayError::StoreUnavailable => Some(AuthReason::StoreUnavailable),
             GatewayError::Upstream(_) => None,
+        }
+    }
+
+    /// The known key involved in a rejection, if any.
+    pub fn key(&self) -> Option<&Arc<KnownKey>> {
+        match self {
+            GatewayError::InactiveKey(k) | GatewayError::ExpiredKey(k) => Some(k),
+            GatewayError::MissingCredentials
+            | GatewayError::InvalidKey(_)
+            | GatewayError::StoreUnavailable
+            | GatewayError::Upstream(_) => None,
         }
     }
 
@@ -95,8 +110,8 @@ impl GatewayError {
             },
             GatewayError::MissingCredentials
             | GatewayError::InvalidKey(InvalidReason::Unknown)
-            | GatewayError::InactiveKey
-            | GatewayError::ExpiredKey
+            | GatewayError::InactiveKey(_)
+            | GatewayError::ExpiredKey(_)
             | GatewayError::StoreUnavailable => self.auth_reason().map_or("error", AuthReason::as_str),
         }
     }
@@ -108,8 +123,8 @@ impl GatewayError {
                 br#"{"detail":"Authentication credentials were not provided."}"#
             }
             GatewayError::InvalidKey(_) => br#"{"detail":"Invalid API key"}"#,
-            GatewayError::InactiveKey => br#"{"detail":"API key is inactive"}"#,
-            GatewayError::ExpiredKey => br#"{"detail":"API key has expired"}"#,
+            GatewayError::InactiveKey(_) => br#"{"detail":"API key is inactive"}"#,
+            GatewayError::ExpiredKey(_) => br#"{"detail":"API key has expired"}"#,
             GatewayError::StoreUnavailable => {
                 br#"{"detail":"Authentication service temporarily unavailable. Please retry."}"#
             }
@@ -154,7 +169,7 @@ impl ErrorHeaders {
             GatewayError::MissingCredentials => {
                 headers.insert(header::WWW_AUTHENTICATE, self.challenge.clone());
             }
-            GatewayError::InvalidKey(_) | GatewayError::InactiveKey | GatewayError::ExpiredKey => {
+            GatewayError::InvalidKey(_) | GatewayError::InactiveKey(_) | GatewayError::ExpiredKey(_) => {
                 headers.insert(header::WWW_AUTHENTICATE, self.challenge_invalid.clone());
             }
             GatewayError::StoreUnavailable => {
@@ -169,11 +184,27 @@ impl ErrorHeaders {
 mod tests {
     use super::*;
 
+    fn known() -> Arc<KnownKey> {
+        let record = crate::store::KeyRecord {
+            id: "key_test".into(),
+            name: "test".into(),
+            digest: crate::key::KeyDigest::of(b"x"),
+            hint: "sk_x…".into(),
+            created_at: 0,
+            last_used: None,
+            use_count: 0,
+            is_active: false,
+            legacy: false,
+            expires_at: None,
+        };
+        Arc::new(KnownKey::new(record, std::time::Instant::now()))
+    }
+
     #[test]
     fn statuses_follow_the_contract() {
         assert_eq!(GatewayError::MissingCredentials.status(), 401);
         assert_eq!(GatewayError::InvalidKey(InvalidReason::Unknown).status(), 401);
-        assert_eq!(GatewayError::InactiveKey.status(), 401);
+        assert_eq!(GatewayError::InactiveKey(known()).status(), 401);
         assert_eq!(GatewayError::StoreUnavailable.status(), 503);
         assert_eq!(GatewayError::Upstream(UpstreamErrorKind::Connect).status(), 502);
         assert_eq!(GatewayError::Upstream(UpstreamErrorKind::Timeout).status(), 504);
@@ -184,8 +215,8 @@ mod tests {
         for e in [
             GatewayError::MissingCredentials,
             GatewayError::InvalidKey(InvalidReason::Ambiguous),
-            GatewayError::InactiveKey,
-            GatewayError::ExpiredKey,
+            GatewayError::InactiveKey(known()),
+            GatewayError::ExpiredKey(known()),
             GatewayError::StoreUnavailable,
             GatewayError::Upstream(UpstreamErrorKind::Protocol),
         ] {
@@ -198,7 +229,7 @@ mod tests {
     fn rejections_carry_a_challenge_and_503_a_retry_after() {
         let h = ErrorHeaders::new("keygate");
         let mut map = http::HeaderMap::new();
-        h.apply(&GatewayError::InactiveKey, &mut map);
+        h.apply(&GatewayError::InactiveKey(known()), &mut map);
         assert_eq!(
             map[header::WWW_AUTHENTICATE],
             "Bearer realm=\"keygate\", error=\"invalid_token\""

@@ -21,7 +21,7 @@ use hyper::body::Incoming;
 use ipnet::IpNet;
 
 use crate::auth::{Authenticated, Authenticator, CredentialSource};
-use crate::cache::KeyCache;
+use crate::cache::{KeyCache, KnownKey};
 use crate::config::Config;
 use crate::cors::{CorsPolicy, Preflight};
 use crate::error::{ErrorHeaders, GatewayError};
@@ -80,7 +80,7 @@ struct Handled {
     outcome: Outcome,
     auth: Option<AuthReason>,
     reason: &'static str,
-    key: Option<Authenticated>,
+    key: Option<Arc<KnownKey>>,
     cause: Option<String>,
 }
 
@@ -204,7 +204,7 @@ impl Gateway {
         if let Some(reason) = handled.auth {
             self.metrics.auth(reason);
         }
-        let key = handled.key.as_ref().map(|a| &a.key.record);
+        let key = handled.key.as_ref().map(|k| &k.record);
         tracing::info!(
             target: "keygate::access",
             request_id = request_id.to_str().unwrap_or(""),
@@ -250,22 +250,23 @@ impl Gateway {
         let mut response = Response::new(GatewayBody::full(err.body()));
         *response.status_mut() = err.status();
         self.errors.apply(&err, response.headers_mut());
-        let outcome = match err {
+        let outcome = match &err {
             GatewayError::MissingCredentials
             | GatewayError::InvalidKey(_)
-            | GatewayError::InactiveKey
-            | GatewayError::ExpiredKey => Outcome::Rejected,
+            | GatewayError::InactiveKey(_)
+            | GatewayError::ExpiredKey(_) => Outcome::Rejected,
             GatewayError::StoreUnavailable | GatewayError::Upstream(_) => Outcome::Failed,
         };
         if let GatewayError::Upstream(kind) = err {
             self.metrics.upstream_error(kind);
         }
+        let key = err.key().cloned();
         Handled {
             response,
             outcome,
             auth: err.auth_reason(),
             reason: err.reason(),
-            key: None,
+            key,
             cause,
         }
     }
@@ -338,14 +339,14 @@ impl Gateway {
                     outcome: Outcome::Forwarded,
                     auth,
                     reason,
-                    key: authenticated,
+                    key: authenticated.map(|a| a.key),
                     cause: None,
                 }
             }
             Err(e) => {
                 let mut handled = self.reject(GatewayError::Upstream(e.kind), Some(e.cause));
                 handled.auth = auth;
-                handled.key = authenticated;
+                handled.key = authenticated.map(|a| a.key);
                 handled
             }
         }

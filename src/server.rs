@@ -178,13 +178,16 @@ fn builder(cfg: &config::Server, http1_only: bool) -> auto::Builder<TokioExecuto
 
 /// Runs the gateway until `shutdown` resolves, then drains and returns.
 pub async fn run(
-    config: Config,
+    mut config: Config,
     store: SharedStore,
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let mut hosts = vec![config.server.public_host.clone()];
-    hosts.dedup();
+    if config.server.public_port == 0 {
+        // Listening on an ephemeral port: redirect to the port actually bound.
+        config.server.public_port = listeners.https.local_addr().map_or(443, |a| a.port());
+    }
+    let hosts = [config.server.public_host.clone()];
     let acceptor = TlsAcceptor::from(tls::server_config(&config.tls, &hosts)?);
     let metrics = Arc::new(Metrics::new(&config.metrics.latency_buckets));
     let cache = Arc::new(KeyCache::new(store, &config.store, Arc::clone(&metrics)));

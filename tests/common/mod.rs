@@ -1,0 +1,390 @@
+//! Test harness: a real recording upstream, the real gateway on ephemeral ports (in-process via
+//! `server::run`, or the real binary as a child process), and real TLS clients.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead as _, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response};
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use keygate::config::FileConfig;
+use keygate::key;
+use keygate::store::sqlite::SqliteStore;
+use keygate::store::{KeyRecord, KeyStore as _, unix_now};
+use sha2::{Digest as _, Sha256};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+/// One request as the upstream saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub uri: String,
+    pub headers: HeaderMap,
+    pub body_len: u64,
+    pub body_sha256: String,
+    /// False when the body ended with an error (client aborted mid-upload).
+    pub body_complete: bool,
+}
+
+/// A real HTTP/1.1 upstream on 127.0.0.1:0 that records what reaches it.
+///
+/// Routes: `/slow` answers after 3 s; `/hold` after 700 ms; anything else at once. Every request
+/// body is read to the end (hashed, not stored) and the answer is JSON with its length and digest.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    _stop: oneshot::Sender<()>,
+}
+
+impl Upstream {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let (stop_tx, mut stop_rx) = oneshot::channel::<()>();
+        let record = Arc::clone(&seen);
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = tokio::select! {
+                    r = listener.accept() => match r { Ok(a) => a, Err(_) => continue },
+                    _ = &mut stop_rx => return,
+                };
+                let record = Arc::clone(&record);
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| handle(req, Arc::clone(&record)));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Self {
+            addr,
+            seen,
+            _stop: stop_tx,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+
+    pub fn last(&self) -> Seen {
+        self.seen.lock().unwrap().last().cloned().expect("upstream saw no request")
+    }
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    record: Arc<Mutex<Vec<Seen>>>,
+) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
+    let (parts, mut body) = req.into_parts();
+    let mut hasher = Sha256::new();
+    let mut len = 0u64;
+    let mut complete = true;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(f) => {
+                if let Some(data) = f.data_ref() {
+                    hasher.update(data);
+                    len += data.len() as u64;
+                }
+            }
+            Err(_) => {
+                complete = false;
+                break;
+            }
+        }
+    }
+    let digest = hex(&hasher.finalize());
+    record.lock().unwrap().push(Seen {
+        method: parts.method.to_string(),
+        uri: parts.uri.to_string(),
+        headers: parts.headers.clone(),
+        body_len: len,
+        body_sha256: digest.clone(),
+        body_complete: complete,
+    });
+    match parts.uri.path() {
+        "/slow" => tokio::time::sleep(Duration::from_secs(3)).await,
+        "/hold" => tokio::time::sleep(Duration::from_millis(700)).await,
+        _ => {}
+    }
+    let body = serde_json::json!({"path": parts.uri.path(), "bytes": len, "sha256": digest});
+    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+    resp.headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
+    // A CORS header the gateway must replace with its own policy.
+    resp.headers_mut()
+        .insert("access-control-allow-origin", "*".parse().unwrap());
+    Ok(resp)
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Writes a gateway.toml for tests into `dir` and returns its path. Listeners on port 0.
+pub fn write_config(dir: &Path, upstream_url: &str) -> PathBuf {
+    let cert = dir.join("cert.pem");
+    let key = dir.join("key.pem");
+    if !cert.exists() {
+        keygate::tls::write_dev_cert(&cert, &key, &["localhost".to_owned()]).unwrap();
+    }
+    let text = format!(
+        r#"
+[server]
+https_listen = "127.0.0.1:0"
+http_listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+public_host = "localhost"
+shutdown_grace = "5s"
+
+[tls]
+cert = "{cert}"
+key = "{key}"
+
+[upstream]
+url = "{upstream_url}"
+connect_timeout = "1s"
+response_timeout = "1s"
+
+[store]
+path = "{db}"
+poll_interval = "50ms"
+usage_flush_interval = "200ms"
+
+[cors]
+allowed_origins = ["https://app.example"]
+
+[logging]
+format = "json"
+level = "info"
+"#,
+        cert = cert.display(),
+        key = key.display(),
+        db = dir.join("keygate.db").display(),
+    );
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// The real gateway, in-process, on ephemeral ports.
+pub struct Gateway {
+    pub https: SocketAddr,
+    pub http: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    /// A second connection to the same SQLite file, as the CLI would open it.
+    pub store: SqliteStore,
+    cert_pem: Vec<u8>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), keygate::server::ServeError>>>,
+}
+
+impl Gateway {
+    /// Starts a gateway in front of `upstream_url`, with `KEYGATE_*`-style overrides.
+    pub async fn start(upstream_url: &str, overrides: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = write_config(dir.path(), upstream_url);
+        let env: BTreeMap<String, String> = overrides
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let config = FileConfig::load(&config_path, &env).unwrap().validate().unwrap();
+        let store = keygate::store::open(&config.store).unwrap();
+        let listeners = keygate::server::Listeners::bind(&config.server).await.unwrap();
+        let https = listeners.https.local_addr().unwrap();
+        let http = listeners.http.as_ref().unwrap().local_addr().unwrap();
+        let admin = listeners.admin.as_ref().unwrap().local_addr().unwrap();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(keygate::server::run(config, store, listeners, async {
+            let _ = stop_rx.await;
+        }));
+        let cli_store =
+            SqliteStore::open(&dir.path().join("keygate.db"), Duration::from_secs(5)).unwrap();
+        let cert_pem = std::fs::read(dir.path().join("cert.pem")).unwrap();
+        Self {
+            https,
+            http,
+            admin,
+            dir,
+            config_path,
+            store: cli_store,
+            cert_pem,
+            stop: Some(stop_tx),
+            task: Some(task),
+        }
+    }
+
+    /// A TLS client that trusts the gateway's certificate; HTTP/2 or 1.1 by ALPN.
+    pub fn client(&self) -> reqwest::Client {
+        tls_client(&self.cert_pem, self.https)
+    }
+
+    /// `https://localhost:<port><path>`.
+    pub fn url(&self, path: &str) -> String {
+        format!("https://localhost:{}{path}", self.https.port())
+    }
+
+    /// Creates an active key directly in the store (as `keygate keys create` does).
+    pub async fn create_key(&self, name: &str) -> String {
+        create_key(&self.store, name).await
+    }
+
+    /// Stops the gateway and waits for it to finish draining.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+
+    /// Signals shutdown without waiting.
+    pub fn begin_shutdown(&mut self) -> tokio::task::JoinHandle<Result<(), keygate::server::ServeError>> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.take().unwrap()
+    }
+}
+
+pub fn tls_client(cert_pem: &[u8], https: SocketAddr) -> reqwest::Client {
+    reqwest::Client::builder()
+        .use_rustls_tls()
+        .add_root_certificate(reqwest::Certificate::from_pem(cert_pem).unwrap())
+        .resolve("localhost", https)
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// Mints a key and stores its record; returns the key.
+pub async fn create_key(store: &SqliteStore, name: &str) -> String {
+    let secret = key::generate().unwrap();
+    let record = KeyRecord {
+        id: format!("key_{}", key::random_base62(12).unwrap()),
+        name: name.to_owned(),
+        digest: secret.digest(),
+        hint: secret.hint(),
+        created_at: unix_now(),
+        last_used: None,
+        use_count: 0,
+        is_active: true,
+        legacy: false,
+        expires_at: None,
+    };
+    store.insert(record).await.unwrap();
+    secret.expose().to_owned()
+}
+
+/// The real `keygate` binary.
+pub fn keygate() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_keygate"))
+}
+
+/// `keygate serve` as a child process, with its stdout lines collected.
+pub struct Process {
+    pub child: Child,
+    pub https: SocketAddr,
+    pub http: SocketAddr,
+    pub admin: SocketAddr,
+    pub lines: Arc<Mutex<Vec<String>>>,
+    pub stderr: Arc<Mutex<Vec<String>>>,
+}
+
+impl Process {
+    /// Starts `keygate serve --config <config>` and waits for its "keygate listening" line.
+    pub fn start(config: &Path, envs: &[(&str, &str)]) -> Self {
+        let mut child = keygate()
+            .arg("--config")
+            .arg(config)
+            .arg("serve")
+            .envs(envs.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines: Arc<Mutex<Vec<String>>> = Arc::default();
+        let stderr: Arc<Mutex<Vec<String>>> = Arc::default();
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let out = child.stdout.take().unwrap();
+        let sink = Arc::clone(&lines);
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if line.contains("keygate listening") {
+                    let _ = tx.send(line.clone());
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let err = child.stderr.take().unwrap();
+        let sink = Arc::clone(&stderr);
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("gateway did not start: {:?}", stderr.lock().unwrap()));
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let addr = |k: &str| v[k].as_str().unwrap().parse::<SocketAddr>().unwrap();
+        Self {
+            https: addr("https"),
+            http: addr("http"),
+            admin: addr("admin"),
+            child,
+            lines,
+            stderr,
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        self.child.wait().unwrap()
+    }
+
+    /// Everything written to stdout and stderr so far.
+    pub fn output(&self) -> String {
+        let mut all = self.lines.lock().unwrap().join("\n");
+        all.push('\n');
+        all.push_str(&self.stderr.lock().unwrap().join("\n"));
+        all
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

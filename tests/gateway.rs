@@ -1,0 +1,600 @@
+//! The real gateway (in-process, ephemeral ports) in front of a real upstream, through a real TLS
+//! client: authentication, forwarding, CORS, redirects, health, failures and shutdown.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Gateway, Upstream};
+use keygate::store::KeyStore as _;
+use reqwest::StatusCode;
+use serde_json::Value;
+
+async fn json(resp: reqwest::Response) -> Value {
+    resp.json().await.unwrap()
+}
+
+fn assert_security_headers(resp: &reqwest::Response) {
+    let h = resp.headers();
+    assert_eq!(h["x-content-type-options"], "nosniff");
+    assert_eq!(h["x-frame-options"], "DENY");
+    assert!(h.contains_key("referrer-policy"));
+    assert!(h["strict-transport-security"].to_str().unwrap().starts_with("max-age="));
+    assert!(h.contains_key("x-request-id"));
+}
+
+#[tokio::test]
+async fn every_header_form_is_authenticated_and_rejections_never_reach_upstream() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream.url(), &[]).await;
+    let key = gw.create_key("frontend").await;
+    let client = gw.client();
+    let url = gw.url("/api/v1/video/process/");
+
+    // Missing: 401, the old API's wording, a challenge.
+    let resp = client.post(&url).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(resp.headers()["www-authenticate"], "Bearer realm=\"keygate\"");
+    assert_security_headers(&resp);
+    assert_eq!(json(resp).await["detail"], "Authentication credentials were not provided.");
+
+    // Malformed (fails the checksum) and well-formed but unknown: "Invalid API key".
+    let mut mistyped = key.clone().into_bytes();
+    mistyped[10] = if mistyped[10] == b'a' { b'b' } else { b'a' };
+    let mistyped = String::from_utf8(mistyped).unwrap();
+    let unknown = keygate::key::generate().unwrap().expose().to_owned();
+    for bad in [mistyped.as_str(), unknown.as_str(), "sk_short", "not-a-key"] {
+        let resp = client.post(&url).header("X-API-Key", bad).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{bad}");
+        assert!(
+            resp.headers()["www-authenticate"].to_str().unwrap().contains("invalid_token"),
+            "{bad}"
+        );
+        assert_eq!(json(resp).await["detail"], "Invalid API key");
+    }
+    // Repeated key headers are refused, not guessed at.
+    let resp = client
+        .post(&url)
+        .header("X-API-Key", &key)
+        .header("X-API-Key", &unknown)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    // Keys in the query string are not credentials.
+    let resp = client.post(format!("{url}?api_key={key}")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(upstream.count(), 0, "a rejected request reached the upstream");
+
+    // Valid: X-API-Key, Bearer, bearer in lower case.
+    for (name, value) in [
+        ("X-API-Key", key.clone()),
+        ("Authorization", format!("Bearer {key}")),
+        ("Authorization", format!("bearer {key}")),
+    ] {
+        let resp = client.post(&url).header(name, &value).body("{}").send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{name}");
+        assert_security_headers(&resp);
+    }
+    assert_eq!(upstream.count(), 3);
+
+    // Inactive: 401 "API key is inactive".
+    gw.store.set_active("frontend", false).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        let resp = client.post(&url).header("X-API-Key", &key).send().await.unwrap();
+        if resp.status() == StatusCode::UNAUTHORIZED {
+            assert_eq!(json(resp).await["detail"], "API key is inactive");
+            break;
+        }
+        assert!(Instant::now() < deadline, "revocation not seen within 1 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let forwarded = upstream.count();
+    let resp = client.post(&url).header("X-API-Key", &key).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(upstream.count(), forwarded, "an inactive key's request was forwarded");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn http2_and_http1_are_negotiated_by_alpn() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream.url(), &[]).await;
+    let key = gw.create_key("alpn").await;
+    let resp = gw.client().get(gw.url("/x")).header("X-API-Key", &key).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+    let h1 = reqwest::Client::builder()
+        .use_rustls_tls()
+        .http1_only()
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(&std::fs::read(gw.dir.path().join("cert.pem")).unwrap())
+                .unwrap(),
+        )
+        .resolve("localhost", gw.https)
+        .build()
+        .unwrap();
+    let resp = h1.get(gw.url("/x")).header("X-API-Key", &key).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.version(), reqwest::Version::HTTP_11);
+    // The upstream is always spoken to in HTTP/1.1.
+    assert_eq!(upstream.count(), 2);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn forwarding_rewrites_credentials_identity_and_forwarding_headers() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream.url(), &[]).await;
+    let key = gw.create_key("video-app").await;
+    let record = gw.store.find("video-app").await.unwrap();
+    let client = gw.client();
+
+    let resp = client
+        .post(gw.url("/api/v1/video/process/?q=1"))
+        .header("X-API-Key", &key)
+        .header("X-Api-Key-Id", "forged-id")
+        .header("X-Api-Key-Name", "forged-name")
+        .header("X-Forwarded-For", "6.6.6.6")
+        .header("X-Forwarded-Proto", "http")
+        .header("X-Forwarded-Host", "evil.example")
+        .header("Forwarded", "for=6.6.6.6")
+        .header("X-Request-Id", "trace-abc-123")
+        .header("Authorization", "Basic dXNlcjpwYXNz")
+        .body("{\"video_url\":\"https://example.com/v.mp4\"}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["x-request-id"], "trace-abc-123");
+    let seen = upstream.last();
+    let h = &seen.headers;
+    assert_eq!(seen.uri, "/api/v1/video/process/?q=1");
+    assert!(!h.contains_key("x-api-key"), "the key was forwarded");
+    // The Authorization header did not carry the key, so it is the upstream's business.
+    assert_eq!(h["authorization"], "Basic dXNlcjpwYXNz");
+    assert_eq!(h.get_all("x-api-key-id").iter().count(), 1);
+    assert_eq!(h["x-api-key-id"], record.id.as_str());
+    assert_eq!(h["x-api-key-name"], "video-app");
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "https");
+    assert_eq!(h["x-forwarded-host"], format!("localhost:{}", gw.https.port()));
+    assert!(!h.contains_key("forwarded"));
+    assert_eq!(h["x-request-id"], "trace-abc-123");
+    assert_eq!(h["host"], upstream.addr.to_string());
+
+    // Bearer: the Authorization header carried the key and is stripped; an id is generated.
+    // `Connection: X-Api-Key-Id` cannot remove the gateway's identity header.
+    let resp = client
+        .get(gw.url("/plain"))
+        .header("Authorization", format!("Bearer {key}"))
+        .header("X-Request-Id", "bad id with spaces")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let generated = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert_eq!(generated.len(), 32);
+    let seen = upstream.last();
+    assert!(!seen.headers.contains_key("authorization"));
+    assert_eq!(seen.headers["x-request-id"], generated.as_str());
+
+    let h1 = reqwest::Client::builder()
+        .use_rustls_tls()
+        .http1_only()
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(&std::fs::read(gw.dir.path().join("cert.pem")).unwrap())
+                .unwrap(),
+        )
+        .resolve("localhost", gw.https)
+        .build()
+        .unwrap();
+    let resp = h1
+        .get(gw.url("/conn"))
+        .header("X-API-Key", &key)
+        .header("Connection", "X-Api-Key-Id, X-Api-Key-Name, keep-alive")
+        .header("Keep-Alive", "timeout=5")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let seen = upstream.last();
+    assert_eq!(seen.headers["x-api-key-id"], record.id.as_str());
+    assert_eq!(seen.headers["x-api-key-name"], "video-app");
+    assert!(!seen.headers.contains_key("keep-alive"));
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn preflights_are_answered_at_the_gateway_without_a_key() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream.url(), &[]).await;
+    let client = gw.client();
+    let url = gw.url("/api/v1/video/process/");
+
+    let resp = client
+        .request(reqwest::Method::OPTIONS, &url)
+        .header("Origin", "https://app.example")
+        .header("Access-Control-Request-Method", "POST")
+        .header("Access-Control-Request-Headers", "x-api-key, content-type")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    let h = resp.headers();
+    assert_eq!(h["access-control-allow-origin"], "https://app.example");
+    assert_eq!(h["access-control-max-age"], "86400");
+    let allowed = h["access-control-allow-headers"].to_str().unwrap();
+    assert!(allowed.contains("x-api-key") && allowed.contains("authorization"));
+    assert!(!h.contains_key("access-control-allow-credentials"));
+    assert!(h.get_all("vary").iter().any(|v| v == "Origin"));
+    assert_security_headers(&resp);
+
+    let resp = client
+        .request(reqwest::Method::OPTIONS, &url)
+        .header("Origin", "https://evil.example")
+        .header("Access-Control-Request-Method", "POST")
+        .send()
+        .await
+        .unwrap();
+    assert!(!resp.headers().contains_key("access-control-allow-origin"));
+    assert!(resp.headers().get_all("vary").iter().any(|v| v == "Origin"));
+    assert_eq!(upstream.count(), 0, "a preflight was forwarded");
+
+    // Actual requests: the gateway's CORS headers replace the upstream's "*".
+    let key = gw.create_key("browser").await;
+    let resp = client
+        .post(&url)
+        .header("Origin", "https://app.example")
+        .header("X-API-Key", &key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["access-control-allow-origin"], "https://app.example");
+    assert!(resp.headers().get_all("vary").iter().any(|v| v == "Origin"));
+    let resp = client
+        .post(&url)
+        .header("Origin", "https://evil.example")
+        .header("X-API-Key", &key)
+        .send()
+        .await
+        .unwrap();
+    assert!(!resp.headers().contains_key("access-control-allow-origin"));
+    // Rejections carry CORS headers too, so a browser can read the 401.
+    let resp = client.post(&url).header("Origin", "https://app.example").send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(resp.headers()["access-control-allow-origin"], "https://app.example");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn plain_http_is_redirected_from_configuration_not_the_host_header() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream.url(), &[]).await;
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let resp = client
+        .post(format!("http://{}/api/v1/video/process/?a=1&b=two", gw.http))
+        .header("Host", "evil.example")
+        .header("X-API-Key", "sk_whatever")
+        .body("payload")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::PERMANENT_REDIRECT);
+    assert_eq!(
+        resp.headers()["location"],
+        format!("https://localhost:{}/api/v1/video/process/?a=1&b=two", gw.https.port())
+    );
+    assert!(!resp.headers().contains_key("strict-transport-security"));
+    assert_eq!(upstream.count(), 0);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn large_bodies_stream_intact_both_ways() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream.url(), &[]).await;
+    let key = gw.create_key("uploader").await;
+    // 64 MiB in 1 MiB chunks of varying content, streamed (never held whole by the client).
+    const CHUNKS: usize = 64;
+    let chunk = |i: usize| bytes::Bytes::from(vec![(i * 7 % 251) as u8; 1 << 20]);
+    let mut expected = sha2::Sha256::default();
+    for i in 0..CHUNKS {
+        sha2::Digest::update(&mut expected, chunk(i));
+    }
+    let expected = common::hex(&sha2::Digest::finalize(expected));
+    let stream = futures_stream(CHUNKS, chunk);
+    let resp = gw
+        .client()
+        .post(gw.url("/upload"))
+        .header("X-API-Key", &key)
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = json(resp).await;
+    assert_eq!(body["bytes"], (CHUNKS << 20) as u64);
+    assert_eq!(body["sha256"], expected);
+    let seen = upstream.last();
+    assert!(seen.body_complete);
+    assert_eq!(seen.body_sha256, expected);
+    gw.shutdown().await;
+}
+
+fn futures_stream(
+    n: usize,
+    chunk: impl Fn(usize) -> bytes::Bytes + Send + Sync + 'static,
+) -> impl futures_util::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send + 'static {
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    tokio::spawn(async move {
+        for i in 0..n {
+            if tx.send(Ok(chunk(i))).await.is_err() {
+                return;
+            }
+        }
+    });
+    tokio_stream_from(rx)
+}
+
+fn tokio_stream_from(
+    mut rx: tokio::sync::mpsc::Receiver<Result<bytes::Bytes, std::io::Error>>,
+) -> impl futures_util::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send + 'static {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+#[tokio::test]
+async fn upstream_failures_are_502_and_504_and_the_gateway_keeps_serving() {
+    // Nothing listens on this port once the listener is dropped.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let gw = Gateway::start(&format!("http://{dead}"), &[]).await;
+    let key = gw.create_key("k").await;
+    let client = gw.client();
+    let resp = client.get(gw.url("/x")).header("X-API-Key", &key).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    assert_security_headers(&resp);
+    assert_eq!(json(resp).await["detail"], "The upstream service is unavailable.");
+    gw.shutdown().await;
+
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream.url(), &[("KEYGATE_UPSTREAM_RESPONSE_TIMEOUT", "300ms")]).await;
+    let key = gw.create_key("k").await;
+    let client = gw.client();
+    let started = Instant::now();
+    let resp = client.get(gw.url("/slow")).header("X-API-Key", &key).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(json(resp).await["detail"], "The upstream service did not respond in time.");
+    let resp = client.get(gw.url("/fast")).header("X-API-Key", &key).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn keys_created_revoked_and_enabled_elsewhere_take_effect_within_a_second() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream.url(), &[]).await;
+    let client = gw.client();
+
+    // A key tried before it exists is cached as unknown; creating it must still work at once.
+    let secret = keygate::key::generate().unwrap();
+    let resp = client
+        .get(gw.url("/x"))
+        .header("X-API-Key", secret.expose())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    let record = keygate::store::KeyRecord {
+        id: "key_precreated01".into(),
+        name: "late".into(),
+        digest: secret.digest(),
+        hint: secret.hint(),
+        created_at: keygate::store::unix_now(),
+        last_used: None,
+        use_count: 0,
+        is_active: true,
+        legacy: false,
+        expires_at: None,
+    };
+    gw.store.insert(record).await.unwrap();
+    let wait_for = |want: StatusCode| {
+        let client = client.clone();
+        let url = gw.url("/x");
+        let key = secret.expose().to_owned();
+        async move {
+            let started = Instant::now();
+            loop {
+                let status = client.get(&url).header("X-API-Key", &key).send().await.unwrap().status();
+                if status == want {
+                    return started.elapsed();
+                }
+                assert!(
+                    started.elapsed() < Duration::from_secs(1),
+                    "still {status} after 1 s, wanted {want}"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    wait_for(StatusCode::OK).await;
+    gw.store.set_active("late", false).await.unwrap();
+    wait_for(StatusCode::UNAUTHORIZED).await;
+    gw.store.set_active("late", true).await.unwrap();
+    wait_for(StatusCode::OK).await;
+    gw.store.delete("late").await.unwrap();
+    wait_for(StatusCode::UNAUTHORIZED).await;
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn health_reports_the_store_and_cached_keys_survive_a_store_outage() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(
+        &upstream.url(),
+        &[("KEYGATE_STORE_POSITIVE_TTL", "100ms"), ("KEYGATE_STORE_STALE_IF_ERROR", "1m")],
+    )
+    .await;
+    let key = gw.create_key("cached").await;
+    gw.create_key("second").await;
+    let client = gw.client();
+
+    let resp = client.get(gw.url("/health/api-auth/")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = json(resp).await;
+    assert_eq!(body["status"], "healthy");
+    assert_eq!(body["active_api_keys"], 2);
+    assert!(body["timestamp"].as_str().unwrap().starts_with("20"));
+    let resp = client.get(gw.url("/x")).header("X-API-Key", &key).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(upstream.count(), 1, "the health endpoint was forwarded");
+
+    // Break the store for real: the table the gateway reads disappears.
+    let db = rusqlite::Connection::open(gw.dir.path().join("keygate.db")).unwrap();
+    db.execute_batch("ALTER TABLE api_keys RENAME TO api_keys_away").unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await; // past positive_ttl
+
+    let resp = client.get(gw.url("/health/api-auth/")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(json(resp).await["status"], "unhealthy");
+    // The recently validated key keeps working (stale_if_error) ...
+    let resp = client.get(gw.url("/x")).header("X-API-Key", &key).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    // ... an unknown key is 503 with Retry-After: never 401, never 200.
+    let other = keygate::key::generate().unwrap();
+    let resp = client
+        .get(gw.url("/x"))
+        .header("X-API-Key", other.expose())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(resp.headers()["retry-after"], "1");
+    let readyz = reqwest::get(format!("http://{}/readyz", gw.admin)).await.unwrap();
+    assert_eq!(readyz.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(json(readyz).await["store"], "down");
+
+    // Repair: everything is normal again without a restart.
+    db.execute_batch("ALTER TABLE api_keys_away RENAME TO api_keys").unwrap();
+    let resp = client.get(gw.url("/health/api-auth/")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let resp = client
+        .get(gw.url("/x"))
+        .header("X-API-Key", other.expose())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn admin_listener_serves_metrics_liveness_and_readiness() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream.url(), &[]).await;
+    let key = gw.create_key("m").await;
+    let client = gw.client();
+    client.get(gw.url("/x")).header("X-API-Key", &key).send().await.unwrap();
+    client.get(gw.url("/x")).header("X-API-Key", &key).send().await.unwrap();
+    client.get(gw.url("/x")).send().await.unwrap();
+
+    let admin = format!("http://{}", gw.admin);
+    let metrics = reqwest::get(format!("{admin}/metrics")).await.unwrap().text().await.unwrap();
+    for line in [
+        "keygate_requests_total{outcome=\"forwarded\",status=\"2xx\"} 2",
+        "keygate_requests_total{outcome=\"rejected\",status=\"4xx\"} 1",
+        "keygate_auth_decisions_total{reason=\"ok\"} 2",
+        "keygate_auth_decisions_total{reason=\"missing\"} 1",
+        "keygate_cache_hits_total 1",
+        "keygate_cache_misses_total 1",
+        "keygate_store_up 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "missing {line:?} in\n{metrics}");
+    }
+    for name in [
+        "keygate_request_duration_seconds_bucket",
+        "keygate_upstream_duration_seconds_bucket",
+        "keygate_build_info",
+        "keygate_tls_handshake_failures_total",
+        "keygate_active_keys",
+    ] {
+        assert!(metrics.contains(name), "missing {name}");
+    }
+    assert!(!metrics.contains(&key));
+    assert_eq!(reqwest::get(format!("{admin}/healthz")).await.unwrap().status(), StatusCode::OK);
+    let ready = reqwest::get(format!("{admin}/readyz")).await.unwrap();
+    assert_eq!(ready.status(), StatusCode::OK);
+    assert_eq!(json(ready).await["upstream"], "up");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn usage_is_flushed_in_batches() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream.url(), &[]).await;
+    let key = gw.create_key("counted").await;
+    let client = gw.client();
+    for _ in 0..5 {
+        let resp = client.get(gw.url("/x")).header("X-API-Key", &key).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+    let started = Instant::now();
+    loop {
+        let r = gw.store.find("counted").await.unwrap();
+        if r.use_count == 5 {
+            assert!(r.last_used.is_some());
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(3), "usage not flushed: {r:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutdown_lets_in_flight_requests_finish_and_flushes_usage() {
+    let upstream = Upstream::start().await;
+    let mut gw = Gateway::start(
+        &upstream.url(),
+        &[("KEYGATE_STORE_USAGE_FLUSH_INTERVAL", "1h")],
+    )
+    .await;
+    let key = gw.create_key("inflight").await;
+    let client = gw.client();
+    let in_flight = {
+        let client = client.clone();
+        let url = gw.url("/hold");
+        let key = key.clone();
+        tokio::spawn(async move { client.get(url).header("X-API-Key", key).send().await })
+    };
+    // Wait until the upstream holds the request, then shut down.
+    let started = Instant::now();
+    while upstream.count() == 0 {
+        assert!(started.elapsed() < Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let done = gw.begin_shutdown();
+    let resp = in_flight.await.unwrap().unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(json(resp).await["path"], "/hold");
+    done.await.unwrap().unwrap();
+    // The listener is closed: new connections fail.
+    assert!(
+        common::tls_client(&std::fs::read(gw.dir.path().join("cert.pem")).unwrap(), gw.https)
+            .get(gw.url("/x"))
+            .send()
+            .await
+            .is_err()
+    );
+    // The final flush wrote last_used although the flush interval never elapsed.
+    let r = gw.store.find("inflight").await.unwrap();
+    assert_eq!(r.use_count, 1);
+    assert!(r.last_used.is_some());
+}
