@@ -22,7 +22,11 @@ pub struct Admin {
     metrics: Arc<Metrics>,
 }
 
-fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<GatewayBody> {
+fn respond(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<GatewayBody> {
     let mut resp = Response::new(GatewayBody::full(body.into()));
     *resp.status_mut() = status;
     resp.headers_mut()
@@ -41,7 +45,11 @@ impl Admin {
     /// Handles one admin request.
     pub async fn handle<B>(&self, req: Request<B>) -> Response<GatewayBody> {
         if !matches!(*req.method(), Method::GET | Method::HEAD) {
-            return respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "method not allowed\n");
+            return respond(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                "method not allowed\n",
+            );
         }
         match req.uri().path() {
             "/metrics" => {
@@ -63,9 +71,17 @@ impl Admin {
         let cache = self.gateway.cache();
         let store_ok = cache.call(cache.store().count_active()).await.is_ok();
         let authority = self.gateway.upstream().authority();
-        let target = format!("{}:{}", authority.host(), authority.port_u16().unwrap_or(80));
+        let target = format!(
+            "{}:{}",
+            authority.host(),
+            authority.port_u16().unwrap_or(80)
+        );
         let upstream_ok = matches!(
-            tokio::time::timeout(UPSTREAM_PROBE_TIMEOUT, tokio::net::TcpStream::connect(target)).await,
+            tokio::time::timeout(
+                UPSTREAM_PROBE_TIMEOUT,
+                tokio::net::TcpStream::connect(target)
+            )
+            .await,
             Ok(Ok(_))
         );
         let word = |ok: bool| if ok { "up" } else { "down" };

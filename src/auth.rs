@@ -145,7 +145,9 @@ fn trim(mut b: &[u8]) -> &[u8] {
 fn bearer_token(value: &[u8]) -> Option<&[u8]> {
     let value = trim(value);
     let (scheme, rest) = value.split_at_checked(6)?;
-    if !scheme.eq_ignore_ascii_case(b"bearer") || !rest.first().is_some_and(|b| *b == b' ' || *b == b'\t') {
+    if !scheme.eq_ignore_ascii_case(b"bearer")
+        || !rest.first().is_some_and(|b| *b == b' ' || *b == b'\t')
+    {
         return None;
     }
     let token = trim(rest);
@@ -184,7 +186,8 @@ mod tests {
 
     #[test]
     fn key_header_wins_over_bearer() {
-        let (_, source) = found(&[("x-api-key", "sk_a"), ("authorization", "Bearer sk_b")]).unwrap();
+        let (_, source) =
+            found(&[("x-api-key", "sk_a"), ("authorization", "Bearer sk_b")]).unwrap();
         assert_eq!(source, CredentialSource::KeyHeader);
     }
 

@@ -216,7 +216,9 @@ impl KeyCache {
             ))),
         };
         match &result {
-            Ok(_) | Err(StoreError::NotFound(_) | StoreError::Conflict(_)) => self.set_store_up(true),
+            Ok(_) | Err(StoreError::NotFound(_) | StoreError::Conflict(_)) => {
+                self.set_store_up(true)
+            }
             Err(StoreError::Unavailable(_) | StoreError::Corrupt(_)) => {
                 self.metrics.store_errors.increment(1);
                 self.set_store_up(false);
@@ -345,7 +347,10 @@ impl KeyCache {
                 None => self.call(self.store.change_position()).await.map(|p| {
                     position = Some(p);
                 }),
-                Some(p) => self.apply_changes(p).await.map(|next| position = Some(next)),
+                Some(p) => self
+                    .apply_changes(p)
+                    .await
+                    .map(|next| position = Some(next)),
             };
             if let Err(e) = result {
                 tracing::warn!(error = %e, "change feed poll failed");
@@ -354,7 +359,9 @@ impl KeyCache {
                 since_counts = Instant::now();
                 self.refresh_counts().await;
             }
-            self.metrics.cache_entries.set(self.cache.entry_count() as f64);
+            self.metrics
+                .cache_entries
+                .set(self.cache.entry_count() as f64);
         }
     }
 
@@ -421,4 +428,3 @@ impl KeyCache {
         }
     }
 }
-

@@ -21,7 +21,12 @@ use crate::store::{self, KeyRecord, SharedStore, unix_now};
 #[command(name = "keygate", version, about)]
 pub struct Cli {
     /// Configuration file.
-    #[arg(long, global = true, env = "KEYGATE_CONFIG", default_value = "gateway.toml")]
+    #[arg(
+        long,
+        global = true,
+        env = "KEYGATE_CONFIG",
+        default_value = "gateway.toml"
+    )]
     pub config: PathBuf,
     #[command(subcommand)]
     pub command: Command,
@@ -102,7 +107,8 @@ pub struct UsageArgs {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|_| format!("'{s}' is not a duration such as 7d, 12h or 90m"))
+    humantime::parse_duration(s)
+        .map_err(|_| format!("'{s}' is not a duration such as 7d, 12h or 90m"))
 }
 
 /// Entry point of the binary.
@@ -166,7 +172,10 @@ async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
             (Ok(mut term), Ok(mut int)) => {
                 tokio::select! {
                     _ = term.recv() => {}
@@ -279,7 +288,10 @@ async fn keys(cmd: KeysCommand, store: &SharedStore) -> anyhow::Result<()> {
         }
         KeysCommand::Revoke(t) => {
             let r = store.set_active(&t.key, false).await?;
-            eprintln!("revoked API key '{}' ({}); running gateways refuse it within a second", r.name, r.id);
+            eprintln!(
+                "revoked API key '{}' ({}); running gateways refuse it within a second",
+                r.name, r.id
+            );
             print_one(&mut out, &r, now, t.json)
         }
         KeysCommand::Enable(t) => {
@@ -296,12 +308,18 @@ async fn keys(cmd: KeysCommand, store: &SharedStore) -> anyhow::Result<()> {
     }
 }
 
-async fn create(args: CreateArgs, store: &SharedStore, out: &mut impl std::io::Write) -> anyhow::Result<()> {
+async fn create(
+    args: CreateArgs,
+    store: &SharedStore,
+    out: &mut impl std::io::Write,
+) -> anyhow::Result<()> {
     validate_name(&args.name)?;
     let secret = key::generate()?;
     let now = unix_now();
     let expires_at = match args.expires_in {
-        Some(d) => Some(now.saturating_add(i64::try_from(d.as_secs()).context("--expires-in is too long")?)),
+        Some(d) => Some(
+            now.saturating_add(i64::try_from(d.as_secs()).context("--expires-in is too long")?),
+        ),
         None => None,
     };
     let record = KeyRecord {
@@ -339,7 +357,12 @@ async fn create(args: CreateArgs, store: &SharedStore, out: &mut impl std::io::W
     Ok(())
 }
 
-fn print_one(out: &mut impl std::io::Write, r: &KeyRecord, now: i64, json: bool) -> anyhow::Result<()> {
+fn print_one(
+    out: &mut impl std::io::Write,
+    r: &KeyRecord,
+    now: i64,
+    json: bool,
+) -> anyhow::Result<()> {
     let v = KeyView::of(r, now);
     if json {
         writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
@@ -350,9 +373,17 @@ fn print_one(out: &mut impl std::io::Write, r: &KeyRecord, now: i64, json: bool)
     writeln!(out, "hint:       {}", v.hint)?;
     writeln!(out, "status:     {}", v.status)?;
     writeln!(out, "created:    {}", v.created_at)?;
-    writeln!(out, "last used:  {}", v.last_used.as_deref().unwrap_or("never"))?;
+    writeln!(
+        out,
+        "last used:  {}",
+        v.last_used.as_deref().unwrap_or("never")
+    )?;
     writeln!(out, "uses:       {}", v.use_count)?;
-    writeln!(out, "expires:    {}", v.expires_at.as_deref().unwrap_or("never"))?;
+    writeln!(
+        out,
+        "expires:    {}",
+        v.expires_at.as_deref().unwrap_or("never")
+    )?;
     if v.legacy {
         writeln!(out, "legacy:     yes (imported plaintext key, no checksum)")?;
     }
@@ -428,7 +459,10 @@ async fn usage(
         writeln!(out, "---")?;
     }
     if rows.is_empty() {
-        writeln!(out, "No API keys. Create one with: keygate keys create --name NAME")?;
+        writeln!(
+            out,
+            "No API keys. Create one with: keygate keys create --name NAME"
+        )?;
     }
     Ok(())
 }
@@ -442,7 +476,15 @@ mod tests {
         for ok in ["Frontend production", "ci-bot_2", "a.b"] {
             validate_name(ok).unwrap();
         }
-        for bad in ["", " lead", "trail ", "new\nline", "ünï", "a\"b", &"x".repeat(65)] {
+        for bad in [
+            "",
+            " lead",
+            "trail ",
+            "new\nline",
+            "ünï",
+            "a\"b",
+            &"x".repeat(65),
+        ] {
             assert!(validate_name(bad).is_err(), "{bad:?}");
         }
     }

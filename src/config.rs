@@ -59,7 +59,11 @@ pub enum ConfigError {
     },
 }
 
-fn invalid(key: &'static str, value: impl std::fmt::Display, expected: &'static str) -> ConfigError {
+fn invalid(
+    key: &'static str,
+    value: impl std::fmt::Display,
+    expected: &'static str,
+) -> ConfigError {
     ConfigError::Invalid {
         key,
         value: value.to_string(),
@@ -493,10 +497,12 @@ impl FileConfig {
 
     /// Parses TOML text, then applies environment overrides.
     pub fn from_toml(text: &str, origin: &str, env: &dyn EnvSource) -> Result<Self, ConfigError> {
-        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Parse {
-            origin: format!("in {origin}"),
-            message: e.to_string(),
-        })?;
+        let mut table: toml::Table =
+            text.parse()
+                .map_err(|e: toml::de::Error| ConfigError::Parse {
+                    origin: format!("in {origin}"),
+                    message: e.to_string(),
+                })?;
         apply_env(&mut table, env)?;
         toml::Value::Table(table)
             .try_into()
@@ -544,7 +550,11 @@ fn apply_env(table: &mut toml::Table, env: &dyn EnvSource) -> Result<(), ConfigE
                 .filter(|s| !s.is_empty())
                 .map(|s| toml::Value::String(s.to_owned()))
                 .collect();
-            ("cors".to_owned(), "allowed_origins".to_owned(), toml::Value::Array(origins))
+            (
+                "cors".to_owned(),
+                "allowed_origins".to_owned(),
+                toml::Value::Array(origins),
+            )
         } else if let Some(rest) = name.strip_prefix("KEYGATE_") {
             let lower = rest.to_ascii_lowercase();
             let Some((section, field)) = lower.split_once('_') else {
@@ -583,14 +593,23 @@ fn env_value(raw: &str) -> toml::Value {
 
 /// Parses "250ms", "30s", "5m", "7d".
 pub fn parse_duration(key: &'static str, value: &str) -> Result<Duration, ConfigError> {
-    humantime::parse_duration(value.trim())
-        .map_err(|_| invalid(key, value, "a duration such as \"250ms\", \"30s\", \"5m\" or \"7d\""))
+    humantime::parse_duration(value.trim()).map_err(|_| {
+        invalid(
+            key,
+            value,
+            "a duration such as \"250ms\", \"30s\", \"5m\" or \"7d\"",
+        )
+    })
 }
 
 fn parse_addr(key: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
-    value
-        .parse()
-        .map_err(|_| invalid(key, value, "a socket address such as \"0.0.0.0:443\" or \"[::]:443\""))
+    value.parse().map_err(|_| {
+        invalid(
+            key,
+            value,
+            "a socket address such as \"0.0.0.0:443\" or \"[::]:443\"",
+        )
+    })
 }
 
 fn optional_addr(key: &'static str, value: &str) -> Result<Option<SocketAddr>, ConfigError> {
@@ -606,7 +625,10 @@ fn header_name(key: &'static str, value: &str) -> Result<HeaderName, ConfigError
         .map_err(|_| invalid(key, value, "an HTTP header name such as \"X-API-Key\""))
 }
 
-fn optional_header_value(key: &'static str, value: &str) -> Result<Option<HeaderValue>, ConfigError> {
+fn optional_header_value(
+    key: &'static str,
+    value: &str,
+) -> Result<Option<HeaderValue>, ConfigError> {
     if value.is_empty() {
         return Ok(None);
     }
@@ -638,7 +660,11 @@ impl ServerSection {
                 s.parse::<IpNet>()
                     .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
                     .map_err(|_| {
-                        invalid("server.trusted_proxies", s, "CIDRs such as \"10.0.0.0/8\" or IPs")
+                        invalid(
+                            "server.trusted_proxies",
+                            s,
+                            "CIDRs such as \"10.0.0.0/8\" or IPs",
+                        )
                     })
             })
             .collect::<Result<_, _>>()?;
@@ -682,7 +708,10 @@ impl UpstreamSection {
             connect_timeout: parse_duration("upstream.connect_timeout", &self.connect_timeout)?,
             response_timeout: parse_duration("upstream.response_timeout", &self.response_timeout)?,
             pool_max_idle: self.pool_max_idle,
-            pool_idle_timeout: parse_duration("upstream.pool_idle_timeout", &self.pool_idle_timeout)?,
+            pool_idle_timeout: parse_duration(
+                "upstream.pool_idle_timeout",
+                &self.pool_idle_timeout,
+            )?,
             preserve_host: self.preserve_host,
         })
     }
@@ -700,11 +729,19 @@ impl AuthSection {
         }
         for p in &self.public_paths {
             if !p.starts_with('/') {
-                return Err(invalid("auth.public_paths", p, "path prefixes starting with '/'"));
+                return Err(invalid(
+                    "auth.public_paths",
+                    p,
+                    "path prefixes starting with '/'",
+                ));
             }
         }
         if self.realm.contains(['"', '\\']) || HeaderValue::from_str(&self.realm).is_err() {
-            return Err(invalid("auth.realm", &self.realm, "printable ASCII without quotes"));
+            return Err(invalid(
+                "auth.realm",
+                &self.realm,
+                "printable ASCII without quotes",
+            ));
         }
         Ok(Auth {
             key_header,
@@ -736,7 +773,11 @@ impl StoreSection {
         }
         let poll_interval = parse_duration("store.poll_interval", &self.poll_interval)?;
         if poll_interval.is_zero() || poll_interval > Duration::from_secs(60) {
-            return Err(invalid("store.poll_interval", &self.poll_interval, "between 1ms and 60s"));
+            return Err(invalid(
+                "store.poll_interval",
+                &self.poll_interval,
+                "between 1ms and 60s",
+            ));
         }
         let usage_flush_interval =
             parse_duration("store.usage_flush_interval", &self.usage_flush_interval)?;
@@ -749,7 +790,11 @@ impl StoreSection {
         }
         let timeout = parse_duration("store.timeout", &self.timeout)?;
         if timeout.is_zero() {
-            return Err(invalid("store.timeout", &self.timeout, "a duration above 0"));
+            return Err(invalid(
+                "store.timeout",
+                &self.timeout,
+                "a duration above 0",
+            ));
         }
         Ok(Store {
             backend,
@@ -766,17 +811,20 @@ impl StoreSection {
 
 impl CorsSection {
     fn validate(&self) -> Result<Cors, ConfigError> {
-        const ORIGIN: &str =
-            "exact origins such as \"https://app.example.com\" (scheme://host[:port], no path, no \"*\")";
+        const ORIGIN: &str = "exact origins such as \"https://app.example.com\" (scheme://host[:port], no path, no \"*\")";
         let allowed_origins = self
             .allowed_origins
             .iter()
             .map(|o| {
                 let o = o.trim().trim_end_matches('/');
-                let uri: Uri = o.parse().map_err(|_| invalid("cors.allowed_origins", o, ORIGIN))?;
+                let uri: Uri = o
+                    .parse()
+                    .map_err(|_| invalid("cors.allowed_origins", o, ORIGIN))?;
                 let ok = matches!(uri.scheme_str(), Some("http" | "https"))
                     && uri.host().is_some()
-                    && uri.path_and_query().is_none_or(|p| p.as_str().is_empty() || p == "/");
+                    && uri
+                        .path_and_query()
+                        .is_none_or(|p| p.as_str().is_empty() || p == "/");
                 if !ok || o.contains('*') {
                     return Err(invalid("cors.allowed_origins", o, ORIGIN));
                 }
@@ -787,8 +835,9 @@ impl CorsSection {
             .allowed_methods
             .iter()
             .map(|m| {
-                http::Method::from_bytes(m.trim().to_ascii_uppercase().as_bytes())
-                    .map_err(|_| invalid("cors.allowed_methods", m, "HTTP methods such as \"POST\""))
+                http::Method::from_bytes(m.trim().to_ascii_uppercase().as_bytes()).map_err(|_| {
+                    invalid("cors.allowed_methods", m, "HTTP methods such as \"POST\"")
+                })
             })
             .collect::<Result<_, _>>()?;
         let allowed_headers = self
@@ -824,7 +873,10 @@ impl HeadersSection {
                 &self.content_type_options,
             )?,
             frame_options: optional_header_value("headers.frame_options", &self.frame_options)?,
-            referrer_policy: optional_header_value("headers.referrer_policy", &self.referrer_policy)?,
+            referrer_policy: optional_header_value(
+                "headers.referrer_policy",
+                &self.referrer_policy,
+            )?,
         })
     }
 }
@@ -910,31 +962,53 @@ mod tests {
                 ("KEYGATE_SERVER_MAX_CONNECTIONS", "7"),
                 ("KEYGATE_STORE_POSITIVE_TTL", "5s"),
                 ("KEYGATE_CONFIG", "ignored.toml"),
-                ("CORS_ALLOWED_ORIGINS", "https://a.example, https://b.example"),
+                (
+                    "CORS_ALLOWED_ORIGINS",
+                    "https://a.example, https://b.example",
+                ),
             ],
         )
         .unwrap();
         assert_eq!(c.upstream.url, "http://10.1.2.3:9000/");
         assert_eq!(c.server.max_connections, 7);
         assert_eq!(c.store.positive_ttl, Duration::from_secs(5));
-        assert_eq!(c.cors.allowed_origins, ["https://a.example", "https://b.example"]);
+        assert_eq!(
+            c.cors.allowed_origins,
+            ["https://a.example", "https://b.example"]
+        );
     }
 
     #[test]
     fn unknown_keys_are_refused_with_their_name() {
-        let err = load("[server]\nhttps_listn = \"x\"\n", &[]).unwrap_err().to_string();
+        let err = load("[server]\nhttps_listn = \"x\"\n", &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("https_listn"), "{err}");
-        let err = load("", &[("KEYGATE_AUTH_KEYHEADER", "x")]).unwrap_err().to_string();
+        let err = load("", &[("KEYGATE_AUTH_KEYHEADER", "x")])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("keyheader"), "{err}");
     }
 
     #[test]
     fn invalid_values_name_key_value_and_expectation() {
         let cases = [
-            ("[server]\nhttps_listen = \"nope\"\n", "server.https_listen", "nope"),
+            (
+                "[server]\nhttps_listen = \"nope\"\n",
+                "server.https_listen",
+                "nope",
+            ),
             ("[upstream]\nurl = \"ftp://x\"\n", "upstream.url", "ftp://x"),
-            ("[store]\npositive_ttl = \"soon\"\n", "store.positive_ttl", "soon"),
-            ("[cors]\nallowed_origins = [\"*\"]\n", "cors.allowed_origins", "*"),
+            (
+                "[store]\npositive_ttl = \"soon\"\n",
+                "store.positive_ttl",
+                "soon",
+            ),
+            (
+                "[cors]\nallowed_origins = [\"*\"]\n",
+                "cors.allowed_origins",
+                "*",
+            ),
             (
                 "[cors]\nallowed_origins = [\"https://a.example/path\"]\n",
                 "cors.allowed_origins",
@@ -942,12 +1016,23 @@ mod tests {
             ),
             ("[logging]\nformat = \"xml\"\n", "logging.format", "xml"),
             ("[store]\nbackend = \"mysql\"\n", "store.backend", "mysql"),
-            ("[server]\ntrusted_proxies = [\"10.0.0.0/33\"]\n", "server.trusted_proxies", "10.0.0.0/33"),
-            ("[auth]\nkey_header = \"Authorization\"\n", "auth.key_header", "Authorization"),
+            (
+                "[server]\ntrusted_proxies = [\"10.0.0.0/33\"]\n",
+                "server.trusted_proxies",
+                "10.0.0.0/33",
+            ),
+            (
+                "[auth]\nkey_header = \"Authorization\"\n",
+                "auth.key_header",
+                "Authorization",
+            ),
         ];
         for (text, key, value) in cases {
             let err = load(text, &[]).unwrap_err().to_string();
-            assert!(err.contains(key) && err.contains(value) && err.contains("expected"), "{err}");
+            assert!(
+                err.contains(key) && err.contains(value) && err.contains("expected"),
+                "{err}"
+            );
         }
     }
 
@@ -959,7 +1044,11 @@ mod tests {
 
     #[test]
     fn trusted_proxies_accept_ips_and_cidrs() {
-        let c = load("[server]\ntrusted_proxies = [\"10.0.0.0/8\", \"::1\"]\n", &[]).unwrap();
+        let c = load(
+            "[server]\ntrusted_proxies = [\"10.0.0.0/8\", \"::1\"]\n",
+            &[],
+        )
+        .unwrap();
         assert_eq!(c.server.trusted_proxies.len(), 2);
     }
 }

@@ -37,7 +37,9 @@ fn join<'a>(items: impl Iterator<Item = &'a str>) -> Option<HeaderValue> {
             joined.push_str(item);
         }
     }
-    (!joined.is_empty()).then(|| HeaderValue::from_str(&joined).ok()).flatten()
+    (!joined.is_empty())
+        .then(|| HeaderValue::from_str(&joined).ok())
+        .flatten()
 }
 
 fn vary_origin() -> HeaderValue {
@@ -57,7 +59,8 @@ impl CorsPolicy {
             origins: cfg.allowed_origins.clone(),
             allow_methods: join(cfg.allowed_methods.iter().map(Method::as_str))
                 .unwrap_or_else(|| HeaderValue::from_static("GET, POST")),
-            allow_headers: join(headers.into_iter()).unwrap_or_else(|| HeaderValue::from_static("x-api-key")),
+            allow_headers: join(headers.into_iter())
+                .unwrap_or_else(|| HeaderValue::from_static("x-api-key")),
             expose_headers: join(cfg.expose_headers.iter().map(HeaderName::as_str)),
             max_age: HeaderValue::from(cfg.max_age),
             allow_credentials: cfg.allow_credentials,
@@ -70,14 +73,20 @@ impl CorsPolicy {
     }
 
     fn allowed<'a>(&self, origin: Option<&'a HeaderValue>) -> Option<&'a HeaderValue> {
-        origin.filter(|o| self.origins.iter().any(|allowed| allowed.as_bytes() == o.as_bytes()))
+        origin.filter(|o| {
+            self.origins
+                .iter()
+                .any(|allowed| allowed.as_bytes() == o.as_bytes())
+        })
     }
 
     /// Whether `req` is a CORS preflight (OPTIONS with Origin and Access-Control-Request-Method).
     pub fn is_preflight<B>(req: &Request<B>) -> bool {
         req.method() == Method::OPTIONS
             && req.headers().contains_key(header::ORIGIN)
-            && req.headers().contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
+            && req
+                .headers()
+                .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
     }
 
     /// The answer to a preflight with these request headers.
@@ -86,17 +95,28 @@ impl CorsPolicy {
         h.insert(header::VARY, vary_origin());
         h.append(
             header::VARY,
-            HeaderValue::from_static("Access-Control-Request-Method, Access-Control-Request-Headers"),
+            HeaderValue::from_static(
+                "Access-Control-Request-Method, Access-Control-Request-Headers",
+            ),
         );
         let Some(origin) = self.allowed(req.get(header::ORIGIN)) else {
             return Preflight::Refused(h);
         };
         h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
-        h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, self.allow_methods.clone());
-        h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, self.allow_headers.clone());
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            self.allow_methods.clone(),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            self.allow_headers.clone(),
+        );
         h.insert(header::ACCESS_CONTROL_MAX_AGE, self.max_age.clone());
         if self.allow_credentials {
-            h.insert(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, HeaderValue::from_static("true"));
+            h.insert(
+                header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+                HeaderValue::from_static("true"),
+            );
         }
         Preflight::Allowed(h)
     }
@@ -126,7 +146,10 @@ impl CorsPolicy {
             resp.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, expose.clone());
         }
         if self.allow_credentials {
-            resp.insert(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, HeaderValue::from_static("true"));
+            resp.insert(
+                header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+                HeaderValue::from_static("true"),
+            );
         }
     }
 }
@@ -148,7 +171,10 @@ mod tests {
     fn req(origin: &str) -> HeaderMap {
         let mut h = HeaderMap::new();
         h.insert(header::ORIGIN, HeaderValue::from_str(origin).unwrap());
-        h.insert(header::ACCESS_CONTROL_REQUEST_METHOD, HeaderValue::from_static("POST"));
+        h.insert(
+            header::ACCESS_CONTROL_REQUEST_METHOD,
+            HeaderValue::from_static("POST"),
+        );
         h
     }
 
@@ -159,18 +185,34 @@ mod tests {
         let Preflight::Allowed(h) = policy(APP).preflight(&req("https://app.example")) else {
             panic!("refused");
         };
-        assert_eq!(h[header::ACCESS_CONTROL_ALLOW_ORIGIN], "https://app.example");
+        assert_eq!(
+            h[header::ACCESS_CONTROL_ALLOW_ORIGIN],
+            "https://app.example"
+        );
         assert_eq!(h[header::ACCESS_CONTROL_MAX_AGE], "86400");
         let allowed = h[header::ACCESS_CONTROL_ALLOW_HEADERS].to_str().unwrap();
-        assert!(allowed.contains("x-api-key") && allowed.contains("authorization"), "{allowed}");
-        assert!(h[header::ACCESS_CONTROL_ALLOW_METHODS].to_str().unwrap().contains("POST"));
+        assert!(
+            allowed.contains("x-api-key") && allowed.contains("authorization"),
+            "{allowed}"
+        );
+        assert!(
+            h[header::ACCESS_CONTROL_ALLOW_METHODS]
+                .to_str()
+                .unwrap()
+                .contains("POST")
+        );
         assert!(!h.contains_key(header::ACCESS_CONTROL_ALLOW_CREDENTIALS));
         assert!(h.get_all(header::VARY).iter().any(|v| v == "Origin"));
     }
 
     #[test]
     fn other_origins_get_no_allow_origin() {
-        for origin in ["https://evil.example", "https://app.example.evil", "http://app.example", "null"] {
+        for origin in [
+            "https://evil.example",
+            "https://app.example.evil",
+            "http://app.example",
+            "null",
+        ] {
             let Preflight::Refused(h) = policy(APP).preflight(&req(origin)) else {
                 panic!("{origin} allowed");
             };
@@ -183,20 +225,37 @@ mod tests {
     fn decorate_replaces_upstream_cors_and_varies_on_origin() {
         let p = policy(APP);
         let mut resp = HeaderMap::new();
-        resp.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
-        p.decorate(Some(&HeaderValue::from_static("https://app.example")), &mut resp);
-        assert_eq!(resp[header::ACCESS_CONTROL_ALLOW_ORIGIN], "https://app.example");
+        resp.insert(
+            header::ACCESS_CONTROL_ALLOW_ORIGIN,
+            HeaderValue::from_static("*"),
+        );
+        p.decorate(
+            Some(&HeaderValue::from_static("https://app.example")),
+            &mut resp,
+        );
+        assert_eq!(
+            resp[header::ACCESS_CONTROL_ALLOW_ORIGIN],
+            "https://app.example"
+        );
         assert_eq!(resp[header::ACCESS_CONTROL_EXPOSE_HEADERS], "x-request-id");
         let mut resp = HeaderMap::new();
-        resp.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
-        p.decorate(Some(&HeaderValue::from_static("https://evil.example")), &mut resp);
+        resp.insert(
+            header::ACCESS_CONTROL_ALLOW_ORIGIN,
+            HeaderValue::from_static("*"),
+        );
+        p.decorate(
+            Some(&HeaderValue::from_static("https://evil.example")),
+            &mut resp,
+        );
         assert!(!resp.contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN));
         assert_eq!(resp[header::VARY], "Origin");
     }
 
     #[test]
     fn credentials_are_opt_in() {
-        let p = policy("[cors]\nallowed_origins = [\"https://app.example\"]\nallow_credentials = true\n");
+        let p = policy(
+            "[cors]\nallowed_origins = [\"https://app.example\"]\nallow_credentials = true\n",
+        );
         let Preflight::Allowed(h) = p.preflight(&req("https://app.example")) else {
             panic!("refused");
         };
@@ -208,7 +267,10 @@ mod tests {
         let p = policy("");
         assert!(!p.enabled());
         let mut resp = HeaderMap::new();
-        p.decorate(Some(&HeaderValue::from_static("https://app.example")), &mut resp);
+        p.decorate(
+            Some(&HeaderValue::from_static("https://app.example")),
+            &mut resp,
+        );
         assert!(resp.is_empty());
     }
 }

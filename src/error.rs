@@ -94,7 +94,9 @@ impl GatewayError {
     /// Short reason for logs (never contains request data).
     pub fn reason(&self) -> &'static str {
         match self {
-            GatewayError::InvalidKey(InvalidReason::Malformed(FormatError::Shape)) => "malformed_shape",
+            GatewayError::InvalidKey(InvalidReason::Malformed(FormatError::Shape)) => {
+                "malformed_shape"
+            }
             GatewayError::InvalidKey(InvalidReason::Malformed(FormatError::Alphabet)) => {
                 "malformed_alphabet"
             }
@@ -112,7 +114,9 @@ impl GatewayError {
             | GatewayError::InvalidKey(InvalidReason::Unknown)
             | GatewayError::InactiveKey(_)
             | GatewayError::ExpiredKey(_)
-            | GatewayError::StoreUnavailable => self.auth_reason().map_or("error", AuthReason::as_str),
+            | GatewayError::StoreUnavailable => {
+                self.auth_reason().map_or("error", AuthReason::as_str)
+            }
         }
     }
 
@@ -164,12 +168,17 @@ impl ErrorHeaders {
 
     /// Adds the headers `err` calls for.
     pub fn apply(&self, err: &GatewayError, headers: &mut http::HeaderMap) {
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         match err {
             GatewayError::MissingCredentials => {
                 headers.insert(header::WWW_AUTHENTICATE, self.challenge.clone());
             }
-            GatewayError::InvalidKey(_) | GatewayError::InactiveKey(_) | GatewayError::ExpiredKey(_) => {
+            GatewayError::InvalidKey(_)
+            | GatewayError::InactiveKey(_)
+            | GatewayError::ExpiredKey(_) => {
                 headers.insert(header::WWW_AUTHENTICATE, self.challenge_invalid.clone());
             }
             GatewayError::StoreUnavailable => {
@@ -203,11 +212,20 @@ mod tests {
     #[test]
     fn statuses_follow_the_contract() {
         assert_eq!(GatewayError::MissingCredentials.status(), 401);
-        assert_eq!(GatewayError::InvalidKey(InvalidReason::Unknown).status(), 401);
+        assert_eq!(
+            GatewayError::InvalidKey(InvalidReason::Unknown).status(),
+            401
+        );
         assert_eq!(GatewayError::InactiveKey(known()).status(), 401);
         assert_eq!(GatewayError::StoreUnavailable.status(), 503);
-        assert_eq!(GatewayError::Upstream(UpstreamErrorKind::Connect).status(), 502);
-        assert_eq!(GatewayError::Upstream(UpstreamErrorKind::Timeout).status(), 504);
+        assert_eq!(
+            GatewayError::Upstream(UpstreamErrorKind::Connect).status(),
+            502
+        );
+        assert_eq!(
+            GatewayError::Upstream(UpstreamErrorKind::Timeout).status(),
+            504
+        );
     }
 
     #[test]

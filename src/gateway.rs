@@ -136,7 +136,11 @@ impl Gateway {
         Self {
             cache,
             auth: Authenticator::new(&config.auth),
-            cors: CorsPolicy::new(&config.cors, &config.auth.key_header, config.auth.bearer_fallback),
+            cors: CorsPolicy::new(
+                &config.cors,
+                &config.auth.key_header,
+                config.auth.bearer_fallback,
+            ),
             upstream: Upstream::new(&config.upstream),
             errors: ErrorHeaders::new(&config.auth.realm),
             security_headers,
@@ -162,7 +166,11 @@ impl Gateway {
     }
 
     /// Handles one request from the HTTPS listener.
-    pub async fn handle(&self, mut req: Request<Incoming>, conn: ConnInfo) -> Response<GatewayBody> {
+    pub async fn handle(
+        &self,
+        mut req: Request<Incoming>,
+        conn: ConnInfo,
+    ) -> Response<GatewayBody> {
         let started = Instant::now();
         let request_id = match req.headers().get(X_REQUEST_ID) {
             Some(v) if RequestIds::accept(v) => v.clone(),
@@ -242,7 +250,9 @@ impl Gateway {
     }
 
     fn is_public(&self, path: &str) -> bool {
-        self.public_paths.iter().any(|p| path.starts_with(p.as_str()))
+        self.public_paths
+            .iter()
+            .any(|p| path.starts_with(p.as_str()))
     }
 
     /// Renders a gateway error: the one place errors become responses.
@@ -297,9 +307,10 @@ impl Gateway {
         };
         let mut response = Response::new(GatewayBody::full(Bytes::from(body.to_string())));
         *response.status_mut() = status;
-        response
-            .headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         response
             .headers_mut()
             .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -333,7 +344,9 @@ impl Gateway {
         };
         match self.upstream.send(req).await {
             Ok((resp, upstream_latency)) => {
-                self.metrics.upstream_duration.record(upstream_latency.as_secs_f64());
+                self.metrics
+                    .upstream_duration
+                    .record(upstream_latency.as_secs_f64());
                 Handled {
                     response: resp.map(GatewayBody::Upstream),
                     outcome: Outcome::Forwarded,

@@ -259,7 +259,11 @@ mod tests {
         for i in PREFIX.len()..KEY_LEN {
             let orig = bytes[i];
             bytes[i] = if orig == b'a' { b'b' } else { b'a' };
-            assert_eq!(check_format(&bytes), Err(FormatError::Checksum), "position {i}");
+            assert_eq!(
+                check_format(&bytes),
+                Err(FormatError::Checksum),
+                "position {i}"
+            );
             bytes[i] = orig;
         }
         assert_eq!(check_format(&bytes), Ok(()));

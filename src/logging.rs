@@ -36,15 +36,24 @@ pub fn init(cfg: &Logging) -> io::Result<LogGuard> {
         }
         None => None,
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(true);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(true);
     let result = match (cfg.format, file) {
         (LogFormat::Json, Some(f)) => builder
             .json()
             .flatten_event(true)
             .with_writer(stdout.and(f))
             .try_init(),
-        (LogFormat::Json, None) => builder.json().flatten_event(true).with_writer(stdout).try_init(),
-        (LogFormat::Text, Some(f)) => builder.with_ansi(false).with_writer(stdout.and(f)).try_init(),
+        (LogFormat::Json, None) => builder
+            .json()
+            .flatten_event(true)
+            .with_writer(stdout)
+            .try_init(),
+        (LogFormat::Text, Some(f)) => builder
+            .with_ansi(false)
+            .with_writer(stdout.and(f))
+            .try_init(),
         (LogFormat::Text, None) => builder.with_ansi(false).with_writer(stdout).try_init(),
     };
     result.map_err(|e| io::Error::other(e.to_string()))?;

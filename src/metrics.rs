@@ -2,7 +2,9 @@
 //! the request path only increments pre-built handles (no label allocation, no registry lookup).
 //! No series carries a per-key label, so cardinality is fixed whatever clients send.
 
-use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString, Unit};
+use metrics::{
+    Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString, Unit,
+};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
 /// How a request ended, for `keygate_requests_total{outcome}`.
@@ -159,18 +161,36 @@ struct Registrar {
     recorder: PrometheusRecorder,
 }
 
-static METADATA: Metadata<'static> = Metadata::new("keygate", metrics::Level::INFO, Some("keygate"));
+static METADATA: Metadata<'static> =
+    Metadata::new("keygate", metrics::Level::INFO, Some("keygate"));
 
 impl Registrar {
-    fn counter(&self, name: &'static str, help: &'static str, labels: &[(&'static str, &'static str)]) -> Counter {
+    fn counter(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        labels: &[(&'static str, &'static str)],
+    ) -> Counter {
+        self.recorder.describe_counter(
+            KeyName::from_const_str(name),
+            None,
+            SharedString::const_str(help),
+        );
         self.recorder
-            .describe_counter(KeyName::from_const_str(name), None, SharedString::const_str(help));
-        self.recorder.register_counter(&key(name, labels), &METADATA)
+            .register_counter(&key(name, labels), &METADATA)
     }
 
-    fn gauge(&self, name: &'static str, help: &'static str, labels: &[(&'static str, &'static str)]) -> Gauge {
-        self.recorder
-            .describe_gauge(KeyName::from_const_str(name), None, SharedString::const_str(help));
+    fn gauge(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        labels: &[(&'static str, &'static str)],
+    ) -> Gauge {
+        self.recorder.describe_gauge(
+            KeyName::from_const_str(name),
+            None,
+            SharedString::const_str(help),
+        );
         self.recorder.register_gauge(&key(name, labels), &METADATA)
     }
 
@@ -185,7 +205,10 @@ impl Registrar {
 }
 
 fn key(name: &'static str, labels: &[(&'static str, &'static str)]) -> Key {
-    let labels: Vec<Label> = labels.iter().map(|&(k, v)| Label::from_static_parts(k, v)).collect();
+    let labels: Vec<Label> = labels
+        .iter()
+        .map(|&(k, v)| Label::from_static_parts(k, v))
+        .collect();
     Key::from_parts(name, labels)
 }
 
@@ -230,7 +253,11 @@ impl Metrics {
             &[("version", env!("CARGO_PKG_VERSION"))],
         );
         build_info.set(1.0);
-        let store_up = r.gauge("keygate_store_up", "1 if the last key store call succeeded, else 0.", &[]);
+        let store_up = r.gauge(
+            "keygate_store_up",
+            "1 if the last key store call succeeded, else 0.",
+            &[],
+        );
         store_up.set(1.0);
         Self {
             requests,
@@ -244,7 +271,11 @@ impl Metrics {
                 "keygate_upstream_duration_seconds",
                 "Time from forwarding a request to the upstream's response headers.",
             ),
-            cache_hits: r.counter("keygate_cache_hits_total", "Key lookups answered by a fresh cache entry.", &[]),
+            cache_hits: r.counter(
+                "keygate_cache_hits_total",
+                "Key lookups answered by a fresh cache entry.",
+                &[],
+            ),
             cache_misses: r.counter(
                 "keygate_cache_misses_total",
                 "Key lookups that needed the store (or waited on a concurrent lookup).",
@@ -256,9 +287,17 @@ impl Metrics {
                 &[],
             ),
             cache_entries: r.gauge("keygate_cache_entries", "Entries in the key cache.", &[]),
-            store_errors: r.counter("keygate_store_errors_total", "Failed or timed-out key store calls.", &[]),
+            store_errors: r.counter(
+                "keygate_store_errors_total",
+                "Failed or timed-out key store calls.",
+                &[],
+            ),
             store_up,
-            active_keys: r.gauge("keygate_active_keys", "Active, unexpired API keys in the store.", &[]),
+            active_keys: r.gauge(
+                "keygate_active_keys",
+                "Active, unexpired API keys in the store.",
+                &[],
+            ),
             tls_handshake_failures: r.counter(
                 "keygate_tls_handshake_failures_total",
                 "TLS handshakes that failed or timed out.",
@@ -269,8 +308,16 @@ impl Metrics {
                 "Connections closed at once because server.max_connections was reached.",
                 &[],
             ),
-            connections_open: r.gauge("keygate_connections_open", "Client connections open now.", &[]),
-            redirects: r.counter("keygate_redirects_total", "Plain-HTTP requests redirected to HTTPS.", &[]),
+            connections_open: r.gauge(
+                "keygate_connections_open",
+                "Client connections open now.",
+                &[],
+            ),
+            redirects: r.counter(
+                "keygate_redirects_total",
+                "Plain-HTTP requests redirected to HTTPS.",
+                &[],
+            ),
             handle: r.recorder.handle(),
         }
     }

@@ -76,6 +76,62 @@ impl Body for GatewayBody {
     }
 }
 
+/// The client's request body on its way upstream; says when it has been sent completely, so the
+/// response timeout measures the upstream's think time, not the length of an upload.
+#[derive(Debug)]
+pub struct RequestBody {
+    inner: Incoming,
+    sent: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl RequestBody {
+    fn new(inner: Incoming) -> (Self, tokio::sync::oneshot::Receiver<()>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut body = Self {
+            inner,
+            sent: Some(tx),
+        };
+        body.signal_if_sent();
+        (body, rx)
+    }
+
+    fn signal_if_sent(&mut self) {
+        if self.inner.is_end_stream()
+            && let Some(tx) = self.sent.take()
+        {
+            let _ = tx.send(());
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let frame = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(None) = frame
+            && let Some(tx) = this.sent.take()
+        {
+            let _ = tx.send(());
+        }
+        this.signal_if_sent();
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded in either direction.
 const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
@@ -157,7 +213,7 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> (IpAdd
 /// The upstream and a pooled client to it.
 #[derive(Debug, Clone)]
 pub struct Upstream {
-    client: Client<HttpConnector, Incoming>,
+    client: Client<HttpConnector, RequestBody>,
     scheme: Scheme,
     authority: Authority,
     host_header: HeaderValue,
@@ -228,15 +284,11 @@ impl Upstream {
     /// Rewrites `req` for the upstream: URI, Host, hop-by-hop and forwarding headers.
     /// Credential and identity headers are the caller's (they depend on the auth result).
     pub fn prepare(&self, req: &mut Request<Incoming>, client: &ClientInfo) {
-        let original_host = req
-            .headers()
-            .get(header::HOST)
-            .cloned()
-            .or_else(|| {
-                req.uri()
-                    .authority()
-                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-            });
+        let original_host = req.headers().get(header::HOST).cloned().or_else(|| {
+            req.uri()
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
         *req.uri_mut() = self.uri(req.uri());
         *req.version_mut() = Version::HTTP_11;
         let headers = req.headers_mut();
@@ -274,12 +326,32 @@ impl Upstream {
         req: Request<Incoming>,
     ) -> Result<(Response<Incoming>, Duration), ForwardError> {
         let started = Instant::now();
-        let result = tokio::time::timeout(self.response_timeout, self.client.request(req)).await;
+        let (parts, body) = req.into_parts();
+        let (body, sent) = RequestBody::new(body);
+        let response = self.client.request(Request::from_parts(parts, body));
+        // The response timeout runs from the end of the request body: a large upload may take
+        // as long as it takes, an upstream that then stays silent may not.
+        let timeout = self.response_timeout;
+        let deadline = async move {
+            if sent.await.is_ok() {
+                tokio::time::sleep(timeout).await;
+            } else {
+                // The body was dropped unfinished; the request itself will fail.
+                std::future::pending::<()>().await;
+            }
+        };
+        let result = tokio::select! {
+            r = response => Ok(r),
+            () = deadline => Err(()),
+        };
         let mut resp = match result {
-            Err(_) => {
+            Err(()) => {
                 return Err(ForwardError {
                     kind: UpstreamErrorKind::Timeout,
-                    cause: format!("no response headers within {:?}", self.response_timeout),
+                    cause: format!(
+                        "no response headers within {:?} of the request's end",
+                        self.response_timeout
+                    ),
                 });
             }
             Ok(Err(e)) => {

@@ -58,10 +58,17 @@ mod tests {
     }
 
     fn location(r: &Redirect, uri: &str, host: &str) -> String {
-        let req = Request::builder().uri(uri).header("host", host).body(()).unwrap();
+        let req = Request::builder()
+            .uri(uri)
+            .header("host", host)
+            .body(())
+            .unwrap();
         let resp = r.respond(&req);
         assert_eq!(resp.status(), 308);
-        resp.headers()[header::LOCATION].to_str().unwrap().to_owned()
+        resp.headers()[header::LOCATION]
+            .to_str()
+            .unwrap()
+            .to_owned()
     }
 
     #[test]
@@ -71,7 +78,10 @@ mod tests {
             location(&r, "/api/v1/video/process/?a=1&b=2", "evil.example"),
             "https://api.example/api/v1/video/process/?a=1&b=2"
         );
-        assert_eq!(location(&r, "http://evil.example/x", "evil.example"), "https://api.example/x");
+        assert_eq!(
+            location(&r, "http://evil.example/x", "evil.example"),
+            "https://api.example/x"
+        );
     }
 
     #[test]

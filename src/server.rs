@@ -192,7 +192,11 @@ pub async fn run(
     let metrics = Arc::new(Metrics::new(&config.metrics.latency_buckets));
     let cache = Arc::new(KeyCache::new(store, &config.store, Arc::clone(&metrics)));
     cache.refresh_counts().await;
-    let gateway = Arc::new(Gateway::new(&config, Arc::clone(&cache), Arc::clone(&metrics)));
+    let gateway = Arc::new(Gateway::new(
+        &config,
+        Arc::clone(&cache),
+        Arc::clone(&metrics),
+    ));
     let redirect = Arc::new(Redirect::new(&config.server));
     let admin = Arc::new(Admin::new(Arc::clone(&gateway), Arc::clone(&metrics)));
 
@@ -200,7 +204,8 @@ pub async fn run(
     let background = [
         tokio::spawn(Arc::clone(&cache).poll_changes(config.store.poll_interval, stop_rx.clone())),
         tokio::spawn(
-            Arc::clone(&cache).flush_usage_every(config.store.usage_flush_interval, stop_rx.clone()),
+            Arc::clone(&cache)
+                .flush_usage_every(config.store.usage_flush_interval, stop_rx.clone()),
         ),
         tokio::spawn(upkeep(Arc::clone(&metrics), stop_rx.clone())),
     ];
@@ -309,7 +314,9 @@ pub async fn run(
     }
     match cache.flush_usage().await {
         Ok(n) => tracing::info!(keys = n, "usage flushed"),
-        Err(e) => tracing::error!(error = %e, "final usage flush failed; recent last_used values are lost"),
+        Err(e) => {
+            tracing::error!(error = %e, "final usage flush failed; recent last_used values are lost")
+        }
     }
     tracing::info!("keygate stopped");
     Ok(())

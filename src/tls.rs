@@ -118,7 +118,11 @@ mod tests {
         assert_eq!(first.alpn_protocols, [b"h2".to_vec(), b"http/1.1".to_vec()]);
         let pem = std::fs::read(&cfg.cert).unwrap();
         server_config(&cfg, &hosts).unwrap();
-        assert_eq!(std::fs::read(&cfg.cert).unwrap(), pem, "regenerated an existing cert");
+        assert_eq!(
+            std::fs::read(&cfg.cert).unwrap(),
+            pem,
+            "regenerated an existing cert"
+        );
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt as _;

@@ -19,7 +19,12 @@ fn assert_security_headers(resp: &reqwest::Response) {
     assert_eq!(h["x-content-type-options"], "nosniff");
     assert_eq!(h["x-frame-options"], "DENY");
     assert!(h.contains_key("referrer-policy"));
-    assert!(h["strict-transport-security"].to_str().unwrap().starts_with("max-age="));
+    assert!(
+        h["strict-transport-security"]
+            .to_str()
+            .unwrap()
+            .starts_with("max-age=")
+    );
     assert!(h.contains_key("x-request-id"));
 }
 
@@ -34,9 +39,15 @@ async fn every_header_form_is_authenticated_and_rejections_never_reach_upstream(
     // Missing: 401, the old API's wording, a challenge.
     let resp = client.post(&url).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
-    assert_eq!(resp.headers()["www-authenticate"], "Bearer realm=\"keygate\"");
+    assert_eq!(
+        resp.headers()["www-authenticate"],
+        "Bearer realm=\"keygate\""
+    );
     assert_security_headers(&resp);
-    assert_eq!(json(resp).await["detail"], "Authentication credentials were not provided.");
+    assert_eq!(
+        json(resp).await["detail"],
+        "Authentication credentials were not provided."
+    );
 
     // Malformed (fails the checksum) and well-formed but unknown: "Invalid API key".
     let mut mistyped = key.clone().into_bytes();
@@ -44,10 +55,18 @@ async fn every_header_form_is_authenticated_and_rejections_never_reach_upstream(
     let mistyped = String::from_utf8(mistyped).unwrap();
     let unknown = keygate::key::generate().unwrap().expose().to_owned();
     for bad in [mistyped.as_str(), unknown.as_str(), "sk_short", "not-a-key"] {
-        let resp = client.post(&url).header("X-API-Key", bad).send().await.unwrap();
+        let resp = client
+            .post(&url)
+            .header("X-API-Key", bad)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{bad}");
         assert!(
-            resp.headers()["www-authenticate"].to_str().unwrap().contains("invalid_token"),
+            resp.headers()["www-authenticate"]
+                .to_str()
+                .unwrap()
+                .contains("invalid_token"),
             "{bad}"
         );
         assert_eq!(json(resp).await["detail"], "Invalid API key");
@@ -62,9 +81,17 @@ async fn every_header_form_is_authenticated_and_rejections_never_reach_upstream(
         .unwrap();
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
     // Keys in the query string are not credentials.
-    let resp = client.post(format!("{url}?api_key={key}")).send().await.unwrap();
+    let resp = client
+        .post(format!("{url}?api_key={key}"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
-    assert_eq!(upstream.count(), 0, "a rejected request reached the upstream");
+    assert_eq!(
+        upstream.count(),
+        0,
+        "a rejected request reached the upstream"
+    );
 
     // Valid: X-API-Key, Bearer, bearer in lower case.
     for (name, value) in [
@@ -72,7 +99,13 @@ async fn every_header_form_is_authenticated_and_rejections_never_reach_upstream(
         ("Authorization", format!("Bearer {key}")),
         ("Authorization", format!("bearer {key}")),
     ] {
-        let resp = client.post(&url).header(name, &value).body("{}").send().await.unwrap();
+        let resp = client
+            .post(&url)
+            .header(name, &value)
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
         assert_eq!(resp.status(), StatusCode::OK, "{name}");
         assert_security_headers(&resp);
     }
@@ -82,7 +115,12 @@ async fn every_header_form_is_authenticated_and_rejections_never_reach_upstream(
     gw.store.set_active("frontend", false).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(1);
     loop {
-        let resp = client.post(&url).header("X-API-Key", &key).send().await.unwrap();
+        let resp = client
+            .post(&url)
+            .header("X-API-Key", &key)
+            .send()
+            .await
+            .unwrap();
         if resp.status() == StatusCode::UNAUTHORIZED {
             assert_eq!(json(resp).await["detail"], "API key is inactive");
             break;
@@ -91,9 +129,18 @@ async fn every_header_form_is_authenticated_and_rejections_never_reach_upstream(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let forwarded = upstream.count();
-    let resp = client.post(&url).header("X-API-Key", &key).send().await.unwrap();
+    let resp = client
+        .post(&url)
+        .header("X-API-Key", &key)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
-    assert_eq!(upstream.count(), forwarded, "an inactive key's request was forwarded");
+    assert_eq!(
+        upstream.count(),
+        forwarded,
+        "an inactive key's request was forwarded"
+    );
     gw.shutdown().await;
 }
 
@@ -102,7 +149,13 @@ async fn http2_and_http1_are_negotiated_by_alpn() {
     let upstream = Upstream::start().await;
     let gw = Gateway::start(&upstream.url(), &[]).await;
     let key = gw.create_key("alpn").await;
-    let resp = gw.client().get(gw.url("/x")).header("X-API-Key", &key).send().await.unwrap();
+    let resp = gw
+        .client()
+        .get(gw.url("/x"))
+        .header("X-API-Key", &key)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.version(), reqwest::Version::HTTP_2);
     let h1 = reqwest::Client::builder()
@@ -115,7 +168,12 @@ async fn http2_and_http1_are_negotiated_by_alpn() {
         .resolve("localhost", gw.https)
         .build()
         .unwrap();
-    let resp = h1.get(gw.url("/x")).header("X-API-Key", &key).send().await.unwrap();
+    let resp = h1
+        .get(gw.url("/x"))
+        .header("X-API-Key", &key)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.version(), reqwest::Version::HTTP_11);
     // The upstream is always spoken to in HTTP/1.1.
@@ -159,7 +217,10 @@ async fn forwarding_rewrites_credentials_identity_and_forwarding_headers() {
     assert_eq!(h["x-api-key-name"], "video-app");
     assert_eq!(h["x-forwarded-for"], "127.0.0.1");
     assert_eq!(h["x-forwarded-proto"], "https");
-    assert_eq!(h["x-forwarded-host"], format!("localhost:{}", gw.https.port()));
+    assert_eq!(
+        h["x-forwarded-host"],
+        format!("localhost:{}", gw.https.port())
+    );
     assert!(!h.contains_key("forwarded"));
     assert_eq!(h["x-request-id"], "trace-abc-123");
     assert_eq!(h["host"], upstream.addr.to_string());
@@ -251,7 +312,10 @@ async fn preflights_are_answered_at_the_gateway_without_a_key() {
         .send()
         .await
         .unwrap();
-    assert_eq!(resp.headers()["access-control-allow-origin"], "https://app.example");
+    assert_eq!(
+        resp.headers()["access-control-allow-origin"],
+        "https://app.example"
+    );
     assert!(resp.headers().get_all("vary").iter().any(|v| v == "Origin"));
     let resp = client
         .post(&url)
@@ -262,9 +326,17 @@ async fn preflights_are_answered_at_the_gateway_without_a_key() {
         .unwrap();
     assert!(!resp.headers().contains_key("access-control-allow-origin"));
     // Rejections carry CORS headers too, so a browser can read the 401.
-    let resp = client.post(&url).header("Origin", "https://app.example").send().await.unwrap();
+    let resp = client
+        .post(&url)
+        .header("Origin", "https://app.example")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
-    assert_eq!(resp.headers()["access-control-allow-origin"], "https://app.example");
+    assert_eq!(
+        resp.headers()["access-control-allow-origin"],
+        "https://app.example"
+    );
     gw.shutdown().await;
 }
 
@@ -277,7 +349,10 @@ async fn plain_http_is_redirected_from_configuration_not_the_host_header() {
         .build()
         .unwrap();
     let resp = client
-        .post(format!("http://{}/api/v1/video/process/?a=1&b=two", gw.http))
+        .post(format!(
+            "http://{}/api/v1/video/process/?a=1&b=two",
+            gw.http
+        ))
         .header("Host", "evil.example")
         .header("X-API-Key", "sk_whatever")
         .body("payload")
@@ -287,7 +362,10 @@ async fn plain_http_is_redirected_from_configuration_not_the_host_header() {
     assert_eq!(resp.status(), StatusCode::PERMANENT_REDIRECT);
     assert_eq!(
         resp.headers()["location"],
-        format!("https://localhost:{}/api/v1/video/process/?a=1&b=two", gw.https.port())
+        format!(
+            "https://localhost:{}/api/v1/video/process/?a=1&b=two",
+            gw.https.port()
+        )
     );
     assert!(!resp.headers().contains_key("strict-transport-security"));
     assert_eq!(upstream.count(), 0);
@@ -357,22 +435,47 @@ async fn upstream_failures_are_502_and_504_and_the_gateway_keeps_serving() {
     let gw = Gateway::start(&format!("http://{dead}"), &[]).await;
     let key = gw.create_key("k").await;
     let client = gw.client();
-    let resp = client.get(gw.url("/x")).header("X-API-Key", &key).send().await.unwrap();
+    let resp = client
+        .get(gw.url("/x"))
+        .header("X-API-Key", &key)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
     assert_security_headers(&resp);
-    assert_eq!(json(resp).await["detail"], "The upstream service is unavailable.");
+    assert_eq!(
+        json(resp).await["detail"],
+        "The upstream service is unavailable."
+    );
     gw.shutdown().await;
 
     let upstream = Upstream::start().await;
-    let gw = Gateway::start(&upstream.url(), &[("KEYGATE_UPSTREAM_RESPONSE_TIMEOUT", "300ms")]).await;
+    let gw = Gateway::start(
+        &upstream.url(),
+        &[("KEYGATE_UPSTREAM_RESPONSE_TIMEOUT", "300ms")],
+    )
+    .await;
     let key = gw.create_key("k").await;
     let client = gw.client();
     let started = Instant::now();
-    let resp = client.get(gw.url("/slow")).header("X-API-Key", &key).send().await.unwrap();
+    let resp = client
+        .get(gw.url("/slow"))
+        .header("X-API-Key", &key)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
     assert!(started.elapsed() < Duration::from_secs(2));
-    assert_eq!(json(resp).await["detail"], "The upstream service did not respond in time.");
-    let resp = client.get(gw.url("/fast")).header("X-API-Key", &key).send().await.unwrap();
+    assert_eq!(
+        json(resp).await["detail"],
+        "The upstream service did not respond in time."
+    );
+    let resp = client
+        .get(gw.url("/fast"))
+        .header("X-API-Key", &key)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     gw.shutdown().await;
 }
@@ -412,7 +515,13 @@ async fn keys_created_revoked_and_enabled_elsewhere_take_effect_within_a_second(
         async move {
             let started = Instant::now();
             loop {
-                let status = client.get(&url).header("X-API-Key", &key).send().await.unwrap().status();
+                let status = client
+                    .get(&url)
+                    .header("X-API-Key", &key)
+                    .send()
+                    .await
+                    .unwrap()
+                    .status();
                 if status == want {
                     return started.elapsed();
                 }
@@ -439,33 +548,55 @@ async fn health_reports_the_store_and_cached_keys_survive_a_store_outage() {
     let upstream = Upstream::start().await;
     let gw = Gateway::start(
         &upstream.url(),
-        &[("KEYGATE_STORE_POSITIVE_TTL", "100ms"), ("KEYGATE_STORE_STALE_IF_ERROR", "1m")],
+        &[
+            ("KEYGATE_STORE_POSITIVE_TTL", "100ms"),
+            ("KEYGATE_STORE_STALE_IF_ERROR", "1m"),
+        ],
     )
     .await;
     let key = gw.create_key("cached").await;
     gw.create_key("second").await;
     let client = gw.client();
 
-    let resp = client.get(gw.url("/health/api-auth/")).send().await.unwrap();
+    let resp = client
+        .get(gw.url("/health/api-auth/"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     let body = json(resp).await;
     assert_eq!(body["status"], "healthy");
     assert_eq!(body["active_api_keys"], 2);
     assert!(body["timestamp"].as_str().unwrap().starts_with("20"));
-    let resp = client.get(gw.url("/x")).header("X-API-Key", &key).send().await.unwrap();
+    let resp = client
+        .get(gw.url("/x"))
+        .header("X-API-Key", &key)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(upstream.count(), 1, "the health endpoint was forwarded");
 
     // Break the store for real: the table the gateway reads disappears.
     let db = rusqlite::Connection::open(gw.dir.path().join("keygate.db")).unwrap();
-    db.execute_batch("ALTER TABLE api_keys RENAME TO api_keys_away").unwrap();
+    db.execute_batch("ALTER TABLE api_keys RENAME TO api_keys_away")
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(150)).await; // past positive_ttl
 
-    let resp = client.get(gw.url("/health/api-auth/")).send().await.unwrap();
+    let resp = client
+        .get(gw.url("/health/api-auth/"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(json(resp).await["status"], "unhealthy");
     // The recently validated key keeps working (stale_if_error) ...
-    let resp = client.get(gw.url("/x")).header("X-API-Key", &key).send().await.unwrap();
+    let resp = client
+        .get(gw.url("/x"))
+        .header("X-API-Key", &key)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     // ... an unknown key is 503 with Retry-After: never 401, never 200.
     let other = keygate::key::generate().unwrap();
@@ -477,13 +608,20 @@ async fn health_reports_the_store_and_cached_keys_survive_a_store_outage() {
         .unwrap();
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(resp.headers()["retry-after"], "1");
-    let readyz = reqwest::get(format!("http://{}/readyz", gw.admin)).await.unwrap();
+    let readyz = reqwest::get(format!("http://{}/readyz", gw.admin))
+        .await
+        .unwrap();
     assert_eq!(readyz.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(json(readyz).await["store"], "down");
 
     // Repair: everything is normal again without a restart.
-    db.execute_batch("ALTER TABLE api_keys_away RENAME TO api_keys").unwrap();
-    let resp = client.get(gw.url("/health/api-auth/")).send().await.unwrap();
+    db.execute_batch("ALTER TABLE api_keys_away RENAME TO api_keys")
+        .unwrap();
+    let resp = client
+        .get(gw.url("/health/api-auth/"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     let resp = client
         .get(gw.url("/x"))
@@ -501,12 +639,27 @@ async fn admin_listener_serves_metrics_liveness_and_readiness() {
     let gw = Gateway::start(&upstream.url(), &[]).await;
     let key = gw.create_key("m").await;
     let client = gw.client();
-    client.get(gw.url("/x")).header("X-API-Key", &key).send().await.unwrap();
-    client.get(gw.url("/x")).header("X-API-Key", &key).send().await.unwrap();
+    client
+        .get(gw.url("/x"))
+        .header("X-API-Key", &key)
+        .send()
+        .await
+        .unwrap();
+    client
+        .get(gw.url("/x"))
+        .header("X-API-Key", &key)
+        .send()
+        .await
+        .unwrap();
     client.get(gw.url("/x")).send().await.unwrap();
 
     let admin = format!("http://{}", gw.admin);
-    let metrics = reqwest::get(format!("{admin}/metrics")).await.unwrap().text().await.unwrap();
+    let metrics = reqwest::get(format!("{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     for line in [
         "keygate_requests_total{outcome=\"forwarded\",status=\"2xx\"} 2",
         "keygate_requests_total{outcome=\"rejected\",status=\"4xx\"} 1",
@@ -516,7 +669,10 @@ async fn admin_listener_serves_metrics_liveness_and_readiness() {
         "keygate_cache_misses_total 1",
         "keygate_store_up 1",
     ] {
-        assert!(metrics.lines().any(|l| l == line), "missing {line:?} in\n{metrics}");
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "missing {line:?} in\n{metrics}"
+        );
     }
     for name in [
         "keygate_request_duration_seconds_bucket",
@@ -528,7 +684,13 @@ async fn admin_listener_serves_metrics_liveness_and_readiness() {
         assert!(metrics.contains(name), "missing {name}");
     }
     assert!(!metrics.contains(&key));
-    assert_eq!(reqwest::get(format!("{admin}/healthz")).await.unwrap().status(), StatusCode::OK);
+    assert_eq!(
+        reqwest::get(format!("{admin}/healthz"))
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
     let ready = reqwest::get(format!("{admin}/readyz")).await.unwrap();
     assert_eq!(ready.status(), StatusCode::OK);
     assert_eq!(json(ready).await["upstream"], "up");
@@ -542,7 +704,12 @@ async fn usage_is_flushed_in_batches() {
     let key = gw.create_key("counted").await;
     let client = gw.client();
     for _ in 0..5 {
-        let resp = client.get(gw.url("/x")).header("X-API-Key", &key).send().await.unwrap();
+        let resp = client
+            .get(gw.url("/x"))
+            .header("X-API-Key", &key)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
     }
     let started = Instant::now();
@@ -552,7 +719,10 @@ async fn usage_is_flushed_in_batches() {
             assert!(r.last_used.is_some());
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(3), "usage not flushed: {r:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "usage not flushed: {r:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     gw.shutdown().await;
@@ -587,11 +757,14 @@ async fn shutdown_lets_in_flight_requests_finish_and_flushes_usage() {
     done.await.unwrap().unwrap();
     // The listener is closed: new connections fail.
     assert!(
-        common::tls_client(&std::fs::read(gw.dir.path().join("cert.pem")).unwrap(), gw.https)
-            .get(gw.url("/x"))
-            .send()
-            .await
-            .is_err()
+        common::tls_client(
+            &std::fs::read(gw.dir.path().join("cert.pem")).unwrap(),
+            gw.https
+        )
+        .get(gw.url("/x"))
+        .send()
+        .await
+        .is_err()
     );
     // The final flush wrote last_used although the flush interval never elapsed.
     let r = gw.store.find("inflight").await.unwrap();

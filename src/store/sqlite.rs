@@ -52,7 +52,9 @@ pub struct SqliteStore {
 
 impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SqliteStore").field("path", &self.path).finish()
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .finish()
     }
 }
 
@@ -68,9 +70,8 @@ impl SqliteStore {
                 StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
             })?;
         }
-        let conn = Connection::open(path).map_err(|e| {
-            StoreError::Unavailable(format!("cannot open {}: {e}", path.display()))
-        })?;
+        let conn = Connection::open(path)
+            .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
         conn.busy_timeout(busy_timeout).map_err(unavailable)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(unavailable)?;
@@ -171,7 +172,10 @@ impl KeyStore for SqliteStore {
     fn lookup(&self, digest: KeyDigest) -> StoreFuture<'_, Option<KeyRecord>> {
         self.with_conn(move |conn| {
             conn.prepare_cached(&format!("SELECT {COLUMNS} FROM api_keys WHERE digest = ?1"))
-                .and_then(|mut stmt| stmt.query_row(params![&digest.0[..]], row_to_record).optional())
+                .and_then(|mut stmt| {
+                    stmt.query_row(params![&digest.0[..]], row_to_record)
+                        .optional()
+                })
                 .map_err(unavailable)
         })
     }

@@ -85,7 +85,12 @@ impl Upstream {
     }
 
     pub fn last(&self) -> Seen {
-        self.seen.lock().unwrap().last().cloned().expect("upstream saw no request")
+        self.seen
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("upstream saw no request")
     }
 }
 
@@ -208,9 +213,14 @@ impl Gateway {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
-        let config = FileConfig::load(&config_path, &env).unwrap().validate().unwrap();
+        let config = FileConfig::load(&config_path, &env)
+            .unwrap()
+            .validate()
+            .unwrap();
         let store = keygate::store::open(&config.store).unwrap();
-        let listeners = keygate::server::Listeners::bind(&config.server).await.unwrap();
+        let listeners = keygate::server::Listeners::bind(&config.server)
+            .await
+            .unwrap();
         let https = listeners.https.local_addr().unwrap();
         let http = listeners.http.as_ref().unwrap().local_addr().unwrap();
         let admin = listeners.admin.as_ref().unwrap().local_addr().unwrap();
@@ -260,7 +270,9 @@ impl Gateway {
     }
 
     /// Signals shutdown without waiting.
-    pub fn begin_shutdown(&mut self) -> tokio::task::JoinHandle<Result<(), keygate::server::ServeError>> {
+    pub fn begin_shutdown(
+        &mut self,
+    ) -> tokio::task::JoinHandle<Result<(), keygate::server::ServeError>> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
