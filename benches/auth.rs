@@ -1,1 +1,103 @@
-fn main() {}
+//! Authentication hot path: the offline format check, a cache hit, a malformed-key rejection and
+//! a cache miss that reads SQLite. `baseline/sha256` (one SHA-256 of a key, which every lookup
+//! needs) is the yardstick: report the others as ratios to it from the same run.
+//!
+//! Run: `cargo bench --bench auth`
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use http::{HeaderMap, HeaderValue};
+use keygate::auth::Authenticator;
+use keygate::cache::KeyCache;
+use keygate::config::FileConfig;
+use keygate::key::{self, KeyDigest};
+use keygate::metrics::Metrics;
+use keygate::store::sqlite::SqliteStore;
+use keygate::store::{KeyRecord, KeyStore as _};
+
+fn headers(key: &str) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert("x-api-key", HeaderValue::from_str(key).unwrap());
+    h
+}
+
+fn bench(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = FileConfig::default().validate().unwrap();
+    let store =
+        Arc::new(SqliteStore::open(&dir.path().join("bench.db"), Duration::from_secs(5)).unwrap());
+    let secret = key::generate().unwrap();
+    rt.block_on(store.insert(KeyRecord {
+        id: "key_benchmark001".into(),
+        name: "bench".into(),
+        digest: secret.digest(),
+        hint: secret.hint(),
+        created_at: 0,
+        last_used: None,
+        use_count: 0,
+        is_active: true,
+        legacy: false,
+        expires_at: None,
+    }))
+    .unwrap();
+    let metrics = Arc::new(Metrics::new(&config.metrics.latency_buckets));
+    let cache = KeyCache::new(store, &config.store, metrics);
+    let auth = Authenticator::new(&config.auth);
+
+    let valid = secret.expose().to_owned();
+    let mut typo = valid.clone().into_bytes();
+    typo[10] = if typo[10] == b'a' { b'b' } else { b'a' };
+    let typo = String::from_utf8(typo).unwrap();
+
+    c.bench_function("baseline/sha256", |b| {
+        b.iter(|| KeyDigest::of(black_box(valid.as_bytes())))
+    });
+    c.bench_function("format_check/valid", |b| {
+        b.iter(|| key::check_format(black_box(valid.as_bytes())))
+    });
+    c.bench_function("format_check/bad_checksum", |b| {
+        b.iter(|| key::check_format(black_box(typo.as_bytes())))
+    });
+
+    let hit = headers(&valid);
+    rt.block_on(auth.authenticate(&hit, &cache)).unwrap();
+    c.bench_function("authenticate/cache_hit", |b| {
+        b.to_async(&rt)
+            .iter(|| async { auth.authenticate(black_box(&hit), &cache).await.is_ok() })
+    });
+    let malformed = headers(&typo);
+    c.bench_function("authenticate/reject_malformed", |b| {
+        b.to_async(&rt).iter(|| async {
+            auth.authenticate(black_box(&malformed), &cache)
+                .await
+                .is_err()
+        })
+    });
+    // Every iteration presents a new well-formed key: a miss, one SQLite read, a negative entry.
+    // (Minting the key happens in the untimed setup.)
+    c.bench_function("authenticate/cache_miss_store", |b| {
+        b.to_async(&rt).iter_batched(
+            || headers(key::generate().unwrap().expose()),
+            |h| {
+                let (auth, cache) = (&auth, &cache);
+                async move { auth.authenticate(black_box(&h), cache).await.is_err() }
+            },
+            BatchSize::SmallInput,
+        )
+    });
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
+    targets = bench
+}
+criterion_main!(benches);

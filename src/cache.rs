@@ -428,3 +428,143 @@ impl KeyCache {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+    use crate::store::sqlite::SqliteStore;
+    use crate::store::{KeyStore, StoreFuture};
+
+    /// The real SQLite store, with lookups counted and slowed so concurrent misses overlap.
+    struct Counting {
+        inner: SqliteStore,
+        lookups: AtomicUsize,
+    }
+
+    impl KeyStore for Counting {
+        fn lookup(&self, digest: KeyDigest) -> StoreFuture<'_, Option<KeyRecord>> {
+            self.lookups.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                self.inner.lookup(digest).await
+            })
+        }
+        fn insert(&self, r: KeyRecord) -> StoreFuture<'_, ()> {
+            self.inner.insert(r)
+        }
+        fn list(&self) -> StoreFuture<'_, Vec<KeyRecord>> {
+            self.inner.list()
+        }
+        fn find(&self, s: &str) -> StoreFuture<'_, KeyRecord> {
+            self.inner.find(s)
+        }
+        fn set_active(&self, s: &str, a: bool) -> StoreFuture<'_, KeyRecord> {
+            self.inner.set_active(s, a)
+        }
+        fn delete(&self, s: &str) -> StoreFuture<'_, KeyRecord> {
+            self.inner.delete(s)
+        }
+        fn count_active(&self) -> StoreFuture<'_, u64> {
+            self.inner.count_active()
+        }
+        fn has_legacy(&self) -> StoreFuture<'_, bool> {
+            self.inner.has_legacy()
+        }
+        fn record_usage(&self, b: Vec<Usage>) -> StoreFuture<'_, ()> {
+            self.inner.record_usage(b)
+        }
+        fn change_position(&self) -> StoreFuture<'_, u64> {
+            self.inner.change_position()
+        }
+        fn changes_since(&self, p: u64) -> StoreFuture<'_, Changes> {
+            self.inner.changes_since(p)
+        }
+    }
+
+    fn setup() -> (tempfile::TempDir, Arc<Counting>, Arc<KeyCache>) {
+        let dir = tempfile::tempdir().unwrap();
+        let inner = SqliteStore::open(&dir.path().join("k.db"), Duration::from_secs(5)).unwrap();
+        let store = Arc::new(Counting {
+            inner,
+            lookups: AtomicUsize::new(0),
+        });
+        let cfg = crate::config::FileConfig::default()
+            .validate()
+            .unwrap()
+            .store;
+        let metrics = Arc::new(Metrics::new(&[0.1, 1.0]));
+        let cache = Arc::new(KeyCache::new(store.clone(), &cfg, metrics));
+        (dir, store, cache)
+    }
+
+    fn record(digest: KeyDigest) -> KeyRecord {
+        KeyRecord {
+            id: "key_cachetest01".into(),
+            name: "cache-test".into(),
+            digest,
+            hint: "sk_…".into(),
+            created_at: 0,
+            last_used: None,
+            use_count: 0,
+            is_active: true,
+            legacy: false,
+            expires_at: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_misses_for_one_digest_cost_one_lookup() {
+        let (_dir, store, cache) = setup();
+        let digest = KeyDigest::of(b"sk_unknown");
+        let tasks: Vec<_> = (0..64)
+            .map(|_| {
+                let cache = Arc::clone(&cache);
+                tokio::spawn(async move { cache.resolve(digest).await })
+            })
+            .collect();
+        for t in tasks {
+            let (entry, _) = t.await.unwrap().unwrap();
+            assert!(matches!(entry, Entry::Unknown { .. }));
+        }
+        assert_eq!(store.lookups.load(Ordering::SeqCst), 1);
+        // Later requests are hits.
+        let (_, source) = cache.resolve(digest).await.unwrap();
+        assert_eq!(source, Source::Hit);
+        assert_eq!(store.lookups.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn eviction_makes_the_next_request_read_the_store() {
+        let (_dir, store, cache) = setup();
+        let digest = KeyDigest::of(b"sk_later");
+        let (entry, _) = cache.resolve(digest).await.unwrap();
+        assert!(matches!(entry, Entry::Unknown { .. }));
+        store.insert(record(digest)).await.unwrap();
+        let position = 0;
+        cache.apply_changes(position).await.unwrap();
+        let (entry, source) = cache.resolve(digest).await.unwrap();
+        assert!(matches!(entry, Entry::Known(_)));
+        assert_eq!(source, Source::Store);
+        assert_eq!(store.lookups.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn usage_survives_eviction_and_is_flushed_once() {
+        let (_dir, store, cache) = setup();
+        let digest = KeyDigest::of(b"sk_used");
+        store.insert(record(digest)).await.unwrap();
+        let (Entry::Known(key), _) = cache.resolve(digest).await.unwrap() else {
+            panic!("not known");
+        };
+        key.touch(1_000);
+        key.touch(2_000);
+        cache.evict(digest).await;
+        cache.cache.run_pending_tasks().await;
+        assert_eq!(cache.flush_usage().await.unwrap(), 1);
+        assert_eq!(cache.flush_usage().await.unwrap(), 0, "flushed twice");
+        let r = store.find("cache-test").await.unwrap();
+        assert_eq!((r.use_count, r.last_used), (2, Some(2_000)));
+    }
+}

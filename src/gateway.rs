@@ -187,7 +187,8 @@ impl Gateway {
         let origin = req.headers().get(header::ORIGIN).cloned();
         let user_agent = req.headers().get(header::USER_AGENT).cloned();
         let method = req.method().clone();
-        let path = req.uri().path().to_owned();
+        // Cheap: the URI's bytes are shared with the request, not copied.
+        let uri = req.uri().clone();
 
         let mut handled = self.route(req, &client).await;
 
@@ -218,7 +219,7 @@ impl Gateway {
             request_id = request_id.to_str().unwrap_or(""),
             client_ip = %client.client_ip,
             method = %method,
-            path = %path,
+            path = uri.path(),
             status = status.as_u16(),
             latency_ms = elapsed.as_secs_f64() * 1000.0,
             outcome = handled.outcome.as_str(),

@@ -113,7 +113,7 @@ impl Accepting<'_> {
             };
             let _ = stream.set_nodelay(true);
             let conn = Connection {
-                permit,
+                _permit: permit,
                 metrics: Arc::clone(&self.metrics),
                 watcher: Some(self.graceful.watcher()),
                 stop: self.stop.clone(),
@@ -127,7 +127,8 @@ impl Accepting<'_> {
 
 /// What a spawned connection task owns.
 struct Connection {
-    permit: OwnedSemaphorePermit,
+    /// Held for the connection's lifetime: `server.max_connections` counts it.
+    _permit: OwnedSemaphorePermit,
     metrics: Arc<Metrics>,
     watcher: Option<hyper_util::server::graceful::Watcher>,
     stop: watch::Receiver<bool>,
@@ -137,7 +138,6 @@ struct Connection {
 impl Drop for Connection {
     fn drop(&mut self) {
         self.metrics.connections_open.decrement(1.0);
-        let _ = &self.permit;
     }
 }
 

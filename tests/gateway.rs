@@ -145,6 +145,56 @@ async fn every_header_form_is_authenticated_and_rejections_never_reach_upstream(
 }
 
 #[tokio::test]
+async fn expired_keys_are_refused_with_their_own_reason() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream.url(), &[]).await;
+    let secret = keygate::key::generate().unwrap();
+    let now = keygate::store::unix_now();
+    gw.store
+        .insert(keygate::store::KeyRecord {
+            id: "key_expired00001".into(),
+            name: "expired".into(),
+            digest: secret.digest(),
+            hint: secret.hint(),
+            created_at: now - 100,
+            last_used: None,
+            use_count: 0,
+            is_active: true,
+            legacy: false,
+            expires_at: Some(now - 1),
+        })
+        .await
+        .unwrap();
+    let resp = gw
+        .client()
+        .get(gw.url("/x"))
+        .header("X-API-Key", secret.expose())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    assert!(
+        resp.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .contains("invalid_token")
+    );
+    assert_eq!(json(resp).await["detail"], "API key has expired");
+    assert_eq!(upstream.count(), 0);
+    // Expired keys do not count as active in the health report.
+    let health = json(
+        gw.client()
+            .get(gw.url("/health/api-auth/"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(health["active_api_keys"], 0);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
 async fn http2_and_http1_are_negotiated_by_alpn() {
     let upstream = Upstream::start().await;
     let gw = Gateway::start(&upstream.url(), &[]).await;
