@@ -821,3 +821,54 @@ async fn shutdown_lets_in_flight_requests_finish_and_flushes_usage() {
     assert_eq!(r.use_count, 1);
     assert!(r.last_used.is_some());
 }
+
+/// TLS 1.2 and 1.3 are served (anything older is not even implemented by rustls), with HSTS.
+#[tokio::test]
+async fn tls12_and_tls13_handshakes_succeed() {
+    use rustls_pki_types::pem::PemObject as _;
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream.url(), &[]).await;
+    let mut roots = rustls::RootCertStore::empty();
+    let cert =
+        rustls_pki_types::CertificateDer::from_pem_file(gw.dir.path().join("cert.pem")).unwrap();
+    roots.add(cert).unwrap();
+    for (version, expected) in [
+        (&rustls::version::TLS12, rustls::ProtocolVersion::TLSv1_2),
+        (&rustls::version::TLS13, rustls::ProtocolVersion::TLSv1_3),
+    ] {
+        let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[version])
+        .unwrap()
+        .with_root_certificates(roots.clone())
+        .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+        let tcp = tokio::net::TcpStream::connect(gw.https).await.unwrap();
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let tls = connector.connect(name, tcp).await.unwrap();
+        assert_eq!(tls.get_ref().1.protocol_version(), Some(expected));
+    }
+    // A client that is not speaking TLS at all is counted and dropped.
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut tcp = tokio::net::TcpStream::connect(gw.https).await.unwrap();
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let _ = tcp.read_to_end(&mut buf).await;
+    assert!(!String::from_utf8_lossy(&buf).contains("200"));
+    let metrics = reqwest::get(format!("http://{}/metrics", gw.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "keygate_tls_handshake_failures_total 1"),
+        "{metrics}"
+    );
+    gw.shutdown().await;
+}
