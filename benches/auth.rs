@@ -35,19 +35,8 @@ fn bench(c: &mut Criterion) {
     let store =
         Arc::new(SqliteStore::open(&dir.path().join("bench.db"), Duration::from_secs(5)).unwrap());
     let secret = key::generate().unwrap();
-    rt.block_on(store.insert(KeyRecord {
-        id: "key_benchmark001".into(),
-        name: "bench".into(),
-        digest: secret.digest(),
-        hint: secret.hint(),
-        created_at: 0,
-        last_used: None,
-        use_count: 0,
-        is_active: true,
-        legacy: false,
-        expires_at: None,
-    }))
-    .unwrap();
+    rt.block_on(store.insert(KeyRecord::new("bench", &secret, 0, None).unwrap()))
+        .unwrap();
     let metrics = Arc::new(Metrics::new(&config.metrics.latency_buckets));
     let cache = KeyCache::new(store, &config.store, metrics);
     let auth = Authenticator::new(&config.auth);

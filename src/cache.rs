@@ -499,19 +499,8 @@ mod tests {
         (dir, store, cache)
     }
 
-    fn record(digest: KeyDigest) -> KeyRecord {
-        KeyRecord {
-            id: "key_cachetest01".into(),
-            name: "cache-test".into(),
-            digest,
-            hint: "sk_…".into(),
-            created_at: 0,
-            last_used: None,
-            use_count: 0,
-            is_active: true,
-            legacy: false,
-            expires_at: None,
-        }
+    fn record(secret: &crate::key::Secret) -> KeyRecord {
+        KeyRecord::new("cache-test", secret, 0, None).unwrap()
     }
 
     #[tokio::test]
@@ -538,10 +527,11 @@ mod tests {
     #[tokio::test]
     async fn eviction_makes_the_next_request_read_the_store() {
         let (_dir, store, cache) = setup();
-        let digest = KeyDigest::of(b"sk_later");
+        let secret = crate::key::generate().unwrap();
+        let digest = secret.digest();
         let (entry, _) = cache.resolve(digest).await.unwrap();
         assert!(matches!(entry, Entry::Unknown { .. }));
-        store.insert(record(digest)).await.unwrap();
+        store.insert(record(&secret)).await.unwrap();
         let position = 0;
         cache.apply_changes(position).await.unwrap();
         let (entry, source) = cache.resolve(digest).await.unwrap();
@@ -553,8 +543,9 @@ mod tests {
     #[tokio::test]
     async fn usage_survives_eviction_and_is_flushed_once() {
         let (_dir, store, cache) = setup();
-        let digest = KeyDigest::of(b"sk_used");
-        store.insert(record(digest)).await.unwrap();
+        let secret = crate::key::generate().unwrap();
+        let digest = secret.digest();
+        store.insert(record(&secret)).await.unwrap();
         let (Entry::Known(key), _) = cache.resolve(digest).await.unwrap() else {
             panic!("not known");
         };

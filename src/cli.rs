@@ -322,18 +322,7 @@ async fn create(
         ),
         None => None,
     };
-    let record = KeyRecord {
-        id: format!("key_{}", key::random_base62(12)?),
-        name: args.name,
-        digest: secret.digest(),
-        hint: secret.hint(),
-        created_at: now,
-        last_used: None,
-        use_count: 0,
-        is_active: true,
-        legacy: false,
-        expires_at,
-    };
+    let record = KeyRecord::new(args.name, &secret, now, expires_at)?;
     store.insert(record.clone()).await?;
     if args.json {
         #[derive(Serialize)]

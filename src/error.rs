@@ -194,17 +194,10 @@ mod tests {
     use super::*;
 
     fn known() -> Arc<KnownKey> {
+        let secret = crate::key::generate().unwrap();
         let record = crate::store::KeyRecord {
-            id: "key_test".into(),
-            name: "test".into(),
-            digest: crate::key::KeyDigest::of(b"x"),
-            hint: "sk_x…".into(),
-            created_at: 0,
-            last_used: None,
-            use_count: 0,
             is_active: false,
-            legacy: false,
-            expires_at: None,
+            ..crate::store::KeyRecord::new("test", &secret, 0, None).unwrap()
         };
         Arc::new(KnownKey::new(record, std::time::Instant::now()))
     }

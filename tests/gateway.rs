@@ -152,26 +152,12 @@ async fn expired_keys_are_refused_with_their_own_reason() {
     let now = keygate::store::unix_now();
     gw.store
         .insert(keygate::store::KeyRecord {
-            id: "key_expired00001".into(),
-            name: "expired".into(),
-            digest: secret.digest(),
-            hint: secret.hint(),
             created_at: now - 100,
-            last_used: None,
-            use_count: 0,
-            is_active: true,
-            legacy: false,
-            expires_at: Some(now - 1),
+            ..keygate::store::KeyRecord::new("expired", &secret, now - 100, Some(now - 1)).unwrap()
         })
         .await
         .unwrap();
-    let resp = gw
-        .client()
-        .get(gw.url("/x"))
-        .header("X-API-Key", secret.expose())
-        .send()
-        .await
-        .unwrap();
+    let resp = gw.get_with_key("/x", secret.expose()).await;
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
     assert!(
         resp.headers()["www-authenticate"]
@@ -199,25 +185,10 @@ async fn http2_and_http1_are_negotiated_by_alpn() {
     let upstream = Upstream::start().await;
     let gw = Gateway::start(&upstream.url(), &[]).await;
     let key = gw.create_key("alpn").await;
-    let resp = gw
-        .client()
-        .get(gw.url("/x"))
-        .header("X-API-Key", &key)
-        .send()
-        .await
-        .unwrap();
+    let resp = gw.get_with_key("/x", &key).await;
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.version(), reqwest::Version::HTTP_2);
-    let h1 = reqwest::Client::builder()
-        .use_rustls_tls()
-        .http1_only()
-        .add_root_certificate(
-            reqwest::Certificate::from_pem(&std::fs::read(gw.dir.path().join("cert.pem")).unwrap())
-                .unwrap(),
-        )
-        .resolve("localhost", gw.https)
-        .build()
-        .unwrap();
+    let h1 = gw.h1_client();
     let resp = h1
         .get(gw.url("/x"))
         .header("X-API-Key", &key)
@@ -291,16 +262,7 @@ async fn forwarding_rewrites_credentials_identity_and_forwarding_headers() {
     assert!(!seen.headers.contains_key("authorization"));
     assert_eq!(seen.headers["x-request-id"], generated.as_str());
 
-    let h1 = reqwest::Client::builder()
-        .use_rustls_tls()
-        .http1_only()
-        .add_root_certificate(
-            reqwest::Certificate::from_pem(&std::fs::read(gw.dir.path().join("cert.pem")).unwrap())
-                .unwrap(),
-        )
-        .resolve("localhost", gw.https)
-        .build()
-        .unwrap();
+    let h1 = gw.h1_client();
     let resp = h1
         .get(gw.url("/conn"))
         .header("X-API-Key", &key)
@@ -484,13 +446,8 @@ async fn upstream_failures_are_502_and_504_and_the_gateway_keeps_serving() {
     };
     let gw = Gateway::start(&format!("http://{dead}"), &[]).await;
     let key = gw.create_key("k").await;
-    let client = gw.client();
-    let resp = client
-        .get(gw.url("/x"))
-        .header("X-API-Key", &key)
-        .send()
-        .await
-        .unwrap();
+
+    let resp = gw.get_with_key("/x", &key).await;
     assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
     assert_security_headers(&resp);
     assert_eq!(
@@ -506,26 +463,16 @@ async fn upstream_failures_are_502_and_504_and_the_gateway_keeps_serving() {
     )
     .await;
     let key = gw.create_key("k").await;
-    let client = gw.client();
+
     let started = Instant::now();
-    let resp = client
-        .get(gw.url("/slow"))
-        .header("X-API-Key", &key)
-        .send()
-        .await
-        .unwrap();
+    let resp = gw.get_with_key("/slow", &key).await;
     assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
     assert!(started.elapsed() < Duration::from_secs(2));
     assert_eq!(
         json(resp).await["detail"],
         "The upstream service did not respond in time."
     );
-    let resp = client
-        .get(gw.url("/fast"))
-        .header("X-API-Key", &key)
-        .send()
-        .await
-        .unwrap();
+    let resp = gw.get_with_key("/fast", &key).await;
     assert_eq!(resp.status(), StatusCode::OK);
     gw.shutdown().await;
 }
@@ -538,25 +485,10 @@ async fn keys_created_revoked_and_enabled_elsewhere_take_effect_within_a_second(
 
     // A key tried before it exists is cached as unknown; creating it must still work at once.
     let secret = keygate::key::generate().unwrap();
-    let resp = client
-        .get(gw.url("/x"))
-        .header("X-API-Key", secret.expose())
-        .send()
-        .await
-        .unwrap();
+    let resp = gw.get_with_key("/x", secret.expose()).await;
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
-    let record = keygate::store::KeyRecord {
-        id: "key_precreated01".into(),
-        name: "late".into(),
-        digest: secret.digest(),
-        hint: secret.hint(),
-        created_at: keygate::store::unix_now(),
-        last_used: None,
-        use_count: 0,
-        is_active: true,
-        legacy: false,
-        expires_at: None,
-    };
+    let record =
+        keygate::store::KeyRecord::new("late", &secret, keygate::store::unix_now(), None).unwrap();
     gw.store.insert(record).await.unwrap();
     let wait_for = |want: StatusCode| {
         let client = client.clone();
@@ -618,12 +550,7 @@ async fn health_reports_the_store_and_cached_keys_survive_a_store_outage() {
     assert_eq!(body["status"], "healthy");
     assert_eq!(body["active_api_keys"], 2);
     assert!(body["timestamp"].as_str().unwrap().starts_with("20"));
-    let resp = client
-        .get(gw.url("/x"))
-        .header("X-API-Key", &key)
-        .send()
-        .await
-        .unwrap();
+    let resp = gw.get_with_key("/x", &key).await;
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(upstream.count(), 1, "the health endpoint was forwarded");
 
@@ -641,21 +568,11 @@ async fn health_reports_the_store_and_cached_keys_survive_a_store_outage() {
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(json(resp).await["status"], "unhealthy");
     // The recently validated key keeps working (stale_if_error) ...
-    let resp = client
-        .get(gw.url("/x"))
-        .header("X-API-Key", &key)
-        .send()
-        .await
-        .unwrap();
+    let resp = gw.get_with_key("/x", &key).await;
     assert_eq!(resp.status(), StatusCode::OK);
     // ... an unknown key is 503 with Retry-After: never 401, never 200.
     let other = keygate::key::generate().unwrap();
-    let resp = client
-        .get(gw.url("/x"))
-        .header("X-API-Key", other.expose())
-        .send()
-        .await
-        .unwrap();
+    let resp = gw.get_with_key("/x", other.expose()).await;
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(resp.headers()["retry-after"], "1");
     let readyz = reqwest::get(format!("http://{}/readyz", gw.admin))
@@ -673,12 +590,7 @@ async fn health_reports_the_store_and_cached_keys_survive_a_store_outage() {
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
-    let resp = client
-        .get(gw.url("/x"))
-        .header("X-API-Key", other.expose())
-        .send()
-        .await
-        .unwrap();
+    let resp = gw.get_with_key("/x", other.expose()).await;
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
     gw.shutdown().await;
 }
@@ -689,18 +601,8 @@ async fn admin_listener_serves_metrics_liveness_and_readiness() {
     let gw = Gateway::start(&upstream.url(), &[]).await;
     let key = gw.create_key("m").await;
     let client = gw.client();
-    client
-        .get(gw.url("/x"))
-        .header("X-API-Key", &key)
-        .send()
-        .await
-        .unwrap();
-    client
-        .get(gw.url("/x"))
-        .header("X-API-Key", &key)
-        .send()
-        .await
-        .unwrap();
+    gw.get_with_key("/x", &key).await;
+    gw.get_with_key("/x", &key).await;
     client.get(gw.url("/x")).send().await.unwrap();
 
     let admin = format!("http://{}", gw.admin);
@@ -752,14 +654,9 @@ async fn usage_is_flushed_in_batches() {
     let upstream = Upstream::start().await;
     let gw = Gateway::start(&upstream.url(), &[]).await;
     let key = gw.create_key("counted").await;
-    let client = gw.client();
+
     for _ in 0..5 {
-        let resp = client
-            .get(gw.url("/x"))
-            .header("X-API-Key", &key)
-            .send()
-            .await
-            .unwrap();
+        let resp = gw.get_with_key("/x", &key).await;
         assert_eq!(resp.status(), StatusCode::OK);
     }
     let started = Instant::now();

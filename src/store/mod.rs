@@ -13,7 +13,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::key::KeyDigest;
+use crate::key::{self, KeyDigest, RngError, Secret};
 
 /// A boxed future: store calls happen off the hot path (misses, polls, flushes, the CLI), so the
 /// allocation does not matter and the trait stays object-safe.
@@ -46,6 +46,27 @@ pub struct KeyRecord {
 }
 
 impl KeyRecord {
+    /// A new, active, never-used record for `secret`, with a fresh random id (`key_` + 12 base62).
+    pub fn new(
+        name: impl Into<String>,
+        secret: &Secret,
+        created_at: i64,
+        expires_at: Option<i64>,
+    ) -> Result<Self, RngError> {
+        Ok(Self {
+            id: format!("key_{}", key::random_base62(12)?),
+            name: name.into(),
+            digest: secret.digest(),
+            hint: secret.hint(),
+            created_at,
+            last_used: None,
+            use_count: 0,
+            is_active: true,
+            legacy: false,
+            expires_at,
+        })
+    }
+
     /// Whether the key has expired at `now` (Unix seconds).
     pub fn is_expired(&self, now: i64) -> bool {
         self.expires_at.is_some_and(|at| now >= at)

@@ -249,6 +249,27 @@ impl Gateway {
         tls_client(&self.cert_pem, self.https)
     }
 
+    /// A TLS client limited to HTTP/1.1 (to send HTTP/1-only headers such as `Connection`).
+    pub fn h1_client(&self) -> reqwest::Client {
+        reqwest::Client::builder()
+            .use_rustls_tls()
+            .http1_only()
+            .add_root_certificate(reqwest::Certificate::from_pem(&self.cert_pem).unwrap())
+            .resolve("localhost", self.https)
+            .build()
+            .unwrap()
+    }
+
+    /// `GET <path>` over TLS, with `X-API-Key: key`.
+    pub async fn get_with_key(&self, path: &str, key: &str) -> reqwest::Response {
+        self.client()
+            .get(self.url(path))
+            .header("X-API-Key", key)
+            .send()
+            .await
+            .unwrap()
+    }
+
     /// `https://localhost:<port><path>`.
     pub fn url(&self, path: &str) -> String {
         format!("https://localhost:{}{path}", self.https.port())
@@ -294,18 +315,7 @@ pub fn tls_client(cert_pem: &[u8], https: SocketAddr) -> reqwest::Client {
 /// Mints a key and stores its record; returns the key.
 pub async fn create_key(store: &SqliteStore, name: &str) -> String {
     let secret = key::generate().unwrap();
-    let record = KeyRecord {
-        id: format!("key_{}", key::random_base62(12).unwrap()),
-        name: name.to_owned(),
-        digest: secret.digest(),
-        hint: secret.hint(),
-        created_at: unix_now(),
-        last_used: None,
-        use_count: 0,
-        is_active: true,
-        legacy: false,
-        expires_at: None,
-    };
+    let record = KeyRecord::new(name, &secret, unix_now(), None).unwrap();
     store.insert(record).await.unwrap();
     secret.expose().to_owned()
 }
