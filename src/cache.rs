@@ -64,11 +64,15 @@ impl KnownKey {
         let count = self.pending_uses.swap(0, Ordering::Relaxed);
         (count > 0).then(|| Usage {
             id: self.record.id.clone(),
+            digest: self.record.digest,
             last_used: self.last_used.load(Ordering::Relaxed),
             count,
         })
     }
 }
+
+/// Unflushed usage by key id: digest, latest use, count.
+type UsageBatch = HashMap<String, (KeyDigest, i64, u64)>;
 
 /// A cached decision.
 #[derive(Debug, Clone)]
@@ -136,7 +140,7 @@ pub struct KeyCache {
     negative_ttl: Duration,
     store_timeout: Duration,
     /// Usage of entries evicted before their usage was flushed.
-    spilled: Arc<Mutex<HashMap<String, (i64, u64)>>>,
+    spilled: Arc<Mutex<UsageBatch>>,
     legacy_present: AtomicBool,
     store_up: AtomicBool,
     metrics: Arc<Metrics>,
@@ -145,7 +149,7 @@ pub struct KeyCache {
 impl KeyCache {
     /// A cache in front of `store`, sized and timed by `[store]`.
     pub fn new(store: SharedStore, cfg: &config::Store, metrics: Arc<Metrics>) -> Self {
-        let spilled: Arc<Mutex<HashMap<String, (i64, u64)>>> = Arc::default();
+        let spilled: Arc<Mutex<UsageBatch>> = Arc::default();
         let spill = Arc::clone(&spilled);
         let cache = Cache::builder()
             .max_capacity(cfg.cache_capacity)
@@ -159,9 +163,7 @@ impl KeyCache {
                     && let Some(u) = k.take_usage()
                     && let Ok(mut map) = spill.lock()
                 {
-                    let slot = map.entry(u.id).or_insert((0, 0));
-                    slot.0 = slot.0.max(u.last_used);
-                    slot.1 += u.count;
+                    merge(&mut map, u);
                 }
             })
             .build();
@@ -336,9 +338,11 @@ impl KeyCache {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut since_counts = Instant::now();
+        let signal = self.store.change_signal();
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
+                _ = wait(signal.as_deref()) => {}
                 _ = shutdown.changed() => return,
             }
             let result = match position {
@@ -368,7 +372,7 @@ impl KeyCache {
     /// Collects unflushed usage from cached and evicted entries and writes it in one batch.
     /// On failure the usage is kept for the next flush.
     pub async fn flush_usage(&self) -> Result<usize, StoreError> {
-        let mut merged: HashMap<String, (i64, u64)> = match self.spilled.lock() {
+        let mut merged: UsageBatch = match self.spilled.lock() {
             Ok(mut spilled) => std::mem::take(&mut *spilled),
             Err(_) => HashMap::new(),
         };
@@ -376,9 +380,7 @@ impl KeyCache {
             if let Entry::Known(k) = entry
                 && let Some(u) = k.take_usage()
             {
-                let slot = merged.entry(u.id).or_insert((0, 0));
-                slot.0 = slot.0.max(u.last_used);
-                slot.1 += u.count;
+                merge(&mut merged, u);
             }
         }
         if merged.is_empty() {
@@ -386,8 +388,9 @@ impl KeyCache {
         }
         let batch: Vec<Usage> = merged
             .iter()
-            .map(|(id, &(last_used, count))| Usage {
+            .map(|(id, &(digest, last_used, count))| Usage {
                 id: id.clone(),
+                digest,
                 last_used,
                 count,
             })
@@ -397,10 +400,16 @@ impl KeyCache {
             Ok(()) => Ok(n),
             Err(e) => {
                 if let Ok(mut spilled) = self.spilled.lock() {
-                    for (id, (last, count)) in merged {
-                        let slot = spilled.entry(id).or_insert((0, 0));
-                        slot.0 = slot.0.max(last);
-                        slot.1 += count;
+                    for (id, (digest, last_used, count)) in merged {
+                        merge(
+                            &mut spilled,
+                            Usage {
+                                id,
+                                digest,
+                                last_used,
+                                count,
+                            },
+                        );
                     }
                 }
                 Err(e)
@@ -427,6 +436,21 @@ impl KeyCache {
             }
         }
     }
+}
+
+/// Resolves when `signal` is raised; never without one.
+async fn wait(signal: Option<&tokio::sync::Notify>) {
+    match signal {
+        Some(s) => s.notified().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Adds one key's usage to a batch keyed by id.
+fn merge(batch: &mut UsageBatch, u: Usage) {
+    let slot = batch.entry(u.id).or_insert((u.digest, 0, 0));
+    slot.1 = slot.1.max(u.last_used);
+    slot.2 += u.count;
 }
 
 #[cfg(test)]

@@ -220,10 +220,16 @@ impl Default for AuthSection {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreSection {
-    /// `sqlite` (embedded).
+    /// `sqlite` (embedded, one host), `redis` (one server, shared by a fleet) or `redis-cluster`.
     pub backend: String,
     /// SQLite database file.
     pub path: String,
+    /// Redis URL for `redis`: `redis://[user:password@]host:port/db`, or `rediss://` for TLS.
+    pub url: String,
+    /// Seed nodes for `redis-cluster` (URLs as for `url`).
+    pub cluster_nodes: Vec<String>,
+    /// Redis key prefix; keys are `{prefix}:...`, all in one cluster slot.
+    pub key_prefix: String,
     /// Maximum cached keys (valid and unknown together).
     pub cache_capacity: u64,
     /// How long a valid key's decision is cached without re-reading the store.
@@ -245,6 +251,9 @@ impl Default for StoreSection {
         Self {
             backend: "sqlite".into(),
             path: "keygate.db".into(),
+            url: "redis://127.0.0.1:6379/0".into(),
+            cluster_nodes: Vec::new(),
+            key_prefix: "keygate".into(),
             cache_capacity: 100_000,
             positive_ttl: "60s".into(),
             negative_ttl: "30s".into(),
@@ -425,6 +434,11 @@ pub struct Auth {
 pub enum Backend {
     /// Embedded SQLite file.
     Sqlite { path: PathBuf },
+    /// Redis (one server or a cluster), keys under `{prefix}`.
+    Redis {
+        target: crate::store::redis::Target,
+        prefix: String,
+    },
 }
 
 /// Validated `[store]`.
@@ -531,10 +545,15 @@ impl FileConfig {
         })
     }
 
-    /// The effective configuration as TOML, for `check-config`. No field holds a secret today;
-    /// credentials in URLs (a future store URL) must be redacted here.
+    /// The effective configuration as TOML, for `check-config`, with passwords in Redis URLs
+    /// replaced by `***`.
     pub fn to_toml(&self) -> String {
-        toml::to_string(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+        let mut shown = self.clone();
+        shown.store.url = redact_url(&shown.store.url);
+        for node in &mut shown.store.cluster_nodes {
+            *node = redact_url(node);
+        }
+        toml::to_string(&shown).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
 }
 
@@ -589,6 +608,37 @@ fn env_value(raw: &str) -> toml::Value {
         .ok()
         .and_then(|mut t| t.remove("v"))
         .unwrap_or_else(|| toml::Value::String(raw.to_owned()))
+}
+
+fn check_redis_url(key: &'static str, value: &str) -> Result<(), ConfigError> {
+    const EXPECTED: &str = "a redis:// or rediss:// URL such as \"redis://127.0.0.1:6379/0\"";
+    if !(value.starts_with("redis://") || value.starts_with("rediss://")) {
+        return Err(invalid(key, redact_url(value), EXPECTED));
+    }
+    redis::Client::open(value)
+        .map(|_| ())
+        .map_err(|_| invalid(key, redact_url(value), EXPECTED))
+}
+
+/// `scheme://user:***@host...`: the password of a URL, hidden.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            let hidden = if userinfo.contains(':') {
+                format!("{user}:***")
+            } else {
+                "***".to_owned()
+            };
+            let _ = user;
+            format!("{scheme}://{hidden}@{host}{path}")
+        }
+        None => url.to_owned(),
+    }
 }
 
 /// Parses "250ms", "30s", "5m", "7d".
@@ -756,6 +806,18 @@ impl AuthSection {
 }
 
 impl StoreSection {
+    fn redis_prefix(&self) -> Result<String, ConfigError> {
+        let p = &self.key_prefix;
+        if p.is_empty() || p.contains(['{', '}', ' ', ':']) {
+            return Err(invalid(
+                "store.key_prefix",
+                p,
+                "a non-empty name without braces, spaces or ':'",
+            ));
+        }
+        Ok(p.clone())
+    }
+
     fn validate(&self) -> Result<Store, ConfigError> {
         let backend = match self.backend.as_str() {
             "sqlite" => {
@@ -766,7 +828,36 @@ impl StoreSection {
                     path: PathBuf::from(&self.path),
                 }
             }
-            other => return Err(invalid("store.backend", other, "\"sqlite\"")),
+            "redis" => {
+                check_redis_url("store.url", &self.url)?;
+                Backend::Redis {
+                    target: crate::store::redis::Target::Single(self.url.clone()),
+                    prefix: self.redis_prefix()?,
+                }
+            }
+            "redis-cluster" => {
+                if self.cluster_nodes.is_empty() {
+                    return Err(invalid(
+                        "store.cluster_nodes",
+                        "[]",
+                        "at least one redis:// seed node for backend \"redis-cluster\"",
+                    ));
+                }
+                for node in &self.cluster_nodes {
+                    check_redis_url("store.cluster_nodes", node)?;
+                }
+                Backend::Redis {
+                    target: crate::store::redis::Target::Cluster(self.cluster_nodes.clone()),
+                    prefix: self.redis_prefix()?,
+                }
+            }
+            other => {
+                return Err(invalid(
+                    "store.backend",
+                    other,
+                    "\"sqlite\", \"redis\" or \"redis-cluster\"",
+                ));
+            }
         };
         if self.cache_capacity == 0 {
             return Err(invalid("store.cache_capacity", 0, "a number above 0"));
@@ -1034,6 +1125,40 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn redis_backends_and_password_redaction() {
+        let c = load(
+            "[store]\nbackend = \"redis\"\nurl = \"redis://app:s3cret@10.0.0.9:6380/2\"\n",
+            &[],
+        )
+        .unwrap();
+        assert!(matches!(c.store.backend, Backend::Redis { .. }));
+        let file = FileConfig::from_toml(
+            "[store]\nbackend = \"redis\"\nurl = \"redis://app:s3cret@10.0.0.9:6380/2\"\n",
+            "test",
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        let shown = file.to_toml();
+        assert!(
+            !shown.contains("s3cret") && shown.contains("redis://app:***@10.0.0.9:6380/2"),
+            "{shown}"
+        );
+        assert_eq!(redact_url("rediss://:pw@h:1"), "rediss://:***@h:1");
+        assert_eq!(redact_url("redis://h:1/0"), "redis://h:1/0");
+        let err = load(
+            "[store]\nbackend = \"redis\"\nurl = \"http://x:pw@h\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("store.url") && !err.contains("pw"), "{err}");
+        let err = load("[store]\nbackend = \"redis-cluster\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("store.cluster_nodes"), "{err}");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! store. The gateway only reads it on a cache miss, polls its change feed, and flushes usage to
 //! it in batches; the CLI uses it directly, which is why every mutation records a change.
 
+pub mod redis;
 pub mod sqlite;
 
 use std::future::Future;
@@ -93,6 +94,8 @@ mod digest_hex {
 pub struct Usage {
     /// The key's id.
     pub id: String,
+    /// The key's digest (how the Redis store addresses the record).
+    pub digest: KeyDigest,
     /// Latest use, Unix seconds.
     pub last_used: i64,
     /// Number of uses since the last flush.
@@ -149,6 +152,11 @@ pub trait KeyStore: Send + Sync + 'static {
     fn change_position(&self) -> StoreFuture<'_, u64>;
     /// Changes after position `since`.
     fn changes_since(&self, since: u64) -> StoreFuture<'_, Changes>;
+    /// A signal raised when the store learns of a change (Redis pub/sub) or reconnects, so the
+    /// gateway reads the change feed at once instead of at its next poll. `None`: poll only.
+    fn change_signal(&self) -> Option<Arc<tokio::sync::Notify>> {
+        None
+    }
 }
 
 /// Shared handle to the configured store.
@@ -168,5 +176,10 @@ pub fn open(cfg: &crate::config::Store) -> Result<SharedStore, StoreError> {
         crate::config::Backend::Sqlite { path } => {
             Ok(Arc::new(sqlite::SqliteStore::open(path, cfg.timeout)?))
         }
+        crate::config::Backend::Redis { target, prefix } => Ok(Arc::new(redis::RedisStore::new(
+            target.clone(),
+            prefix,
+            cfg.timeout,
+        )?)),
     }
 }

@@ -334,6 +334,17 @@ impl KeyStore for SqliteStore {
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(unavailable)?;
             let Some(&(first, _)) = rows.first() else {
+                let current: i64 = conn
+                    .query_row("SELECT coalesce(max(seq), 0) FROM changes", [], |r| {
+                        r.get(0)
+                    })
+                    .map_err(unavailable)?;
+                if current < since_i {
+                    // The database was replaced by an older or different one.
+                    return Ok(Changes::Gap {
+                        next: u64::try_from(current).unwrap_or(0),
+                    });
+                }
                 return Ok(Changes::Digests {
                     digests: Vec::new(),
                     next: since,

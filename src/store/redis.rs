@@ -1,0 +1,639 @@
+//! Shared store for a fleet of gateways: Redis (a single server, or a Redis Cluster).
+//!
+//! Every keygate key carries the hash tag `{<prefix>}`, so all of them live in one cluster slot
+//! and every mutation is one atomic Lua script: the record, the id and name indexes, the active
+//! and legacy indexes, the change counter, the change stream and the pub/sub event change
+//! together or not at all. The data is small (a few hundred bytes per key), so one slot is no
+//! capacity limit; the cluster brings availability.
+//!
+//! Layout (`P` = `{keygate}`):
+//! - `P:k:<digest hex>` hash: the record;
+//! - `P:id:<id>`, `P:name:<name>` strings: digest of the key with that id or name;
+//! - `P:all` sorted set of digests by creation time; `P:active` by expiry (`+inf`: none);
+//!   `P:legacy` set of legacy digests;
+//! - `P:seq` change counter; `P:changes` stream of `(seq, digest)` (trimmed to about
+//!   [`CHANGE_LOG_KEEP`]); channel `P:changes` carries `"<seq> <digest>"` to subscribers.
+//!
+//! Connections reconnect by themselves: a single server through redis-rs's `ConnectionManager`, a
+//! cluster through its cluster client. Nothing here waits longer than the caller's store timeout.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, Script, Value};
+use tokio::sync::{Notify, OnceCell};
+
+use super::{Changes, KeyRecord, KeyStore, StoreError, StoreFuture, Usage, unix_now};
+use crate::key::KeyDigest;
+
+/// Approximate number of change-stream entries kept.
+pub const CHANGE_LOG_KEEP: u64 = 10_000;
+
+/// One change-stream entry as XRANGE returns it: id and field/value pairs.
+type StreamEntry = (String, Vec<(String, String)>);
+
+/// Where the store lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// One server (or a proxy in front of several): `redis://` or `rediss://` URL.
+    Single(String),
+    /// Redis Cluster seed nodes.
+    Cluster(Vec<String>),
+}
+
+/// One connection of either kind; both reconnect on their own.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Redis-backed [`KeyStore`].
+pub struct RedisStore {
+    target: Target,
+    timeout: Duration,
+    conn: OnceCell<Conn>,
+    prefix: String,
+    channel: String,
+    scripts: Scripts,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The target may hold a password: never print it.
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Scripts {
+    insert: Script,
+    set_active: Script,
+    delete: Script,
+    usage: Script,
+}
+
+/// Appends a change: bump the counter, add to the stream, publish. Shared by every mutation.
+/// KEYS[1] = seq, KEYS[2] = changes stream; ARGV[1] = digest, ARGV[2] = channel, ARGV[3] = keep.
+const LOG_CHANGE: &str = r#"
+local function log_change(seq_key, stream_key, digest, channel, keep)
+  local seq = redis.call('INCR', seq_key)
+  redis.call('XADD', stream_key, 'MAXLEN', '~', keep, seq .. '-1', 'd', digest)
+  redis.call('PUBLISH', channel, seq .. ' ' .. digest)
+  return seq
+end
+"#;
+
+impl Scripts {
+    fn new() -> Self {
+        // KEYS: rec, id, name, all, active, legacy, seq, changes
+        // ARGV: digest, id, name, hint, created_at, last_used, use_count, is_active, legacy,
+        //       expires_at ('' = none), channel, keep
+        let insert = format!(
+            "{LOG_CHANGE}{}",
+            r#"
+if redis.call('EXISTS', KEYS[3]) == 1 then return 1 end
+if redis.call('EXISTS', KEYS[1]) == 1 then return 2 end
+if redis.call('EXISTS', KEYS[2]) == 1 then return 3 end
+redis.call('HSET', KEYS[1], 'id', ARGV[2], 'name', ARGV[3], 'hint', ARGV[4],
+  'created_at', ARGV[5], 'last_used', ARGV[6], 'use_count', ARGV[7], 'is_active', ARGV[8],
+  'legacy', ARGV[9], 'expires_at', ARGV[10])
+redis.call('SET', KEYS[2], ARGV[1])
+redis.call('SET', KEYS[3], ARGV[1])
+redis.call('ZADD', KEYS[4], ARGV[5], ARGV[1])
+if ARGV[8] == '1' then
+  local score = ARGV[10]
+  if score == '' then score = '+inf' end
+  redis.call('ZADD', KEYS[5], score, ARGV[1])
+end
+if ARGV[9] == '1' then redis.call('SADD', KEYS[6], ARGV[1]) end
+log_change(KEYS[7], KEYS[8], ARGV[1], ARGV[11], ARGV[12])
+return 0
+"#
+        );
+        // KEYS: rec, active, seq, changes; ARGV: digest, active (0/1), channel, keep
+        let set_active = format!(
+            "{LOG_CHANGE}{}",
+            r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 1 end
+redis.call('HSET', KEYS[1], 'is_active', ARGV[2])
+if ARGV[2] == '1' then
+  local score = redis.call('HGET', KEYS[1], 'expires_at')
+  if not score or score == '' then score = '+inf' end
+  redis.call('ZADD', KEYS[2], score, ARGV[1])
+else
+  redis.call('ZREM', KEYS[2], ARGV[1])
+end
+log_change(KEYS[3], KEYS[4], ARGV[1], ARGV[3], ARGV[4])
+return 0
+"#
+        );
+        // KEYS: rec, id, name, all, active, legacy, seq, changes; ARGV: digest, channel, keep
+        let delete = format!(
+            "{LOG_CHANGE}{}",
+            r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 1 end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('ZREM', KEYS[5], ARGV[1])
+redis.call('SREM', KEYS[6], ARGV[1])
+log_change(KEYS[7], KEYS[8], ARGV[1], ARGV[2], ARGV[3])
+return 0
+"#
+        );
+        // KEYS: one record per usage; ARGV: (last_used, count) per key
+        let usage = r#"
+for i, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 1 then
+    local last = tonumber(ARGV[2 * i - 1])
+    local prev = tonumber(redis.call('HGET', key, 'last_used')) or 0
+    if last > prev then redis.call('HSET', key, 'last_used', last) end
+    redis.call('HINCRBY', key, 'use_count', ARGV[2 * i])
+  end
+end
+return 0
+"#;
+        Self {
+            insert: Script::new(&insert),
+            set_active: Script::new(&set_active),
+            delete: Script::new(&delete),
+            usage: Script::new(usage),
+        }
+    }
+}
+
+fn unavailable(e: redis::RedisError) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn opt_i64(v: Option<i64>) -> String {
+    v.map(|n| n.to_string()).unwrap_or_default()
+}
+
+impl RedisStore {
+    /// A store at `target` with keys under `{prefix}`. Connects lazily: the gateway starts (and
+    /// reports the store down) while Redis is unreachable.
+    pub fn new(target: Target, prefix: &str, timeout: Duration) -> Result<Self, StoreError> {
+        let check = |url: &str| {
+            redis::Client::open(url)
+                .map(|_| ())
+                .map_err(|e| StoreError::Unavailable(format!("invalid Redis URL: {e}")))
+        };
+        match &target {
+            Target::Single(url) => check(url)?,
+            Target::Cluster(nodes) => nodes.iter().try_for_each(|n| check(n))?,
+        }
+        let tag = format!("{{{prefix}}}");
+        Ok(Self {
+            target,
+            timeout,
+            conn: OnceCell::new(),
+            channel: format!("{tag}:changes"),
+            prefix: tag,
+            scripts: Scripts::new(),
+        })
+    }
+
+    async fn connect(&self) -> Result<Conn, StoreError> {
+        match &self.target {
+            Target::Single(url) => {
+                let client = redis::Client::open(url.as_str()).map_err(unavailable)?;
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(self.timeout))
+                    .set_response_timeout(Some(self.timeout))
+                    .set_min_delay(Duration::from_millis(50))
+                    .set_max_delay(Duration::from_millis(500))
+                    .set_number_of_retries(2);
+                let manager =
+                    ConnectionManager::new_lazy_with_config(client, config).map_err(unavailable)?;
+                Ok(Conn::Single(manager))
+            }
+            Target::Cluster(nodes) => {
+                let client = redis::cluster::ClusterClient::builder(nodes.clone())
+                    .connection_timeout(self.timeout)
+                    .response_timeout(self.timeout)
+                    .retries(2)
+                    .build()
+                    .map_err(unavailable)?;
+                let conn = tokio::time::timeout(self.timeout, client.get_async_connection())
+                    .await
+                    .map_err(|_| StoreError::Unavailable("Redis Cluster unreachable".into()))?
+                    .map_err(unavailable)?;
+                Ok(Conn::Cluster(conn))
+            }
+        }
+    }
+
+    async fn conn(&self) -> Result<Conn, StoreError> {
+        self.conn.get_or_try_init(|| self.connect()).await.cloned()
+    }
+
+    fn key(&self, kind: &str, rest: &str) -> String {
+        format!("{}:{kind}:{rest}", self.prefix)
+    }
+
+    fn rec_key(&self, digest: &KeyDigest) -> String {
+        self.key("k", &digest.to_hex())
+    }
+
+    fn named(&self, name: &str) -> String {
+        format!("{}:{name}", self.prefix)
+    }
+
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &Cmd) -> Result<T, StoreError> {
+        let mut conn = self.conn().await?;
+        cmd.query_async(&mut conn).await.map_err(unavailable)
+    }
+
+    async fn record(&self, digest: KeyDigest) -> Result<Option<KeyRecord>, StoreError> {
+        let fields: Vec<(String, String)> = self
+            .query(redis::cmd("HGETALL").arg(self.rec_key(&digest)))
+            .await?;
+        parse_record(digest, fields)
+    }
+
+    async fn resolve(&self, id_or_name: &str) -> Result<KeyDigest, StoreError> {
+        for kind in ["id", "name"] {
+            let digest: Option<String> = self
+                .query(redis::cmd("GET").arg(self.key(kind, id_or_name)))
+                .await?;
+            if let Some(hex) = digest {
+                return KeyDigest::from_hex(&hex).ok_or_else(|| {
+                    StoreError::Corrupt(format!("bad digest under {kind} {id_or_name}"))
+                });
+            }
+        }
+        Err(StoreError::NotFound(id_or_name.to_owned()))
+    }
+
+    async fn find_record(&self, id_or_name: &str) -> Result<KeyRecord, StoreError> {
+        let digest = self.resolve(id_or_name).await?;
+        self.record(digest)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(id_or_name.to_owned()))
+    }
+
+    async fn subscribe_loop(target: Target, channel: String, signal: Weak<Notify>) {
+        let url = match &target {
+            Target::Single(url) => url.clone(),
+            // PUBLISH reaches every node of a cluster: any seed node will do.
+            Target::Cluster(nodes) => nodes.first().cloned().unwrap_or_default(),
+        };
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let result: Result<(), redis::RedisError> = async {
+                let client = redis::Client::open(url.as_str())?;
+                let mut pubsub = client.get_async_pubsub().await?;
+                pubsub.subscribe(&channel).await?;
+                backoff = Duration::from_millis(100);
+                // (Re)subscribed: events may have been missed meanwhile, so catch up now.
+                match signal.upgrade() {
+                    Some(s) => s.notify_one(),
+                    None => return Ok(()),
+                }
+                let mut messages = pubsub.on_message();
+                while let Some(_msg) = futures_util::StreamExt::next(&mut messages).await {
+                    match signal.upgrade() {
+                        Some(s) => s.notify_one(),
+                        None => return Ok(()),
+                    }
+                }
+                Err(redis::RedisError::from((
+                    redis::ErrorKind::Io,
+                    "subscription closed",
+                )))
+            }
+            .await;
+            if signal.strong_count() == 0 {
+                return;
+            }
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "change subscription lost; resubscribing (polling continues)");
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+}
+
+fn parse_record(
+    digest: KeyDigest,
+    fields: Vec<(String, String)>,
+) -> Result<Option<KeyRecord>, StoreError> {
+    if fields.is_empty() {
+        return Ok(None);
+    }
+    let mut r = KeyRecord {
+        id: String::new(),
+        name: String::new(),
+        digest,
+        hint: String::new(),
+        created_at: 0,
+        last_used: None,
+        use_count: 0,
+        is_active: false,
+        legacy: false,
+        expires_at: None,
+    };
+    let bad = |f: &str, v: &str| {
+        StoreError::Corrupt(format!("field {f} = {v:?} of key {}", digest.to_hex()))
+    };
+    let int = |f: &str, v: &str| v.parse::<i64>().map_err(|_| bad(f, v));
+    let opt = |f: &str, v: &str| {
+        if v.is_empty() {
+            Ok(None)
+        } else {
+            int(f, v).map(Some)
+        }
+    };
+    for (f, v) in &fields {
+        match f.as_str() {
+            "id" => r.id.clone_from(v),
+            "name" => r.name.clone_from(v),
+            "hint" => r.hint.clone_from(v),
+            "created_at" => r.created_at = int(f, v)?,
+            "last_used" => r.last_used = opt(f, v)?.filter(|&t| t > 0),
+            "use_count" => r.use_count = u64::try_from(int(f, v)?).unwrap_or(0),
+            "is_active" => r.is_active = v == "1",
+            "legacy" => r.legacy = v == "1",
+            "expires_at" => r.expires_at = opt(f, v)?,
+            // Fields written by a newer keygate are ignored, not fatal.
+            _ => {}
+        }
+    }
+    Ok(Some(r))
+}
+
+impl KeyStore for RedisStore {
+    fn lookup(&self, digest: KeyDigest) -> StoreFuture<'_, Option<KeyRecord>> {
+        Box::pin(self.record(digest))
+    }
+
+    fn insert(&self, record: KeyRecord) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            let hex = record.digest.to_hex();
+            let mut conn = self.conn().await?;
+            let code: i64 = self
+                .scripts
+                .insert
+                .key(self.rec_key(&record.digest))
+                .key(self.key("id", &record.id))
+                .key(self.key("name", &record.name))
+                .key(self.named("all"))
+                .key(self.named("active"))
+                .key(self.named("legacy"))
+                .key(self.named("seq"))
+                .key(self.named("changes"))
+                .arg(&hex)
+                .arg(&record.id)
+                .arg(&record.name)
+                .arg(&record.hint)
+                .arg(record.created_at)
+                .arg(opt_i64(record.last_used))
+                .arg(record.use_count)
+                .arg(u8::from(record.is_active))
+                .arg(u8::from(record.legacy))
+                .arg(opt_i64(record.expires_at))
+                .arg(&self.channel)
+                .arg(CHANGE_LOG_KEEP)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            match code {
+                0 => Ok(()),
+                1 => Err(StoreError::Conflict(record.name)),
+                2 => Err(StoreError::Conflict(format!(
+                    "{} (same key digest)",
+                    record.name
+                ))),
+                _ => Err(StoreError::Conflict(format!(
+                    "{} (id {} taken)",
+                    record.name, record.id
+                ))),
+            }
+        })
+    }
+
+    fn list(&self) -> StoreFuture<'_, Vec<KeyRecord>> {
+        Box::pin(async move {
+            let digests: Vec<String> = self
+                .query(redis::cmd("ZRANGE").arg(self.named("all")).arg(0).arg(-1))
+                .await?;
+            let digests: Vec<KeyDigest> = digests
+                .iter()
+                .filter_map(|h| KeyDigest::from_hex(h))
+                .collect();
+            if digests.is_empty() {
+                return Ok(Vec::new());
+            }
+            let mut pipe = redis::pipe();
+            for d in &digests {
+                pipe.cmd("HGETALL").arg(self.rec_key(d));
+            }
+            let mut conn = self.conn().await?;
+            let rows: Vec<Vec<(String, String)>> =
+                pipe.query_async(&mut conn).await.map_err(unavailable)?;
+            let mut out = Vec::with_capacity(rows.len());
+            for (d, fields) in digests.into_iter().zip(rows) {
+                if let Some(r) = parse_record(d, fields)? {
+                    out.push(r);
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn find(&self, id_or_name: &str) -> StoreFuture<'_, KeyRecord> {
+        let id_or_name = id_or_name.to_owned();
+        Box::pin(async move { self.find_record(&id_or_name).await })
+    }
+
+    fn set_active(&self, id_or_name: &str, active: bool) -> StoreFuture<'_, KeyRecord> {
+        let id_or_name = id_or_name.to_owned();
+        Box::pin(async move {
+            let mut record = self.find_record(&id_or_name).await?;
+            let mut conn = self.conn().await?;
+            let code: i64 = self
+                .scripts
+                .set_active
+                .key(self.rec_key(&record.digest))
+                .key(self.named("active"))
+                .key(self.named("seq"))
+                .key(self.named("changes"))
+                .arg(record.digest.to_hex())
+                .arg(u8::from(active))
+                .arg(&self.channel)
+                .arg(CHANGE_LOG_KEEP)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            if code != 0 {
+                return Err(StoreError::NotFound(id_or_name));
+            }
+            record.is_active = active;
+            Ok(record)
+        })
+    }
+
+    fn delete(&self, id_or_name: &str) -> StoreFuture<'_, KeyRecord> {
+        let id_or_name = id_or_name.to_owned();
+        Box::pin(async move {
+            let record = self.find_record(&id_or_name).await?;
+            let mut conn = self.conn().await?;
+            let code: i64 = self
+                .scripts
+                .delete
+                .key(self.rec_key(&record.digest))
+                .key(self.key("id", &record.id))
+                .key(self.key("name", &record.name))
+                .key(self.named("all"))
+                .key(self.named("active"))
+                .key(self.named("legacy"))
+                .key(self.named("seq"))
+                .key(self.named("changes"))
+                .arg(record.digest.to_hex())
+                .arg(&self.channel)
+                .arg(CHANGE_LOG_KEEP)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            if code != 0 {
+                return Err(StoreError::NotFound(id_or_name));
+            }
+            Ok(record)
+        })
+    }
+
+    fn count_active(&self) -> StoreFuture<'_, u64> {
+        Box::pin(async move {
+            self.query(
+                redis::cmd("ZCOUNT")
+                    .arg(self.named("active"))
+                    .arg(format!("({}", unix_now()))
+                    .arg("+inf"),
+            )
+            .await
+        })
+    }
+
+    fn has_legacy(&self) -> StoreFuture<'_, bool> {
+        Box::pin(async move {
+            let n: u64 = self
+                .query(redis::cmd("SCARD").arg(self.named("legacy")))
+                .await?;
+            Ok(n > 0)
+        })
+    }
+
+    fn record_usage(&self, batch: Vec<Usage>) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            let mut invocation = self.scripts.usage.prepare_invoke();
+            for u in &batch {
+                invocation
+                    .key(self.rec_key(&u.digest))
+                    .arg(u.last_used)
+                    .arg(u.count);
+            }
+            let mut conn = self.conn().await?;
+            let _: i64 = invocation
+                .invoke_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            Ok(())
+        })
+    }
+
+    fn change_position(&self) -> StoreFuture<'_, u64> {
+        Box::pin(async move {
+            let seq: Option<u64> = self.query(redis::cmd("GET").arg(self.named("seq"))).await?;
+            Ok(seq.unwrap_or(0))
+        })
+    }
+
+    fn changes_since(&self, since: u64) -> StoreFuture<'_, Changes> {
+        Box::pin(async move {
+            let mut pipe = redis::pipe();
+            pipe.cmd("GET").arg(self.named("seq"));
+            pipe.cmd("XRANGE")
+                .arg(self.named("changes"))
+                .arg(format!("{}-0", since.saturating_add(1)))
+                .arg("+");
+            let mut conn = self.conn().await?;
+            let (seq, entries): (Option<u64>, Vec<StreamEntry>) =
+                pipe.query_async(&mut conn).await.map_err(unavailable)?;
+            let current = seq.unwrap_or(0);
+            if current < since {
+                // The data was replaced (FLUSHALL, a fresh server): nothing cached can be trusted.
+                return Ok(Changes::Gap { next: current });
+            }
+            if current == since {
+                return Ok(Changes::Digests {
+                    digests: Vec::new(),
+                    next: since,
+                });
+            }
+            let first = entries
+                .first()
+                .and_then(|(id, _)| id.split('-').next()?.parse::<u64>().ok());
+            if first != Some(since + 1) {
+                // The stream was trimmed past our position.
+                return Ok(Changes::Gap { next: current });
+            }
+            let mut next = since;
+            let mut digests = Vec::with_capacity(entries.len());
+            for (id, fields) in entries {
+                if let Some(seq) = id.split('-').next().and_then(|s| s.parse::<u64>().ok()) {
+                    next = next.max(seq);
+                }
+                digests.extend(
+                    fields
+                        .iter()
+                        .filter(|(f, _)| f == "d")
+                        .filter_map(|(_, v)| KeyDigest::from_hex(v)),
+                );
+            }
+            Ok(Changes::Digests { digests, next })
+        })
+    }
+
+    fn change_signal(&self) -> Option<Arc<Notify>> {
+        let notify = Arc::new(Notify::new());
+        tokio::spawn(Self::subscribe_loop(
+            self.target.clone(),
+            self.channel.clone(),
+            Arc::downgrade(&notify),
+        ));
+        Some(notify)
+    }
+}
