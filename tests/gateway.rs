@@ -6,7 +6,6 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{Gateway, Upstream};
-use keygate::store::KeyStore as _;
 use reqwest::StatusCode;
 use serde_json::Value;
 

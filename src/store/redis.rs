@@ -271,9 +271,16 @@ impl RedisStore {
         format!("{}:{name}", self.prefix)
     }
 
+    /// Runs a read-only command. A connection found broken (Redis restarted since the last call)
+    /// is retried once on the fresh connection the manager makes.
     async fn query<T: redis::FromRedisValue>(&self, cmd: &Cmd) -> Result<T, StoreError> {
         let mut conn = self.conn().await?;
-        cmd.query_async(&mut conn).await.map_err(unavailable)
+        match cmd.query_async(&mut conn).await {
+            Err(e) if e.is_connection_dropped() || e.is_io_error() => {
+                cmd.query_async(&mut conn).await.map_err(unavailable)
+            }
+            other => other.map_err(unavailable),
+        }
     }
 
     async fn record(&self, digest: KeyDigest) -> Result<Option<KeyRecord>, StoreError> {

@@ -21,8 +21,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use keygate::config::FileConfig;
 use keygate::key;
-use keygate::store::sqlite::SqliteStore;
-use keygate::store::{KeyRecord, KeyStore as _, unix_now};
+use keygate::store::{KeyRecord, KeyStore, unix_now};
 use sha2::{Digest as _, Sha256};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -199,8 +198,8 @@ pub struct Gateway {
     pub admin: SocketAddr,
     pub dir: tempfile::TempDir,
     pub config_path: PathBuf,
-    /// A second connection to the same SQLite file, as the CLI would open it.
-    pub store: SqliteStore,
+    /// A second connection to the same store, as the CLI would open it.
+    pub store: Arc<dyn KeyStore>,
     cert_pem: Vec<u8>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), keygate::server::ServeError>>>,
@@ -220,6 +219,7 @@ impl Gateway {
             .validate()
             .unwrap();
         let store = keygate::store::open(&config.store).unwrap();
+        let cli_store = keygate::store::open(&config.store).unwrap();
         let listeners = keygate::server::Listeners::bind(&config.server)
             .await
             .unwrap();
@@ -230,8 +230,6 @@ impl Gateway {
         let task = tokio::spawn(keygate::server::run(config, store, listeners, async {
             let _ = stop_rx.await;
         }));
-        let cli_store =
-            SqliteStore::open(&dir.path().join("keygate.db"), Duration::from_secs(5)).unwrap();
         let cert_pem = std::fs::read(dir.path().join("cert.pem")).unwrap();
         Self {
             https,
@@ -279,7 +277,7 @@ impl Gateway {
 
     /// Creates an active key directly in the store (as `keygate keys create` does).
     pub async fn create_key(&self, name: &str) -> String {
-        create_key(&self.store, name).await
+        create_key(self.store.as_ref(), name).await
     }
 
     /// Stops the gateway and waits for it to finish draining.
@@ -315,7 +313,7 @@ pub fn tls_client(cert_pem: &[u8], https: SocketAddr) -> reqwest::Client {
 }
 
 /// Mints a key and stores its record; returns the key.
-pub async fn create_key(store: &SqliteStore, name: &str) -> String {
+pub async fn create_key(store: &dyn KeyStore, name: &str) -> String {
     let secret = key::generate().unwrap();
     let record = KeyRecord::new(name, &secret, unix_now(), None).unwrap();
     store.insert(record).await.unwrap();

@@ -120,31 +120,17 @@ impl Redis {
         self.spawn();
     }
 
-    /// Calls of `command` so far, from `INFO commandstats`.
-    pub fn calls(&self, command: &str) -> u64 {
-        let stats = self.cli(&["INFO", "commandstats"]).unwrap_or_default();
-        let prefix = format!("cmdstat_{command}:calls=");
-        stats
-            .lines()
-            .find_map(|l| l.strip_prefix(&prefix))
-            .and_then(|rest| rest.split(',').next()?.parse().ok())
-            .unwrap_or(0)
-    }
-
-    /// Calls of every command so far.
-    pub fn total_calls(&self) -> u64 {
+    /// Calls so far of every command but INFO (which these readings themselves issue).
+    pub fn command_calls(&self) -> std::collections::BTreeMap<String, u64> {
         let stats = self.cli(&["INFO", "commandstats"]).unwrap_or_default();
         stats
             .lines()
             .filter_map(|l| {
-                l.split("calls=")
-                    .nth(1)?
-                    .split(',')
-                    .next()?
-                    .parse::<u64>()
-                    .ok()
+                let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(":calls=")?;
+                let calls = rest.split(',').next()?.parse::<u64>().ok()?;
+                (name != "info").then(|| (name.to_owned(), calls))
             })
-            .sum()
+            .collect()
     }
 }
 

@@ -1,0 +1,346 @@
+//! Fleet mode: several real gateways sharing one real `redis-server` (started by the harness on
+//! its own port): revocation everywhere within a second, a hot path that never touches Redis, and
+//! the defined behaviour while Redis is killed or paused.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::redis::Redis;
+use common::{Gateway, Upstream, keygate};
+use reqwest::StatusCode;
+
+fn redis_overrides<'a>(redis: &'a str, extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    let mut o = vec![
+        ("KEYGATE_STORE_BACKEND", "redis"),
+        ("KEYGATE_STORE_URL", redis),
+    ];
+    o.extend_from_slice(extra);
+    o
+}
+
+/// Runs `keygate keys ...` against the Redis store, as an operator would.
+fn cli(gw: &Gateway, redis_url: &str, args: &[&str]) -> String {
+    let out = keygate()
+        .arg("--config")
+        .arg(&gw.config_path)
+        .args(["keys"])
+        .args(args)
+        .env("KEYGATE_STORE_BACKEND", "redis")
+        .env("KEYGATE_STORE_URL", redis_url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+async fn status(gw: &Gateway, key: &str) -> StatusCode {
+    gw.get_with_key("/x", key).await.status()
+}
+
+async fn all_within(gws: &[&Gateway], key: &str, want: StatusCode, limit: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        let mut done = true;
+        for gw in gws {
+            done &= status(gw, key).await == want;
+        }
+        if done {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < limit,
+            "not every instance answers {want} after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn revocation_reaches_every_instance_within_a_second_even_after_a_lost_subscription() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = Redis::start(dir.path());
+    let url = redis.url();
+    let upstream = Upstream::start().await;
+    // Polling is slowed to 30 s: what is measured here is the pub/sub path and its recovery.
+    let o = redis_overrides(&url, &[("KEYGATE_STORE_POLL_INTERVAL", "30s")]);
+    let a = Gateway::start(&upstream.url(), &o).await;
+    let b = Gateway::start(&upstream.url(), &o).await;
+
+    let key = cli(&a, &url, &["create", "--name", "fleet"]);
+    all_within(&[&a, &b], &key, StatusCode::OK, Duration::from_secs(1)).await;
+    cli(&a, &url, &["revoke", "fleet"]);
+    let took = all_within(
+        &[&a, &b],
+        &key,
+        StatusCode::UNAUTHORIZED,
+        Duration::from_secs(1),
+    )
+    .await;
+    eprintln!("revocation reached both instances in {took:?}");
+
+    // Kill every subscription; change the key while the instances are (re)subscribing.
+    redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]).unwrap();
+    cli(&a, &url, &["enable", "fleet"]);
+    all_within(&[&a, &b], &key, StatusCode::OK, Duration::from_secs(1)).await;
+    cli(&a, &url, &["revoke", "fleet"]);
+    all_within(
+        &[&a, &b],
+        &key,
+        StatusCode::UNAUTHORIZED,
+        Duration::from_secs(1),
+    )
+    .await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// Pub/sub is at-most-once: a message can be lost. Changes written without their message, and
+/// then a change stream trimmed past the gateway's position, are still picked up by polling the
+/// change counter (the gap drops the whole cache).
+#[tokio::test]
+async fn an_instance_that_misses_events_resynchronises_by_polling() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = Redis::start(dir.path());
+    let url = redis.url();
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(
+        &upstream.url(),
+        &redis_overrides(&url, &[("KEYGATE_STORE_POLL_INTERVAL", "200ms")]),
+    )
+    .await;
+    let key = gw.create_key("missed").await;
+    assert_eq!(status(&gw, &key).await, StatusCode::OK);
+    let digest = keygate::key::KeyDigest::of(key.as_bytes()).to_hex();
+    let record = format!("{{keygate}}:k:{digest}");
+
+    // A revocation whose pub/sub message never arrives.
+    let silent_change = |active: &str, log: bool| {
+        redis.cli(&["HSET", &record, "is_active", active]).unwrap();
+        let seq = redis.cli(&["INCR", "{keygate}:seq"]).unwrap();
+        if log {
+            redis
+                .cli(&[
+                    "XADD",
+                    "{keygate}:changes",
+                    &format!("{seq}-1"),
+                    "d",
+                    &digest,
+                ])
+                .unwrap();
+        }
+    };
+    silent_change("0", true);
+    all_within(
+        &[&gw],
+        &key,
+        StatusCode::UNAUTHORIZED,
+        Duration::from_secs(1),
+    )
+    .await;
+
+    // Re-enabled, and the stream entry is lost too (trimmed): a gap, so everything is re-read.
+    silent_change("1", false);
+    redis
+        .cli(&["XTRIM", "{keygate}:changes", "MAXLEN", "0"])
+        .unwrap();
+    all_within(&[&gw], &key, StatusCode::OK, Duration::from_secs(1)).await;
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn cached_keys_make_no_redis_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = Redis::start(dir.path());
+    let url = redis.url();
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(
+        &upstream.url(),
+        &redis_overrides(
+            &url,
+            &[
+                ("KEYGATE_STORE_POLL_INTERVAL", "30s"),
+                ("KEYGATE_STORE_USAGE_FLUSH_INTERVAL", "400ms"),
+            ],
+        ),
+    )
+    .await;
+    let key = gw.create_key("hot").await;
+    assert_eq!(status(&gw, &key).await, StatusCode::OK);
+
+    // Let start-up settle (first change-feed read, subscription) before counting.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = redis.command_calls();
+    let started = Instant::now();
+    let client = gw.client();
+    for _ in 0..300 {
+        let resp = client
+            .get(gw.url("/x"))
+            .header("X-API-Key", &key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await; // at least one usage flush
+    let elapsed = started.elapsed();
+    let after = redis.command_calls();
+    let delta: std::collections::BTreeMap<&str, u64> = after
+        .iter()
+        .map(|(name, n)| (name.as_str(), n - before.get(name).copied().unwrap_or(0)))
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    eprintln!("300 requests in {elapsed:?}: Redis commands {delta:?}");
+    // The only commands are the batched usage writes: one script per flush (the first also
+    // loads it after EVALSHA's NOSCRIPT), and the commands the script runs inside Redis.
+    let flushes = u64::try_from(elapsed.as_millis() / 400 + 1).unwrap();
+    let scripts =
+        delta.get("evalsha").copied().unwrap_or(0) + delta.get("eval").copied().unwrap_or(0);
+    assert!(
+        scripts >= 1 && scripts <= 2 * flushes,
+        "usage is written per batch: {delta:?}"
+    );
+    assert!(
+        delta.keys().all(|c| matches!(
+            *c,
+            "evalsha" | "eval" | "script|load" | "exists" | "hget" | "hset" | "hincrby"
+        )),
+        "cached keys caused Redis round trips: {delta:?}"
+    );
+    assert_eq!(delta.get("hgetall"), None, "a cached key was looked up");
+    let r = gw.store.find("hot").await.unwrap();
+    assert_eq!(r.use_count, 301);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn redis_killed_then_restarted() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut redis = Redis::start(dir.path());
+    let url = redis.url();
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(
+        &upstream.url(),
+        &redis_overrides(
+            &url,
+            &[
+                ("KEYGATE_STORE_TIMEOUT", "300ms"),
+                ("KEYGATE_STORE_POSITIVE_TTL", "100ms"),
+                ("KEYGATE_STORE_STALE_IF_ERROR", "1m"),
+            ],
+        ),
+    )
+    .await;
+    let cached = gw.create_key("cached").await;
+    let later = gw.create_key("later").await;
+    assert_eq!(status(&gw, &cached).await, StatusCode::OK);
+
+    redis.kill();
+    tokio::time::sleep(Duration::from_millis(150)).await; // past positive_ttl
+    outage_behaviour(&gw, &cached, &later).await;
+
+    redis.restart();
+    let started = Instant::now();
+    // Within 2 s everything is normal again, without a restart of the gateway.
+    loop {
+        let health = gw
+            .client()
+            .get(gw.url("/health/api-auth/"))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        if health == StatusCode::OK && status(&gw, &later).await == StatusCode::OK {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "not recovered 2 s after Redis came back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!("recovered {:?} after Redis restarted", started.elapsed());
+    cli(&gw, &url, &["revoke", "cached"]);
+    all_within(
+        &[&gw],
+        &cached,
+        StatusCode::UNAUTHORIZED,
+        Duration::from_secs(1),
+    )
+    .await;
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn redis_paused_behaves_like_redis_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = Redis::start(dir.path());
+    let url = redis.url();
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(
+        &upstream.url(),
+        &redis_overrides(
+            &url,
+            &[
+                ("KEYGATE_STORE_TIMEOUT", "300ms"),
+                ("KEYGATE_STORE_POSITIVE_TTL", "100ms"),
+                ("KEYGATE_STORE_STALE_IF_ERROR", "1m"),
+            ],
+        ),
+    )
+    .await;
+    let cached = gw.create_key("cached").await;
+    let later = gw.create_key("later").await;
+    assert_eq!(status(&gw, &cached).await, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+
+    redis.cli(&["CLIENT", "PAUSE", "2500", "ALL"]).unwrap();
+    outage_behaviour(&gw, &cached, &later).await;
+    // After the pause everything is normal again.
+    let started = Instant::now();
+    while status(&gw, &later).await != StatusCode::OK {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "not recovered after the pause"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    gw.shutdown().await;
+}
+
+/// With the store unreachable: a recently validated key still works, a key the gateway has not
+/// seen gets 503 with Retry-After within the store timeout, and health and readiness say so.
+async fn outage_behaviour(gw: &Gateway, cached: &str, unseen: &str) {
+    let started = Instant::now();
+    assert_eq!(
+        status(gw, cached).await,
+        StatusCode::OK,
+        "stale_if_error not honoured"
+    );
+    let resp = gw.get_with_key("/x", unseen).await;
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(resp.headers()["retry-after"], "1");
+    let health = gw
+        .client()
+        .get(gw.url("/health/api-auth/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let ready = reqwest::get(format!("http://{}/readyz", gw.admin))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: serde_json::Value = ready.json().await.unwrap();
+    assert_eq!(body["store"], "down");
+    // Four store-bound requests, each bounded by the 300 ms store timeout.
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "a request hung: {:?}",
+        started.elapsed()
+    );
+}
