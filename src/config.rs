@@ -84,6 +84,7 @@ pub struct FileConfig {
     pub headers: HeadersSection,
     pub logging: LoggingSection,
     pub metrics: MetricsSection,
+    pub rate_limit: RateLimitSection,
 }
 
 /// `[server]`: listeners and connection limits.
@@ -325,6 +326,28 @@ impl Default for HeadersSection {
     }
 }
 
+/// `[rate_limit]`: GCRA limits, shared by the fleet when the store is Redis.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimitSection {
+    /// Requests per key, e.g. "600/min"; empty: unlimited.
+    pub per_key: String,
+    /// Failed authentications per client IP before it is locked out, e.g. "20/min"; empty: off.
+    pub failures_per_ip: String,
+    /// Longest wait for the shared limiter before deciding in-process.
+    pub shared_timeout: String,
+}
+
+impl Default for RateLimitSection {
+    fn default() -> Self {
+        Self {
+            per_key: String::new(),
+            failures_per_ip: "20/min".into(),
+            shared_timeout: "50ms".into(),
+        }
+    }
+}
+
 /// `[logging]`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -381,6 +404,15 @@ pub struct Config {
     pub headers: Headers,
     pub logging: Logging,
     pub metrics: Metrics,
+    pub rate_limit: RateLimit,
+}
+
+/// Validated `[rate_limit]`.
+#[derive(Debug, Clone)]
+pub struct RateLimit {
+    pub per_key: Option<crate::ratelimit::Rate>,
+    pub failures_per_ip: Option<crate::ratelimit::Rate>,
+    pub shared_timeout: Duration,
 }
 
 /// Validated `[server]`.
@@ -495,8 +527,17 @@ pub struct Metrics {
     pub latency_buckets: Vec<f64>,
 }
 
-const SECTIONS: [&str; 9] = [
-    "server", "tls", "upstream", "auth", "store", "cors", "headers", "logging", "metrics",
+const SECTIONS: [&str; 10] = [
+    "server",
+    "tls",
+    "upstream",
+    "auth",
+    "store",
+    "cors",
+    "headers",
+    "logging",
+    "metrics",
+    "rate_limit",
 ];
 
 impl FileConfig {
@@ -542,6 +583,7 @@ impl FileConfig {
             headers: self.headers.validate()?,
             logging: self.logging.validate()?,
             metrics: self.metrics.validate()?,
+            rate_limit: self.rate_limit.validate()?,
         })
     }
 
@@ -576,12 +618,13 @@ fn apply_env(table: &mut toml::Table, env: &dyn EnvSource) -> Result<(), ConfigE
             )
         } else if let Some(rest) = name.strip_prefix("KEYGATE_") {
             let lower = rest.to_ascii_lowercase();
-            let Some((section, field)) = lower.split_once('_') else {
+            // Section names may contain '_' (rate_limit): match them whole.
+            let Some((section, field)) = SECTIONS.iter().find_map(|section| {
+                let field = lower.strip_prefix(section)?.strip_prefix('_')?;
+                (!field.is_empty()).then_some((*section, field))
+            }) else {
                 continue; // KEYGATE_CONFIG and the like are not overrides.
             };
-            if !SECTIONS.contains(&section) {
-                continue;
-            }
             (section.to_owned(), field.to_owned(), env_value(&value))
         } else {
             continue;
@@ -994,6 +1037,28 @@ impl LoggingSection {
     }
 }
 
+impl RateLimitSection {
+    fn validate(&self) -> Result<RateLimit, ConfigError> {
+        let rate = |key: &'static str, v: &str| {
+            if v.trim().is_empty() {
+                return Ok(None);
+            }
+            crate::ratelimit::Rate::parse(v).map(Some).map_err(|_| {
+                invalid(
+                    key,
+                    v,
+                    "COUNT/PERIOD such as \"600/min\", \"10/s\" or \"20/30s\", or \"\" for none",
+                )
+            })
+        };
+        Ok(RateLimit {
+            per_key: rate("rate_limit.per_key", &self.per_key)?,
+            failures_per_ip: rate("rate_limit.failures_per_ip", &self.failures_per_ip)?,
+            shared_timeout: parse_duration("rate_limit.shared_timeout", &self.shared_timeout)?,
+        })
+    }
+}
+
 impl MetricsSection {
     fn validate(&self) -> Result<Metrics, ConfigError> {
         let b = &self.latency_buckets;
@@ -1052,6 +1117,7 @@ mod tests {
                 ("KEYGATE_UPSTREAM_URL", "http://10.1.2.3:9000"),
                 ("KEYGATE_SERVER_MAX_CONNECTIONS", "7"),
                 ("KEYGATE_STORE_POSITIVE_TTL", "5s"),
+                ("KEYGATE_RATE_LIMIT_PER_KEY", "10/s"),
                 ("KEYGATE_CONFIG", "ignored.toml"),
                 (
                     "CORS_ALLOWED_ORIGINS",
@@ -1063,6 +1129,7 @@ mod tests {
         assert_eq!(c.upstream.url, "http://10.1.2.3:9000/");
         assert_eq!(c.server.max_connections, 7);
         assert_eq!(c.store.positive_ttl, Duration::from_secs(5));
+        assert_eq!(c.rate_limit.per_key.map(|r| r.count), Some(10));
         assert_eq!(
             c.cors.allowed_origins,
             ["https://a.example", "https://b.example"]

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use http::{HeaderValue, StatusCode, header};
 
 use crate::cache::KnownKey;
+use crate::ratelimit::{LimitKind, Throttled, ceil_secs, rate_limit_field};
 
 use crate::key::FormatError;
 use crate::metrics::{AuthReason, UpstreamErrorKind};
@@ -47,6 +48,9 @@ pub enum GatewayError {
     /// The upstream failed.
     #[error("upstream {0:?} failure")]
     Upstream(UpstreamErrorKind),
+    /// Over a rate limit (per key, or failed authentications per client IP).
+    #[error("rate limited ({})", .0.kind.as_str())]
+    RateLimited(Throttled),
 }
 
 impl GatewayError {
@@ -58,6 +62,7 @@ impl GatewayError {
             | GatewayError::InactiveKey(_)
             | GatewayError::ExpiredKey(_) => StatusCode::UNAUTHORIZED,
             GatewayError::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::Upstream(UpstreamErrorKind::Timeout) => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::Upstream(UpstreamErrorKind::Connect | UpstreamErrorKind::Protocol) => {
                 StatusCode::BAD_GATEWAY
@@ -76,7 +81,7 @@ impl GatewayError {
             GatewayError::InactiveKey(_) => Some(AuthReason::Inactive),
             GatewayError::ExpiredKey(_) => Some(AuthReason::Expired),
             GatewayError::StoreUnavailable => Some(AuthReason::StoreUnavailable),
-            GatewayError::Upstream(_) => None,
+            GatewayError::Upstream(_) | GatewayError::RateLimited(_) => None,
         }
     }
 
@@ -87,7 +92,8 @@ impl GatewayError {
             GatewayError::MissingCredentials
             | GatewayError::InvalidKey(_)
             | GatewayError::StoreUnavailable
-            | GatewayError::Upstream(_) => None,
+            | GatewayError::Upstream(_)
+            | GatewayError::RateLimited(_) => None,
         }
     }
 
@@ -110,6 +116,10 @@ impl GatewayError {
                 UpstreamErrorKind::Timeout => "upstream_timeout",
                 UpstreamErrorKind::Protocol => "upstream_protocol",
             },
+            GatewayError::RateLimited(t) => match t.kind {
+                LimitKind::Key => "rate_limited_key",
+                LimitKind::IpFailures => "ip_locked_out",
+            },
             GatewayError::MissingCredentials
             | GatewayError::InvalidKey(InvalidReason::Unknown)
             | GatewayError::InactiveKey(_)
@@ -120,8 +130,15 @@ impl GatewayError {
         }
     }
 
-    /// The JSON body, as static bytes.
+    /// The JSON body (static bytes, but for the throttle's wait time).
     pub fn body(&self) -> Bytes {
+        if let GatewayError::RateLimited(t) = self {
+            // The old API's throttle wording (Django REST Framework).
+            return Bytes::from(format!(
+                r#"{{"detail":"Request was throttled. Expected available in {} seconds."}}"#,
+                ceil_secs(t.retry_after)
+            ));
+        }
         Bytes::from_static(match self {
             GatewayError::MissingCredentials => {
                 br#"{"detail":"Authentication credentials were not provided."}"#
@@ -138,9 +155,15 @@ impl GatewayError {
             GatewayError::Upstream(UpstreamErrorKind::Connect | UpstreamErrorKind::Protocol) => {
                 br#"{"detail":"The upstream service is unavailable."}"#
             }
+            GatewayError::RateLimited(_) => br#"{"detail":"Request was throttled."}"#,
         })
     }
 }
+
+/// `RateLimit-Policy` (draft-ietf-httpapi-ratelimit-headers).
+pub const RATELIMIT_POLICY: http::HeaderName = http::HeaderName::from_static("ratelimit-policy");
+/// `RateLimit` (draft-ietf-httpapi-ratelimit-headers).
+pub const RATELIMIT: http::HeaderName = http::HeaderName::from_static("ratelimit");
 
 /// Header values used when rendering errors, prepared once from configuration.
 #[derive(Debug, Clone)]
@@ -183,6 +206,14 @@ impl ErrorHeaders {
             }
             GatewayError::StoreUnavailable => {
                 headers.insert(header::RETRY_AFTER, self.retry_after.clone());
+            }
+            GatewayError::RateLimited(t) => {
+                headers.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(ceil_secs(t.retry_after)),
+                );
+                headers.insert(RATELIMIT_POLICY, t.policy.clone());
+                headers.insert(RATELIMIT, rate_limit_field(t.kind, 0, t.retry_after));
             }
             GatewayError::Upstream(_) => {}
         }

@@ -24,9 +24,10 @@ use crate::auth::{Authenticated, Authenticator, CredentialSource};
 use crate::cache::{KeyCache, KnownKey};
 use crate::config::Config;
 use crate::cors::{CorsPolicy, Preflight};
-use crate::error::{ErrorHeaders, GatewayError};
+use crate::error::{ErrorHeaders, GatewayError, RATELIMIT, RATELIMIT_POLICY};
 use crate::metrics::{AuthReason, Metrics, Outcome};
 use crate::proxy::{ClientInfo, GatewayBody, Upstream, client_ip};
+use crate::ratelimit::RateLimits;
 
 /// Path of the public health endpoint (the old API's URL).
 pub const HEALTH_PATH: &str = "/health/api-auth/";
@@ -97,6 +98,19 @@ impl Handled {
     }
 }
 
+/// Whether an authentication error is a failed attempt with a credential (brute-force budget).
+fn is_failed_attempt(e: &GatewayError) -> bool {
+    match e {
+        GatewayError::InvalidKey(_)
+        | GatewayError::InactiveKey(_)
+        | GatewayError::ExpiredKey(_) => true,
+        GatewayError::MissingCredentials
+        | GatewayError::StoreUnavailable
+        | GatewayError::Upstream(_)
+        | GatewayError::RateLimited(_) => false,
+    }
+}
+
 /// Everything the HTTPS pipeline needs, prepared at start-up.
 pub struct Gateway {
     cache: Arc<KeyCache>,
@@ -113,6 +127,7 @@ pub struct Gateway {
     name_header: HeaderName,
     public_paths: Vec<String>,
     request_ids: RequestIds,
+    limits: RateLimits,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -124,6 +139,13 @@ impl std::fmt::Debug for Gateway {
 impl Gateway {
     /// Prepares the pipeline from validated configuration.
     pub fn new(config: &Config, cache: Arc<KeyCache>, metrics: Arc<Metrics>) -> Self {
+        let limits = RateLimits::new(
+            config.rate_limit.per_key,
+            config.rate_limit.failures_per_ip,
+            config.rate_limit.shared_timeout,
+            Arc::clone(cache.store()),
+            Arc::clone(&metrics),
+        );
         let h = &config.headers;
         let security_headers = [
             (header::X_CONTENT_TYPE_OPTIONS, &h.content_type_options),
@@ -152,7 +174,13 @@ impl Gateway {
             name_header: config.auth.name_header.clone(),
             public_paths: config.auth.public_paths.clone(),
             request_ids: RequestIds::new(),
+            limits,
         }
+    }
+
+    /// The rate limits (for their housekeeping task).
+    pub fn limits(&self) -> &RateLimits {
+        &self.limits
     }
 
     /// The key cache (shared with the background jobs and the admin listener).
@@ -244,9 +272,35 @@ impl Gateway {
         if self.is_public(req.uri().path()) {
             return self.forward(req, client, None).await;
         }
+        if let Some(locked) = self.limits.ip_locked(client.client_ip) {
+            return self.reject(GatewayError::RateLimited(locked), None);
+        }
         match self.auth.authenticate(req.headers(), &self.cache).await {
-            Ok(authenticated) => self.forward(req, client, Some(authenticated)).await,
-            Err(e) => self.reject(e, None),
+            Ok(authenticated) => match self.limits.admit_key(&authenticated.key.record.id).await {
+                Some(Err(throttled)) => {
+                    let mut handled = self.reject(GatewayError::RateLimited(throttled), None);
+                    handled.key = Some(authenticated.key);
+                    handled
+                }
+                Some(Ok(allowance)) => {
+                    let mut handled = self.forward(req, client, Some(authenticated)).await;
+                    let h = handled.response.headers_mut();
+                    h.insert(RATELIMIT_POLICY, allowance.policy);
+                    h.insert(RATELIMIT, allowance.state);
+                    handled
+                }
+                None => self.forward(req, client, Some(authenticated)).await,
+            },
+            Err(e) => {
+                if is_failed_attempt(&e)
+                    && let Some(locked) = self.limits.record_failure(client.client_ip).await
+                {
+                    let mut handled = self.reject(GatewayError::RateLimited(locked), None);
+                    handled.auth = e.auth_reason();
+                    return handled;
+                }
+                self.reject(e, None)
+            }
         }
     }
 
@@ -265,7 +319,8 @@ impl Gateway {
             GatewayError::MissingCredentials
             | GatewayError::InvalidKey(_)
             | GatewayError::InactiveKey(_)
-            | GatewayError::ExpiredKey(_) => Outcome::Rejected,
+            | GatewayError::ExpiredKey(_)
+            | GatewayError::RateLimited(_) => Outcome::Rejected,
             GatewayError::StoreUnavailable | GatewayError::Upstream(_) => Outcome::Failed,
         };
         if let GatewayError::Upstream(kind) = err {

@@ -7,6 +7,8 @@ use metrics::{
 };
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
+use crate::ratelimit::LimitKind;
+
 /// How a request ended, for `keygate_requests_total{outcome}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -149,6 +151,9 @@ pub struct Metrics {
     pub connections_open: Gauge,
     /// Plain-HTTP requests redirected to HTTPS.
     pub redirects: Counter,
+    rate_limits: [[Counter; 2]; 2],
+    /// 1 while the shared (Redis) rate limiter is failing and limits are per instance.
+    pub rate_limit_degraded: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -318,6 +323,20 @@ impl Metrics {
                 "Plain-HTTP requests redirected to HTTPS.",
                 &[],
             ),
+            rate_limits: [LimitKind::Key, LimitKind::IpFailures].map(|kind| {
+                ["allowed", "limited"].map(|result| {
+                    r.counter(
+                        "keygate_rate_limit_decisions_total",
+                        "Rate-limit decisions, by limit (key, ip_failures) and result.",
+                        &[("limit", kind.as_str()), ("result", result)],
+                    )
+                })
+            }),
+            rate_limit_degraded: r.gauge(
+                "keygate_rate_limit_degraded",
+                "1 while the shared rate limiter is unavailable and limits are enforced per instance.",
+                &[],
+            ),
             handle: r.recorder.handle(),
         }
     }
@@ -336,6 +355,11 @@ impl Metrics {
     /// Counts one upstream failure.
     pub fn upstream_error(&self, kind: UpstreamErrorKind) {
         self.upstream_errors[kind as usize].increment(1);
+    }
+
+    /// Counts one rate-limit decision.
+    pub fn rate_limit(&self, kind: LimitKind, limited: bool) {
+        self.rate_limits[kind as usize][usize::from(limited)].increment(1);
     }
 
     /// The Prometheus text exposition.

@@ -207,7 +207,11 @@ pub async fn run(
             Arc::clone(&cache)
                 .flush_usage_every(config.store.usage_flush_interval, stop_rx.clone()),
         ),
-        tokio::spawn(upkeep(Arc::clone(&metrics), stop_rx.clone())),
+        tokio::spawn(upkeep(
+            Arc::clone(&metrics),
+            Arc::clone(&gateway),
+            stop_rx.clone(),
+        )),
     ];
 
     let graceful = GracefulShutdown::new();
@@ -322,11 +326,15 @@ pub async fn run(
     Ok(())
 }
 
-async fn upkeep(metrics: Arc<Metrics>, mut stop: watch::Receiver<bool>) {
+/// Periodic housekeeping: histogram buffers and idle rate-limiter state.
+async fn upkeep(metrics: Arc<Metrics>, gateway: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
     let mut ticker = tokio::time::interval(Duration::from_secs(5));
     loop {
         tokio::select! {
-            _ = ticker.tick() => metrics.upkeep(),
+            _ = ticker.tick() => {
+                metrics.upkeep();
+                gateway.limits().housekeeping();
+            }
             _ = stop.changed() => return,
         }
     }

@@ -157,6 +157,16 @@ pub trait KeyStore: Send + Sync + 'static {
     fn change_signal(&self) -> Option<Arc<tokio::sync::Notify>> {
         None
     }
+    /// One decision of a limiter shared by every gateway on this store (`kind` and `subject`
+    /// name the bucket). `None`: this store shares no limits, decide in-process.
+    fn rate_limit(
+        &self,
+        _kind: &str,
+        _subject: &str,
+        _rate: crate::ratelimit::Rate,
+    ) -> StoreFuture<'_, Option<crate::ratelimit::Verdict>> {
+        Box::pin(async { Ok(None) })
+    }
 }
 
 /// Shared handle to the configured store.

@@ -27,6 +27,7 @@ use tokio::sync::{Notify, OnceCell};
 
 use super::{Changes, KeyRecord, KeyStore, StoreError, StoreFuture, Usage, unix_now};
 use crate::key::KeyDigest;
+use crate::ratelimit::{Rate, Verdict};
 
 /// Approximate number of change-stream entries kept.
 pub const CHANGE_LOG_KEEP: u64 = 10_000;
@@ -98,6 +99,7 @@ impl std::fmt::Debug for RedisStore {
 }
 
 struct Scripts {
+    gcra: Script,
     insert: Script,
     set_active: Script,
     delete: Script,
@@ -184,7 +186,25 @@ for i, key in ipairs(KEYS) do
 end
 return 0
 "#;
+        // GCRA with Redis's clock, so every instance agrees. KEYS: bucket;
+        // ARGV: emission interval (µs), burst. Returns {1, remaining, reset µs} or {0, retry µs}.
+        let gcra = r#"
+if redis.replicate_commands then redis.replicate_commands() end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local tolerance = interval * (tonumber(ARGV[2]) - 1)
+local tat = tonumber(redis.call('GET', KEYS[1])) or now
+if tat < now then tat = now end
+if now < tat - tolerance then
+  return {0, tat - tolerance - now}
+end
+local new_tat = tat + interval
+redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil((new_tat - now) / 1000) + 1)
+return {1, math.floor((tolerance - (new_tat - now)) / interval) + 1, new_tat - now}
+"#;
         Self {
+            gcra: Script::new(gcra),
             insert: Script::new(&insert),
             set_active: Script::new(&set_active),
             delete: Script::new(&delete),
@@ -631,6 +651,45 @@ impl KeyStore for RedisStore {
                 );
             }
             Ok(Changes::Digests { digests, next })
+        })
+    }
+
+    fn rate_limit(
+        &self,
+        kind: &str,
+        subject: &str,
+        rate: Rate,
+    ) -> StoreFuture<'_, Option<Verdict>> {
+        // Each bucket is its own hash tag: limiter traffic spreads over the cluster's slots.
+        let bucket = format!(
+            "{{{}:rl:{kind}:{subject}}}",
+            &self.prefix[1..self.prefix.len() - 1]
+        );
+        Box::pin(async move {
+            let interval = u64::try_from(rate.emission_interval().as_micros()).unwrap_or(u64::MAX);
+            let mut conn = self.conn().await?;
+            let reply: Vec<i64> = self
+                .scripts
+                .gcra
+                .key(bucket)
+                .arg(interval)
+                .arg(rate.count)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            let micros = |v: Option<&i64>| {
+                Duration::from_micros(v.copied().unwrap_or(0).max(0).unsigned_abs())
+            };
+            Ok(Some(match reply.first() {
+                Some(1) => Verdict::Allowed {
+                    remaining: u32::try_from(reply.get(1).copied().unwrap_or(0).max(0))
+                        .unwrap_or(0),
+                    reset: micros(reply.get(2)),
+                },
+                _ => Verdict::Limited {
+                    retry_after: micros(reply.get(1)),
+                },
+            }))
         })
     }
 
