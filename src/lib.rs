@@ -17,6 +17,7 @@
 //! - [`store`]: the [`store::KeyStore`] seam and its SQLite implementation.
 //! - [`proxy`]: the upstream client, header rewriting and the response body type.
 //! - [`error`]: the request path's error type and its one rendering.
+//! - [`policy`]: per-key scopes, client networks and rate, compiled once per cached key.
 //! - [`ratelimit`]: per-key and per-IP-failure limits (GCRA), shared through the store.
 //!
 //! Around it: [`config`] (two-stage configuration), [`metrics`] (pre-registered Prometheus
@@ -36,6 +37,7 @@ pub mod gateway;
 pub mod key;
 pub mod logging;
 pub mod metrics;
+pub mod policy;
 pub mod proxy;
 pub mod ratelimit;
 pub mod redirect;

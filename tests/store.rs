@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::redis::{Cluster, Redis};
 use keygate::key;
+use keygate::policy::Policy;
 use keygate::store::redis::{RedisStore, Target};
 use keygate::store::sqlite::SqliteStore;
 use keygate::store::{Changes, KeyRecord, KeyStore, StoreError, Usage, unix_now};
@@ -134,6 +135,90 @@ async fn conformance(store: Arc<dyn KeyStore>) {
     store.insert(again).await.unwrap();
     assert_eq!(store.change_position().await.unwrap(), pos + 1);
 
+    // Policies are stored as written.
+    let (_, mut scoped) = record("scoped");
+    scoped.policy = Policy {
+        allow: vec!["POST:/api/v1/video/".into()],
+        allow_ips: vec!["10.0.0.0/8".into(), "2001:db8::/32".into()],
+        rate: Some("5/min".into()),
+    };
+    store.insert(scoped.clone()).await.unwrap();
+    assert_eq!(store.lookup(scoped.digest).await.unwrap().unwrap(), scoped);
+
+    // Rotation: the successor takes the name; the old key keeps its record until grace ends.
+    let active_before = store.count_active().await.unwrap();
+    let before_rotation = store.change_position().await.unwrap();
+    let (_, mut successor) = record("scoped");
+    successor.policy = scoped.policy.clone();
+    let grace_until = unix_now() + 3600;
+    let old = store
+        .rotate("scoped", successor.clone(), grace_until)
+        .await
+        .unwrap();
+    assert_eq!(old.rotated_to.as_deref(), Some(successor.id.as_str()));
+    assert_eq!(old.expires_at, Some(grace_until));
+    assert_eq!(store.find("scoped").await.unwrap(), successor);
+    assert_eq!(store.find(&scoped.id).await.unwrap(), old);
+    assert_eq!(store.lookup(scoped.digest).await.unwrap().unwrap(), old);
+    assert_eq!(
+        store.count_active().await.unwrap(),
+        active_before + 1,
+        "old key counts until grace ends"
+    );
+    assert!(matches!(
+        store
+            .rotate(&scoped.id, record("scoped").1, grace_until)
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    let (_, clash) = record("scoped");
+    assert!(matches!(
+        store.insert(clash).await,
+        Err(StoreError::Conflict(_))
+    ));
+    let (digests, _) = digests_since(store.as_ref(), before_rotation).await;
+    assert_eq!(digests, [scoped.digest, successor.digest]);
+    // Deleting the old key leaves the successor findable by name.
+    store.delete(&scoped.id).await.unwrap();
+    assert_eq!(store.find("scoped").await.unwrap(), successor);
+
+    // Import: all or nothing; what is already there is skipped.
+    let everything = store.list().await.unwrap();
+    assert_eq!(
+        store.import(everything.clone()).await.unwrap(),
+        (0, everything.len())
+    );
+    let (_, fresh) = record("fresh");
+    let (_, clashing) = record("alpha");
+    let err = store
+        .import(vec![fresh.clone(), clashing])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Conflict(ref n) if n.contains("alpha")),
+        "{err:?}"
+    );
+    assert!(
+        store.lookup(fresh.digest).await.unwrap().is_none(),
+        "half an import was written"
+    );
+    let (_, twin_a) = record("twin");
+    let (_, twin_b) = record("twin");
+    assert!(
+        store.import(vec![twin_a.clone(), twin_b]).await.is_err(),
+        "duplicate names in one file"
+    );
+    assert!(store.lookup(twin_a.digest).await.unwrap().is_none());
+    assert_eq!(
+        store
+            .import(vec![fresh.clone(), fresh.clone()])
+            .await
+            .unwrap(),
+        (1, 1)
+    );
+    assert_eq!(store.lookup(fresh.digest).await.unwrap().unwrap(), fresh);
+    let pos = store.change_position().await.unwrap();
+
     // A position from the future (the store was replaced) is a gap, never silence.
     assert!(matches!(
         store.changes_since(pos + 1_000).await.unwrap(),
@@ -198,4 +283,99 @@ async fn redis_trimmed_change_stream_is_a_gap() {
         store.changes_since(pos).await.unwrap(),
         Changes::Gap { next: 3 }
     ));
+}
+
+/// An export from one store imported into another (SQLite → Redis → SQLite) is the same set of
+/// records, field for field: digests, policies, rotation, usage.
+#[tokio::test]
+async fn export_import_round_trips_between_backends() {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite: Arc<dyn KeyStore> =
+        Arc::new(SqliteStore::open(&dir.path().join("a.db"), Duration::from_secs(5)).unwrap());
+    let (_, mut a) = record("a");
+    a.policy.allow = vec!["/api/".into()];
+    a.legacy = true;
+    sqlite.insert(a.clone()).await.unwrap();
+    sqlite
+        .rotate("a", record("a").1, unix_now() + 60)
+        .await
+        .unwrap();
+    let (_, mut b) = record("b");
+    b.is_active = false;
+    b.expires_at = Some(unix_now() + 86_400);
+    sqlite.insert(b.clone()).await.unwrap();
+    sqlite
+        .record_usage(vec![Usage {
+            id: b.id.clone(),
+            digest: b.digest,
+            last_used: 1_234,
+            count: 7,
+        }])
+        .await
+        .unwrap();
+    let exported = sqlite.list().await.unwrap();
+    assert_eq!(exported.len(), 3);
+
+    let redis = Redis::start(&dir.path().join("redis"));
+    let shared: Arc<dyn KeyStore> = Arc::new(
+        RedisStore::new(
+            Target::Single(redis.url()),
+            "keygate",
+            Duration::from_secs(2),
+        )
+        .unwrap(),
+    );
+    assert_eq!(shared.import(exported.clone()).await.unwrap(), (3, 0));
+    assert_eq!(shared.list().await.unwrap(), exported);
+    let back: Arc<dyn KeyStore> =
+        Arc::new(SqliteStore::open(&dir.path().join("b.db"), Duration::from_secs(5)).unwrap());
+    assert_eq!(
+        back.import(shared.list().await.unwrap()).await.unwrap(),
+        (3, 0)
+    );
+    assert_eq!(back.list().await.unwrap(), exported);
+    // JSON (the export file format) round-trips too.
+    let json = serde_json::to_string(&exported).unwrap();
+    assert_eq!(
+        serde_json::from_str::<Vec<KeyRecord>>(&json).unwrap(),
+        exported
+    );
+}
+
+/// A database written by the first schema is migrated in place.
+#[tokio::test]
+async fn sqlite_v1_databases_are_migrated() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v1.db");
+    let secret = key::generate().unwrap();
+    {
+        let db = rusqlite::Connection::open(&path).unwrap();
+        db.execute_batch(
+            "CREATE TABLE api_keys (id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, digest BLOB NOT NULL UNIQUE,
+               hint TEXT NOT NULL, created_at INTEGER NOT NULL, last_used INTEGER, use_count INTEGER NOT NULL DEFAULT 0,
+               is_active INTEGER NOT NULL, legacy INTEGER NOT NULL DEFAULT 0, expires_at INTEGER);
+             CREATE TABLE changes (seq INTEGER PRIMARY KEY AUTOINCREMENT, digest BLOB NOT NULL, at INTEGER NOT NULL);
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
+        db.execute(
+            "INSERT INTO api_keys (id, name, digest, hint, created_at, is_active) VALUES ('key_old', 'old', ?1, 'sk_x…', 5, 1)",
+            [&secret.digest().0[..]],
+        )
+        .unwrap();
+    }
+    let store = SqliteStore::open(&path, Duration::from_secs(5)).unwrap();
+    let r = store.find("old").await.unwrap();
+    assert_eq!(
+        (r.id.as_str(), r.created_at, r.policy.is_empty()),
+        ("key_old", 5, true)
+    );
+    store
+        .rotate(
+            "old",
+            KeyRecord::new("old", &key::generate().unwrap(), 6, None).unwrap(),
+            100,
+        )
+        .await
+        .unwrap();
 }

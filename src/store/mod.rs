@@ -15,6 +15,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::key::{self, KeyDigest, RngError, Secret};
+use crate::policy::Policy;
 
 /// A boxed future: store calls happen off the hot path (misses, polls, flushes, the CLI), so the
 /// allocation does not matter and the trait stays object-safe.
@@ -44,6 +45,13 @@ pub struct KeyRecord {
     pub legacy: bool,
     /// Unix seconds after which the key is refused as expired.
     pub expires_at: Option<i64>,
+    /// Scopes, client networks and rate of this key.
+    #[serde(default)]
+    pub policy: Policy,
+    /// Set when the key was rotated: the id of its successor. It then works until `expires_at`
+    /// (the end of the grace period) and is refused after.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotated_to: Option<String>,
 }
 
 impl KeyRecord {
@@ -65,6 +73,8 @@ impl KeyRecord {
             is_active: true,
             legacy: false,
             expires_at,
+            policy: Policy::default(),
+            rotated_to: None,
         })
     }
 
@@ -142,6 +152,19 @@ pub trait KeyStore: Send + Sync + 'static {
     fn set_active(&self, id_or_name: &str, active: bool) -> StoreFuture<'_, KeyRecord>;
     /// Removes a key; returns the removed record.
     fn delete(&self, id_or_name: &str) -> StoreFuture<'_, KeyRecord>;
+    /// Rotates the current key `id_or_name`: `successor` (same name) is stored, and the old key
+    /// is marked rotated with its expiry brought forward to `grace_until`. Returns the old record
+    /// as updated.
+    fn rotate(
+        &self,
+        id_or_name: &str,
+        successor: KeyRecord,
+        grace_until: i64,
+    ) -> StoreFuture<'_, KeyRecord>;
+    /// Adds many records atomically: all are stored or none. A record whose digest is already
+    /// stored is skipped (importing twice changes nothing); a record whose name belongs to another
+    /// current key fails the whole import. Returns (imported, skipped).
+    fn import(&self, records: Vec<KeyRecord>) -> StoreFuture<'_, (usize, usize)>;
     /// Number of active, unexpired keys (the health check's figure). Also serves as a liveness probe.
     fn count_active(&self) -> StoreFuture<'_, u64>;
     /// Whether any legacy (checksum-less) key exists.

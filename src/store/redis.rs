@@ -101,53 +101,120 @@ impl std::fmt::Debug for RedisStore {
 struct Scripts {
     gcra: Script,
     insert: Script,
+    import: Script,
+    rotate: Script,
     set_active: Script,
     delete: Script,
     usage: Script,
 }
 
-/// Appends a change: bump the counter, add to the stream, publish. Shared by every mutation.
-/// KEYS[1] = seq, KEYS[2] = changes stream; ARGV[1] = digest, ARGV[2] = channel, ARGV[3] = keep.
-const LOG_CHANGE: &str = r#"
+/// Lua shared by the mutation scripts.
+///
+/// `log_change` bumps the counter, appends to the stream and publishes. `fields` reads the 12
+/// record arguments starting at `i`; `conflict` and `put_record` check and write one record and
+/// its indexes. A rotated (old) key is not in the name index: the name belongs to its successor.
+const PRELUDE: &str = r#"
 local function log_change(seq_key, stream_key, digest, channel, keep)
   local seq = redis.call('INCR', seq_key)
   redis.call('XADD', stream_key, 'MAXLEN', '~', keep, seq .. '-1', 'd', digest)
   redis.call('PUBLISH', channel, seq .. ' ' .. digest)
   return seq
 end
+local function fields(argv, i)
+  return {digest = argv[i], id = argv[i + 1], name = argv[i + 2], hint = argv[i + 3],
+    created_at = argv[i + 4], last_used = argv[i + 5], use_count = argv[i + 6],
+    is_active = argv[i + 7], legacy = argv[i + 8], expires_at = argv[i + 9],
+    policy = argv[i + 10], rotated_to = argv[i + 11]}
+end
+local function conflict(rec_key, id_key, name_key, f)
+  if redis.call('EXISTS', rec_key) == 1 then return 2 end
+  if f.rotated_to == '' and redis.call('EXISTS', name_key) == 1 then return 1 end
+  if redis.call('EXISTS', id_key) == 1 then return 3 end
+  return 0
+end
+local function put_record(rec_key, id_key, name_key, all_key, active_key, legacy_key, f)
+  redis.call('HSET', rec_key, 'id', f.id, 'name', f.name, 'hint', f.hint,
+    'created_at', f.created_at, 'last_used', f.last_used, 'use_count', f.use_count,
+    'is_active', f.is_active, 'legacy', f.legacy, 'expires_at', f.expires_at,
+    'policy', f.policy, 'rotated_to', f.rotated_to)
+  redis.call('SET', id_key, f.digest)
+  if f.rotated_to == '' then redis.call('SET', name_key, f.digest) end
+  redis.call('ZADD', all_key, f.created_at, f.digest)
+  if f.is_active == '1' then
+    local score = f.expires_at
+    if score == '' then score = '+inf' end
+    redis.call('ZADD', active_key, score, f.digest)
+  end
+  if f.legacy == '1' then redis.call('SADD', legacy_key, f.digest) end
+end
 "#;
+
+/// Number of script arguments that describe one record.
+const RECORD_ARGS: usize = 12;
 
 impl Scripts {
     fn new() -> Self {
-        // KEYS: rec, id, name, all, active, legacy, seq, changes
-        // ARGV: digest, id, name, hint, created_at, last_used, use_count, is_active, legacy,
-        //       expires_at ('' = none), channel, keep
-        let insert = format!(
-            "{LOG_CHANGE}{}",
-            r#"
-if redis.call('EXISTS', KEYS[3]) == 1 then return 1 end
-if redis.call('EXISTS', KEYS[1]) == 1 then return 2 end
-if redis.call('EXISTS', KEYS[2]) == 1 then return 3 end
-redis.call('HSET', KEYS[1], 'id', ARGV[2], 'name', ARGV[3], 'hint', ARGV[4],
-  'created_at', ARGV[5], 'last_used', ARGV[6], 'use_count', ARGV[7], 'is_active', ARGV[8],
-  'legacy', ARGV[9], 'expires_at', ARGV[10])
-redis.call('SET', KEYS[2], ARGV[1])
-redis.call('SET', KEYS[3], ARGV[1])
-redis.call('ZADD', KEYS[4], ARGV[5], ARGV[1])
-if ARGV[8] == '1' then
-  local score = ARGV[10]
-  if score == '' then score = '+inf' end
-  redis.call('ZADD', KEYS[5], score, ARGV[1])
-end
-if ARGV[9] == '1' then redis.call('SADD', KEYS[6], ARGV[1]) end
-log_change(KEYS[7], KEYS[8], ARGV[1], ARGV[11], ARGV[12])
+        // KEYS: rec, id, name, all, active, legacy, seq, changes; ARGV: record (12), channel, keep
+        let insert = r#"
+local f = fields(ARGV, 1)
+local c = conflict(KEYS[1], KEYS[2], KEYS[3], f)
+if c ~= 0 then return c end
+put_record(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], f)
+log_change(KEYS[7], KEYS[8], f.digest, ARGV[13], ARGV[14])
 return 0
-"#
-        );
+"#;
+        // KEYS: all, active, legacy, seq, changes, then (rec, id, name) per record;
+        // ARGV: channel, keep, then a record (12) per record. Checks everything, then writes:
+        // all or nothing. Returns {0, imported} or {code, index of the failing record}.
+        let import = r#"
+local n = (#KEYS - 5) / 3
+local skip, names, digests = {}, {}, {}
+for i = 0, n - 1 do
+  local f = fields(ARGV, 3 + i * 12)
+  local rk, ik, nk = KEYS[6 + i * 3], KEYS[7 + i * 3], KEYS[8 + i * 3]
+  if redis.call('EXISTS', rk) == 1 or digests[f.digest] then
+    skip[i] = true
+  else
+    local c = conflict(rk, ik, nk, f)
+    if c == 0 and f.rotated_to == '' and names[f.name] then c = 1 end
+    if c ~= 0 then return {c, i} end
+    if f.rotated_to == '' then names[f.name] = true end
+    digests[f.digest] = true
+  end
+end
+local imported = 0
+for i = 0, n - 1 do
+  if not skip[i] then
+    local f = fields(ARGV, 3 + i * 12)
+    put_record(KEYS[6 + i * 3], KEYS[7 + i * 3], KEYS[8 + i * 3], KEYS[1], KEYS[2], KEYS[3], f)
+    log_change(KEYS[4], KEYS[5], f.digest, ARGV[1], ARGV[2])
+    imported = imported + 1
+  end
+end
+return {0, imported}
+"#;
+        // KEYS: old rec, new rec, new id, name, all, active, legacy, seq, changes;
+        // ARGV: old digest, grace_until, successor record (12), channel, keep
+        let rotate = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 5 end
+if (redis.call('HGET', KEYS[1], 'rotated_to') or '') ~= '' then return 4 end
+local f = fields(ARGV, 3)
+if redis.call('EXISTS', KEYS[2]) == 1 then return 2 end
+if redis.call('EXISTS', KEYS[3]) == 1 then return 3 end
+local grace = tonumber(ARGV[2])
+local expires = tonumber(redis.call('HGET', KEYS[1], 'expires_at'))
+if expires == nil or expires > grace then expires = grace end
+redis.call('HSET', KEYS[1], 'rotated_to', f.id, 'expires_at', expires)
+if redis.call('HGET', KEYS[1], 'is_active') == '1' then
+  redis.call('ZADD', KEYS[6], expires, ARGV[1])
+end
+log_change(KEYS[8], KEYS[9], ARGV[1], ARGV[15], ARGV[16])
+put_record(KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], f)
+log_change(KEYS[8], KEYS[9], f.digest, ARGV[15], ARGV[16])
+return 0
+"#;
         // KEYS: rec, active, seq, changes; ARGV: digest, active (0/1), channel, keep
-        let set_active = format!(
-            "{LOG_CHANGE}{}",
-            r#"
+        let set_active = r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then return 1 end
 redis.call('HSET', KEYS[1], 'is_active', ARGV[2])
 if ARGV[2] == '1' then
@@ -159,21 +226,18 @@ else
 end
 log_change(KEYS[3], KEYS[4], ARGV[1], ARGV[3], ARGV[4])
 return 0
-"#
-        );
+"#;
         // KEYS: rec, id, name, all, active, legacy, seq, changes; ARGV: digest, channel, keep
-        let delete = format!(
-            "{LOG_CHANGE}{}",
-            r#"
+        let delete = r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then return 1 end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+redis.call('DEL', KEYS[1], KEYS[2])
+if redis.call('GET', KEYS[3]) == ARGV[1] then redis.call('DEL', KEYS[3]) end
 redis.call('ZREM', KEYS[4], ARGV[1])
 redis.call('ZREM', KEYS[5], ARGV[1])
 redis.call('SREM', KEYS[6], ARGV[1])
 log_change(KEYS[7], KEYS[8], ARGV[1], ARGV[2], ARGV[3])
 return 0
-"#
-        );
+"#;
         // KEYS: one record per usage; ARGV: (last_used, count) per key
         let usage = r#"
 for i, key in ipairs(KEYS) do
@@ -203,13 +267,45 @@ local new_tat = tat + interval
 redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil((new_tat - now) / 1000) + 1)
 return {1, math.floor((tolerance - (new_tat - now)) / interval) + 1, new_tat - now}
 "#;
+        let with_prelude = |body: &str| Script::new(&format!("{PRELUDE}{body}"));
         Self {
             gcra: Script::new(gcra),
-            insert: Script::new(&insert),
-            set_active: Script::new(&set_active),
-            delete: Script::new(&delete),
+            insert: with_prelude(insert),
+            import: with_prelude(import),
+            rotate: with_prelude(rotate),
+            set_active: with_prelude(set_active),
+            delete: with_prelude(delete),
             usage: Script::new(usage),
         }
+    }
+}
+
+/// The 12 script arguments of a record, in `fields()` order.
+fn record_args(r: &KeyRecord) -> Result<[String; RECORD_ARGS], StoreError> {
+    Ok([
+        r.digest.to_hex(),
+        r.id.clone(),
+        r.name.clone(),
+        r.hint.clone(),
+        r.created_at.to_string(),
+        opt_i64(r.last_used),
+        r.use_count.to_string(),
+        u8::from(r.is_active).to_string(),
+        u8::from(r.legacy).to_string(),
+        opt_i64(r.expires_at),
+        serde_json::to_string(&r.policy)
+            .map_err(|e| StoreError::Corrupt(format!("policy of {}: {e}", r.name)))?,
+        r.rotated_to.clone().unwrap_or_default(),
+    ])
+}
+
+fn conflict(code: i64, r: &KeyRecord) -> StoreError {
+    match code {
+        1 => StoreError::Conflict(r.name.clone()),
+        2 => StoreError::Conflict(format!("{} (same key digest)", r.name)),
+        3 => StoreError::Conflict(format!("{} (id {} taken)", r.name, r.id)),
+        4 => StoreError::Conflict(format!("{} (already rotated)", r.name)),
+        _ => StoreError::NotFound(r.name.clone()),
     }
 }
 
@@ -392,6 +488,8 @@ fn parse_record(
         is_active: false,
         legacy: false,
         expires_at: None,
+        policy: crate::policy::Policy::default(),
+        rotated_to: None,
     };
     let bad = |f: &str, v: &str| {
         StoreError::Corrupt(format!("field {f} = {v:?} of key {}", digest.to_hex()))
@@ -415,6 +513,8 @@ fn parse_record(
             "is_active" => r.is_active = v == "1",
             "legacy" => r.legacy = v == "1",
             "expires_at" => r.expires_at = opt(f, v)?,
+            "policy" => r.policy = serde_json::from_str(v).map_err(|_| bad(f, v))?,
+            "rotated_to" => r.rotated_to = (!v.is_empty()).then(|| v.clone()),
             // Fields written by a newer keygate are ignored, not fatal.
             _ => {}
         }
@@ -429,11 +529,9 @@ impl KeyStore for RedisStore {
 
     fn insert(&self, record: KeyRecord) -> StoreFuture<'_, ()> {
         Box::pin(async move {
-            let hex = record.digest.to_hex();
-            let mut conn = self.conn().await?;
-            let code: i64 = self
-                .scripts
-                .insert
+            let args = record_args(&record)?;
+            let mut invocation = self.scripts.insert.prepare_invoke();
+            invocation
                 .key(self.rec_key(&record.digest))
                 .key(self.key("id", &record.id))
                 .key(self.key("name", &record.name))
@@ -441,32 +539,107 @@ impl KeyStore for RedisStore {
                 .key(self.named("active"))
                 .key(self.named("legacy"))
                 .key(self.named("seq"))
-                .key(self.named("changes"))
-                .arg(&hex)
-                .arg(&record.id)
-                .arg(&record.name)
-                .arg(&record.hint)
-                .arg(record.created_at)
-                .arg(opt_i64(record.last_used))
-                .arg(record.use_count)
-                .arg(u8::from(record.is_active))
-                .arg(u8::from(record.legacy))
-                .arg(opt_i64(record.expires_at))
-                .arg(&self.channel)
-                .arg(CHANGE_LOG_KEEP)
+                .key(self.named("changes"));
+            for a in &args {
+                invocation.arg(a);
+            }
+            invocation.arg(&self.channel).arg(CHANGE_LOG_KEEP);
+            let mut conn = self.conn().await?;
+            let code: i64 = invocation
                 .invoke_async(&mut conn)
                 .await
                 .map_err(unavailable)?;
-            match code {
-                0 => Ok(()),
-                1 => Err(StoreError::Conflict(record.name)),
-                2 => Err(StoreError::Conflict(format!(
-                    "{} (same key digest)",
-                    record.name
-                ))),
-                _ => Err(StoreError::Conflict(format!(
-                    "{} (id {} taken)",
-                    record.name, record.id
+            if code == 0 {
+                Ok(())
+            } else {
+                Err(conflict(code, &record))
+            }
+        })
+    }
+
+    fn rotate(
+        &self,
+        id_or_name: &str,
+        successor: KeyRecord,
+        grace_until: i64,
+    ) -> StoreFuture<'_, KeyRecord> {
+        let id_or_name = id_or_name.to_owned();
+        Box::pin(async move {
+            let mut old = self.find_record(&id_or_name).await?;
+            let args = record_args(&successor)?;
+            let mut invocation = self.scripts.rotate.prepare_invoke();
+            invocation
+                .key(self.rec_key(&old.digest))
+                .key(self.rec_key(&successor.digest))
+                .key(self.key("id", &successor.id))
+                .key(self.key("name", &successor.name))
+                .key(self.named("all"))
+                .key(self.named("active"))
+                .key(self.named("legacy"))
+                .key(self.named("seq"))
+                .key(self.named("changes"))
+                .arg(old.digest.to_hex())
+                .arg(grace_until);
+            for a in &args {
+                invocation.arg(a);
+            }
+            invocation.arg(&self.channel).arg(CHANGE_LOG_KEEP);
+            let mut conn = self.conn().await?;
+            let code: i64 = invocation
+                .invoke_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            if code != 0 {
+                return Err(conflict(code, &old));
+            }
+            old.rotated_to = Some(successor.id.clone());
+            old.expires_at = Some(old.expires_at.map_or(grace_until, |e| e.min(grace_until)));
+            Ok(old)
+        })
+    }
+
+    fn import(&self, records: Vec<KeyRecord>) -> StoreFuture<'_, (usize, usize)> {
+        Box::pin(async move {
+            if records.is_empty() {
+                return Ok((0, 0));
+            }
+            let mut invocation = self.scripts.import.prepare_invoke();
+            invocation
+                .key(self.named("all"))
+                .key(self.named("active"))
+                .key(self.named("legacy"))
+                .key(self.named("seq"))
+                .key(self.named("changes"))
+                .arg(&self.channel)
+                .arg(CHANGE_LOG_KEEP);
+            for r in &records {
+                invocation
+                    .key(self.rec_key(&r.digest))
+                    .key(self.key("id", &r.id))
+                    .key(self.key("name", &r.name));
+                for a in record_args(r)? {
+                    invocation.arg(a);
+                }
+            }
+            let mut conn = self.conn().await?;
+            let reply: Vec<i64> = invocation
+                .invoke_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            match reply.as_slice() {
+                [0, imported] => {
+                    let imported = usize::try_from(*imported).unwrap_or(0);
+                    Ok((imported, records.len() - imported))
+                }
+                [code, index] => {
+                    let r = usize::try_from(*index).ok().and_then(|i| records.get(i));
+                    Err(r.map_or_else(
+                        || StoreError::Corrupt("import failed".into()),
+                        |r| conflict(*code, r),
+                    ))
+                }
+                _ => Err(StoreError::Corrupt(format!(
+                    "unexpected import reply {reply:?}"
                 ))),
             }
         })
@@ -497,6 +670,8 @@ impl KeyStore for RedisStore {
                     out.push(r);
                 }
             }
+            // The same order as the SQLite store: oldest first, then by name and id.
+            out.sort_by(|a, b| (a.created_at, &a.name, &a.id).cmp(&(b.created_at, &b.name, &b.id)));
             Ok(out)
         })
     }

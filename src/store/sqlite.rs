@@ -16,12 +16,14 @@ use crate::key::KeyDigest;
 
 /// How many change-feed entries are kept.
 pub const CHANGE_LOG_KEEP: i64 = 10_000;
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
+/// Schema v2. Names are unique among current keys only: a rotated key keeps its name (so the
+/// upstream sees the same `X-Api-Key-Name` during the grace period) beside its successor.
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS api_keys (
     id          TEXT PRIMARY KEY,
-    name        TEXT NOT NULL UNIQUE,
+    name        TEXT NOT NULL,
     digest      BLOB NOT NULL UNIQUE,
     hint        TEXT NOT NULL,
     created_at  INTEGER NOT NULL,
@@ -29,8 +31,11 @@ CREATE TABLE IF NOT EXISTS api_keys (
     use_count   INTEGER NOT NULL DEFAULT 0,
     is_active   INTEGER NOT NULL,
     legacy      INTEGER NOT NULL DEFAULT 0,
-    expires_at  INTEGER
+    expires_at  INTEGER,
+    policy      TEXT NOT NULL DEFAULT '{}',
+    rotated_to  TEXT
 );
+CREATE UNIQUE INDEX IF NOT EXISTS api_keys_current_name ON api_keys (name) WHERE rotated_to IS NULL;
 CREATE TABLE IF NOT EXISTS changes (
     seq     INTEGER PRIMARY KEY AUTOINCREMENT,
     digest  BLOB NOT NULL,
@@ -38,8 +43,30 @@ CREATE TABLE IF NOT EXISTS changes (
 );
 ";
 
-const COLUMNS: &str =
-    "id, name, digest, hint, created_at, last_used, use_count, is_active, legacy, expires_at";
+/// v1 → v2: v1 declared `name UNIQUE` on the column, which SQLite cannot drop in place.
+const MIGRATE_V1: &str = "
+ALTER TABLE api_keys RENAME TO api_keys_v1;
+CREATE TABLE api_keys (
+    id          TEXT PRIMARY KEY,
+    name        TEXT NOT NULL,
+    digest      BLOB NOT NULL UNIQUE,
+    hint        TEXT NOT NULL,
+    created_at  INTEGER NOT NULL,
+    last_used   INTEGER,
+    use_count   INTEGER NOT NULL DEFAULT 0,
+    is_active   INTEGER NOT NULL,
+    legacy      INTEGER NOT NULL DEFAULT 0,
+    expires_at  INTEGER,
+    policy      TEXT NOT NULL DEFAULT '{}',
+    rotated_to  TEXT
+);
+INSERT INTO api_keys (id, name, digest, hint, created_at, last_used, use_count, is_active, legacy, expires_at)
+    SELECT id, name, digest, hint, created_at, last_used, use_count, is_active, legacy, expires_at FROM api_keys_v1;
+DROP TABLE api_keys_v1;
+";
+
+const COLUMNS: &str = "id, name, digest, hint, created_at, last_used, use_count, is_active, legacy, \
+     expires_at, policy, rotated_to";
 
 /// SQLite-backed [`KeyStore`].
 #[derive(Clone)]
@@ -70,7 +97,7 @@ impl SqliteStore {
                 StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
             })?;
         }
-        let conn = Connection::open(path)
+        let mut conn = Connection::open(path)
             .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
         conn.busy_timeout(busy_timeout).map_err(unavailable)?;
         conn.pragma_update(None, "journal_mode", "WAL")
@@ -85,6 +112,11 @@ impl SqliteStore {
                 "{} has schema version {version}; this keygate understands up to {SCHEMA_VERSION}",
                 path.display()
             )));
+        }
+        if version == 1 {
+            let tx = conn.transaction().map_err(unavailable)?;
+            tx.execute_batch(MIGRATE_V1).map_err(unavailable)?;
+            tx.commit().map_err(unavailable)?;
         }
         conn.execute_batch(SCHEMA).map_err(unavailable)?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)
@@ -135,22 +167,60 @@ fn row_to_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRecord> {
         is_active: row.get(7)?,
         legacy: row.get(8)?,
         expires_at: row.get(9)?,
+        policy: serde_json::from_str(&row.get::<_, String>(10)?).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(10, rusqlite::types::Type::Text, e.into())
+        })?,
+        rotated_to: row.get(11)?,
     })
 }
 
 fn find_in(conn: &Connection, id_or_name: &str) -> Result<KeyRecord, StoreError> {
-    let by = |column: &str| {
+    // By id any key; by name only the current one (a rotated key shares its successor's name).
+    let by = |condition: &str| {
         conn.query_row(
-            &format!("SELECT {COLUMNS} FROM api_keys WHERE {column} = ?1"),
+            &format!("SELECT {COLUMNS} FROM api_keys WHERE {condition}"),
             params![id_or_name],
             row_to_record,
         )
         .optional()
         .map_err(unavailable)
     };
-    match by("id")? {
+    match by("id = ?1")? {
         Some(r) => Ok(r),
-        None => by("name")?.ok_or_else(|| StoreError::NotFound(id_or_name.to_owned())),
+        None => by("name = ?1 AND rotated_to IS NULL")?
+            .ok_or_else(|| StoreError::NotFound(id_or_name.to_owned())),
+    }
+}
+
+/// Inserts one record inside `tx`, mapping constraint violations to `Conflict`.
+fn insert_in(tx: &rusqlite::Transaction<'_>, record: &KeyRecord) -> Result<(), StoreError> {
+    let policy = serde_json::to_string(&record.policy)
+        .map_err(|e| StoreError::Corrupt(format!("policy of {}: {e}", record.name)))?;
+    let inserted = tx.execute(
+        &format!("INSERT INTO api_keys ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"),
+        params![
+            record.id,
+            record.name,
+            &record.digest.0[..],
+            record.hint,
+            record.created_at,
+            record.last_used,
+            i64::try_from(record.use_count).unwrap_or(i64::MAX),
+            record.is_active,
+            record.legacy,
+            record.expires_at,
+            policy,
+            record.rotated_to,
+        ],
+    );
+    match inserted {
+        Ok(_) => log_change(tx, &record.digest),
+        Err(rusqlite::Error::SqliteFailure(e, _))
+            if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+        {
+            Err(StoreError::Conflict(record.name.clone()))
+        }
+        Err(e) => Err(unavailable(e)),
     }
 }
 
@@ -183,34 +253,63 @@ impl KeyStore for SqliteStore {
     fn insert(&self, record: KeyRecord) -> StoreFuture<'_, ()> {
         self.with_conn(move |conn| {
             let tx = conn.transaction().map_err(unavailable)?;
-            let inserted = tx.execute(
-                &format!(
-                    "INSERT INTO api_keys ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
-                ),
-                params![
-                    record.id,
-                    record.name,
-                    &record.digest.0[..],
-                    record.hint,
-                    record.created_at,
-                    record.last_used,
-                    i64::try_from(record.use_count).unwrap_or(i64::MAX),
-                    record.is_active,
-                    record.legacy,
-                    record.expires_at,
-                ],
-            );
-            match inserted {
-                Ok(_) => {}
-                Err(rusqlite::Error::SqliteFailure(e, _))
-                    if e.code == rusqlite::ErrorCode::ConstraintViolation =>
-                {
-                    return Err(StoreError::Conflict(record.name));
-                }
-                Err(e) => return Err(unavailable(e)),
-            }
-            log_change(&tx, &record.digest)?;
+            insert_in(&tx, &record)?;
             tx.commit().map_err(unavailable)
+        })
+    }
+
+    fn rotate(
+        &self,
+        id_or_name: &str,
+        successor: KeyRecord,
+        grace_until: i64,
+    ) -> StoreFuture<'_, KeyRecord> {
+        let id_or_name = id_or_name.to_owned();
+        self.with_conn(move |conn| {
+            let tx = conn.transaction().map_err(unavailable)?;
+            let mut old = find_in(&tx, &id_or_name)?;
+            if old.rotated_to.is_some() {
+                return Err(StoreError::Conflict(format!(
+                    "{} (already rotated)",
+                    old.name
+                )));
+            }
+            old.rotated_to = Some(successor.id.clone());
+            old.expires_at = Some(old.expires_at.map_or(grace_until, |e| e.min(grace_until)));
+            tx.execute(
+                "UPDATE api_keys SET rotated_to = ?2, expires_at = ?3 WHERE id = ?1",
+                params![old.id, old.rotated_to, old.expires_at],
+            )
+            .map_err(unavailable)?;
+            log_change(&tx, &old.digest)?;
+            insert_in(&tx, &successor)?;
+            tx.commit().map_err(unavailable)?;
+            Ok(old)
+        })
+    }
+
+    fn import(&self, records: Vec<KeyRecord>) -> StoreFuture<'_, (usize, usize)> {
+        self.with_conn(move |conn| {
+            let tx = conn.transaction().map_err(unavailable)?;
+            let (mut imported, mut skipped) = (0, 0);
+            for record in &records {
+                let exists: bool = tx
+                    .query_row(
+                        "SELECT EXISTS (SELECT 1 FROM api_keys WHERE digest = ?1)",
+                        params![&record.digest.0[..]],
+                        |r| r.get(0),
+                    )
+                    .map_err(unavailable)?;
+                if exists {
+                    skipped += 1;
+                } else {
+                    // Any error rolls the whole transaction back: nothing is half-imported.
+                    insert_in(&tx, record)?;
+                    imported += 1;
+                }
+            }
+            tx.commit().map_err(unavailable)?;
+            Ok((imported, skipped))
         })
     }
 
@@ -218,7 +317,7 @@ impl KeyStore for SqliteStore {
         self.with_conn(|conn| {
             let mut stmt = conn
                 .prepare(&format!(
-                    "SELECT {COLUMNS} FROM api_keys ORDER BY created_at, name"
+                    "SELECT {COLUMNS} FROM api_keys ORDER BY created_at, name, id"
                 ))
                 .map_err(unavailable)?;
             let rows = stmt.query_map([], row_to_record).map_err(unavailable)?;
