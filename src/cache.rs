@@ -478,6 +478,12 @@ mod tests {
         fn insert(&self, r: KeyRecord) -> StoreFuture<'_, ()> {
             self.inner.insert(r)
         }
+        fn rotate(&self, s: &str, r: KeyRecord, g: i64) -> StoreFuture<'_, KeyRecord> {
+            self.inner.rotate(s, r, g)
+        }
+        fn import(&self, r: Vec<KeyRecord>) -> StoreFuture<'_, (usize, usize)> {
+            self.inner.import(r)
+        }
         fn list(&self) -> StoreFuture<'_, Vec<KeyRecord>> {
             self.inner.list()
         }
