@@ -33,6 +33,8 @@ pub struct Authenticated {
     pub source: CredentialSource,
     /// Whether the decision came from the cache, the store, or a stale entry.
     pub cache: Source,
+    /// The key was rotated and is inside its grace period.
+    pub in_grace: bool,
 }
 
 /// Reads credentials as `[auth]` says.
@@ -116,13 +118,18 @@ impl Authenticator {
         }
         let now = unix_now();
         if key.record.is_expired(now) {
-            return Err(GatewayError::ExpiredKey(key));
+            return Err(match key.record.rotated_to {
+                Some(_) => GatewayError::RotatedKey(key),
+                None => GatewayError::ExpiredKey(key),
+            });
         }
+        let in_grace = key.record.rotated_to.is_some();
         key.touch(now);
         Ok(Authenticated {
             key,
             source,
             cache: cache_source,
+            in_grace,
         })
     }
 }

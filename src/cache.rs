@@ -21,6 +21,7 @@ use moka::ops::compute::{CompResult, Op};
 use crate::config;
 use crate::key::KeyDigest;
 use crate::metrics::Metrics;
+use crate::policy::Compiled;
 use crate::store::{Changes, KeyRecord, SharedStore, StoreError, Usage};
 
 /// A key the store knows, as cached: its record, header values prepared for forwarding, and usage
@@ -33,6 +34,8 @@ pub struct KnownKey {
     pub id_header: HeaderValue,
     /// `record.name` as a header value, prepared once (names are validated to be header-safe).
     pub name_header: HeaderValue,
+    /// `record.policy`, compiled once.
+    pub policy: Compiled,
     fresh_until: Instant,
     last_used: AtomicI64,
     pending_uses: AtomicU64,
@@ -44,10 +47,16 @@ impl KnownKey {
             .unwrap_or_else(|_| HeaderValue::from_static("invalid-id"));
         let name_header = HeaderValue::from_str(&record.name)
             .unwrap_or_else(|_| HeaderValue::from_static("invalid-name"));
+        let policy = record.policy.compile().unwrap_or_else(|e| {
+            // Written by a newer keygate or by hand: refuse rather than guess (fail closed).
+            tracing::error!(key_id = %record.id, error = %e, "stored policy is invalid; the key is refused");
+            Compiled::deny_all()
+        });
         Self {
             record,
             id_header,
             name_header,
+            policy,
             fresh_until,
             last_used: AtomicI64::new(0),
             pending_uses: AtomicU64::new(0),

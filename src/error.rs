@@ -9,6 +9,7 @@ use bytes::Bytes;
 use http::{HeaderValue, StatusCode, header};
 
 use crate::cache::KnownKey;
+use crate::policy::Denied;
 use crate::ratelimit::{LimitKind, Throttled, ceil_secs, rate_limit_field};
 
 use crate::key::FormatError;
@@ -42,6 +43,12 @@ pub enum GatewayError {
     /// A known key past its expiry.
     #[error("expired API key")]
     ExpiredKey(Arc<KnownKey>),
+    /// An old key whose rotation grace period is over.
+    #[error("rotated API key")]
+    RotatedKey(Arc<KnownKey>),
+    /// A valid key used from outside its networks or scopes.
+    #[error("forbidden by the key's policy ({0:?})")]
+    Forbidden(Denied, Arc<KnownKey>),
     /// The store could not answer and the key was not cached.
     #[error("key store unavailable")]
     StoreUnavailable,
@@ -60,7 +67,9 @@ impl GatewayError {
             GatewayError::MissingCredentials
             | GatewayError::InvalidKey(_)
             | GatewayError::InactiveKey(_)
-            | GatewayError::ExpiredKey(_) => StatusCode::UNAUTHORIZED,
+            | GatewayError::ExpiredKey(_)
+            | GatewayError::RotatedKey(_) => StatusCode::UNAUTHORIZED,
+            GatewayError::Forbidden(..) => StatusCode::FORBIDDEN,
             GatewayError::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::Upstream(UpstreamErrorKind::Timeout) => StatusCode::GATEWAY_TIMEOUT,
@@ -80,6 +89,8 @@ impl GatewayError {
             ) => Some(AuthReason::Malformed),
             GatewayError::InactiveKey(_) => Some(AuthReason::Inactive),
             GatewayError::ExpiredKey(_) => Some(AuthReason::Expired),
+            GatewayError::RotatedKey(_) => Some(AuthReason::Rotated),
+            GatewayError::Forbidden(..) => Some(AuthReason::Forbidden),
             GatewayError::StoreUnavailable => Some(AuthReason::StoreUnavailable),
             GatewayError::Upstream(_) | GatewayError::RateLimited(_) => None,
         }
@@ -88,7 +99,10 @@ impl GatewayError {
     /// The known key involved in a rejection, if any.
     pub fn key(&self) -> Option<&Arc<KnownKey>> {
         match self {
-            GatewayError::InactiveKey(k) | GatewayError::ExpiredKey(k) => Some(k),
+            GatewayError::InactiveKey(k)
+            | GatewayError::ExpiredKey(k)
+            | GatewayError::RotatedKey(k)
+            | GatewayError::Forbidden(_, k) => Some(k),
             GatewayError::MissingCredentials
             | GatewayError::InvalidKey(_)
             | GatewayError::StoreUnavailable
@@ -120,10 +134,13 @@ impl GatewayError {
                 LimitKind::Key => "rate_limited_key",
                 LimitKind::IpFailures => "ip_locked_out",
             },
+            GatewayError::Forbidden(Denied::Address, _) => "ip_not_allowed",
+            GatewayError::Forbidden(Denied::Scope, _) => "out_of_scope",
             GatewayError::MissingCredentials
             | GatewayError::InvalidKey(InvalidReason::Unknown)
             | GatewayError::InactiveKey(_)
             | GatewayError::ExpiredKey(_)
+            | GatewayError::RotatedKey(_)
             | GatewayError::StoreUnavailable => {
                 self.auth_reason().map_or("error", AuthReason::as_str)
             }
@@ -146,6 +163,12 @@ impl GatewayError {
             GatewayError::InvalidKey(_) => br#"{"detail":"Invalid API key"}"#,
             GatewayError::InactiveKey(_) => br#"{"detail":"API key is inactive"}"#,
             GatewayError::ExpiredKey(_) => br#"{"detail":"API key has expired"}"#,
+            GatewayError::RotatedKey(_) => {
+                br#"{"detail":"API key has been rotated; use its replacement"}"#
+            }
+            GatewayError::Forbidden(..) => {
+                br#"{"detail":"You do not have permission to perform this action."}"#
+            }
             GatewayError::StoreUnavailable => {
                 br#"{"detail":"Authentication service temporarily unavailable. Please retry."}"#
             }
@@ -201,7 +224,8 @@ impl ErrorHeaders {
             }
             GatewayError::InvalidKey(_)
             | GatewayError::InactiveKey(_)
-            | GatewayError::ExpiredKey(_) => {
+            | GatewayError::ExpiredKey(_)
+            | GatewayError::RotatedKey(_) => {
                 headers.insert(header::WWW_AUTHENTICATE, self.challenge_invalid.clone());
             }
             GatewayError::StoreUnavailable => {
@@ -215,7 +239,7 @@ impl ErrorHeaders {
                 headers.insert(RATELIMIT_POLICY, t.policy.clone());
                 headers.insert(RATELIMIT, rate_limit_field(t.kind, 0, t.retry_after));
             }
-            GatewayError::Upstream(_) => {}
+            GatewayError::Upstream(_) | GatewayError::Forbidden(..) => {}
         }
     }
 }

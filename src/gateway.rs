@@ -103,8 +103,10 @@ fn is_failed_attempt(e: &GatewayError) -> bool {
     match e {
         GatewayError::InvalidKey(_)
         | GatewayError::InactiveKey(_)
-        | GatewayError::ExpiredKey(_) => true,
+        | GatewayError::ExpiredKey(_)
+        | GatewayError::RotatedKey(_) => true,
         GatewayError::MissingCredentials
+        | GatewayError::Forbidden(..)
         | GatewayError::StoreUnavailable
         | GatewayError::Upstream(_)
         | GatewayError::RateLimited(_) => false,
@@ -276,21 +278,7 @@ impl Gateway {
             return self.reject(GatewayError::RateLimited(locked), None);
         }
         match self.auth.authenticate(req.headers(), &self.cache).await {
-            Ok(authenticated) => match self.limits.admit_key(&authenticated.key.record.id).await {
-                Some(Err(throttled)) => {
-                    let mut handled = self.reject(GatewayError::RateLimited(throttled), None);
-                    handled.key = Some(authenticated.key);
-                    handled
-                }
-                Some(Ok(allowance)) => {
-                    let mut handled = self.forward(req, client, Some(authenticated)).await;
-                    let h = handled.response.headers_mut();
-                    h.insert(RATELIMIT_POLICY, allowance.policy);
-                    h.insert(RATELIMIT, allowance.state);
-                    handled
-                }
-                None => self.forward(req, client, Some(authenticated)).await,
-            },
+            Ok(authenticated) => self.authorize_and_forward(req, client, authenticated).await,
             Err(e) => {
                 if is_failed_attempt(&e)
                     && let Some(locked) = self.limits.record_failure(client.client_ip).await
@@ -302,6 +290,45 @@ impl Gateway {
                 self.reject(e, None)
             }
         }
+    }
+
+    /// A valid key's policy (networks, scopes), its rate limit, then the forward.
+    async fn authorize_and_forward(
+        &self,
+        req: Request<Incoming>,
+        client: &ClientInfo,
+        authenticated: Authenticated,
+    ) -> Handled {
+        let key = &authenticated.key;
+        if let Err(denied) = key
+            .policy
+            .check(client.client_ip, req.method(), req.uri().path())
+        {
+            return self.reject(GatewayError::Forbidden(denied, Arc::clone(key)), None);
+        }
+        let allowance = match self.limits.admit_key(&key.record.id, key.policy.rate).await {
+            Some(Err(throttled)) => {
+                let mut handled = self.reject(GatewayError::RateLimited(throttled), None);
+                handled.key = Some(Arc::clone(key));
+                return handled;
+            }
+            Some(Ok(allowance)) => Some(allowance),
+            None => None,
+        };
+        if authenticated.in_grace {
+            self.metrics.rotated_key_uses.increment(1);
+        }
+        let in_grace = authenticated.in_grace;
+        let mut handled = self.forward(req, client, Some(authenticated)).await;
+        if in_grace && handled.reason == "ok" {
+            handled.reason = "ok_rotated_key_in_grace";
+        }
+        if let Some(allowance) = allowance {
+            let h = handled.response.headers_mut();
+            h.insert(RATELIMIT_POLICY, allowance.policy);
+            h.insert(RATELIMIT, allowance.state);
+        }
+        handled
     }
 
     fn is_public(&self, path: &str) -> bool {
@@ -320,6 +347,8 @@ impl Gateway {
             | GatewayError::InvalidKey(_)
             | GatewayError::InactiveKey(_)
             | GatewayError::ExpiredKey(_)
+            | GatewayError::RotatedKey(_)
+            | GatewayError::Forbidden(..)
             | GatewayError::RateLimited(_) => Outcome::Rejected,
             GatewayError::StoreUnavailable | GatewayError::Upstream(_) => Outcome::Failed,
         };

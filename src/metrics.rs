@@ -60,18 +60,24 @@ pub enum AuthReason {
     Inactive,
     /// Known but past its expiry.
     Expired,
+    /// Replaced by rotation, and its grace period is over.
+    Rotated,
+    /// Valid, but outside its allowed networks or scopes (403).
+    Forbidden,
     /// The store could not answer.
     StoreUnavailable,
 }
 
 impl AuthReason {
-    const ALL: [AuthReason; 7] = [
+    const ALL: [AuthReason; 9] = [
         AuthReason::Ok,
         AuthReason::Missing,
         AuthReason::Malformed,
         AuthReason::Unknown,
         AuthReason::Inactive,
         AuthReason::Expired,
+        AuthReason::Rotated,
+        AuthReason::Forbidden,
         AuthReason::StoreUnavailable,
     ];
 
@@ -84,6 +90,8 @@ impl AuthReason {
             AuthReason::Unknown => "unknown",
             AuthReason::Inactive => "inactive",
             AuthReason::Expired => "expired",
+            AuthReason::Rotated => "rotated",
+            AuthReason::Forbidden => "forbidden",
             AuthReason::StoreUnavailable => "store_unavailable",
         }
     }
@@ -123,7 +131,7 @@ const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 pub struct Metrics {
     handle: PrometheusHandle,
     requests: [[Counter; 5]; 5],
-    auth: [Counter; 7],
+    auth: [Counter; 9],
     upstream_errors: [Counter; 3],
     /// End-to-end request latency at the gateway.
     pub request_duration: Histogram,
@@ -154,6 +162,10 @@ pub struct Metrics {
     rate_limits: [[Counter; 2]; 2],
     /// 1 while the shared (Redis) rate limiter is failing and limits are per instance.
     pub rate_limit_degraded: Gauge,
+    /// Requests authenticated by an old key inside its rotation grace period.
+    pub rotated_key_uses: Counter,
+    /// notAfter of the served certificate, Unix seconds.
+    pub tls_certificate_expiry: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -241,7 +253,7 @@ impl Metrics {
         let auth = AuthReason::ALL.map(|reason| {
             r.counter(
                 "keygate_auth_decisions_total",
-                "Authentication decisions, by reason (ok, missing, malformed, unknown, inactive, expired, store_unavailable).",
+                "Authentication decisions, by reason (ok, missing, malformed, unknown, inactive, expired, rotated, forbidden, store_unavailable).",
                 &[("reason", reason.as_str())],
             )
         });
@@ -332,6 +344,16 @@ impl Metrics {
                     )
                 })
             }),
+            rotated_key_uses: r.counter(
+                "keygate_rotated_key_uses_total",
+                "Requests authenticated with an old key inside its rotation grace period.",
+                &[],
+            ),
+            tls_certificate_expiry: r.gauge(
+                "keygate_tls_certificate_expiry_timestamp_seconds",
+                "Expiry (notAfter) of the served TLS certificate, as a Unix timestamp.",
+                &[],
+            ),
             rate_limit_degraded: r.gauge(
                 "keygate_rate_limit_degraded",
                 "1 while the shared rate limiter is unavailable and limits are enforced per instance.",

@@ -27,7 +27,7 @@ use crate::metrics::Metrics;
 use crate::store::SharedStore;
 
 /// A rate: `count` events per `period`, allowing a burst of `count`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Rate {
     /// Events allowed per period (and the burst size).
     pub count: u32,
@@ -183,6 +183,8 @@ pub fn ceil_secs(d: Duration) -> u64 {
 /// All of the gateway's rate limits.
 pub struct RateLimits {
     per_key: Option<Limit<String>>,
+    /// In-process limiters for keys with their own rate, one per distinct rate.
+    overrides: moka::sync::Cache<Rate, Arc<Limit<String>>>,
     failures: Option<Limit<IpAddr>>,
     /// Client IPs over their failure budget, with when the lockout ends.
     locked: moka::sync::Cache<IpAddr, Instant>,
@@ -215,6 +217,7 @@ impl RateLimits {
     ) -> Self {
         Self {
             per_key: per_key.map(|r| Limit::new(LimitKind::Key, r)),
+            overrides: moka::sync::Cache::new(1_000),
             failures: failures_per_ip.map(|r| Limit::new(LimitKind::IpFailures, r)),
             locked: moka::sync::Cache::builder()
                 .max_capacity(100_000)
@@ -260,10 +263,22 @@ impl RateLimits {
         }
     }
 
-    /// Admits one request for the key with id `key_id`: the `RateLimit` headers to send, or the
-    /// 429. `None` when no per-key limit is configured.
-    pub async fn admit_key(&self, key_id: &str) -> Option<Result<Allowance, Throttled>> {
-        let limit = self.per_key.as_ref()?;
+    /// Admits one request for the key with id `key_id`, under its own rate if it has one, else
+    /// `[rate_limit] per_key`: the `RateLimit` headers to send, or the 429. `None` when the key
+    /// is not limited.
+    pub async fn admit_key(
+        &self,
+        key_id: &str,
+        own: Option<Rate>,
+    ) -> Option<Result<Allowance, Throttled>> {
+        let own = own.map(|rate| {
+            self.overrides
+                .get_with(rate, || Arc::new(Limit::new(LimitKind::Key, rate)))
+        });
+        let limit = match &own {
+            Some(limit) => limit.as_ref(),
+            None => self.per_key.as_ref()?,
+        };
         let subject = key_id.to_owned();
         Some(
             match self.decide(limit, &subject, || subject.clone()).await {
@@ -344,6 +359,9 @@ impl RateLimits {
     /// Drops in-process limiter state for subjects whose budget is full again (bounded memory).
     pub fn housekeeping(&self) {
         if let Some(l) = &self.per_key {
+            l.local.retain_recent();
+        }
+        for (_, l) in &self.overrides {
             l.local.retain_recent();
         }
         if let Some(l) = &self.failures {

@@ -1,200 +1,18 @@
-//! The `keygate` command line: `serve`, `check-config`, and key management on the configured
-//! store (safe while the gateway runs: every change goes through the store's change feed).
-//!
-//! A new key is printed once, alone on stdout, at creation; nothing prints it again.
+//! `keygate keys ...`: create, list, show, revoke, enable, delete, rotate and the usage report.
 
 use std::io::Write as _;
-use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
-use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 
-use crate::config::{Config, FileConfig, ProcessEnv};
+use super::{CreateArgs, JsonFlag, KeysCommand, RotateArgs, UsageArgs, backup};
 use crate::key;
-use crate::store::{self, KeyRecord, SharedStore, unix_now};
-
-/// keygate: API-key authentication gateway.
-#[derive(Debug, Parser)]
-#[command(name = "keygate", version, about)]
-pub struct Cli {
-    /// Configuration file.
-    #[arg(
-        long,
-        global = true,
-        env = "KEYGATE_CONFIG",
-        default_value = "gateway.toml"
-    )]
-    pub config: PathBuf,
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-/// Top-level commands.
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Run the gateway.
-    Serve,
-    /// Validate the configuration and print it as the gateway would use it.
-    CheckConfig,
-    /// Manage API keys in the configured store.
-    #[command(subcommand)]
-    Keys(KeysCommand),
-}
-
-/// `keygate keys ...`.
-#[derive(Debug, Subcommand)]
-pub enum KeysCommand {
-    /// Create a key; prints the key alone on stdout (once), details on stderr.
-    Create(CreateArgs),
-    /// List keys: id, name, hint, status, created, last used, expiry.
-    List(JsonFlag),
-    /// Show one key.
-    Show(Target),
-    /// Deactivate a key (emergency revocation; running gateways refuse it within a second).
-    Revoke(Target),
-    /// Re-activate a revoked key.
-    Enable(Target),
-    /// Delete a key permanently.
-    Delete(Target),
-    /// Usage report: last use, never-used and stale keys (the old monitor_api_usage).
-    Usage(UsageArgs),
-}
-
-/// `keys create` options.
-#[derive(Debug, Args)]
-pub struct CreateArgs {
-    /// Unique name (letters, digits, space, '.', '_', '-'; at most 64).
-    #[arg(long)]
-    pub name: String,
-    /// Expire the key after this long (e.g. 90d).
-    #[arg(long, value_parser = parse_duration)]
-    pub expires_in: Option<Duration>,
-    /// Print the key and its details as one JSON object on stdout.
-    #[arg(long)]
-    pub json: bool,
-}
-
-/// `--json`.
-#[derive(Debug, Args)]
-pub struct JsonFlag {
-    /// JSON output.
-    #[arg(long)]
-    pub json: bool,
-}
-
-/// A key by id or name.
-#[derive(Debug, Args)]
-pub struct Target {
-    /// The key's id or name.
-    pub key: String,
-    /// JSON output.
-    #[arg(long)]
-    pub json: bool,
-}
-
-/// `keys usage` options.
-#[derive(Debug, Args)]
-pub struct UsageArgs {
-    /// Warn about keys not used for longer than this.
-    #[arg(long, default_value = "7d", value_parser = parse_duration)]
-    pub stale_after: Duration,
-    /// JSON output.
-    #[arg(long)]
-    pub json: bool,
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s)
-        .map_err(|_| format!("'{s}' is not a duration such as 7d, 12h or 90m"))
-}
-
-/// Entry point of the binary.
-pub fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            // One line: the chain of causes, joined.
-            eprintln!("keygate: error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn load_config(path: &Path) -> anyhow::Result<(FileConfig, Config)> {
-    let file = FileConfig::load(path, &ProcessEnv)
-        .map_err(|e| anyhow::anyhow!("{e} (pass --config PATH or set KEYGATE_CONFIG)"))?;
-    let config = file.validate()?;
-    Ok((file, config))
-}
-
-fn run(cli: Cli) -> anyhow::Result<()> {
-    let (file, config) = load_config(&cli.config)?;
-    match cli.command {
-        Command::Serve => serve(config),
-        Command::CheckConfig => {
-            print!("{}", file.to_toml());
-            eprintln!("configuration {} is valid", cli.config.display());
-            Ok(())
-        }
-        Command::Keys(cmd) => {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .context("cannot start the runtime")?;
-            runtime.block_on(async {
-                let store = store::open(&config.store).context("cannot open the key store")?;
-                keys(cmd, &store).await
-            })
-        }
-    }
-}
-
-fn serve(config: Config) -> anyhow::Result<()> {
-    let _log = crate::logging::init(&config.logging).context("cannot set up logging")?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the runtime")?;
-    runtime.block_on(async {
-        let store = store::open(&config.store).context("cannot open the key store")?;
-        let listeners = crate::server::Listeners::bind(&config.server).await?;
-        crate::server::run(config, store, listeners, shutdown_signal()).await?;
-        Ok(())
-    })
-}
-
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
-            (Ok(mut term), Ok(mut int)) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
-                }
-            }
-            _ => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
-}
+use crate::policy::Policy;
+use crate::store::{KeyRecord, SharedStore, unix_now};
 
 /// Checks a key name: header-safe (it is sent upstream), short, and readable.
-pub fn validate_name(name: &str) -> anyhow::Result<()> {
+pub(super) fn validate_name(name: &str) -> anyhow::Result<()> {
     let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, ' ' | '.' | '_' | '-');
     if name.is_empty() || name.len() > 64 || !name.chars().all(ok_char) || name.trim() != name {
         bail!(
@@ -204,18 +22,18 @@ pub fn validate_name(name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn timestamp(secs: i64) -> String {
+pub(super) fn timestamp(secs: i64) -> String {
     let t = UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).unwrap_or(0));
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
 fn status(r: &KeyRecord, now: i64) -> &'static str {
-    if !r.is_active {
-        "inactive"
-    } else if r.is_expired(now) {
-        "expired"
-    } else {
-        "active"
+    match (r.is_active, r.is_expired(now), r.rotated_to.is_some()) {
+        (false, _, _) => "inactive",
+        (true, true, true) => "rotated",
+        (true, true, false) => "expired",
+        (true, false, true) => "grace",
+        (true, false, false) => "active",
     }
 }
 
@@ -231,6 +49,10 @@ struct KeyView<'a> {
     use_count: u64,
     expires_at: Option<String>,
     legacy: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rotated_to: Option<&'a str>,
+    #[serde(skip_serializing_if = "Policy::is_empty")]
+    policy: &'a Policy,
 }
 
 impl<'a> KeyView<'a> {
@@ -245,11 +67,13 @@ impl<'a> KeyView<'a> {
             use_count: r.use_count,
             expires_at: r.expires_at.map(timestamp),
             legacy: r.legacy,
+            rotated_to: r.rotated_to.as_deref(),
+            policy: &r.policy,
         }
     }
 }
 
-async fn keys(cmd: KeysCommand, store: &SharedStore) -> anyhow::Result<()> {
+pub(super) async fn run(cmd: KeysCommand, store: &SharedStore) -> anyhow::Result<()> {
     let now = unix_now();
     let mut out = std::io::stdout().lock();
     match cmd {
@@ -305,6 +129,9 @@ async fn keys(cmd: KeysCommand, store: &SharedStore) -> anyhow::Result<()> {
             Ok(())
         }
         KeysCommand::Usage(args) => usage(store, &mut out, now, &args).await,
+        KeysCommand::Rotate(args) => rotate(args, store, &mut out).await,
+        KeysCommand::Export(args) => backup::export(store, args.out.as_deref(), &mut out).await,
+        KeysCommand::Import(args) => backup::import(store, &args.file).await,
     }
 }
 
@@ -314,15 +141,27 @@ async fn create(
     out: &mut impl std::io::Write,
 ) -> anyhow::Result<()> {
     validate_name(&args.name)?;
+    let policy = Policy {
+        allow: args.allow,
+        allow_ips: args.allow_ips,
+        rate: args.rate,
+    };
+    policy
+        .compile()
+        .map_err(|e| anyhow::anyhow!("invalid policy: {e}"))?;
     let secret = key::generate()?;
     let now = unix_now();
-    let expires_at = match args.expires_in {
-        Some(d) => Some(
+    let expires_at = match (args.expires_in, args.expires_at) {
+        (Some(d), _) => Some(
             now.saturating_add(i64::try_from(d.as_secs()).context("--expires-in is too long")?),
         ),
-        None => None,
+        (None, Some(at)) if at <= now => bail!("--expires-at {} is in the past", timestamp(at)),
+        (None, at) => at,
     };
-    let record = KeyRecord::new(args.name, &secret, now, expires_at)?;
+    let record = KeyRecord {
+        policy,
+        ..KeyRecord::new(args.name, &secret, now, expires_at)?
+    };
     store.insert(record.clone()).await?;
     if args.json {
         #[derive(Serialize)]
@@ -342,6 +181,65 @@ async fn create(
     eprintln!(
         "created API key '{}' (id {}, hint {}). Store it now: it is not shown again.",
         record.name, record.id, record.hint
+    );
+    Ok(())
+}
+
+async fn rotate(
+    args: RotateArgs,
+    store: &SharedStore,
+    out: &mut impl std::io::Write,
+) -> anyhow::Result<()> {
+    let old = store.find(&args.key).await?;
+    if old.rotated_to.is_some() {
+        bail!(
+            "API key '{}' ({}) was already rotated; rotate its successor instead",
+            old.name,
+            old.id
+        );
+    }
+    let now = unix_now();
+    let secret = key::generate()?;
+    // Same name and policy; an expiring key keeps its lifetime, counted from now.
+    let expires_at = old
+        .expires_at
+        .map(|at| now.saturating_add(at - old.created_at));
+    let successor = KeyRecord {
+        policy: old.policy.clone(),
+        ..KeyRecord::new(old.name.clone(), &secret, now, expires_at)?
+    };
+    let grace_until =
+        now.saturating_add(i64::try_from(args.grace.as_secs()).context("--grace is too long")?);
+    let old = store
+        .rotate(&old.id, successor.clone(), grace_until)
+        .await?;
+    if args.json {
+        #[derive(Serialize)]
+        struct Rotated<'a> {
+            key: &'a str,
+            #[serde(flatten)]
+            view: KeyView<'a>,
+            old_id: &'a str,
+            old_valid_until: String,
+        }
+        let rotated = Rotated {
+            key: secret.expose(),
+            view: KeyView::of(&successor, now),
+            old_id: &old.id,
+            old_valid_until: timestamp(grace_until),
+        };
+        writeln!(out, "{}", serde_json::to_string(&rotated)?)?;
+    } else {
+        writeln!(out, "{}", secret.expose())?;
+    }
+    eprintln!(
+        "rotated API key '{}': new key {} (hint {}); the old key {} works until {}. \
+         Deploy the new key, then watch `keygate keys usage` for the old key's last use.",
+        successor.name,
+        successor.id,
+        successor.hint,
+        old.id,
+        timestamp(grace_until)
     );
     Ok(())
 }
@@ -376,6 +274,18 @@ fn print_one(
     if v.legacy {
         writeln!(out, "legacy:     yes (imported plaintext key, no checksum)")?;
     }
+    if let Some(next) = v.rotated_to {
+        writeln!(out, "rotated to: {next} (this key works until its expiry)")?;
+    }
+    for scope in &r.policy.allow {
+        writeln!(out, "allow:      {scope}")?;
+    }
+    for net in &r.policy.allow_ips {
+        writeln!(out, "allow ip:   {net}")?;
+    }
+    if let Some(rate) = &r.policy.rate {
+        writeln!(out, "rate:       {rate}")?;
+    }
     Ok(())
 }
 
@@ -391,7 +301,14 @@ struct UsageRow<'a> {
     never_used: bool,
     stale: bool,
     use_count: u64,
+    expires_at: Option<String>,
+    expires_in_days: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rotated_to: Option<&'a str>,
 }
+
+/// Keys expiring within this many days are flagged by `keys usage`.
+const EXPIRING_SOON_DAYS: i64 = 14;
 
 async fn usage(
     store: &SharedStore,
@@ -415,6 +332,12 @@ async fn usage(
                 never_used: r.last_used.is_none(),
                 stale: since.is_some_and(|s| s > stale_secs),
                 use_count: r.use_count,
+                expires_at: r.expires_at.map(timestamp),
+                expires_in_days: r
+                    .expires_at
+                    .filter(|&at| at > now)
+                    .map(|at| (at - now) / 86_400),
+                rotated_to: r.rotated_to.as_deref(),
             }
         })
         .collect();
@@ -424,6 +347,16 @@ async fn usage(
     }
     let stale_days = stale_secs / 86_400;
     for row in &rows {
+        if let Some(next) = row.rotated_to {
+            // An old key in (or past) its rotation grace: has every client moved to the new one?
+            let until = row.expires_at.as_deref().unwrap_or("-");
+            let last = row.last_used.as_deref().unwrap_or("never");
+            writeln!(
+                out,
+                "API Key '{}' (old key {}, rotated to {next}): valid until {until}, last used {last}",
+                row.name, row.id
+            )?;
+        }
         match row.days_since_last_use {
             Some(days) => {
                 writeln!(out, "API Key '{}': Last used {days} days ago", row.name)?;
@@ -437,9 +370,18 @@ async fn usage(
             }
             None => writeln!(out, "WARNING: API Key '{}' has never been used", row.name)?,
         }
+        if let Some(days) = row.expires_in_days.filter(|d| *d < EXPIRING_SOON_DAYS) {
+            writeln!(
+                out,
+                "WARNING: API Key '{}' expires in {days} days",
+                row.name
+            )?;
+        }
         let status = match row.status {
             "active" => "Active",
             "inactive" => "Inactive",
+            "grace" => "Rotated (old key, still valid)",
+            "rotated" => "Rotated (old key, refused)",
             _ => "Expired",
         };
         writeln!(out, "Status: {status}")?;

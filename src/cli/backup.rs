@@ -1,0 +1,313 @@
+//! `keygate keys export` and `keygate keys import`: backups of the key records (digests, never
+//! keys), and migration from the old Django `APIKey` table (`manage.py dumpdata users.APIKey`),
+//! whose plaintext keys are hashed on the way in and never stored.
+//!
+//! An import is checked whole before anything is written, and written in one store transaction:
+//! a bad record refuses the file, naming the record; a record already present is skipped, so
+//! importing the same file twice changes nothing.
+
+use std::io::Write as _;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, anyhow, bail};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::keys::validate_name;
+use crate::key::{self, MAX_PRESENTED_LEN, Secret};
+use crate::store::{KeyRecord, SharedStore, unix_now};
+
+/// `format` of a keygate export.
+const EXPORT_FORMAT: &str = "keygate-export";
+
+/// The export file.
+#[derive(Debug, Serialize, Deserialize)]
+struct Export {
+    format: String,
+    version: u32,
+    exported_at: String,
+    keys: Vec<Value>,
+}
+
+/// Writes every record as JSON to `out_file` (mode 0600) or stdout.
+pub(super) async fn export(
+    store: &SharedStore,
+    out_file: Option<&Path>,
+    stdout: &mut impl std::io::Write,
+) -> anyhow::Result<()> {
+    let records = store.list().await?;
+    let export = Export {
+        format: EXPORT_FORMAT.into(),
+        version: 1,
+        exported_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        keys: records
+            .iter()
+            .map(serde_json::to_value)
+            .collect::<Result<_, _>>()?,
+    };
+    let text = serde_json::to_string_pretty(&export)?;
+    match out_file {
+        Some(path) => {
+            let mut options = std::fs::OpenOptions::new();
+            options.write(true).create(true).truncate(true);
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::OpenOptionsExt as _;
+                options.mode(0o600);
+            }
+            let mut file = options
+                .open(path)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            writeln!(file, "{text}").with_context(|| format!("cannot write {}", path.display()))?;
+            eprintln!(
+                "exported {} API key records to {}",
+                records.len(),
+                path.display()
+            );
+        }
+        None => writeln!(stdout, "{text}")?,
+    }
+    Ok(())
+}
+
+/// Reads, checks and imports `file` (a keygate export or a Django dump).
+pub(super) async fn import(store: &SharedStore, file: &Path) -> anyhow::Result<()> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let records =
+        parse(&text).with_context(|| format!("{} refused, nothing imported", file.display()))?;
+    let total = records.len();
+    let (imported, skipped) = store
+        .import(records)
+        .await
+        .with_context(|| format!("{} refused, nothing imported", file.display()))?;
+    eprintln!(
+        "imported {imported} API keys from {} ({skipped} already present, {total} in the file)",
+        file.display()
+    );
+    Ok(())
+}
+
+/// Parses either format into checked records.
+fn parse(text: &str) -> anyhow::Result<Vec<KeyRecord>> {
+    let value: Value = serde_json::from_str(text).map_err(|e| anyhow!("not valid JSON: {e}"))?;
+    match value {
+        Value::Object(ref o) if o.get("format").and_then(Value::as_str) == Some(EXPORT_FORMAT) => {
+            let export: Export =
+                serde_json::from_value(value).map_err(|e| anyhow!("not a keygate export: {e}"))?;
+            if export.version != 1 {
+                bail!(
+                    "export version {} is newer than this keygate understands (1)",
+                    export.version
+                );
+            }
+            export
+                .keys
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    let record: KeyRecord =
+                        serde_json::from_value(v).map_err(|e| anyhow!("record {}: {e}", i + 1))?;
+                    check(&record)
+                        .map_err(|e| anyhow!("record {} ({:?}): {e}", i + 1, record.name))?;
+                    Ok(record)
+                })
+                .collect()
+        }
+        Value::Array(items) => {
+            let now = unix_now();
+            items
+                .into_iter()
+                .enumerate()
+                .map(|(i, item)| django(item, now).map_err(|e| anyhow!("record {}: {e}", i + 1)))
+                .collect()
+        }
+        _ => bail!(
+            "expected a keygate export (an object with \"format\": \"{EXPORT_FORMAT}\") or a Django dumpdata array"
+        ),
+    }
+}
+
+fn check(record: &KeyRecord) -> anyhow::Result<()> {
+    validate_name(&record.name)?;
+    record
+        .policy
+        .compile()
+        .map_err(|e| anyhow!("invalid policy: {e}"))?;
+    if !record.id.starts_with("key_") || record.id.len() > 64 {
+        bail!("invalid id {:?}", record.id);
+    }
+    Ok(())
+}
+
+/// One `users.apikey` object of a Django dump.
+#[derive(Debug, Deserialize)]
+struct DjangoObject {
+    model: String,
+    #[serde(default)]
+    pk: Value,
+    fields: DjangoFields,
+}
+
+#[derive(Debug, Deserialize)]
+struct DjangoFields {
+    name: String,
+    key: String,
+    #[serde(default = "yes")]
+    is_active: bool,
+    created_at: Option<String>,
+    last_used: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn django(item: Value, now: i64) -> anyhow::Result<KeyRecord> {
+    let object: DjangoObject = serde_json::from_value(item)
+        .map_err(|e| anyhow!("not a Django users.apikey object: {e}"))?;
+    let at = format!("pk {}, name {:?}", object.pk, object.fields.name);
+    if !object.model.eq_ignore_ascii_case("users.apikey") {
+        bail!(
+            "({at}): model is {:?}, expected \"users.apikey\"",
+            object.model
+        );
+    }
+    let f = object.fields;
+    validate_name(&f.name).map_err(|e| anyhow!("({at}): {e}; rename it in the file"))?;
+    let plaintext = f.key.trim();
+    if plaintext.is_empty()
+        || plaintext.len() > MAX_PRESENTED_LEN
+        || !plaintext.bytes().all(|b| b.is_ascii_graphic())
+    {
+        // The key itself is never echoed back.
+        bail!(
+            "({at}): field key is empty, longer than {MAX_PRESENTED_LEN} characters, or not printable ASCII"
+        );
+    }
+    let time = |field: &str, v: &Option<String>| -> anyhow::Result<Option<i64>> {
+        v.as_deref()
+            .map(|s| {
+                parse_datetime(s)
+                    .ok_or_else(|| anyhow!("({at}): field {field} {s:?} is not a date and time"))
+            })
+            .transpose()
+    };
+    let created_at = time("created_at", &f.created_at)?.unwrap_or(now);
+    let last_used = time("last_used", &f.last_used)?;
+    let secret = Secret::new(plaintext.to_owned());
+    let mut record = KeyRecord::new(f.name, &secret, created_at, None)?;
+    record.is_active = f.is_active;
+    record.last_used = last_used;
+    // A key that happens to carry keygate's checksum needs no legacy lookups.
+    record.legacy = key::check_format(plaintext.as_bytes()).is_err();
+    Ok(record)
+}
+
+/// Parses RFC 3339 / ISO 8601 as Django writes it: `2024-01-15T10:30:00Z`,
+/// `2024-01-15T10:30:00.123456+02:00`, `2024-01-15 10:30:00`. Returns Unix seconds.
+pub(super) fn parse_datetime(s: &str) -> Option<i64> {
+    let s = s.trim();
+    let (base, offset_secs) = if let Some(base) = s.strip_suffix(['Z', 'z']) {
+        (base, 0)
+    } else if s.len() > 6
+        && matches!(s.as_bytes()[s.len() - 6], b'+' | b'-')
+        && s.as_bytes()[s.len() - 3] == b':'
+    {
+        let (base, offset) = s.split_at(s.len() - 6);
+        let sign = if offset.starts_with('-') { -1 } else { 1 };
+        let hours: i64 = offset[1..3].parse().ok()?;
+        let minutes: i64 = offset[4..6].parse().ok()?;
+        (base, sign * (hours * 3600 + minutes * 60))
+    } else {
+        (s, 0)
+    };
+    let t = humantime::parse_rfc3339_weak(base).ok()?;
+    let secs = i64::try_from(
+        t.duration_since(UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO)
+            .as_secs(),
+    )
+    .ok()?;
+    Some(secs - offset_secs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn django_datetimes_parse() {
+        assert_eq!(parse_datetime("2024-01-15T10:30:00Z"), Some(1_705_314_600));
+        assert_eq!(
+            parse_datetime("2024-01-15T10:30:00.123456Z"),
+            Some(1_705_314_600)
+        );
+        assert_eq!(
+            parse_datetime("2024-01-15T12:30:00+02:00"),
+            Some(1_705_314_600)
+        );
+        assert_eq!(
+            parse_datetime("2024-01-15T05:30:00-05:00"),
+            Some(1_705_314_600)
+        );
+        assert_eq!(parse_datetime("2024-01-15 10:30:00"), Some(1_705_314_600));
+        assert_eq!(parse_datetime("yesterday"), None);
+    }
+
+    #[test]
+    fn django_dump_records_are_hashed_and_marked_legacy() {
+        let dump = r#"[{"model": "users.apikey", "pk": 1, "fields": {"name": "Frontend", "key": "sk_live_abcdef0123456789",
+            "is_active": true, "created_at": "2024-01-15T10:30:00Z", "last_used": null}},
+            {"model": "users.apikey", "pk": 2, "fields": {"name": "old", "key": "sk_old_key_value",
+            "is_active": false, "created_at": "2023-06-01T00:00:00.5+00:00", "last_used": "2023-07-01T00:00:00Z"}}]"#;
+        let records = parse(dump).unwrap();
+        assert_eq!(records.len(), 2);
+        assert_eq!(
+            records[0].digest,
+            key::KeyDigest::of(b"sk_live_abcdef0123456789")
+        );
+        assert!(records[0].legacy && records[0].is_active);
+        assert_eq!(records[0].created_at, 1_705_314_600);
+        assert!(!records[1].is_active);
+        assert_eq!(records[1].last_used, Some(1_688_169_600));
+        assert!(
+            !format!("{records:?}").contains("sk_live_abcdef"),
+            "the plaintext key was kept"
+        );
+    }
+
+    #[test]
+    fn bad_records_are_named_and_keys_never_echoed() {
+        let cases = [
+            (
+                r#"[{"model": "users.apikey", "pk": 7, "fields": {"name": "ok", "key": ""}}]"#,
+                "pk 7",
+            ),
+            (
+                r#"[{"model": "auth.user", "pk": 1, "fields": {"name": "x", "key": "sk_abc"}}]"#,
+                "auth.user",
+            ),
+            (
+                r#"[{"model": "users.apikey", "pk": 2, "fields": {"name": "bad\nname", "key": "sk_abc"}}]"#,
+                "invalid key name",
+            ),
+            (
+                r#"[{"model": "users.apikey", "pk": 3, "fields": {"name": "x", "key": "sk_abc", "created_at": "soon"}}]"#,
+                "created_at",
+            ),
+            (
+                r#"{"format": "keygate-export", "version": 9, "exported_at": "", "keys": []}"#,
+                "version 9",
+            ),
+            (r#"{"nope": 1}"#, "expected a keygate export"),
+            ("[1, 2", "not valid JSON"),
+        ];
+        for (text, needle) in cases {
+            let err = format!("{:#}", parse(text).unwrap_err());
+            assert!(err.contains(needle), "{text}: {err}");
+            assert!(!err.contains("sk_abc"), "{err}");
+        }
+    }
+}
