@@ -140,6 +140,9 @@ pub struct TlsSection {
     pub key: String,
     /// When the files are missing, generate a self-signed development certificate there.
     pub generate_dev_cert: bool,
+    /// How often the files are checked for changes (a change reloads them, as SIGHUP does);
+    /// "0s" disables the check.
+    pub watch_interval: String,
 }
 
 impl Default for TlsSection {
@@ -148,6 +151,7 @@ impl Default for TlsSection {
             cert: "certs/dev-cert.pem".into(),
             key: "certs/dev-key.pem".into(),
             generate_dev_cert: false,
+            watch_interval: "10s".into(),
         }
     }
 }
@@ -358,6 +362,12 @@ pub struct LoggingSection {
     pub level: String,
     /// Also append logs to this file; empty: stdout only.
     pub file: String,
+    /// Rotation of `file`: "daily", "hourly" or "never".
+    pub rotation: String,
+    /// Rotated files kept (older ones are deleted); 0 keeps all.
+    pub max_files: usize,
+    /// Key-management audit log (JSON lines written by the CLI); empty: none.
+    pub audit_file: String,
 }
 
 impl Default for LoggingSection {
@@ -366,6 +376,9 @@ impl Default for LoggingSection {
             format: "text".into(),
             level: "info".into(),
             file: String::new(),
+            rotation: "daily".into(),
+            max_files: 14,
+            audit_file: String::new(),
         }
     }
 }
@@ -436,6 +449,7 @@ pub struct Tls {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub generate_dev_cert: bool,
+    pub watch_interval: Duration,
 }
 
 /// Validated `[upstream]`.
@@ -519,6 +533,17 @@ pub struct Logging {
     pub format: LogFormat,
     pub level: String,
     pub file: Option<PathBuf>,
+    pub rotation: Rotation,
+    pub max_files: usize,
+    pub audit_file: Option<PathBuf>,
+}
+
+/// When the log file is rotated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rotation {
+    Daily,
+    Hourly,
+    Never,
 }
 
 /// Validated `[metrics]`.
@@ -575,6 +600,7 @@ impl FileConfig {
                 cert: PathBuf::from(&self.tls.cert),
                 key: PathBuf::from(&self.tls.key),
                 generate_dev_cert: self.tls.generate_dev_cert,
+                watch_interval: parse_duration("tls.watch_interval", &self.tls.watch_interval)?,
             },
             upstream: self.upstream.validate()?,
             auth: self.auth.validate()?,
@@ -1029,10 +1055,34 @@ impl LoggingSection {
                 "a level (error, warn, info, debug, trace) or filter such as \"keygate=debug\"",
             ));
         }
+        let rotation = match self.rotation.as_str() {
+            "daily" => Rotation::Daily,
+            "hourly" => Rotation::Hourly,
+            "never" => Rotation::Never,
+            other => {
+                return Err(invalid(
+                    "logging.rotation",
+                    other,
+                    "\"daily\", \"hourly\" or \"never\"",
+                ));
+            }
+        };
+        let path = |s: &str| (!s.trim().is_empty()).then(|| PathBuf::from(s));
+        let file = path(&self.file);
+        if file.as_ref().is_some_and(|f| f.file_name().is_none()) {
+            return Err(invalid(
+                "logging.file",
+                &self.file,
+                "a file path, e.g. \"/var/log/keygate/access.log\"",
+            ));
+        }
         Ok(Logging {
             format,
             level: self.level.clone(),
-            file: (!self.file.trim().is_empty()).then(|| PathBuf::from(&self.file)),
+            file,
+            rotation,
+            max_files: self.max_files,
+            audit_file: path(&self.audit_file),
         })
     }
 }

@@ -188,8 +188,12 @@ pub async fn run(
         config.server.public_port = listeners.https.local_addr().map_or(443, |a| a.port());
     }
     let hosts = [config.server.public_host.clone()];
-    let acceptor = TlsAcceptor::from(tls::server_config(&config.tls, &hosts)?);
+    let served = tls::ServedCert::load(&config.tls, &hosts)?;
+    let acceptor = TlsAcceptor::from(served.server_config()?);
     let metrics = Arc::new(Metrics::new(&config.metrics.latency_buckets));
+    metrics
+        .tls_certificate_expiry
+        .set(served.not_after() as f64);
     let cache = Arc::new(KeyCache::new(store, &config.store, Arc::clone(&metrics)));
     cache.refresh_counts().await;
     let gateway = Arc::new(Gateway::new(
@@ -210,6 +214,12 @@ pub async fn run(
         tokio::spawn(upkeep(
             Arc::clone(&metrics),
             Arc::clone(&gateway),
+            stop_rx.clone(),
+        )),
+        tokio::spawn(reload_certificate(
+            Arc::clone(&served),
+            config.tls.watch_interval,
+            Arc::clone(&metrics),
             stop_rx.clone(),
         )),
     ];
@@ -324,6 +334,64 @@ pub async fn run(
     }
     tracing::info!("keygate stopped");
     Ok(())
+}
+
+/// Reloads the certificate on SIGHUP and when its files change. A bad new certificate is logged
+/// and refused; the current one keeps serving.
+async fn reload_certificate(
+    served: Arc<tls::ServedCert>,
+    watch_every: Duration,
+    metrics: Arc<Metrics>,
+    mut stop: watch::Receiver<bool>,
+) {
+    #[cfg(unix)]
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut ticker = tokio::time::interval(if watch_every.is_zero() {
+        Duration::from_secs(3600)
+    } else {
+        watch_every
+    });
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        #[cfg(unix)]
+        let sighup = async {
+            match hangup.as_mut() {
+                Some(h) => {
+                    h.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let sighup = std::future::pending::<()>();
+        let why = tokio::select! {
+            _ = sighup => "SIGHUP",
+            _ = ticker.tick() => {
+                if watch_every.is_zero() || !served.files_changed() {
+                    continue;
+                }
+                "file change"
+            }
+            _ = stop.changed() => return,
+        };
+        match served.reload() {
+            Ok(()) => {
+                metrics
+                    .tls_certificate_expiry
+                    .set(served.not_after() as f64);
+                tracing::info!(
+                    trigger = why,
+                    not_after = served.not_after(),
+                    "TLS certificate reloaded"
+                );
+            }
+            Err(e) => tracing::error!(
+                trigger = why,
+                error = %e,
+                "TLS certificate reload refused; the current certificate stays in service"
+            ),
+        }
+    }
 }
 
 /// Periodic housekeeping: histogram buffers and idle rate-limiter state.

@@ -1,11 +1,18 @@
 //! TLS termination: the rustls server configuration (TLS 1.2 and 1.3 only, ALPN h2 and
-//! http/1.1, ring provider) and the development certificate generated on first run.
+//! http/1.1, ring provider), the served certificate and its reload without restart (SIGHUP or a
+//! changed file), and the development certificate generated on first run.
 
 use std::io::Write as _;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
+use arc_swap::ArcSwap;
 use rustls::ServerConfig;
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -29,16 +36,105 @@ pub enum TlsError {
     Generate(String),
 }
 
-/// Builds the server configuration from `[tls]`, generating a development certificate first when
-/// the files are missing and `generate_dev_cert` is on. `hosts` are the names it is valid for.
-pub fn server_config(cfg: &config::Tls, hosts: &[String]) -> Result<Arc<ServerConfig>, TlsError> {
-    if cfg.generate_dev_cert && !cfg.cert.exists() && !cfg.key.exists() {
-        write_dev_cert(&cfg.cert, &cfg.key, hosts)?;
-        tracing::warn!(
-            cert = %cfg.cert.display(),
-            "generated a self-signed development certificate; configure [tls] cert/key for production"
-        );
+/// The served certificate, swappable while the gateway runs.
+///
+/// rustls asks [`ResolvesServerCert::resolve`] for the certificate at every handshake; the answer
+/// is one atomic load. [`ServedCert::reload`] reads the files again and swaps only when they form
+/// a valid pair, so a bad new certificate never replaces a good one.
+pub struct ServedCert {
+    cfg: config::Tls,
+    provider: Arc<CryptoProvider>,
+    current: ArcSwap<CertifiedKey>,
+    /// notAfter of the current certificate, Unix seconds.
+    not_after: AtomicI64,
+    /// Modification times of the files when last loaded.
+    loaded: Mutex<(Option<SystemTime>, Option<SystemTime>)>,
+}
+
+impl std::fmt::Debug for ServedCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServedCert")
+            .field("cert", &self.cfg.cert)
+            .finish_non_exhaustive()
     }
+}
+
+impl ResolvesServerCert for ServedCert {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+fn mtime(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+impl ServedCert {
+    /// Loads `[tls]`, generating a development certificate first when the files are missing and
+    /// `generate_dev_cert` is on. `hosts` are the names a generated certificate is valid for.
+    pub fn load(cfg: &config::Tls, hosts: &[String]) -> Result<Arc<Self>, TlsError> {
+        if cfg.generate_dev_cert && !cfg.cert.exists() && !cfg.key.exists() {
+            write_dev_cert(&cfg.cert, &cfg.key, hosts)?;
+            tracing::warn!(
+                cert = %cfg.cert.display(),
+                "generated a self-signed development certificate; configure [tls] cert/key for production"
+            );
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let stamps = (mtime(&cfg.cert), mtime(&cfg.key));
+        let (key, not_after) = read_pair(cfg, &provider)?;
+        Ok(Arc::new(Self {
+            cfg: cfg.clone(),
+            provider,
+            current: ArcSwap::from_pointee(key),
+            not_after: AtomicI64::new(not_after),
+            loaded: Mutex::new(stamps),
+        }))
+    }
+
+    /// The rustls server configuration serving this certificate: TLS 1.3 and 1.2 only, ALPN h2
+    /// and http/1.1.
+    pub fn server_config(self: &Arc<Self>) -> Result<Arc<ServerConfig>, TlsError> {
+        let mut config = ServerConfig::builder_with_provider(Arc::clone(&self.provider))
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::clone(self) as Arc<dyn ResolvesServerCert>);
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+
+    /// Expiry (notAfter) of the served certificate, Unix seconds.
+    pub fn not_after(&self) -> i64 {
+        self.not_after.load(Ordering::Relaxed)
+    }
+
+    /// Whether either file changed since it was loaded.
+    pub fn files_changed(&self) -> bool {
+        let now = (mtime(&self.cfg.cert), mtime(&self.cfg.key));
+        self.loaded.lock().map(|l| *l != now).unwrap_or(false)
+    }
+
+    /// Reads the files again; on success the new certificate serves every new connection. On
+    /// failure the current certificate stays and the error says why.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let stamps = (mtime(&self.cfg.cert), mtime(&self.cfg.key));
+        // Remember the attempt either way, so a bad file is reported once, not every poll.
+        if let Ok(mut loaded) = self.loaded.lock() {
+            *loaded = stamps;
+        }
+        let (key, not_after) = read_pair(&self.cfg, &self.provider)?;
+        self.current.store(Arc::new(key));
+        self.not_after.store(not_after, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// Reads and checks the certificate chain and key: they must parse and belong together.
+fn read_pair(
+    cfg: &config::Tls,
+    provider: &CryptoProvider,
+) -> Result<(CertifiedKey, i64), TlsError> {
     let certs = CertificateDer::pem_file_iter(&cfg.cert)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
         .map_err(|e| TlsError::Load {
@@ -46,27 +142,38 @@ pub fn server_config(cfg: &config::Tls, hosts: &[String]) -> Result<Arc<ServerCo
             path: cfg.cert.display().to_string(),
             reason: e.to_string(),
         })?;
-    if certs.is_empty() {
+    let Some(leaf) = certs.first() else {
         return Err(TlsError::Load {
             what: "certificate chain",
             path: cfg.cert.display().to_string(),
             reason: "no CERTIFICATE block found".into(),
         });
-    }
+    };
+    let not_after = x509_parser::parse_x509_certificate(leaf)
+        .map(|(_, cert)| cert.validity().not_after.timestamp())
+        .map_err(|e| TlsError::Load {
+            what: "certificate",
+            path: cfg.cert.display().to_string(),
+            reason: e.to_string(),
+        })?;
     let key = PrivateKeyDer::from_pem_file(&cfg.key).map_err(|e| TlsError::Load {
         what: "private key",
         path: cfg.key.display().to_string(),
         reason: e.to_string(),
     })?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| TlsError::Config(e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
+    let signer = provider
+        .key_provider
+        .load_private_key(key)
         .map_err(|e| TlsError::Config(e.to_string()))?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    let certified = CertifiedKey::new(certs, signer);
+    certified.keys_match().map_err(|e| {
+        TlsError::Config(format!(
+            "{} and {}: {e}",
+            cfg.cert.display(),
+            cfg.key.display()
+        ))
+    })?;
+    Ok((certified, not_after))
 }
 
 /// Writes a self-signed certificate for `hosts` (plus localhost and loopback addresses) and its
@@ -112,12 +219,18 @@ mod tests {
             cert: dir.path().join("c/cert.pem"),
             key: dir.path().join("c/key.pem"),
             generate_dev_cert: true,
+            watch_interval: std::time::Duration::ZERO,
         };
         let hosts = ["api.example".to_owned()];
-        let first = server_config(&cfg, &hosts).unwrap();
-        assert_eq!(first.alpn_protocols, [b"h2".to_vec(), b"http/1.1".to_vec()]);
+        let first = ServedCert::load(&cfg, &hosts).unwrap();
+        let config = first.server_config().unwrap();
+        assert_eq!(
+            config.alpn_protocols,
+            [b"h2".to_vec(), b"http/1.1".to_vec()]
+        );
+        assert!(first.not_after() > crate::store::unix_now());
         let pem = std::fs::read(&cfg.cert).unwrap();
-        server_config(&cfg, &hosts).unwrap();
+        ServedCert::load(&cfg, &hosts).unwrap();
         assert_eq!(
             std::fs::read(&cfg.cert).unwrap(),
             pem,
@@ -132,13 +245,43 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_new_certificate_is_refused_and_the_old_one_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config::Tls {
+            cert: dir.path().join("cert.pem"),
+            key: dir.path().join("key.pem"),
+            generate_dev_cert: true,
+            watch_interval: std::time::Duration::ZERO,
+        };
+        let served = ServedCert::load(&cfg, &[]).unwrap();
+        let before = served.current.load_full();
+        // A key that does not belong to the certificate.
+        let other = dir.path().join("other");
+        write_dev_cert(&other.join("c.pem"), &other.join("k.pem"), &[]).unwrap();
+        std::fs::copy(other.join("k.pem"), &cfg.key).unwrap();
+        assert!(served.files_changed() || cfg!(not(unix)));
+        let err = served.reload().unwrap_err().to_string();
+        assert!(err.contains("key.pem"), "{err}");
+        assert!(Arc::ptr_eq(&before, &served.current.load_full()));
+        assert!(!served.files_changed(), "a refused file is reported once");
+        // Garbage is refused too.
+        std::fs::write(&cfg.cert, "not a certificate").unwrap();
+        assert!(served.reload().is_err());
+        // A good pair is taken.
+        std::fs::copy(other.join("c.pem"), &cfg.cert).unwrap();
+        served.reload().unwrap();
+        assert!(!Arc::ptr_eq(&before, &served.current.load_full()));
+    }
+
+    #[test]
     fn missing_files_are_named() {
         let cfg = config::Tls {
             cert: "/nonexistent/cert.pem".into(),
             key: "/nonexistent/key.pem".into(),
             generate_dev_cert: false,
+            watch_interval: std::time::Duration::ZERO,
         };
-        let err = server_config(&cfg, &[]).unwrap_err().to_string();
+        let err = ServedCert::load(&cfg, &[]).unwrap_err().to_string();
         assert!(err.contains("/nonexistent/cert.pem"), "{err}");
     }
 }

@@ -356,6 +356,14 @@ fn cli_changes_reach_a_running_gateway_and_logs_never_contain_keys() {
     assert!(run(&cfg, &["keys", "enable", "frontend"]).status.success());
     wait_status(&client, &url, &key, 200);
 
+    let metrics = reqwest::blocking::get(format!("http://{}/metrics", gw.admin))
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(
+        !metrics.contains(&key[3..]),
+        "the key leaked into the metrics"
+    );
     let status = gw.terminate();
     assert!(status.success(), "exit status {status:?}");
     let output = gw.output();
@@ -469,4 +477,56 @@ fn a_gigabyte_upload_does_not_grow_the_gateway() {
         grew_mib < 8.0,
         "peak RSS grew by {grew_mib:.1} MiB streaming 1 GiB"
     );
+}
+
+/// SIGHUP reloads the certificate; the process keeps running and serving.
+#[test]
+fn sighup_reloads_the_certificate() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let upstream = rt.block_on(Upstream::start());
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), &upstream.url());
+    // Only the signal reloads here: no file watching.
+    let mut gw = Process::start(&cfg, &[("KEYGATE_TLS_WATCH_INTERVAL", "0s")]);
+    let next = dir.path().join("next");
+    keygate::tls::write_dev_cert(
+        &next.join("cert.pem"),
+        &next.join("key.pem"),
+        &["localhost".into()],
+    )
+    .unwrap();
+    let old_client = blocking_client(dir.path(), gw.https);
+    let health = format!("https://localhost:{}/health/api-auth/", gw.https.port());
+    assert_eq!(old_client.get(&health).send().unwrap().status(), 200);
+    std::fs::copy(next.join("key.pem"), dir.path().join("key.pem")).unwrap();
+    std::fs::copy(next.join("cert.pem"), dir.path().join("cert.pem")).unwrap();
+    // Still the old certificate until the signal: a client trusting only the new one fails.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        blocking_client(dir.path(), gw.https)
+            .get(&health)
+            .send()
+            .is_err()
+    );
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(gw.child.id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    let started = Instant::now();
+    let new_client = blocking_client(dir.path(), gw.https); // trusts the new cert.pem
+    loop {
+        if new_client.get(&health).send().is_ok() {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "SIGHUP did not reload: {}",
+            gw.output()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        gw.child.try_wait().unwrap().is_none(),
+        "SIGHUP stopped the gateway"
+    );
+    assert!(gw.output().contains("TLS certificate reloaded"));
+    assert!(gw.terminate().success());
 }

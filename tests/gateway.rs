@@ -889,3 +889,111 @@ async fn brute_force_from_one_ip_is_locked_out_while_other_ips_pass() {
     );
     gw.shutdown().await;
 }
+
+/// Which certificate a fresh connection is served (DER of the leaf).
+async fn served_cert(gw: &Gateway, roots: &[Vec<u8>]) -> Result<Vec<u8>, reqwest::Error> {
+    let mut builder = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_info(true)
+        .pool_max_idle_per_host(0)
+        .resolve("localhost", gw.https);
+    for pem in roots {
+        builder = builder.add_root_certificate(reqwest::Certificate::from_pem(pem).unwrap());
+    }
+    let resp = builder
+        .build()
+        .unwrap()
+        .get(gw.url("/health/api-auth/"))
+        .send()
+        .await?;
+    let info = resp.extensions().get::<reqwest::tls::TlsInfo>().unwrap();
+    Ok(info.peer_certificate().unwrap().to_vec())
+}
+
+#[tokio::test]
+async fn certificates_are_reloaded_when_their_files_change_and_bad_ones_are_refused() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream.url(), &[]).await;
+    let key = gw.create_key("steady").await;
+    let dir = gw.dir.path();
+    let old_pem = std::fs::read(dir.join("cert.pem")).unwrap();
+    let next = dir.join("next");
+    keygate::tls::write_dev_cert(
+        &next.join("cert.pem"),
+        &next.join("key.pem"),
+        &["localhost".into()],
+    )
+    .unwrap();
+    let new_pem = std::fs::read(next.join("cert.pem")).unwrap();
+    let roots = [old_pem.clone(), new_pem.clone()];
+    let before = served_cert(&gw, &roots).await.unwrap();
+    let metric = |text: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("keygate_tls_certificate_expiry_timestamp_seconds "))
+            .map(|v| v.parse::<f64>().unwrap())
+    };
+    let metrics = reqwest::get(format!("http://{}/metrics", gw.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metric(&metrics).unwrap() > keygate::store::unix_now() as f64);
+
+    // Requests keep flowing on an established connection while the files change.
+    let client = gw.client();
+    let traffic = {
+        let client = client.clone();
+        let url = gw.url("/x");
+        let key = key.clone();
+        tokio::spawn(async move {
+            let mut ok = 0;
+            for _ in 0..100 {
+                let status = client
+                    .get(&url)
+                    .header("X-API-Key", &key)
+                    .send()
+                    .await
+                    .unwrap()
+                    .status();
+                assert_eq!(status, StatusCode::OK);
+                ok += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            ok
+        })
+    };
+
+    // A broken certificate file: refused, the old certificate keeps serving.
+    std::fs::write(
+        dir.join("cert.pem"),
+        b"-----BEGIN CERTIFICATE-----\nnope\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(served_cert(&gw, &roots).await.unwrap(), before);
+
+    // A good pair: new connections get it.
+    std::fs::copy(next.join("key.pem"), dir.join("key.pem")).unwrap();
+    std::fs::copy(next.join("cert.pem"), dir.join("cert.pem")).unwrap();
+    let started = Instant::now();
+    loop {
+        let now = served_cert(&gw, &roots).await.unwrap();
+        if now != before {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "the new certificate was not picked up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A client that only trusts the old certificate now fails: the new one is really served.
+    assert!(served_cert(&gw, &[old_pem]).await.is_err());
+    assert_eq!(
+        traffic.await.unwrap(),
+        100,
+        "a request failed during the reload"
+    );
+    gw.shutdown().await;
+}

@@ -14,8 +14,9 @@ use anyhow::{Context as _, anyhow, bail};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::keys::validate_name;
+use super::keys::{audit, validate_name};
 use crate::key::{self, MAX_PRESENTED_LEN, Secret};
+use crate::logging::AuditEvent;
 use crate::store::{KeyRecord, SharedStore, unix_now};
 
 /// `format` of a keygate export.
@@ -72,7 +73,11 @@ pub(super) async fn export(
 }
 
 /// Reads, checks and imports `file` (a keygate export or a Django dump).
-pub(super) async fn import(store: &SharedStore, file: &Path) -> anyhow::Result<()> {
+pub(super) async fn import(
+    store: &SharedStore,
+    file: &Path,
+    audit_log: Option<&Path>,
+) -> anyhow::Result<()> {
     let text =
         std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     let records =
@@ -82,6 +87,12 @@ pub(super) async fn import(store: &SharedStore, file: &Path) -> anyhow::Result<(
         .import(records)
         .await
         .with_context(|| format!("{} refused, nothing imported", file.display()))?;
+    let mut event = AuditEvent::new("imported", None, None);
+    event.detail = Some(format!(
+        "{imported} imported, {skipped} already present, from {}",
+        file.display()
+    ));
+    audit(audit_log, event);
     eprintln!(
         "imported {imported} API keys from {} ({skipped} already present, {total} in the file)",
         file.display()

@@ -1,6 +1,7 @@
 //! `keygate keys ...`: create, list, show, revoke, enable, delete, rotate and the usage report.
 
 use std::io::Write as _;
+use std::path::Path;
 use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
@@ -8,6 +9,7 @@ use serde::Serialize;
 
 use super::{CreateArgs, JsonFlag, KeysCommand, RotateArgs, UsageArgs, backup};
 use crate::key;
+use crate::logging::AuditEvent;
 use crate::policy::Policy;
 use crate::store::{KeyRecord, SharedStore, unix_now};
 
@@ -73,11 +75,15 @@ impl<'a> KeyView<'a> {
     }
 }
 
-pub(super) async fn run(cmd: KeysCommand, store: &SharedStore) -> anyhow::Result<()> {
+pub(super) async fn run(
+    cmd: KeysCommand,
+    store: &SharedStore,
+    audit_log: Option<&Path>,
+) -> anyhow::Result<()> {
     let now = unix_now();
     let mut out = std::io::stdout().lock();
     match cmd {
-        KeysCommand::Create(args) => create(args, store, &mut out).await,
+        KeysCommand::Create(args) => create(args, store, &mut out, audit_log).await,
         KeysCommand::List(JsonFlag { json }) => {
             let records = store.list().await?;
             if json {
@@ -112,6 +118,10 @@ pub(super) async fn run(cmd: KeysCommand, store: &SharedStore) -> anyhow::Result
         }
         KeysCommand::Revoke(t) => {
             let r = store.set_active(&t.key, false).await?;
+            audit(
+                audit_log,
+                AuditEvent::new("revoked", Some(&r.id), Some(&r.name)),
+            );
             eprintln!(
                 "revoked API key '{}' ({}); running gateways refuse it within a second",
                 r.name, r.id
@@ -120,18 +130,39 @@ pub(super) async fn run(cmd: KeysCommand, store: &SharedStore) -> anyhow::Result
         }
         KeysCommand::Enable(t) => {
             let r = store.set_active(&t.key, true).await?;
+            audit(
+                audit_log,
+                AuditEvent::new("enabled", Some(&r.id), Some(&r.name)),
+            );
             eprintln!("enabled API key '{}' ({})", r.name, r.id);
             print_one(&mut out, &r, now, t.json)
         }
         KeysCommand::Delete(t) => {
             let r = store.delete(&t.key).await?;
+            audit(
+                audit_log,
+                AuditEvent::new("deleted", Some(&r.id), Some(&r.name)),
+            );
             eprintln!("deleted API key '{}' ({})", r.name, r.id);
             Ok(())
         }
         KeysCommand::Usage(args) => usage(store, &mut out, now, &args).await,
-        KeysCommand::Rotate(args) => rotate(args, store, &mut out).await,
+        KeysCommand::Rotate(args) => rotate(args, store, &mut out, audit_log).await,
         KeysCommand::Export(args) => backup::export(store, args.out.as_deref(), &mut out).await,
-        KeysCommand::Import(args) => backup::import(store, &args.file).await,
+        KeysCommand::Import(args) => backup::import(store, &args.file, audit_log).await,
+    }
+}
+
+/// Appends to the audit log, if one is configured. A failure to write it is reported, but does
+/// not undo the change (and must not hide a key that was just printed).
+pub(super) fn audit(path: Option<&Path>, event: AuditEvent<'_>) {
+    if let Some(path) = path
+        && let Err(e) = event.append(path)
+    {
+        eprintln!(
+            "keygate: warning: audit log {} not written: {e}",
+            path.display()
+        );
     }
 }
 
@@ -139,6 +170,7 @@ async fn create(
     args: CreateArgs,
     store: &SharedStore,
     out: &mut impl std::io::Write,
+    audit_log: Option<&Path>,
 ) -> anyhow::Result<()> {
     validate_name(&args.name)?;
     let policy = Policy {
@@ -163,6 +195,10 @@ async fn create(
         ..KeyRecord::new(args.name, &secret, now, expires_at)?
     };
     store.insert(record.clone()).await?;
+    audit(
+        audit_log,
+        AuditEvent::new("created", Some(&record.id), Some(&record.name)),
+    );
     if args.json {
         #[derive(Serialize)]
         struct Created<'a> {
@@ -189,6 +225,7 @@ async fn rotate(
     args: RotateArgs,
     store: &SharedStore,
     out: &mut impl std::io::Write,
+    audit_log: Option<&Path>,
 ) -> anyhow::Result<()> {
     let old = store.find(&args.key).await?;
     if old.rotated_to.is_some() {
@@ -213,6 +250,13 @@ async fn rotate(
     let old = store
         .rotate(&old.id, successor.clone(), grace_until)
         .await?;
+    let mut event = AuditEvent::new("rotated", Some(&old.id), Some(&old.name));
+    event.detail = Some(format!(
+        "new key {}, old key valid until {}",
+        successor.id,
+        timestamp(grace_until)
+    ));
+    audit(audit_log, event);
     if args.json {
         #[derive(Serialize)]
         struct Rotated<'a> {

@@ -200,7 +200,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .context("cannot start the runtime")?;
             runtime.block_on(async {
                 let store = store::open(&config.store).context("cannot open the key store")?;
-                keys::run(cmd, &store).await
+                keys::run(cmd, &store, config.logging.audit_file.as_deref()).await
             })
         }
     }

@@ -164,6 +164,7 @@ shutdown_grace = "5s"
 [tls]
 cert = "{cert}"
 key = "{key}"
+watch_interval = "100ms"
 
 [upstream]
 url = "{upstream_url}"
@@ -181,10 +182,12 @@ allowed_origins = ["https://app.example"]
 [logging]
 format = "json"
 level = "info"
+audit_file = "{audit}"
 "#,
         cert = cert.display(),
         key = key.display(),
         db = dir.join("keygate.db").display(),
+        audit = dir.join("audit.log").display(),
     );
     let path = dir.join("gateway.toml");
     std::fs::write(&path, text).unwrap();
