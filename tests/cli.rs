@@ -486,8 +486,15 @@ fn sighup_reloads_the_certificate() {
     let upstream = rt.block_on(Upstream::start());
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(dir.path(), &upstream.url());
-    // Only the signal reloads here: no file watching.
-    let mut gw = Process::start(&cfg, &[("KEYGATE_TLS_WATCH_INTERVAL", "0s")]);
+    // Only the signal reloads here: no file watching. Logs also go to a daily-rotated file.
+    let log_file = dir.path().join("logs/keygate.log");
+    let mut gw = Process::start(
+        &cfg,
+        &[
+            ("KEYGATE_TLS_WATCH_INTERVAL", "0s"),
+            ("KEYGATE_LOGGING_FILE", log_file.to_str().unwrap()),
+        ],
+    );
     let next = dir.path().join("next");
     keygate::tls::write_dev_cert(
         &next.join("cert.pem"),
@@ -529,4 +536,27 @@ fn sighup_reloads_the_certificate() {
     );
     assert!(gw.output().contains("TLS certificate reloaded"));
     assert!(gw.terminate().success());
+    // The log file is named for its day (daily rotation) and has what stdout had.
+    let files: Vec<_> = std::fs::read_dir(dir.path().join("logs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    let today = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()[..10]
+        .to_owned();
+    assert!(
+        files.iter().all(|f| f.starts_with("keygate.log.20")),
+        "{files:?}"
+    );
+    assert!(
+        files.len() <= 2 && files.iter().any(|f| f.ends_with(&today)) || files.len() == 2,
+        "{files:?}"
+    );
+    let text: String = files
+        .iter()
+        .map(|f| std::fs::read_to_string(dir.path().join("logs").join(f)).unwrap())
+        .collect();
+    assert!(
+        text.contains("keygate listening") && text.contains("TLS certificate reloaded"),
+        "{text}"
+    );
 }
