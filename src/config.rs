@@ -111,6 +111,16 @@ pub struct ServerSection {
     pub max_connections: usize,
     /// CIDRs of proxies whose X-Forwarded-For / X-Forwarded-Proto are trusted.
     pub trusted_proxies: Vec<String>,
+    /// Most header fields in one request (more: 431).
+    pub max_headers: usize,
+    /// Most bytes of request line and headers (more: 431; HTTP/2: the header list size).
+    pub max_header_bytes: usize,
+    /// Longest request target (path and query) in bytes (longer: 414).
+    pub max_uri_bytes: usize,
+    /// Largest request body in bytes (larger: 413, or the upload is cut off); 0: unlimited.
+    pub max_body_bytes: u64,
+    /// HTTP/2: most concurrent streams per connection.
+    pub h2_max_concurrent_streams: u32,
 }
 
 impl Default for ServerSection {
@@ -126,6 +136,11 @@ impl Default for ServerSection {
             shutdown_grace: "30s".into(),
             max_connections: 10_000,
             trusted_proxies: Vec::new(),
+            max_headers: 100,
+            max_header_bytes: 16 * 1024,
+            max_uri_bytes: 8 * 1024,
+            max_body_bytes: 0,
+            h2_max_concurrent_streams: 256,
         }
     }
 }
@@ -441,6 +456,11 @@ pub struct Server {
     pub shutdown_grace: Duration,
     pub max_connections: usize,
     pub trusted_proxies: Vec<IpNet>,
+    pub max_headers: usize,
+    pub max_header_bytes: usize,
+    pub max_uri_bytes: usize,
+    pub max_body_bytes: Option<u64>,
+    pub h2_max_concurrent_streams: u32,
 }
 
 /// Validated `[tls]`.
@@ -805,6 +825,12 @@ impl ServerSection {
             shutdown_grace: parse_duration("server.shutdown_grace", &self.shutdown_grace)?,
             max_connections: self.max_connections,
             trusted_proxies,
+            max_headers: self.max_headers.max(1),
+            // hyper's HTTP/1 read buffer cannot be smaller than 8 KiB.
+            max_header_bytes: self.max_header_bytes.max(8 * 1024),
+            max_uri_bytes: self.max_uri_bytes.max(1),
+            max_body_bytes: (self.max_body_bytes > 0).then_some(self.max_body_bytes),
+            h2_max_concurrent_streams: self.h2_max_concurrent_streams.max(1),
         })
     }
 }

@@ -55,6 +55,16 @@ pub enum GatewayError {
     /// The upstream failed.
     #[error("upstream {0:?} failure")]
     Upstream(UpstreamErrorKind),
+    /// The client's request body broke off or was malformed while it was being forwarded (the
+    /// upstream saw an aborted request).
+    #[error("bad request body")]
+    BadRequestBody,
+    /// The request target is longer than `server.max_uri_bytes`.
+    #[error("request target too long")]
+    UriTooLong,
+    /// The declared body is larger than `server.max_body_bytes`.
+    #[error("request body too large")]
+    PayloadTooLarge,
     /// Over a rate limit (per key, or failed authentications per client IP).
     #[error("rate limited ({})", .0.kind.as_str())]
     RateLimited(Throttled),
@@ -70,6 +80,9 @@ impl GatewayError {
             | GatewayError::ExpiredKey(_)
             | GatewayError::RotatedKey(_) => StatusCode::UNAUTHORIZED,
             GatewayError::Forbidden(..) => StatusCode::FORBIDDEN,
+            GatewayError::UriTooLong => StatusCode::URI_TOO_LONG,
+            GatewayError::BadRequestBody => StatusCode::BAD_REQUEST,
+            GatewayError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::Upstream(UpstreamErrorKind::Timeout) => StatusCode::GATEWAY_TIMEOUT,
@@ -92,7 +105,11 @@ impl GatewayError {
             GatewayError::RotatedKey(_) => Some(AuthReason::Rotated),
             GatewayError::Forbidden(..) => Some(AuthReason::Forbidden),
             GatewayError::StoreUnavailable => Some(AuthReason::StoreUnavailable),
-            GatewayError::Upstream(_) | GatewayError::RateLimited(_) => None,
+            GatewayError::Upstream(_)
+            | GatewayError::RateLimited(_)
+            | GatewayError::UriTooLong
+            | GatewayError::PayloadTooLarge
+            | GatewayError::BadRequestBody => None,
         }
     }
 
@@ -107,7 +124,10 @@ impl GatewayError {
             | GatewayError::InvalidKey(_)
             | GatewayError::StoreUnavailable
             | GatewayError::Upstream(_)
-            | GatewayError::RateLimited(_) => None,
+            | GatewayError::RateLimited(_)
+            | GatewayError::UriTooLong
+            | GatewayError::PayloadTooLarge
+            | GatewayError::BadRequestBody => None,
         }
     }
 
@@ -136,6 +156,9 @@ impl GatewayError {
             },
             GatewayError::Forbidden(Denied::Address, _) => "ip_not_allowed",
             GatewayError::Forbidden(Denied::Scope, _) => "out_of_scope",
+            GatewayError::UriTooLong => "uri_too_long",
+            GatewayError::BadRequestBody => "bad_request_body",
+            GatewayError::PayloadTooLarge => "body_too_large",
             GatewayError::MissingCredentials
             | GatewayError::InvalidKey(InvalidReason::Unknown)
             | GatewayError::InactiveKey(_)
@@ -169,6 +192,11 @@ impl GatewayError {
             GatewayError::Forbidden(..) => {
                 br#"{"detail":"You do not have permission to perform this action."}"#
             }
+            GatewayError::UriTooLong => br#"{"detail":"Request URI too long."}"#,
+            GatewayError::BadRequestBody => {
+                br#"{"detail":"Malformed or incomplete request body."}"#
+            }
+            GatewayError::PayloadTooLarge => br#"{"detail":"Request body too large."}"#,
             GatewayError::StoreUnavailable => {
                 br#"{"detail":"Authentication service temporarily unavailable. Please retry."}"#
             }
@@ -239,7 +267,11 @@ impl ErrorHeaders {
                 headers.insert(RATELIMIT_POLICY, t.policy.clone());
                 headers.insert(RATELIMIT, rate_limit_field(t.kind, 0, t.retry_after));
             }
-            GatewayError::Upstream(_) | GatewayError::Forbidden(..) => {}
+            GatewayError::Upstream(_)
+            | GatewayError::Forbidden(..)
+            | GatewayError::UriTooLong
+            | GatewayError::PayloadTooLarge
+            | GatewayError::BadRequestBody => {}
         }
     }
 }

@@ -26,7 +26,7 @@ use crate::config::Config;
 use crate::cors::{CorsPolicy, Preflight};
 use crate::error::{ErrorHeaders, GatewayError, RATELIMIT, RATELIMIT_POLICY};
 use crate::metrics::{AuthReason, Metrics, Outcome};
-use crate::proxy::{ClientInfo, GatewayBody, Upstream, client_ip};
+use crate::proxy::{ClientInfo, ForwardError, GatewayBody, Upstream, client_ip};
 use crate::ratelimit::RateLimits;
 
 /// Path of the public health endpoint (the old API's URL).
@@ -107,6 +107,9 @@ fn is_failed_attempt(e: &GatewayError) -> bool {
         | GatewayError::RotatedKey(_) => true,
         GatewayError::MissingCredentials
         | GatewayError::Forbidden(..)
+        | GatewayError::UriTooLong
+        | GatewayError::PayloadTooLarge
+        | GatewayError::BadRequestBody
         | GatewayError::StoreUnavailable
         | GatewayError::Upstream(_)
         | GatewayError::RateLimited(_) => false,
@@ -130,6 +133,8 @@ pub struct Gateway {
     public_paths: Vec<String>,
     request_ids: RequestIds,
     limits: RateLimits,
+    max_uri_bytes: usize,
+    max_body_bytes: Option<u64>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -177,6 +182,8 @@ impl Gateway {
             public_paths: config.auth.public_paths.clone(),
             request_ids: RequestIds::new(),
             limits,
+            max_uri_bytes: config.server.max_uri_bytes,
+            max_body_bytes: config.server.max_body_bytes,
         }
     }
 
@@ -265,6 +272,15 @@ impl Gateway {
     }
 
     async fn route(&self, req: Request<Incoming>, client: &ClientInfo) -> Handled {
+        if req.uri().path_and_query().map_or(0, |pq| pq.as_str().len()) > self.max_uri_bytes {
+            return self.reject(GatewayError::UriTooLong, None);
+        }
+        if let Some(max) = self.max_body_bytes
+            && http_body::Body::size_hint(req.body()).lower() > max
+        {
+            // Refused before a byte of the body is read or forwarded.
+            return self.reject(GatewayError::PayloadTooLarge, None);
+        }
         if req.uri().path() == HEALTH_PATH && matches!(*req.method(), Method::GET | Method::HEAD) {
             return self.health().await;
         }
@@ -349,6 +365,9 @@ impl Gateway {
             | GatewayError::ExpiredKey(_)
             | GatewayError::RotatedKey(_)
             | GatewayError::Forbidden(..)
+            | GatewayError::UriTooLong
+            | GatewayError::PayloadTooLarge
+            | GatewayError::BadRequestBody
             | GatewayError::RateLimited(_) => Outcome::Rejected,
             GatewayError::StoreUnavailable | GatewayError::Upstream(_) => Outcome::Failed,
         };
@@ -427,7 +446,7 @@ impl Gateway {
             Some(_) => (Some(AuthReason::Ok), "ok"),
             None => (None, "public_path"),
         };
-        match self.upstream.send(req).await {
+        match self.upstream.send(req, self.max_body_bytes).await {
             Ok((resp, upstream_latency)) => {
                 self.metrics
                     .upstream_duration
@@ -442,7 +461,18 @@ impl Gateway {
                 }
             }
             Err(e) => {
-                let mut handled = self.reject(GatewayError::Upstream(e.kind), Some(e.cause));
+                let (err, cause) = match e {
+                    ForwardError::Upstream { kind, cause } => (GatewayError::Upstream(kind), cause),
+                    ForwardError::ClientBody {
+                        too_large: true,
+                        cause,
+                    } => (GatewayError::PayloadTooLarge, cause),
+                    ForwardError::ClientBody {
+                        too_large: false,
+                        cause,
+                    } => (GatewayError::BadRequestBody, cause),
+                };
+                let mut handled = self.reject(err, Some(cause));
                 handled.auth = auth;
                 handled.key = authenticated.map(|a| a.key);
                 handled

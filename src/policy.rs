@@ -136,11 +136,26 @@ impl Compiled {
         if !self.nets.is_empty() && !self.nets.iter().any(|n| n.contains(&canonical(client))) {
             return Err(Denied::Address);
         }
-        if !self.scopes.is_empty() && !self.scopes.iter().any(|s| s.permits(method, path)) {
+        if !self.scopes.is_empty()
+            && (!is_plain_path(path) || !self.scopes.iter().any(|s| s.permits(method, path)))
+        {
             return Err(Denied::Scope);
         }
         Ok(())
     }
+}
+
+/// Whether a path means what its bytes say: no dot segments and no encoded '.', '/' or '\\'
+/// that a backend could resolve into another path (`/api/v1/video/../admin/` must not pass a
+/// `/api/v1/video/` scope). Scoped keys are refused such paths; browsers and HTTP clients never
+/// send them.
+fn is_plain_path(path: &str) -> bool {
+    let lower = path.to_ascii_lowercase();
+    let encoded = ["%2e", "%2f", "%5c"].iter().any(|e| lower.contains(e)) || path.contains('\\');
+    let dot_segment = path
+        .split('/')
+        .any(|segment| segment == "." || segment == "..");
+    !encoded && !dot_segment
 }
 
 /// IPv4-mapped IPv6 addresses (`::ffff:10.0.0.1`, from dual-stack sockets) compare as IPv4.
@@ -198,6 +213,35 @@ mod tests {
         assert_eq!(
             p.check(ip("::1"), &Method::POST, "/api/v1/videos"),
             Err(Denied::Scope)
+        );
+    }
+
+    #[test]
+    fn dot_segments_and_encoded_separators_cannot_escape_a_scope() {
+        let p = policy(&["/api/v1/video/"], &[]);
+        for path in [
+            "/api/v1/video/../admin/",
+            "/api/v1/video/..",
+            "/api/v1/video/./x",
+            "/api/v1/video/%2e%2e/admin/",
+            "/api/v1/video/%2E%2E%2Fadmin",
+            "/api/v1/video/..%5cadmin",
+            "/api/v1/video/..\\admin",
+        ] {
+            assert_eq!(
+                p.check(ip("::1"), &Method::GET, path),
+                Err(Denied::Scope),
+                "{path}"
+            );
+        }
+        assert_eq!(
+            p.check(ip("::1"), &Method::GET, "/api/v1/video/a.b/c..d"),
+            Ok(())
+        );
+        // Unscoped keys are not affected.
+        assert_eq!(
+            policy(&[], &[]).check(ip("::1"), &Method::GET, "/a/../b"),
+            Ok(())
         );
     }
 

@@ -82,14 +82,30 @@ impl Body for GatewayBody {
 pub struct RequestBody {
     inner: Incoming,
     sent: Option<tokio::sync::oneshot::Sender<()>>,
+    /// `server.max_body_bytes`, for bodies without (or lying about) Content-Length.
+    limit: Option<u64>,
+    seen: u64,
 }
 
+/// A request body that went past `server.max_body_bytes` while streaming.
+#[derive(Debug, thiserror::Error)]
+#[error("request body exceeds server.max_body_bytes")]
+pub struct BodyTooLarge;
+
+/// The client's request body failed (bad chunked framing, the client went away): the client's
+/// fault, not the upstream's.
+#[derive(Debug, thiserror::Error)]
+#[error("client request body: {0}")]
+pub struct ClientBodyError(#[source] hyper::Error);
+
 impl RequestBody {
-    fn new(inner: Incoming) -> (Self, tokio::sync::oneshot::Receiver<()>) {
+    fn new(inner: Incoming, limit: Option<u64>) -> (Self, tokio::sync::oneshot::Receiver<()>) {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let mut body = Self {
             inner,
             sent: Some(tx),
+            limit,
+            seen: 0,
         };
         body.signal_if_sent();
         (body, rx)
@@ -106,14 +122,24 @@ impl RequestBody {
 
 impl Body for RequestBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
         let frame = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &frame
+            && let Some(data) = f.data_ref()
+        {
+            this.seen += data.len() as u64;
+            if this.limit.is_some_and(|max| this.seen > max) {
+                // The upstream sees an aborted request, never a clean end of a cut body.
+                return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
+            }
+        }
+        let frame = frame.map_err(|e| Box::new(ClientBodyError(e)) as Self::Error);
         if let Poll::Ready(None) = frame
             && let Some(tx) = this.sent.take()
         {
@@ -224,11 +250,33 @@ pub struct Upstream {
 
 /// A failed forward.
 #[derive(Debug)]
-pub struct ForwardError {
-    /// What failed.
-    pub kind: UpstreamErrorKind,
-    /// Why, for the log line.
-    pub cause: String,
+pub enum ForwardError {
+    /// The upstream failed.
+    Upstream {
+        /// What failed.
+        kind: UpstreamErrorKind,
+        /// Why, for the log line.
+        cause: String,
+    },
+    /// The client's request body broke off or was malformed mid-stream.
+    ClientBody {
+        /// It went past `server.max_body_bytes`.
+        too_large: bool,
+        /// Why, for the log line.
+        cause: String,
+    },
+}
+
+/// Whether `e`'s source chain holds an error of type `T`.
+fn caused_by<T: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(e);
+    while let Some(err) = current {
+        if err.is::<T>() {
+            return true;
+        }
+        current = err.source();
+    }
+    false
 }
 
 impl Upstream {
@@ -324,10 +372,11 @@ impl Upstream {
     pub async fn send(
         &self,
         req: Request<Incoming>,
+        max_body: Option<u64>,
     ) -> Result<(Response<Incoming>, Duration), ForwardError> {
         let started = Instant::now();
         let (parts, body) = req.into_parts();
-        let (body, sent) = RequestBody::new(body);
+        let (body, sent) = RequestBody::new(body, max_body);
         let response = self.client.request(Request::from_parts(parts, body));
         // The response timeout runs from the end of the request body: a large upload may take
         // as long as it takes, an upstream that then stays silent may not.
@@ -346,7 +395,7 @@ impl Upstream {
         };
         let mut resp = match result {
             Err(()) => {
-                return Err(ForwardError {
+                return Err(ForwardError::Upstream {
                     kind: UpstreamErrorKind::Timeout,
                     cause: format!(
                         "no response headers within {:?} of the request's end",
@@ -355,15 +404,19 @@ impl Upstream {
                 });
             }
             Ok(Err(e)) => {
+                let cause = error_chain(&e);
+                if caused_by::<BodyTooLarge>(&e) || caused_by::<ClientBodyError>(&e) {
+                    return Err(ForwardError::ClientBody {
+                        too_large: caused_by::<BodyTooLarge>(&e),
+                        cause,
+                    });
+                }
                 let kind = if e.is_connect() {
                     UpstreamErrorKind::Connect
                 } else {
                     UpstreamErrorKind::Protocol
                 };
-                return Err(ForwardError {
-                    kind,
-                    cause: error_chain(&e),
-                });
+                return Err(ForwardError::Upstream { kind, cause });
             }
             Ok(Ok(resp)) => resp,
         };

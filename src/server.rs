@@ -165,14 +165,22 @@ impl Connection {
 
 fn builder(cfg: &config::Server, http1_only: bool) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
+    // The header read timeout also bounds how long an idle keep-alive connection is kept.
     b.http1()
         .timer(TokioTimer::new())
         .header_read_timeout(cfg.header_read_timeout)
-        .keep_alive(true);
+        .keep_alive(true)
+        .max_headers(cfg.max_headers)
+        .max_buf_size(cfg.max_header_bytes);
     b.http2()
         .timer(TokioTimer::new())
-        .max_concurrent_streams(256)
-        .keep_alive_interval(Some(Duration::from_secs(30)));
+        .max_concurrent_streams(cfg.h2_max_concurrent_streams)
+        .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX))
+        // Rapid-reset protection: a client resetting streams faster than this loses the connection.
+        .max_pending_accept_reset_streams(Some(50))
+        .max_local_error_reset_streams(Some(256))
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(cfg.header_read_timeout);
     if http1_only { b.http1_only() } else { b }
 }
 

@@ -254,7 +254,7 @@ async fn rotate(
     event.detail = Some(format!(
         "new key {}, old key valid until {}",
         successor.id,
-        timestamp(grace_until)
+        timestamp(old.expires_at.unwrap_or(grace_until))
     ));
     audit(audit_log, event);
     if args.json {
@@ -270,7 +270,7 @@ async fn rotate(
             key: secret.expose(),
             view: KeyView::of(&successor, now),
             old_id: &old.id,
-            old_valid_until: timestamp(grace_until),
+            old_valid_until: timestamp(old.expires_at.unwrap_or(grace_until)),
         };
         writeln!(out, "{}", serde_json::to_string(&rotated)?)?;
     } else {
@@ -283,7 +283,7 @@ async fn rotate(
         successor.id,
         successor.hint,
         old.id,
-        timestamp(grace_until)
+        timestamp(old.expires_at.unwrap_or(grace_until))
     );
     Ok(())
 }

@@ -1,0 +1,383 @@
+//! Hostile clients against the real gateway, over raw TLS sockets: slow and silent clients,
+//! request smuggling shapes, oversized requests, and broken uploads. Each case asserts what the
+//! client gets and that a recording upstream never sees an ambiguous or unauthorised request.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{Gateway, Upstream};
+use rustls_pki_types::pem::PemObject as _;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+async fn tls(gw: &Gateway) -> TlsStream<TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    let cert =
+        rustls_pki_types::CertificateDer::from_pem_file(gw.dir.path().join("cert.pem")).unwrap();
+    roots.add(cert).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = TcpStream::connect(gw.https).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap()
+}
+
+/// Sends raw bytes on a fresh TLS connection and reads until the server closes it (or 5 s).
+async fn raw(gw: &Gateway, request: &[u8]) -> String {
+    let mut stream = tls(gw).await;
+    stream.write_all(request).await.unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf)).await;
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+fn status_of(response: &str) -> Option<u16> {
+    response.split(' ').nth(1)?.parse().ok()
+}
+
+#[tokio::test]
+async fn smuggling_shapes_are_refused_and_never_reach_the_upstream() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream.url(), &[]).await;
+    let key = gw.create_key("victim").await;
+    let cases: Vec<(&str, String)> = vec![
+        (
+            "two different Content-Lengths",
+            format!(
+                "POST /a HTTP/1.1\r\nHost: localhost\r\nX-API-Key: {key}\r\nContent-Length: 3\r\nContent-Length: 5\r\n\r\nabcde"
+            ),
+        ),
+        (
+            "Content-Length: +5",
+            format!(
+                "POST /a HTTP/1.1\r\nHost: localhost\r\nX-API-Key: {key}\r\nContent-Length: +5\r\n\r\nabcde"
+            ),
+        ),
+        (
+            "oversized chunk size",
+            format!(
+                "POST /a HTTP/1.1\r\nHost: localhost\r\nX-API-Key: {key}\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffffffff\r\nabc\r\n0\r\n\r\n"
+            ),
+        ),
+        (
+            "obsolete line folding",
+            format!(
+                "GET /a HTTP/1.1\r\nHost: localhost\r\nX-API-Key: {key}\r\nX-Folded: a\r\n b\r\n\r\n"
+            ),
+        ),
+        (
+            "Transfer-Encoding on HTTP/1.0",
+            format!(
+                "POST /a HTTP/1.0\r\nHost: localhost\r\nX-API-Key: {key}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+            ),
+        ),
+    ];
+    for (what, request) in &cases {
+        let response = raw(&gw, request.as_bytes()).await;
+        let status = status_of(&response);
+        assert!(
+            status.is_none_or(|s| s == 400),
+            "{what}: expected 400 or a closed connection, got {response:?}"
+        );
+    }
+    // A body that turns out malformed while streaming (the oversized chunk) is cut off: the
+    // upstream may have seen it start, but only as an aborted request, never a complete one.
+    assert!(
+        upstream
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|s| !s.body_complete),
+        "{:?}",
+        upstream.seen.lock().unwrap()
+    );
+    let aborted = upstream.count();
+    assert!(aborted <= 1, "{:?}", upstream.seen.lock().unwrap());
+
+    // Both Content-Length and Transfer-Encoding: hyper follows Transfer-Encoding alone and closes
+    // the connection after the response, as RFC 9112 §6.1 allows. What matters: the connection
+    // ends there (the trailing "X" is never read as a request) and the upstream gets one request
+    // framed by keygate alone.
+    let both: Vec<(&str, String)> = vec![
+        (
+            "Content-Length and Transfer-Encoding",
+            format!(
+                "POST /a HTTP/1.1\r\nHost: localhost\r\nX-API-Key: {key}\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nX"
+            ),
+        ),
+        (
+            "Transfer-Encoding then Content-Length",
+            format!(
+                "POST /a HTTP/1.1\r\nHost: localhost\r\nX-API-Key: {key}\r\nTransfer-Encoding: chunked\r\nContent-Length: 6\r\n\r\n0\r\n\r\nX"
+            ),
+        ),
+    ];
+    for (what, request) in &both {
+        let response = raw(&gw, request.as_bytes()).await;
+        match status_of(&response) {
+            None | Some(400) => {}
+            Some(200) => assert!(
+                response.to_ascii_lowercase().contains("connection: close"),
+                "{what}: {response}"
+            ),
+            other => panic!("{what}: unexpected {other:?}: {response}"),
+        }
+        assert_eq!(
+            response.matches("HTTP/1.1 ").count(),
+            1,
+            "{what}: {response}"
+        );
+    }
+    for seen in upstream.seen.lock().unwrap().iter().skip(aborted) {
+        // Nothing ambiguous reached the upstream: one framing, one complete body.
+        assert!(seen.body_complete, "{seen:?}");
+        assert!(
+            seen.headers.get_all("content-length").iter().count() <= 1,
+            "{seen:?}"
+        );
+        assert!(
+            !(seen.headers.contains_key("content-length")
+                && seen.headers.contains_key("transfer-encoding")),
+            "{seen:?}"
+        );
+    }
+    assert!(
+        upstream.count() <= aborted + both.len(),
+        "{:?}",
+        upstream.seen.lock().unwrap()
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_refused_requests_body_is_never_read_as_a_second_request() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream.url(), &[]).await;
+    let key = gw.create_key("k").await;
+    let smuggled = format!("GET /smuggled HTTP/1.1\r\nHost: localhost\r\nX-API-Key: {key}\r\n\r\n");
+    let request = format!(
+        "POST /a HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n{smuggled}",
+        smuggled.len()
+    );
+    let response = raw(&gw, request.as_bytes()).await;
+    assert_eq!(status_of(&response), Some(401), "{response}");
+    assert_eq!(
+        response.matches("HTTP/1.1 ").count(),
+        1,
+        "a second response came back: {response}"
+    );
+    assert_eq!(upstream.count(), 0, "the body was read as a request");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn oversized_requests_get_431_414_and_413() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(
+        &upstream.url(),
+        &[("KEYGATE_SERVER_MAX_BODY_BYTES", "1000")],
+    )
+    .await;
+    let key = gw.create_key("k").await;
+    let many: String = (0..150).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let response = raw(
+        &gw,
+        format!("GET /a HTTP/1.1\r\nHost: localhost\r\nX-API-Key: {key}\r\n{many}\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(status_of(&response), Some(431), "{response}");
+    let big = "x".repeat(20_000);
+    let response = raw(
+        &gw,
+        format!("GET /a HTTP/1.1\r\nHost: localhost\r\nX-API-Key: {key}\r\nX-Big: {big}\r\n\r\n")
+            .as_bytes(),
+    )
+    .await;
+    assert_eq!(status_of(&response), Some(431), "{response}");
+    let resp = gw
+        .client()
+        .get(gw.url(&format!("/a?{}", "q".repeat(9_000))))
+        .header("X-API-Key", &key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 414);
+    let resp = gw
+        .client()
+        .post(gw.url("/a"))
+        .header("X-API-Key", &key)
+        .body(vec![0u8; 5_000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+    assert_eq!(upstream.count(), 0);
+    // A chunked body that grows past the limit is cut off: the upstream sees an aborted request.
+    let chunk = format!("{:x}\r\n{}\r\n", 600, "y".repeat(600));
+    let request = format!(
+        "POST /a HTTP/1.1\r\nHost: localhost\r\nX-API-Key: {key}\r\nTransfer-Encoding: chunked\r\n\r\n{chunk}{chunk}0\r\n\r\n"
+    );
+    let _ = raw(&gw, request.as_bytes()).await;
+    for seen in upstream.seen.lock().unwrap().iter() {
+        assert!(
+            !seen.body_complete,
+            "a cut body was presented as complete: {seen:?}"
+        );
+    }
+    // A body within the limit passes.
+    let resp = gw
+        .client()
+        .post(gw.url("/a"))
+        .header("X-API-Key", &key)
+        .body(vec![0u8; 900])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_client_dying_mid_upload_is_an_aborted_request_upstream() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream.url(), &[]).await;
+    let key = gw.create_key("k").await;
+    let mut stream = tls(&gw).await;
+    stream
+        .write_all(format!("POST /upload HTTP/1.1\r\nHost: localhost\r\nX-API-Key: {key}\r\nContent-Length: 1000000\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    stream.write_all(&[7u8; 100_000]).await.unwrap();
+    stream.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(stream);
+    let started = Instant::now();
+    while upstream.count() == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the upstream never saw the request end"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seen = upstream.last();
+    assert!(
+        !seen.body_complete,
+        "a cut upload was presented as complete: {seen:?}"
+    );
+    assert!(seen.body_len < 1_000_000);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn slow_and_silent_clients_are_cut_off_while_others_are_served() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(
+        &upstream.url(),
+        &[
+            ("KEYGATE_SERVER_HEADER_READ_TIMEOUT", "1s"),
+            ("KEYGATE_SERVER_HANDSHAKE_TIMEOUT", "500ms"),
+        ],
+    )
+    .await;
+    let key = gw.create_key("k").await;
+
+    // A TCP connection that never starts TLS is closed at the handshake timeout.
+    let mut silent = TcpStream::connect(gw.https).await.unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "closed after {:?}",
+        started.elapsed()
+    );
+
+    // Slowloris: 100 connections trickle header bytes; each is closed at the header timeout.
+    let mut slow = Vec::new();
+    for _ in 0..100 {
+        let mut s = tls(&gw).await;
+        s.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n")
+            .await
+            .unwrap();
+        slow.push(s);
+    }
+    let trickle = tokio::spawn(async move {
+        let started = Instant::now();
+        let mut closed = 0;
+        for s in &mut slow {
+            let mut buf = [0u8; 512];
+            // Keep sending a header byte now and then; the server must close anyway.
+            let _ = s.write_all(b"X-A: b\r\n").await;
+            // EOF, a response (408) or an abrupt TLS close all end the connection; only a
+            // timeout means it was left open.
+            if tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+                .await
+                .is_ok()
+            {
+                closed += 1;
+            }
+        }
+        (closed, started.elapsed())
+    });
+    // Meanwhile a normal client is served.
+    for _ in 0..10 {
+        assert_eq!(gw.get_with_key("/x", &key).await.status(), 200);
+    }
+    let (closed, took) = trickle.await.unwrap();
+    assert_eq!(closed, 100, "some slow connections were not closed");
+    assert!(
+        took < Duration::from_secs(5),
+        "slow connections lingered {took:?}"
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn odd_credentials_each_get_a_defined_4xx_and_nothing_is_forwarded() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream.url(), &[]).await;
+    let key = gw.create_key("k").await;
+    let long = "k".repeat(10 * 1024);
+    let cases: Vec<String> = vec![
+        "X-API-Key: \r\n".into(),
+        "X-API-Key:    \r\n".into(),
+        format!("X-API-Key: {long}\r\n"),
+        format!("X_API_KEY: {key}\r\n"),
+        format!("X-API-Key: {key}\r\nX-API-Key: {key}\r\n"),
+        "X-API-Key: sk_\u{e9}\u{e9}\r\n".into(),
+        "Authorization: Basic Zm9vOmJhcg==\r\n".into(),
+    ];
+    for header in &cases {
+        let response = raw(
+            &gw,
+            format!("GET /a HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{header}\r\n")
+                .as_bytes(),
+        )
+        .await;
+        let status = status_of(&response);
+        assert!(
+            status.is_some_and(|s| (400..500).contains(&s)),
+            "{header:?}: {response:?}"
+        );
+    }
+    assert_eq!(upstream.count(), 0);
+    gw.shutdown().await;
+}
