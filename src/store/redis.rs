@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, Pipeline, RedisFuture, Script, Value};
+use redis::{Cmd, Pipeline, RedisFuture, Script, ScriptInvocation, Value};
 use tokio::sync::{Notify, OnceCell};
 
 use super::{Changes, KeyRecord, KeyStore, StoreError, StoreFuture, Usage, unix_now};
@@ -399,6 +399,33 @@ impl RedisStore {
         }
     }
 
+    /// A record's own keys, in script order: record, id index, name index.
+    fn record_keys(&self, invocation: &mut ScriptInvocation<'_>, r: &KeyRecord) {
+        invocation
+            .key(self.rec_key(&r.digest))
+            .key(self.key("id", &r.id))
+            .key(self.key("name", &r.name));
+    }
+
+    /// The shared indexes and change feed, in script order: all, active, legacy, seq, changes.
+    fn shared_keys(&self, invocation: &mut ScriptInvocation<'_>) {
+        for name in ["all", "active", "legacy", "seq", "changes"] {
+            invocation.key(self.named(name));
+        }
+    }
+
+    /// Runs a prepared script.
+    async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        invocation: &ScriptInvocation<'_>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.conn().await?;
+        invocation
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)
+    }
+
     async fn record(&self, digest: KeyDigest) -> Result<Option<KeyRecord>, StoreError> {
         let fields: Vec<(String, String)> = self
             .query(redis::cmd("HGETALL").arg(self.rec_key(&digest)))
@@ -529,30 +556,16 @@ impl KeyStore for RedisStore {
 
     fn insert(&self, record: KeyRecord) -> StoreFuture<'_, ()> {
         Box::pin(async move {
-            let args = record_args(&record)?;
             let mut invocation = self.scripts.insert.prepare_invoke();
-            invocation
-                .key(self.rec_key(&record.digest))
-                .key(self.key("id", &record.id))
-                .key(self.key("name", &record.name))
-                .key(self.named("all"))
-                .key(self.named("active"))
-                .key(self.named("legacy"))
-                .key(self.named("seq"))
-                .key(self.named("changes"));
-            for a in &args {
+            self.record_keys(&mut invocation, &record);
+            self.shared_keys(&mut invocation);
+            for a in record_args(&record)? {
                 invocation.arg(a);
             }
             invocation.arg(&self.channel).arg(CHANGE_LOG_KEEP);
-            let mut conn = self.conn().await?;
-            let code: i64 = invocation
-                .invoke_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
-            if code == 0 {
-                Ok(())
-            } else {
-                Err(conflict(code, &record))
+            match self.invoke::<i64>(&invocation).await? {
+                0 => Ok(()),
+                code => Err(conflict(code, &record)),
             }
         })
     }
@@ -566,29 +579,16 @@ impl KeyStore for RedisStore {
         let id_or_name = id_or_name.to_owned();
         Box::pin(async move {
             let mut old = self.find_record(&id_or_name).await?;
-            let args = record_args(&successor)?;
             let mut invocation = self.scripts.rotate.prepare_invoke();
-            invocation
-                .key(self.rec_key(&old.digest))
-                .key(self.rec_key(&successor.digest))
-                .key(self.key("id", &successor.id))
-                .key(self.key("name", &successor.name))
-                .key(self.named("all"))
-                .key(self.named("active"))
-                .key(self.named("legacy"))
-                .key(self.named("seq"))
-                .key(self.named("changes"))
-                .arg(old.digest.to_hex())
-                .arg(grace_until);
-            for a in &args {
+            invocation.key(self.rec_key(&old.digest));
+            self.record_keys(&mut invocation, &successor);
+            self.shared_keys(&mut invocation);
+            invocation.arg(old.digest.to_hex()).arg(grace_until);
+            for a in record_args(&successor)? {
                 invocation.arg(a);
             }
             invocation.arg(&self.channel).arg(CHANGE_LOG_KEEP);
-            let mut conn = self.conn().await?;
-            let code: i64 = invocation
-                .invoke_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
+            let code: i64 = self.invoke(&invocation).await?;
             if code != 0 {
                 return Err(conflict(code, &old));
             }
@@ -604,28 +604,15 @@ impl KeyStore for RedisStore {
                 return Ok((0, 0));
             }
             let mut invocation = self.scripts.import.prepare_invoke();
-            invocation
-                .key(self.named("all"))
-                .key(self.named("active"))
-                .key(self.named("legacy"))
-                .key(self.named("seq"))
-                .key(self.named("changes"))
-                .arg(&self.channel)
-                .arg(CHANGE_LOG_KEEP);
+            self.shared_keys(&mut invocation);
+            invocation.arg(&self.channel).arg(CHANGE_LOG_KEEP);
             for r in &records {
-                invocation
-                    .key(self.rec_key(&r.digest))
-                    .key(self.key("id", &r.id))
-                    .key(self.key("name", &r.name));
+                self.record_keys(&mut invocation, r);
                 for a in record_args(r)? {
                     invocation.arg(a);
                 }
             }
-            let mut conn = self.conn().await?;
-            let reply: Vec<i64> = invocation
-                .invoke_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
+            let reply: Vec<i64> = self.invoke(&invocation).await?;
             match reply.as_slice() {
                 [0, imported] => {
                     let imported = usize::try_from(*imported).unwrap_or(0);
@@ -712,24 +699,14 @@ impl KeyStore for RedisStore {
         let id_or_name = id_or_name.to_owned();
         Box::pin(async move {
             let record = self.find_record(&id_or_name).await?;
-            let mut conn = self.conn().await?;
-            let code: i64 = self
-                .scripts
-                .delete
-                .key(self.rec_key(&record.digest))
-                .key(self.key("id", &record.id))
-                .key(self.key("name", &record.name))
-                .key(self.named("all"))
-                .key(self.named("active"))
-                .key(self.named("legacy"))
-                .key(self.named("seq"))
-                .key(self.named("changes"))
+            let mut invocation = self.scripts.delete.prepare_invoke();
+            self.record_keys(&mut invocation, &record);
+            self.shared_keys(&mut invocation);
+            invocation
                 .arg(record.digest.to_hex())
                 .arg(&self.channel)
-                .arg(CHANGE_LOG_KEEP)
-                .invoke_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
+                .arg(CHANGE_LOG_KEEP);
+            let code: i64 = self.invoke(&invocation).await?;
             if code != 0 {
                 return Err(StoreError::NotFound(id_or_name));
             }

@@ -18,10 +18,12 @@ use crate::key::KeyDigest;
 pub const CHANGE_LOG_KEEP: i64 = 10_000;
 const SCHEMA_VERSION: i64 = 2;
 
-/// Schema v2. Names are unique among current keys only: a rotated key keeps its name (so the
-/// upstream sees the same `X-Api-Key-Name` during the grace period) beside its successor.
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS api_keys (
+/// The keys table of schema v2. Names are unique among current keys only: a rotated key keeps its
+/// name (so the upstream sees the same `X-Api-Key-Name` during the grace period) beside its
+/// successor.
+macro_rules! api_keys_table {
+    () => {
+        "CREATE TABLE IF NOT EXISTS api_keys (
     id          TEXT PRIMARY KEY,
     name        TEXT NOT NULL,
     digest      BLOB NOT NULL UNIQUE,
@@ -35,35 +37,31 @@ CREATE TABLE IF NOT EXISTS api_keys (
     policy      TEXT NOT NULL DEFAULT '{}',
     rotated_to  TEXT
 );
-CREATE UNIQUE INDEX IF NOT EXISTS api_keys_current_name ON api_keys (name) WHERE rotated_to IS NULL;
+"
+    };
+}
+
+/// Schema v2.
+const SCHEMA: &str = concat!(
+    api_keys_table!(),
+    "CREATE UNIQUE INDEX IF NOT EXISTS api_keys_current_name ON api_keys (name) WHERE rotated_to IS NULL;
 CREATE TABLE IF NOT EXISTS changes (
     seq     INTEGER PRIMARY KEY AUTOINCREMENT,
     digest  BLOB NOT NULL,
     at      INTEGER NOT NULL
 );
-";
+"
+);
 
 /// v1 → v2: v1 declared `name UNIQUE` on the column, which SQLite cannot drop in place.
-const MIGRATE_V1: &str = "
-ALTER TABLE api_keys RENAME TO api_keys_v1;
-CREATE TABLE api_keys (
-    id          TEXT PRIMARY KEY,
-    name        TEXT NOT NULL,
-    digest      BLOB NOT NULL UNIQUE,
-    hint        TEXT NOT NULL,
-    created_at  INTEGER NOT NULL,
-    last_used   INTEGER,
-    use_count   INTEGER NOT NULL DEFAULT 0,
-    is_active   INTEGER NOT NULL,
-    legacy      INTEGER NOT NULL DEFAULT 0,
-    expires_at  INTEGER,
-    policy      TEXT NOT NULL DEFAULT '{}',
-    rotated_to  TEXT
-);
-INSERT INTO api_keys (id, name, digest, hint, created_at, last_used, use_count, is_active, legacy, expires_at)
+const MIGRATE_V1: &str = concat!(
+    "ALTER TABLE api_keys RENAME TO api_keys_v1;\n",
+    api_keys_table!(),
+    "INSERT INTO api_keys (id, name, digest, hint, created_at, last_used, use_count, is_active, legacy, expires_at)
     SELECT id, name, digest, hint, created_at, last_used, use_count, is_active, legacy, expires_at FROM api_keys_v1;
 DROP TABLE api_keys_v1;
-";
+"
+);
 
 const COLUMNS: &str = "id, name, digest, hint, created_at, last_used, use_count, is_active, legacy, \
      expires_at, policy, rotated_to";
