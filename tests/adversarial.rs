@@ -381,3 +381,111 @@ async fn odd_credentials_each_get_a_defined_4xx_and_nothing_is_forwarded() {
     assert_eq!(upstream.count(), 0);
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_upstream_dying_mid_response_is_never_a_complete_response() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream.url(), &[]).await;
+    let key = gw.create_key("k").await;
+    for client in [gw.client(), gw.h1_client()] {
+        let resp = client
+            .get(gw.url("/truncated"))
+            .header("X-API-Key", &key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert!(
+            resp.bytes().await.is_err(),
+            "a truncated body was presented as complete"
+        );
+    }
+    // The gateway is fine afterwards.
+    assert_eq!(gw.get_with_key("/x", &key).await.status(), 200);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn upgrade_requests_are_not_tunnelled() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream.url(), &[]).await;
+    let key = gw.create_key("k").await;
+    let request = format!(
+        "GET /ws HTTP/1.1\r\nHost: localhost\r\nX-API-Key: {key}\r\nConnection: Upgrade, X-Api-Key-Id\r\nUpgrade: websocket\r\n\r\nRAW-TUNNEL-BYTES"
+    );
+    let response = raw(&gw, request.as_bytes()).await;
+    assert_eq!(status_of(&response), Some(200), "{response}");
+    let seen = upstream.last();
+    assert!(
+        !seen.headers.contains_key("upgrade") && !seen.headers.contains_key("connection"),
+        "{seen:?}"
+    );
+    assert_eq!(
+        seen.body_len, 0,
+        "bytes after the headers were tunnelled to the upstream"
+    );
+    assert!(
+        seen.headers.contains_key("x-api-key-id"),
+        "Connection removed the identity header"
+    );
+    // The trailing bytes were read as a (bad) next request, not passed anywhere.
+    assert_eq!(upstream.count(), 1);
+    gw.shutdown().await;
+}
+
+/// A flood of well-formed random keys from one client: the failure limiter locks it out, so store
+/// lookups stay bounded, and no metric series is added per key.
+#[tokio::test]
+async fn a_flood_of_random_keys_costs_bounded_lookups_and_no_new_series() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(
+        &upstream.url(),
+        &[("KEYGATE_RATE_LIMIT_FAILURES_PER_IP", "20/min")],
+    )
+    .await;
+    let metrics = || async {
+        reqwest::get(format!("http://{}/metrics", gw.admin))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let series = |text: &str| {
+        text.lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .count()
+    };
+    let misses = |text: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("keygate_cache_misses_total "))
+            .map_or(0, |v| v.parse::<u64>().unwrap())
+    };
+    let before = metrics().await;
+    let client = gw.h1_client();
+    let mut statuses = std::collections::BTreeMap::new();
+    for _ in 0..2_000 {
+        let guess = keygate::key::generate().unwrap();
+        let resp = client
+            .get(gw.url("/x"))
+            .header("X-API-Key", guess.expose())
+            .send()
+            .await
+            .unwrap();
+        *statuses.entry(resp.status().as_u16()).or_insert(0) += 1;
+    }
+    let after = metrics().await;
+    assert_eq!(statuses.get(&401), Some(&20), "{statuses:?}");
+    assert_eq!(statuses.get(&429), Some(&1980), "{statuses:?}");
+    assert!(
+        misses(&after) - misses(&before) <= 21,
+        "store lookups were not bounded"
+    );
+    assert_eq!(
+        series(&before),
+        series(&after),
+        "metric series grew with the flood"
+    );
+    assert_eq!(upstream.count(), 0);
+    gw.shutdown().await;
+}

@@ -26,6 +26,10 @@ use sha2::{Digest as _, Sha256};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
+/// The test upstream's response body.
+type UpstreamBody =
+    http_body_util::combinators::UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
 /// One request as the upstream saw it.
 #[derive(Debug, Clone)]
 pub struct Seen {
@@ -98,7 +102,7 @@ impl Upstream {
 async fn handle(
     req: Request<Incoming>,
     record: Arc<Mutex<Vec<Seen>>>,
-) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
+) -> Result<Response<UpstreamBody>, std::convert::Infallible> {
     let (parts, mut body) = req.into_parts();
     let mut hasher = Sha256::new();
     let mut len = 0u64;
@@ -131,8 +135,31 @@ async fn handle(
         "/hold" => tokio::time::sleep(Duration::from_millis(700)).await,
         _ => {}
     }
+    if parts.uri.path() == "/truncated" {
+        // Promises 1000 bytes, sends 10, then the connection breaks.
+        use futures_util::StreamExt as _;
+        let first = futures_util::stream::iter([Ok::<_, std::io::Error>(http_body::Frame::data(
+            Bytes::from_static(b"0123456789"),
+        ))]);
+        // The headers and first bytes go out; then the upstream dies.
+        let death = futures_util::stream::once(async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            Err(std::io::Error::other("upstream died"))
+        });
+        let body = http_body_util::StreamBody::new(first.chain(death));
+        let mut resp = Response::new(http_body_util::BodyExt::boxed_unsync(
+            body.map_err(|e| e.into()),
+        ));
+        resp.headers_mut()
+            .insert("content-length", "1000".parse().unwrap());
+        return Ok(resp);
+    }
     let body = serde_json::json!({"path": parts.uri.path(), "bytes": len, "sha256": digest});
-    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+    let mut resp = Response::new(
+        Full::new(Bytes::from(body.to_string()))
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
     resp.headers_mut()
         .insert("content-type", "application/json".parse().unwrap());
     // A CORS header the gateway must replace with its own policy.
