@@ -443,14 +443,7 @@ async fn a_flood_of_random_keys_costs_bounded_lookups_and_no_new_series() {
         &[("KEYGATE_RATE_LIMIT_FAILURES_PER_IP", "20/min")],
     )
     .await;
-    let metrics = || async {
-        reqwest::get(format!("http://{}/metrics", gw.admin))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    };
+    let metrics = || async { gw.metrics().await };
     let series = |text: &str| {
         text.lines()
             .filter(|l| !l.starts_with('#') && !l.is_empty())

@@ -223,18 +223,7 @@ async fn redis_killed_then_restarted() {
     let mut redis = Redis::start(dir.path());
     let url = redis.url();
     let upstream = Upstream::start().await;
-    let gw = Gateway::start(
-        &upstream.url(),
-        &redis_overrides(
-            &url,
-            &[
-                ("KEYGATE_STORE_TIMEOUT", "300ms"),
-                ("KEYGATE_STORE_POSITIVE_TTL", "100ms"),
-                ("KEYGATE_STORE_STALE_IF_ERROR", "1m"),
-            ],
-        ),
-    )
-    .await;
+    let gw = outage_gateway(&upstream, &url).await;
     let cached = gw.create_key("cached").await;
     let later = gw.create_key("later").await;
     assert_eq!(status(&gw, &cached).await, StatusCode::OK);
@@ -281,18 +270,7 @@ async fn redis_paused_behaves_like_redis_down() {
     let redis = Redis::start(dir.path());
     let url = redis.url();
     let upstream = Upstream::start().await;
-    let gw = Gateway::start(
-        &upstream.url(),
-        &redis_overrides(
-            &url,
-            &[
-                ("KEYGATE_STORE_TIMEOUT", "300ms"),
-                ("KEYGATE_STORE_POSITIVE_TTL", "100ms"),
-                ("KEYGATE_STORE_STALE_IF_ERROR", "1m"),
-            ],
-        ),
-    )
-    .await;
+    let gw = outage_gateway(&upstream, &url).await;
     let cached = gw.create_key("cached").await;
     let later = gw.create_key("later").await;
     assert_eq!(status(&gw, &cached).await, StatusCode::OK);
@@ -310,6 +288,19 @@ async fn redis_paused_behaves_like_redis_down() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     gw.shutdown().await;
+}
+
+/// A gateway on Redis with a short store timeout and TTL, and a long stale_if_error.
+async fn outage_gateway(upstream: &Upstream, redis_url: &str) -> Gateway {
+    let o = redis_overrides(
+        redis_url,
+        &[
+            ("KEYGATE_STORE_TIMEOUT", "300ms"),
+            ("KEYGATE_STORE_POSITIVE_TTL", "100ms"),
+            ("KEYGATE_STORE_STALE_IF_ERROR", "1m"),
+        ],
+    );
+    Gateway::start(&upstream.url(), &o).await
 }
 
 /// With the store unreachable: a recently validated key still works, a key the gateway has not
@@ -417,12 +408,7 @@ async fn rate_limits_are_shared_by_the_fleet_and_degrade_to_local_limits() {
     // The shared budget is spent, but this instance's own budget is not: served by the local
     // limiter (the key itself is served from the cache, stale_if_error).
     assert_eq!(resp.status(), StatusCode::OK);
-    let metrics = reqwest::get(format!("http://{}/metrics", a.admin))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = a.metrics().await;
     assert!(
         metrics
             .lines()

@@ -754,12 +754,7 @@ async fn tls12_and_tls13_handshakes_succeed() {
     let mut buf = Vec::new();
     let _ = tcp.read_to_end(&mut buf).await;
     assert!(!String::from_utf8_lossy(&buf).contains("200"));
-    let metrics = reqwest::get(format!("http://{}/metrics", gw.admin))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = gw.metrics().await;
     assert!(
         metrics
             .lines()
@@ -875,12 +870,7 @@ async fn brute_force_from_one_ip_is_locked_out_while_other_ips_pass() {
             .status();
         assert_eq!(status, StatusCode::UNAUTHORIZED);
     }
-    let metrics = reqwest::get(format!("http://{}/metrics", gw.admin))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = gw.metrics().await;
     assert!(
         metrics.contains(
             "keygate_rate_limit_decisions_total{limit=\"ip_failures\",result=\"limited\"} 1"
@@ -932,12 +922,7 @@ async fn certificates_are_reloaded_when_their_files_change_and_bad_ones_are_refu
             .find_map(|l| l.strip_prefix("keygate_tls_certificate_expiry_timestamp_seconds "))
             .map(|v| v.parse::<f64>().unwrap())
     };
-    let metrics = reqwest::get(format!("http://{}/metrics", gw.admin))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = gw.metrics().await;
     assert!(metric(&metrics).unwrap() > keygate::store::unix_now() as f64);
 
     // Requests keep flowing on an established connection while the files change.

@@ -168,12 +168,7 @@ async fn rotation_keeps_the_old_key_for_the_grace_period_and_shows_its_use() {
     );
     assert_eq!(upstream.last().headers["x-api-key-name"], "frontend");
     assert_eq!(upstream.last().headers["x-api-key-id"], old_id.as_str());
-    let metrics = reqwest::get(format!("http://{}/metrics", gw.admin))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = gw.metrics().await;
     assert!(
         metrics
             .lines()

@@ -290,6 +290,16 @@ impl Gateway {
             .unwrap()
     }
 
+    /// The admin listener's Prometheus exposition.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("http://{}/metrics", self.admin))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// `GET <path>` over TLS, with `X-API-Key: key`.
     pub async fn get_with_key(&self, path: &str, key: &str) -> reqwest::Response {
         self.client()
