@@ -1,11 +1,13 @@
 //! The request pipeline of the HTTPS listener, as a short list of named stages:
 //!
 //! 1. request id (propagated when sane, else generated) and client address;
-//! 2. own routes (`/health/api-auth/`);
-//! 3. CORS preflight, answered here, never authenticated or forwarded;
-//! 4. authentication (public paths skip it);
-//! 5. forwarding, with credential and identity headers rewritten;
-//! 6. response decoration (CORS, security headers, request id), one access-log event, metrics.
+//! 2. request limits (URI length 414, declared body size 413);
+//! 3. own routes (`/health/api-auth/`);
+//! 4. CORS preflight, answered here, never authenticated or forwarded;
+//! 5. client lockout (too many failed keys), then authentication (public paths skip both);
+//! 6. the key's policy (networks, scopes: 403) and rate limit (429);
+//! 7. forwarding, with credential and identity headers rewritten;
+//! 8. response decoration (CORS, security headers, request id), one access-log event, metrics.
 //!
 //! Errors from any stage are a [`GatewayError`], rendered in one place ([`Gateway::reject`]).
 

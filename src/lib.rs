@@ -6,23 +6,23 @@
 //!
 //! - [`server`]: listeners, TLS accept, connection limits, graceful shutdown; [`server::run`]
 //!   takes bound listeners and a shutdown future.
-//! - [`tls`]: rustls configuration and the generated development certificate.
+//! - [`tls`]: rustls configuration, the reloadable served certificate, the development one.
 //! - [`redirect`]: the plain-HTTP listener's 308 to HTTPS.
-//! - [`gateway`]: the HTTPS pipeline's stages (request id, health, preflight, auth, forward,
-//!   decorate, log).
+//! - [`gateway`]: the HTTPS pipeline's stages (request id, limits, health, preflight, auth,
+//!   policy and rate, forward, decorate, log).
 //! - [`cors`]: the CORS policy, prepared once.
 //! - [`auth`]: finding the credential and deciding on it.
 //! - [`key`]: the key format, checksum, digest and the redacting secret types.
 //! - [`cache`]: the in-process key cache, change-feed poller and usage flusher.
-//! - [`store`]: the [`store::KeyStore`] seam and its SQLite implementation.
+//! - [`store`]: the [`store::KeyStore`] seam and its SQLite and Redis implementations.
 //! - [`proxy`]: the upstream client, header rewriting and the response body type.
 //! - [`error`]: the request path's error type and its one rendering.
 //! - [`policy`]: per-key scopes, client networks and rate, compiled once per cached key.
 //! - [`ratelimit`]: per-key and per-IP-failure limits (GCRA), shared through the store.
 //!
 //! Around it: [`config`] (two-stage configuration), [`metrics`] (pre-registered Prometheus
-//! series), [`admin`] (metrics, liveness, readiness), [`logging`] (subscriber set-up) and
-//! [`cli`] (the `keygate` command line).
+//! series), [`admin`] (metrics, liveness, readiness), [`logging`] (log output and the audit
+//! log) and [`cli`] (the `keygate` command line: serve, check-config, keys, backup/import).
 
 #![forbid(unsafe_code)]
 
