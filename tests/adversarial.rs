@@ -163,6 +163,27 @@ async fn smuggling_shapes_are_refused_and_never_reach_the_upstream() {
     gw.shutdown().await;
 }
 
+/// Bare LF line endings: hyper accepts them (RFC 9112 §2.2 lets a recipient), and keygate
+/// re-frames the request with CRLF for the upstream, so the two never read it differently. A bare
+/// LF cannot hide a second request either: it is one request, one response.
+#[tokio::test]
+async fn bare_lf_requests_are_reframed_not_passed_through() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream.url(), &[]).await;
+    let key = gw.create_key("k").await;
+    let response = raw(
+        &gw,
+        format!("GET /a HTTP/1.1\nHost: localhost\nX-API-Key: {key}\nConnection: close\n\n")
+            .as_bytes(),
+    )
+    .await;
+    assert_eq!(status_of(&response), Some(200), "{response}");
+    assert_eq!(response.matches("HTTP/1.1 ").count(), 1);
+    assert_eq!(upstream.count(), 1);
+    assert_eq!(upstream.last().uri, "/a");
+    gw.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_refused_requests_body_is_never_read_as_a_second_request() {
     let upstream = Upstream::start().await;
