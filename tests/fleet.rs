@@ -306,7 +306,6 @@ async fn outage_gateway(upstream: &Upstream, redis_url: &str) -> Gateway {
 /// With the store unreachable: a recently validated key still works, a key the gateway has not
 /// seen gets 503 with Retry-After within the store timeout, and health and readiness say so.
 async fn outage_behaviour(gw: &Gateway, cached: &str, unseen: &str) {
-    let started = Instant::now();
     let resp = gw.get_with_key("/x", cached).await;
     let code = resp.status();
     let headers = format!("{:?}", resp.headers());
@@ -316,7 +315,14 @@ async fn outage_behaviour(gw: &Gateway, cached: &str, unseen: &str) {
         "stale_if_error not honoured: {headers} {}",
         resp.text().await.unwrap_or_default()
     );
+    let started = Instant::now();
     let resp = gw.get_with_key("/x", unseen).await;
+    // Bounded by the 300 ms store timeout (plus a TLS handshake on a possibly loaded machine).
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_millis(1500),
+        "a request hung for {waited:?}"
+    );
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(resp.headers()["retry-after"], "1");
     let health = gw
@@ -332,12 +338,6 @@ async fn outage_behaviour(gw: &Gateway, cached: &str, unseen: &str) {
     assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
     let body: serde_json::Value = ready.json().await.unwrap();
     assert_eq!(body["store"], "down");
-    // Four store-bound requests, each bounded by the 300 ms store timeout.
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "a request hung: {:?}",
-        started.elapsed()
-    );
 }
 
 #[tokio::test]
