@@ -336,11 +336,7 @@ impl Gateway {
         if authenticated.in_grace {
             self.metrics.rotated_key_uses.increment(1);
         }
-        let in_grace = authenticated.in_grace;
         let mut handled = self.forward(req, client, Some(authenticated)).await;
-        if in_grace && handled.reason == "ok" {
-            handled.reason = "ok_rotated_key_in_grace";
-        }
         if let Some(allowance) = allowance {
             let h = handled.response.headers_mut();
             h.insert(RATELIMIT_POLICY, allowance.policy);
@@ -445,6 +441,7 @@ impl Gateway {
             headers.insert(self.name_header.clone(), a.key.name_header.clone());
         }
         let (auth, reason) = match &authenticated {
+            Some(a) if a.in_grace => (Some(AuthReason::Ok), "ok_rotated_key_in_grace"),
             Some(_) => (Some(AuthReason::Ok), "ok"),
             None => (None, "public_path"),
         };

@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::redis::Redis;
-use common::{Gateway, Upstream, keygate};
+use common::{Gateway, Upstream};
 use reqwest::StatusCode;
 
 fn redis_overrides<'a>(redis: &'a str, extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
@@ -21,21 +21,11 @@ fn redis_overrides<'a>(redis: &'a str, extra: &[(&'a str, &'a str)]) -> Vec<(&'a
 
 /// Runs `keygate keys ...` against the Redis store, as an operator would.
 fn cli(gw: &Gateway, redis_url: &str, args: &[&str]) -> String {
-    let out = keygate()
-        .arg("--config")
-        .arg(&gw.config_path)
-        .args(["keys"])
-        .args(args)
-        .env("KEYGATE_STORE_BACKEND", "redis")
-        .env("KEYGATE_STORE_URL", redis_url)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    let env = [
+        ("KEYGATE_STORE_BACKEND", "redis"),
+        ("KEYGATE_STORE_URL", redis_url),
+    ];
+    common::keys_cli(&gw.config_path, &env, args)
 }
 
 async fn status(gw: &Gateway, key: &str) -> StatusCode {

@@ -12,19 +12,7 @@ use serde_json::Value;
 
 /// Runs `keygate keys ...` on the gateway's store; returns stdout, panics with stderr on failure.
 fn cli(gw: &Gateway, args: &[&str]) -> String {
-    let out = keygate()
-        .arg("--config")
-        .arg(&gw.config_path)
-        .arg("keys")
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    common::keys_cli(&gw.config_path, &[], args)
 }
 
 /// Like `cli`, for a command expected to fail; returns stderr.

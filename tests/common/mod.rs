@@ -365,6 +365,25 @@ pub fn keygate() -> Command {
     Command::new(env!("CARGO_BIN_EXE_keygate"))
 }
 
+/// Runs `keygate --config <config> keys <args>` with extra environment; returns stdout trimmed,
+/// or panics with stderr.
+pub fn keys_cli(config: &Path, envs: &[(&str, &str)], args: &[&str]) -> String {
+    let out = keygate()
+        .arg("--config")
+        .arg(config)
+        .arg("keys")
+        .args(args)
+        .envs(envs.iter().copied())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
 /// `keygate serve` as a child process, with its stdout lines collected.
 pub struct Process {
     pub child: Child,
