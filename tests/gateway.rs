@@ -438,11 +438,15 @@ fn tokio_stream_from(
 
 #[tokio::test]
 async fn upstream_failures_are_502_and_504_and_the_gateway_keeps_serving() {
-    // Nothing listens on this port once the listener is dropped.
-    let dead = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    // An upstream that hangs up on every connection. The port stays ours, so no other test's
+    // listener can take it (a dropped listener's port was once reused by a parallel test).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            drop(stream);
+        }
+    });
     let gw = Gateway::start(&format!("http://{dead}"), &[]).await;
     let key = gw.create_key("k").await;
 
