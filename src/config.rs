@@ -93,8 +93,11 @@ pub struct FileConfig {
 pub struct ServerSection {
     /// HTTPS listener address.
     pub https_listen: String,
-    /// Plain HTTP listener that redirects to HTTPS; empty string disables it.
+    /// Plain HTTP listener; empty string disables it.
     pub http_listen: String,
+    /// What the plain HTTP listener does: "redirect" (308 to HTTPS) or "serve" (the whole
+    /// pipeline, for a load balancer that terminates TLS in front of the gateway).
+    pub http_mode: String,
     /// Admin listener (/metrics, /healthz, /readyz); empty string disables it.
     pub admin_listen: String,
     /// Host name used in HTTP→HTTPS redirects (never the client's Host header).
@@ -128,6 +131,7 @@ impl Default for ServerSection {
         Self {
             https_listen: "127.0.0.1:8443".into(),
             http_listen: "127.0.0.1:8080".into(),
+            http_mode: "redirect".into(),
             admin_listen: "127.0.0.1:9090".into(),
             public_host: "localhost".into(),
             public_port: 0,
@@ -448,6 +452,7 @@ pub struct RateLimit {
 pub struct Server {
     pub https_listen: SocketAddr,
     pub http_listen: Option<SocketAddr>,
+    pub http_mode: HttpMode,
     pub admin_listen: Option<SocketAddr>,
     pub public_host: String,
     pub public_port: u16,
@@ -461,6 +466,15 @@ pub struct Server {
     pub max_uri_bytes: usize,
     pub max_body_bytes: Option<u64>,
     pub h2_max_concurrent_streams: u32,
+}
+
+/// What the plain-HTTP listener does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpMode {
+    /// Answer every request with 308 to the HTTPS URL.
+    Redirect,
+    /// Run the authenticated pipeline over plain HTTP (TLS terminated by a load balancer).
+    Serve,
 }
 
 /// Validated `[tls]`.
@@ -810,6 +824,17 @@ impl ServerSection {
         Ok(Server {
             https_listen,
             http_listen: optional_addr("server.http_listen", &self.http_listen)?,
+            http_mode: match self.http_mode.trim() {
+                "redirect" => HttpMode::Redirect,
+                "serve" => HttpMode::Serve,
+                other => {
+                    return Err(invalid(
+                        "server.http_mode",
+                        other,
+                        "\"redirect\" (308 to HTTPS) or \"serve\" (the pipeline over plain HTTP)",
+                    ));
+                }
+            },
             admin_listen: optional_addr("server.admin_listen", &self.admin_listen)?,
             public_host: self.public_host.trim().to_owned(),
             public_port: if self.public_port == 0 {

@@ -28,7 +28,7 @@ use crate::config::Config;
 use crate::cors::{CorsPolicy, Preflight};
 use crate::error::{ErrorHeaders, GatewayError, RATELIMIT, RATELIMIT_POLICY};
 use crate::metrics::{AuthReason, Metrics, Outcome};
-use crate::proxy::{ClientInfo, ForwardError, GatewayBody, Upstream, client_ip};
+use crate::proxy::{ClientInfo, ForwardError, GatewayBody, Upstream, X_FORWARDED_PROTO, client_ip};
 use crate::ratelimit::RateLimits;
 
 /// Path of the public health endpoint (the old API's URL).
@@ -204,7 +204,7 @@ impl Gateway {
         &self.upstream
     }
 
-    /// Handles one request from the HTTPS listener.
+    /// Handles one request from the HTTPS listener (or the HTTP one in `serve` mode).
     pub async fn handle(
         &self,
         mut req: Request<Incoming>,
@@ -223,6 +223,14 @@ impl Gateway {
             client_ip: client,
             tls: conn.tls,
         };
+        // HSTS only on responses the client received over HTTPS: its own TLS, or a trusted TLS-
+        // terminating proxy's word for it.
+        let secure = conn.tls
+            || (trusted
+                && req
+                    .headers()
+                    .get(X_FORWARDED_PROTO)
+                    .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https")));
         let origin = req.headers().get(header::ORIGIN).cloned();
         let user_agent = req.headers().get(header::USER_AGENT).cloned();
         let method = req.method().clone();
@@ -238,9 +246,7 @@ impl Gateway {
         for (name, value) in &self.security_headers {
             headers.insert(name.clone(), value.clone());
         }
-        if conn.tls
-            && let Some(hsts) = &self.hsts
-        {
+        if secure && let Some(hsts) = &self.hsts {
             headers.insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
         }
         headers.insert(X_REQUEST_ID, request_id.clone());

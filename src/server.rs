@@ -33,7 +33,7 @@ use crate::tls;
 pub struct Listeners {
     /// HTTPS (the pipeline).
     pub https: TcpListener,
-    /// Plain HTTP (redirects to HTTPS).
+    /// Plain HTTP (redirects to HTTPS, or serves the pipeline: `server.http_mode`).
     pub http: Option<TcpListener>,
     /// Admin (metrics, health, readiness).
     pub admin: Option<TcpListener>,
@@ -289,18 +289,35 @@ pub async fn run(
         }
     });
     let http = async {
-        if let Some(listener) = listeners.http {
-            plain
-                .run(listener, "http", |stream, _peer, conn| {
-                    let redirect = Arc::clone(&redirect);
-                    let metrics = Arc::clone(&metrics);
+        let Some(listener) = listeners.http else {
+            return;
+        };
+        match config.server.http_mode {
+            config::HttpMode::Redirect => {
+                plain
+                    .run(listener, "http", |stream, _peer, conn| {
+                        let redirect = Arc::clone(&redirect);
+                        let metrics = Arc::clone(&metrics);
+                        conn.serve(stream, move |req| {
+                            metrics.redirects.increment(1);
+                            let resp = redirect.respond(&req);
+                            async move { resp }
+                        })
+                    })
+                    .await;
+            }
+            config::HttpMode::Serve => {
+                // Behind a TLS-terminating load balancer: the same pipeline, HTTP/1.1 or h2c.
+                main.run(listener, "http", |stream, peer, conn| {
+                    let gateway = Arc::clone(&gateway);
+                    let info = ConnInfo { peer, tls: false };
                     conn.serve(stream, move |req| {
-                        metrics.redirects.increment(1);
-                        let resp = redirect.respond(&req);
-                        async move { resp }
+                        let gateway = Arc::clone(&gateway);
+                        async move { gateway.handle(req, info).await }
                     })
                 })
                 .await;
+            }
         }
     };
     let admin_loop = async {

@@ -384,6 +384,64 @@ async fn plain_http_is_redirected_from_configuration_not_the_host_header() {
 }
 
 #[tokio::test]
+async fn serve_mode_runs_the_pipeline_over_plain_http_behind_a_tls_proxy() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream.url(), &[("KEYGATE_SERVER_HTTP_MODE", "serve")]).await;
+    let key = gw.create_key("behind-lb").await;
+    let client = reqwest::Client::new();
+    let url = format!("http://{}/api/v1/video/process/", gw.http);
+
+    // No key: refused as on HTTPS, nothing forwarded.
+    let resp = client.post(&url).body("x").send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(upstream.count(), 0);
+
+    // A client that is not a trusted proxy cannot claim HTTPS: its X-Forwarded-Proto is replaced
+    // and no HSTS is sent over plain HTTP.
+    let resp = client
+        .post(&url)
+        .header("X-API-Key", &key)
+        .header("X-Forwarded-Proto", "https")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(!resp.headers().contains_key("strict-transport-security"));
+    assert_eq!(resp.headers()["x-content-type-options"], "nosniff");
+    assert_eq!(upstream.last().headers["x-forwarded-proto"], "http");
+    assert_eq!(upstream.last().headers["x-api-key-name"], "behind-lb");
+    gw.shutdown().await;
+
+    // From a trusted proxy that terminated TLS: its X-Forwarded-Proto and client address are
+    // kept, and HSTS goes back to the browser.
+    let gw = Gateway::start(
+        &upstream.url(),
+        &[
+            ("KEYGATE_SERVER_HTTP_MODE", "serve"),
+            ("KEYGATE_SERVER_TRUSTED_PROXIES", "[\"127.0.0.1/32\"]"),
+        ],
+    )
+    .await;
+    let key = gw.create_key("behind-lb").await;
+    let resp = client
+        .post(format!("http://{}/api/v1/video/process/", gw.http))
+        .header("X-API-Key", &key)
+        .header("X-Forwarded-Proto", "https")
+        .header("X-Forwarded-For", "203.0.113.9")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(resp.headers().contains_key("strict-transport-security"));
+    let seen = upstream.last();
+    assert_eq!(seen.headers["x-forwarded-proto"], "https");
+    assert_eq!(seen.headers["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
 async fn large_bodies_stream_intact_both_ways() {
     let upstream = Upstream::start().await;
     let gw = Gateway::start(&upstream.url(), &[]).await;
