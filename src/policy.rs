@@ -145,13 +145,16 @@ impl Compiled {
     }
 }
 
-/// Whether a path means what its bytes say: no dot segments and no encoded '.', '/' or '\\'
-/// that a backend could resolve into another path (`/api/v1/video/../admin/` must not pass a
-/// `/api/v1/video/` scope). Scoped keys are refused such paths; browsers and HTTP clients never
-/// send them.
+/// Whether a path means what its bytes say: no dot segments and no encoded '.', '/', '\\' or '%'
+/// (the last for backends that decode twice) that a backend could resolve into another path
+/// (`/api/v1/video/../admin/` must not pass a `/api/v1/video/` scope). Scoped keys are refused
+/// such paths; browsers and HTTP clients never send them.
 fn is_plain_path(path: &str) -> bool {
     let lower = path.to_ascii_lowercase();
-    let encoded = ["%2e", "%2f", "%5c"].iter().any(|e| lower.contains(e)) || path.contains('\\');
+    let encoded = ["%2e", "%2f", "%5c", "%25"]
+        .iter()
+        .any(|e| lower.contains(e))
+        || path.contains('\\');
     let dot_segment = path
         .split('/')
         .any(|segment| segment == "." || segment == "..");
