@@ -251,6 +251,20 @@ impl RateLimits {
         let limit = self.failures.as_ref()?;
         let verdict = self.decide(limit, &ip, || ip.to_string()).await;
         match verdict {
+            Verdict::Allowed {
+                remaining: 0,
+                reset,
+            } => {
+                // That was the last failure the budget allows: lock the address out until the
+                // next one is earned, so its next guess is refused before it costs a lookup.
+                let next = reset.saturating_sub(
+                    limit.rate.emission_interval() * limit.rate.count.saturating_sub(1),
+                );
+                if !next.is_zero() {
+                    self.locked.insert(ip, Instant::now() + next);
+                }
+                None
+            }
             Verdict::Allowed { .. } => None,
             Verdict::Limited { retry_after } => {
                 self.locked.insert(ip, Instant::now() + retry_after);
