@@ -238,6 +238,8 @@ impl RateLimits {
         let limit = self.failures.as_ref()?;
         let until = self.locked.get(&ip)?;
         let left = until.checked_duration_since(Instant::now())?;
+        // A refusal during a lockout is the failure limit at work: counted as "limited".
+        self.metrics.rate_limit(LimitKind::IpFailures, true);
         Some(Throttled {
             kind: LimitKind::IpFailures,
             retry_after: left,
