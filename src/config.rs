@@ -124,6 +124,9 @@ pub struct ServerSection {
     pub max_body_bytes: u64,
     /// HTTP/2: most concurrent streams per connection.
     pub h2_max_concurrent_streams: u32,
+    /// Worker threads serving the pipeline, each with its own runtime, listening sockets and
+    /// upstream pool; 0: one per CPU.
+    pub workers: usize,
 }
 
 impl Default for ServerSection {
@@ -145,6 +148,7 @@ impl Default for ServerSection {
             max_uri_bytes: 8 * 1024,
             max_body_bytes: 0,
             h2_max_concurrent_streams: 256,
+            workers: 0,
         }
     }
 }
@@ -466,6 +470,7 @@ pub struct Server {
     pub max_uri_bytes: usize,
     pub max_body_bytes: Option<u64>,
     pub h2_max_concurrent_streams: u32,
+    pub workers: usize,
 }
 
 /// What the plain-HTTP listener does.
@@ -725,21 +730,27 @@ fn check_redis_url(key: &'static str, value: &str) -> Result<(), ConfigError> {
 
 /// `scheme://user:***@host...`: the password of a URL, hidden.
 pub fn redact_url(url: &str) -> String {
+    // Where the URL parses, the password is exactly what a URL parser (and so the Redis client)
+    // takes for one. (A split on the text once moved the host into the userinfo for a URL with a
+    // '#' in it; found by the config_load fuzz target.)
+    if let Ok(mut parsed) = url::Url::parse(url) {
+        if parsed.password().is_some() {
+            let _ = parsed.set_password(Some("***"));
+        }
+        return parsed.into();
+    }
+    // Where it does not (an error message about that very URL), hide everything up to the last
+    // '@' after the scheme: whatever the password was meant to be is in there.
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-            let hidden = if userinfo.contains(':') {
-                format!("{user}:***")
-            } else {
-                "***".to_owned()
-            };
-            let _ = user;
-            format!("{scheme}://{hidden}@{host}{path}")
-        }
+    match rest.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) if !user.contains(['/', '?', '#']) => {
+                format!("{scheme}://{user}:***@{host}")
+            }
+            _ => format!("{scheme}://***@{host}"),
+        },
         None => url.to_owned(),
     }
 }
@@ -856,6 +867,10 @@ impl ServerSection {
             max_uri_bytes: self.max_uri_bytes.max(1),
             max_body_bytes: (self.max_body_bytes > 0).then_some(self.max_body_bytes),
             h2_max_concurrent_streams: self.h2_max_concurrent_streams.max(1),
+            workers: match self.workers {
+                0 => std::thread::available_parallelism().map_or(1, usize::from),
+                n => n.min(1024),
+            },
         })
     }
 }
@@ -1316,6 +1331,11 @@ mod tests {
         );
         assert_eq!(redact_url("rediss://:pw@h:1"), "rediss://:***@h:1");
         assert_eq!(redact_url("redis://h:1/0"), "redis://h:1/0");
+        // The authority ends at '#' or '?' too: the password is what a URL parser calls one.
+        assert_eq!(redact_url("redis://u:p@h#x@y/0"), "redis://u:***@h#x@y/0");
+        assert_eq!(redact_url("redis://u:p@h?q=a@b"), "redis://u:***@h?q=a@b");
+        // An unparsable URL (in an error message) hides everything up to the last '@'.
+        assert_eq!(redact_url("redis://u:pa#ss@h:x"), "redis://u:***@h:x");
         let err = load(
             "[store]\nbackend = \"redis\"\nurl = \"http://x:pw@h\"\n",
             &[],

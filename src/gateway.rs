@@ -43,6 +43,8 @@ pub struct ConnInfo {
     pub peer: SocketAddr,
     /// Whether the connection is TLS.
     pub tls: bool,
+    /// The worker serving it (which upstream pool to use).
+    pub worker: usize,
 }
 
 /// Generates request ids: a random per-process prefix and a counter, so ids are unique across
@@ -123,7 +125,8 @@ pub struct Gateway {
     cache: Arc<KeyCache>,
     auth: Authenticator,
     cors: CorsPolicy,
-    upstream: Upstream,
+    /// One upstream pool per worker, so a request is forwarded on the core it arrived on.
+    upstreams: Box<[Upstream]>,
     errors: ErrorHeaders,
     security_headers: Vec<(HeaderName, HeaderValue)>,
     hsts: Option<HeaderValue>,
@@ -146,8 +149,13 @@ impl std::fmt::Debug for Gateway {
 }
 
 impl Gateway {
-    /// Prepares the pipeline from validated configuration.
-    pub fn new(config: &Config, cache: Arc<KeyCache>, metrics: Arc<Metrics>) -> Self {
+    /// Prepares the pipeline from validated configuration, for `workers` workers.
+    pub fn new(
+        config: &Config,
+        cache: Arc<KeyCache>,
+        metrics: Arc<Metrics>,
+        workers: usize,
+    ) -> Self {
         let limits = RateLimits::new(
             config.rate_limit.per_key,
             config.rate_limit.failures_per_ip,
@@ -172,7 +180,9 @@ impl Gateway {
                 &config.auth.key_header,
                 config.auth.bearer_fallback,
             ),
-            upstream: Upstream::new(&config.upstream),
+            upstreams: (0..workers.max(1))
+                .map(|_| Upstream::new(&config.upstream))
+                .collect(),
             errors: ErrorHeaders::new(&config.auth.realm),
             security_headers,
             hsts: h.strict_transport_security.clone(),
@@ -201,7 +211,7 @@ impl Gateway {
 
     /// The upstream (for the readiness probe).
     pub fn upstream(&self) -> &Upstream {
-        &self.upstream
+        &self.upstreams[0]
     }
 
     /// Handles one request from the HTTPS listener (or the HTTP one in `serve` mode).
@@ -222,6 +232,7 @@ impl Gateway {
             trusted,
             client_ip: client,
             tls: conn.tls,
+            worker: conn.worker,
         };
         // HSTS only on responses the client received over HTTPS: its own TLS, or a trusted TLS-
         // terminating proxy's word for it.
@@ -431,7 +442,8 @@ impl Gateway {
         client: &ClientInfo,
         authenticated: Option<Authenticated>,
     ) -> Handled {
-        self.upstream.prepare(&mut req, client);
+        let upstream = &self.upstreams[client.worker % self.upstreams.len()];
+        upstream.prepare(&mut req, client);
         let headers = req.headers_mut();
         // Client-sent identity headers are never trusted, whatever the auth outcome.
         headers.remove(&self.id_header);
@@ -451,7 +463,7 @@ impl Gateway {
             Some(_) => (Some(AuthReason::Ok), "ok"),
             None => (None, "public_path"),
         };
-        match self.upstream.send(req, self.max_body_bytes).await {
+        match upstream.send(req, self.max_body_bytes).await {
             Ok((resp, upstream_latency)) => {
                 self.metrics
                     .upstream_duration

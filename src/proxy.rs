@@ -199,6 +199,8 @@ pub struct ClientInfo {
     pub client_ip: IpAddr,
     /// Whether the client reached us over TLS.
     pub tls: bool,
+    /// The worker serving the request.
+    pub worker: usize,
 }
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");

@@ -214,7 +214,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
         .context("cannot start the runtime")?;
     runtime.block_on(async {
         let store = store::open(&config.store).context("cannot open the key store")?;
-        let listeners = crate::server::Listeners::bind(&config.server).await?;
+        let listeners = crate::server::Listeners::bind(&config.server)?;
         crate::server::run(config, store, listeners, shutdown_signal()).await?;
         Ok(())
     })

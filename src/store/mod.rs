@@ -4,6 +4,7 @@
 //! store. The gateway only reads it on a cache miss, polls its change feed, and flushes usage to
 //! it in batches; the CLI uses it directly, which is why every mutation records a change.
 
+pub mod pinned;
 pub mod redis;
 pub mod sqlite;
 
@@ -189,6 +190,11 @@ pub trait KeyStore: Send + Sync + 'static {
         _rate: crate::ratelimit::Rate,
     ) -> StoreFuture<'_, Option<crate::ratelimit::Verdict>> {
         Box::pin(async { Ok(None) })
+    }
+    /// Whether the store's connections belong to the runtime that first drives them (Redis), so
+    /// calls from other runtimes must go through [`pinned::Pinned`].
+    fn runtime_bound(&self) -> bool {
+        false
     }
 }
 

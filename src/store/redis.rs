@@ -845,6 +845,10 @@ impl KeyStore for RedisStore {
         })
     }
 
+    fn runtime_bound(&self) -> bool {
+        true
+    }
+
     fn change_signal(&self) -> Option<Arc<Notify>> {
         let notify = Arc::new(Notify::new());
         tokio::spawn(Self::subscribe_loop(

@@ -250,12 +250,10 @@ impl Gateway {
             .unwrap();
         let store = keygate::store::open(&config.store).unwrap();
         let cli_store = keygate::store::open(&config.store).unwrap();
-        let listeners = keygate::server::Listeners::bind(&config.server)
-            .await
-            .unwrap();
-        let https = listeners.https.local_addr().unwrap();
-        let http = listeners.http.as_ref().unwrap().local_addr().unwrap();
-        let admin = listeners.admin.as_ref().unwrap().local_addr().unwrap();
+        let listeners = keygate::server::Listeners::bind(&config.server).unwrap();
+        let https = listeners.https_addr().unwrap();
+        let http = listeners.http_addr().unwrap();
+        let admin = listeners.admin_addr().unwrap();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let task = tokio::spawn(keygate::server::run(config, store, listeners, async {
             let _ = stop_rx.await;
