@@ -269,24 +269,43 @@ impl Gateway {
         if let Some(reason) = handled.auth {
             self.metrics.auth(reason);
         }
-        let key = handled.key.as_ref().map(|k| &k.record);
-        tracing::info!(
-            target: "keygate::access",
-            request_id = request_id.to_str().unwrap_or(""),
-            client_ip = %client.client_ip,
-            method = %method,
-            path = uri.path(),
-            status = status.as_u16(),
-            latency_ms = elapsed.as_secs_f64() * 1000.0,
-            outcome = handled.outcome.as_str(),
-            auth = handled.auth.map(AuthReason::as_str),
-            reason = handled.reason,
-            key_id = key.map(|k| k.id.as_str()),
-            key_name = key.map(|k| k.name.as_str()),
-            user_agent = user_agent.as_ref().and_then(|v| v.to_str().ok()),
-            cause = handled.cause.as_deref(),
-            "request"
-        );
+        if tracing::enabled!(target: "keygate::access", tracing::Level::INFO) {
+            let key = handled.key.as_ref().map(|k| &k.record);
+            let record = crate::logging::AccessRecord {
+                request_id: request_id.to_str().unwrap_or(""),
+                client_ip: client.client_ip,
+                method: method.as_str(),
+                path: uri.path(),
+                status: status.as_u16(),
+                latency_ms: elapsed.as_secs_f64() * 1000.0,
+                outcome: handled.outcome.as_str(),
+                auth: handled.auth.map(AuthReason::as_str),
+                reason: handled.reason,
+                key_id: key.map(|k| k.id.as_str()),
+                key_name: key.map(|k| k.name.as_str()),
+                user_agent: user_agent.as_ref().and_then(|v| v.to_str().ok()),
+                cause: handled.cause.as_deref(),
+            };
+            if !crate::logging::access(&record) {
+                tracing::info!(
+                    target: "keygate::access",
+                    request_id = record.request_id,
+                    client_ip = %record.client_ip,
+                    method = %record.method,
+                    path = record.path,
+                    status = record.status,
+                    latency_ms = record.latency_ms,
+                    outcome = record.outcome,
+                    auth = record.auth,
+                    reason = record.reason,
+                    key_id = record.key_id,
+                    key_name = record.key_name,
+                    user_agent = record.user_agent,
+                    cause = record.cause,
+                    "request"
+                );
+            }
+        }
         handled.response
     }
 
