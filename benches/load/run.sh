@@ -9,6 +9,7 @@
 # Environment: ROUNDS (3), DURATION seconds per wrk run (10), CONNECTIONS (50), THREADS (wrk, 2),
 # KEYS in the stores (1000), LARGE_KEYS for a second keygate with a larger store (100000; 0: skip),
 # TARGETS (all; e.g. "keygate nginx" to skip the rest), PROTOCOLS ("http tls"),
+# KEYGATE_BIN (a keygate binary to measure instead of building this tree's),
 # PROFILE (http or tls: instead of measuring, record keygate with `perf record -g` under that load
 # and print the hottest functions; installs linux-perf when missing).
 #
@@ -39,9 +40,13 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
-echo "building keygate (release)" >&2
-(cd "$root" && cargo build --release --quiet --bin keygate)
-KEYGATE="$root/target/release/keygate"
+if [ -n "${KEYGATE_BIN:-}" ]; then
+    KEYGATE=$KEYGATE_BIN # another build, e.g. an older commit, to compare in the same setup
+else
+    echo "building keygate (release)" >&2
+    (cd "$root" && cargo build --release --quiet --bin keygate)
+    KEYGATE="$root/target/release/keygate"
+fi
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/keygate-load.XXXXXX")
 mkdir -p "$work/tmp"
@@ -173,10 +178,25 @@ print(int(sum(float(l.split()[-1]) for l in text.splitlines() if l.startswith("k
 PY
 }
 
+cache_entries() { # admin port -> keys in keygate's cache
+    python3 - "http://127.0.0.1:$1/metrics" <<'PY'
+import sys, urllib.request
+text = urllib.request.urlopen(sys.argv[1]).read().decode()
+print(int(sum(float(l.split()[-1]) for l in text.splitlines() if l.startswith("keygate_cache_entries"))))
+PY
+}
+
 echo "warming up (caches, upstream pools)" >&2
 for t in "${targets[@]}"; do
     for p in $PROTOCOLS; do run_wrk "$t" "$p" 3 >/dev/null; done
 done
+# The large store is measured warm, as in steady state: every key cached once (at most 2 min).
+if [[ " ${targets[*]} " == *" keygate100k "* ]]; then
+    for _ in $(seq 1 40); do
+        [ "$(cache_entries "$KL_ADMIN")" -ge $((LARGE_KEYS * 95 / 100)) ] && break
+        run_wrk keygate100k http 3 >/dev/null
+    done
+fi
 small_lookups_before=$(lookups "$KG_ADMIN")
 large_lookups_before=0
 [ "$LARGE_KEYS" -gt 0 ] && large_lookups_before=$(lookups "$KL_ADMIN")
