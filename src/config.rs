@@ -122,6 +122,9 @@ pub struct ServerSection {
     pub max_uri_bytes: usize,
     /// Largest request body in bytes (larger: 413, or the upload is cut off); 0: unlimited.
     pub max_body_bytes: u64,
+    /// Per path prefix, overriding `max_body_bytes` (the longest matching prefix wins; 0:
+    /// unlimited), e.g. `{ "/api/v1/video/" = 0, "/api/" = 1048576 }`.
+    pub max_body_bytes_by_prefix: std::collections::BTreeMap<String, u64>,
     /// HTTP/2: most concurrent streams per connection.
     pub h2_max_concurrent_streams: u32,
     /// Worker threads serving the pipeline, each with its own runtime, listening sockets and
@@ -147,6 +150,7 @@ impl Default for ServerSection {
             max_header_bytes: 16 * 1024,
             max_uri_bytes: 8 * 1024,
             max_body_bytes: 0,
+            max_body_bytes_by_prefix: std::collections::BTreeMap::new(),
             h2_max_concurrent_streams: 256,
             workers: 0,
         }
@@ -469,6 +473,8 @@ pub struct Server {
     pub max_header_bytes: usize,
     pub max_uri_bytes: usize,
     pub max_body_bytes: Option<u64>,
+    /// `(prefix, limit)`, longest prefix first.
+    pub max_body_bytes_by_prefix: Vec<(String, Option<u64>)>,
     pub h2_max_concurrent_streams: u32,
     pub workers: usize,
 }
@@ -866,6 +872,21 @@ impl ServerSection {
             max_header_bytes: self.max_header_bytes.max(8 * 1024),
             max_uri_bytes: self.max_uri_bytes.max(1),
             max_body_bytes: (self.max_body_bytes > 0).then_some(self.max_body_bytes),
+            max_body_bytes_by_prefix: {
+                let mut routes = Vec::with_capacity(self.max_body_bytes_by_prefix.len());
+                for (prefix, &limit) in &self.max_body_bytes_by_prefix {
+                    if !prefix.starts_with('/') {
+                        return Err(invalid(
+                            "server.max_body_bytes_by_prefix",
+                            prefix,
+                            "path prefixes starting with '/', e.g. { \"/api/\" = 1048576 }",
+                        ));
+                    }
+                    routes.push((prefix.clone(), (limit > 0).then_some(limit)));
+                }
+                routes.sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
+                routes
+            },
             h2_max_concurrent_streams: self.h2_max_concurrent_streams.max(1),
             workers: match self.workers {
                 0 => std::thread::available_parallelism().map_or(1, usize::from),

@@ -140,6 +140,7 @@ pub struct Gateway {
     limits: RateLimits,
     max_uri_bytes: usize,
     max_body_bytes: Option<u64>,
+    max_body_bytes_by_prefix: Vec<(String, Option<u64>)>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -196,6 +197,7 @@ impl Gateway {
             limits,
             max_uri_bytes: config.server.max_uri_bytes,
             max_body_bytes: config.server.max_body_bytes,
+            max_body_bytes_by_prefix: config.server.max_body_bytes_by_prefix.clone(),
         }
     }
 
@@ -313,7 +315,7 @@ impl Gateway {
         if req.uri().path_and_query().map_or(0, |pq| pq.as_str().len()) > self.max_uri_bytes {
             return self.reject(GatewayError::UriTooLong, None);
         }
-        if let Some(max) = self.max_body_bytes
+        if let Some(max) = self.body_limit(req.uri().path())
             && http_body::Body::size_hint(req.body()).lower() > max
         {
             // Refused before a byte of the body is read or forwarded.
@@ -379,6 +381,14 @@ impl Gateway {
             h.insert(RATELIMIT, allowance.state);
         }
         handled
+    }
+
+    /// The body limit for `path`: its longest `max_body_bytes_by_prefix` entry, else the global.
+    fn body_limit(&self, path: &str) -> Option<u64> {
+        self.max_body_bytes_by_prefix
+            .iter()
+            .find(|(prefix, _)| path.starts_with(prefix.as_str()))
+            .map_or(self.max_body_bytes, |(_, limit)| *limit)
     }
 
     fn is_public(&self, path: &str) -> bool {
@@ -482,7 +492,8 @@ impl Gateway {
             Some(_) => (Some(AuthReason::Ok), "ok"),
             None => (None, "public_path"),
         };
-        match upstream.send(req, self.max_body_bytes).await {
+        let body_limit = self.body_limit(req.uri().path());
+        match upstream.send(req, body_limit).await {
             Ok((resp, upstream_latency)) => {
                 self.metrics
                     .upstream_duration

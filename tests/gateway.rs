@@ -442,6 +442,43 @@ async fn serve_mode_runs_the_pipeline_over_plain_http_behind_a_tls_proxy() {
 }
 
 #[tokio::test]
+async fn body_limits_apply_per_path_prefix() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(
+        &upstream.url(),
+        &[(
+            "KEYGATE_SERVER_MAX_BODY_BYTES_BY_PREFIX",
+            r#"{ "/api/" = 10, "/api/v1/video/" = 0 }"#,
+        )],
+    )
+    .await;
+    let key = gw.create_key("uploader").await;
+    let client = gw.client();
+    let post = |path: &str, len: usize| {
+        client
+            .post(gw.url(path))
+            .header("X-API-Key", &key)
+            .body(vec![b'x'; len])
+            .send()
+    };
+    // Over the /api/ limit: refused before anything is forwarded.
+    assert_eq!(post("/api/jobs/", 11).await.unwrap().status(), 413);
+    assert_eq!(upstream.count(), 0);
+    assert_eq!(post("/api/jobs/", 10).await.unwrap().status(), 200);
+    // The longer prefix wins: uploads are unlimited; other paths have the global (none).
+    assert_eq!(
+        post("/api/v1/video/process/", 100_000)
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(post("/elsewhere", 100_000).await.unwrap().status(), 200);
+    assert_eq!(upstream.count(), 3);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
 async fn large_bodies_stream_intact_both_ways() {
     let upstream = Upstream::start().await;
     let gw = Gateway::start(&upstream.url(), &[]).await;
