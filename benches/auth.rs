@@ -4,25 +4,14 @@
 //!
 //! Run: `cargo bench --bench auth`
 
+mod support;
+
 use std::hint::black_box;
-use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
-use http::{HeaderMap, HeaderValue};
-use keygate::auth::Authenticator;
-use keygate::cache::KeyCache;
-use keygate::config::FileConfig;
 use keygate::key::{self, KeyDigest};
-use keygate::metrics::Metrics;
-use keygate::store::sqlite::SqliteStore;
-use keygate::store::{KeyRecord, KeyStore as _};
-
-fn headers(key: &str) -> HeaderMap {
-    let mut h = HeaderMap::new();
-    h.insert("x-api-key", HeaderValue::from_str(key).unwrap());
-    h
-}
+use support::{AuthFixture, headers};
 
 fn bench(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -30,21 +19,14 @@ fn bench(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let config = FileConfig::default().validate().unwrap();
-    let store =
-        Arc::new(SqliteStore::open(&dir.path().join("bench.db"), Duration::from_secs(5)).unwrap());
-    let secret = key::generate().unwrap();
-    rt.block_on(store.insert(KeyRecord::new("bench", &secret, 0, None).unwrap()))
-        .unwrap();
-    let metrics = Arc::new(Metrics::new(&config.metrics.latency_buckets));
-    let cache = KeyCache::new(store, &config.store, metrics);
-    let auth = Authenticator::new(&config.auth);
-
-    let valid = secret.expose().to_owned();
-    let mut typo = valid.clone().into_bytes();
-    typo[10] = if typo[10] == b'a' { b'b' } else { b'a' };
-    let typo = String::from_utf8(typo).unwrap();
+    let fixture = AuthFixture::new(&rt);
+    let AuthFixture {
+        cache,
+        auth,
+        valid,
+        typo,
+        ..
+    } = &fixture;
 
     c.bench_function("baseline/sha256", |b| {
         b.iter(|| KeyDigest::of(black_box(valid.as_bytes())))
@@ -56,16 +38,16 @@ fn bench(c: &mut Criterion) {
         b.iter(|| key::check_format(black_box(typo.as_bytes())))
     });
 
-    let hit = headers(&valid);
-    rt.block_on(auth.authenticate(&hit, &cache)).unwrap();
+    let hit = headers(valid);
+    rt.block_on(auth.authenticate(&hit, cache)).unwrap();
     c.bench_function("authenticate/cache_hit", |b| {
         b.to_async(&rt)
-            .iter(|| async { auth.authenticate(black_box(&hit), &cache).await.is_ok() })
+            .iter(|| async { auth.authenticate(black_box(&hit), cache).await.is_ok() })
     });
-    let malformed = headers(&typo);
+    let malformed = headers(typo);
     c.bench_function("authenticate/reject_malformed", |b| {
         b.to_async(&rt).iter(|| async {
-            auth.authenticate(black_box(&malformed), &cache)
+            auth.authenticate(black_box(&malformed), cache)
                 .await
                 .is_err()
         })

@@ -288,25 +288,7 @@ impl Gateway {
                 user_agent: user_agent.as_ref().and_then(|v| v.to_str().ok()),
                 cause: handled.cause.as_deref(),
             };
-            if !crate::logging::access(&record) {
-                tracing::info!(
-                    target: "keygate::access",
-                    request_id = record.request_id,
-                    client_ip = %record.client_ip,
-                    method = %record.method,
-                    path = record.path,
-                    status = record.status,
-                    latency_ms = record.latency_ms,
-                    outcome = record.outcome,
-                    auth = record.auth,
-                    reason = record.reason,
-                    key_id = record.key_id,
-                    key_name = record.key_name,
-                    user_agent = record.user_agent,
-                    cause = record.cause,
-                    "request"
-                );
-            }
+            crate::logging::access(&record);
         }
         handled.response
     }
@@ -315,7 +297,8 @@ impl Gateway {
         if req.uri().path_and_query().map_or(0, |pq| pq.as_str().len()) > self.max_uri_bytes {
             return self.reject(GatewayError::UriTooLong, None);
         }
-        if let Some(max) = self.body_limit(req.uri().path())
+        let body_limit = self.body_limit(req.uri().path());
+        if let Some(max) = body_limit
             && http_body::Body::size_hint(req.body()).lower() > max
         {
             // Refused before a byte of the body is read or forwarded.
@@ -328,13 +311,16 @@ impl Gateway {
             return self.preflight(&req);
         }
         if self.is_public(req.uri().path()) {
-            return self.forward(req, client, None).await;
+            return self.forward(req, client, None, body_limit).await;
         }
         if let Some(locked) = self.limits.ip_locked(client.client_ip) {
             return self.reject(GatewayError::RateLimited(locked), None);
         }
         match self.auth.authenticate(req.headers(), &self.cache).await {
-            Ok(authenticated) => self.authorize_and_forward(req, client, authenticated).await,
+            Ok(authenticated) => {
+                self.authorize_and_forward(req, client, authenticated, body_limit)
+                    .await
+            }
             Err(e) => {
                 if is_failed_attempt(&e)
                     && let Some(locked) = self.limits.record_failure(client.client_ip).await
@@ -354,6 +340,7 @@ impl Gateway {
         req: Request<Incoming>,
         client: &ClientInfo,
         authenticated: Authenticated,
+        body_limit: Option<u64>,
     ) -> Handled {
         let key = &authenticated.key;
         if let Err(denied) = key
@@ -374,7 +361,9 @@ impl Gateway {
         if authenticated.in_grace {
             self.metrics.rotated_key_uses.increment(1);
         }
-        let mut handled = self.forward(req, client, Some(authenticated)).await;
+        let mut handled = self
+            .forward(req, client, Some(authenticated), body_limit)
+            .await;
         if let Some(allowance) = allowance {
             let h = handled.response.headers_mut();
             h.insert(RATELIMIT_POLICY, allowance.policy);
@@ -470,6 +459,7 @@ impl Gateway {
         mut req: Request<Incoming>,
         client: &ClientInfo,
         authenticated: Option<Authenticated>,
+        body_limit: Option<u64>,
     ) -> Handled {
         let upstream = &self.upstreams[client.worker % self.upstreams.len()];
         upstream.prepare(&mut req, client);
@@ -492,7 +482,6 @@ impl Gateway {
             Some(_) => (Some(AuthReason::Ok), "ok"),
             None => (None, "public_path"),
         };
-        let body_limit = self.body_limit(req.uri().path());
         match upstream.send(req, body_limit).await {
             Ok((resp, upstream_latency)) => {
                 self.metrics

@@ -103,8 +103,8 @@ pub fn init(cfg: &Logging) -> io::Result<LogGuard> {
 /// handed to the same non-blocking writers as every other event, without tracing's field
 /// visitor and serde machinery (which cost about a tenth of a worker's time under load). The
 /// output is byte-for-byte the format documented in docs/logging.md. Installed by [`init`];
-/// without it (keygate embedded, or in tests) [`access`] declines and the caller emits an
-/// ordinary tracing event with the same fields.
+/// without it (keygate embedded, or in tests) [`access`] emits an ordinary tracing event with the
+/// same fields.
 struct AccessSink {
     format: LogFormat,
     stdout: NonBlocking,
@@ -135,9 +135,33 @@ pub struct AccessRecord<'a> {
     pub cause: Option<&'a str>,
 }
 
-/// Writes `record` through the fast path. `false`: no fast path is installed; log it with
-/// `tracing` instead. (The caller checks that the access log is enabled first.)
-pub fn access(record: &AccessRecord<'_>) -> bool {
+/// Writes the access line for `record` (the caller checks that the access log is enabled). With
+/// keygate's own logging installed the line is formatted here; otherwise (keygate embedded, or in
+/// tests) it becomes an ordinary tracing event with the same fields.
+pub fn access(record: &AccessRecord<'_>) {
+    if !write_access(record) {
+        tracing::info!(
+            target: "keygate::access",
+            request_id = record.request_id,
+            client_ip = %record.client_ip,
+            method = %record.method,
+            path = record.path,
+            status = record.status,
+            latency_ms = record.latency_ms,
+            outcome = record.outcome,
+            auth = record.auth,
+            reason = record.reason,
+            key_id = record.key_id,
+            key_name = record.key_name,
+            user_agent = record.user_agent,
+            cause = record.cause,
+            "request"
+        );
+    }
+}
+
+/// The fast path; `false` when it is not installed (or the thread's buffer is in use).
+fn write_access(record: &AccessRecord<'_>) -> bool {
     let Some(sink) = ACCESS.get() else {
         return false;
     };

@@ -170,21 +170,16 @@ targets=(direct keygate nginx)
 [ -n "${TARGETS:-}" ] && read -r -a targets <<<"$TARGETS"
 for t in "${targets[@]}"; do check_answers "$t"; done
 
-lookups() { # admin port -> store lookups so far (cache misses)
-    python3 - "http://127.0.0.1:$1/metrics" <<'PY'
+metric() { # admin-port metric-name -> the sum of that metric's series
+    python3 - "http://127.0.0.1:$1/metrics" "$2" <<'PY'
 import sys, urllib.request
 text = urllib.request.urlopen(sys.argv[1]).read().decode()
-print(int(sum(float(l.split()[-1]) for l in text.splitlines() if l.startswith("keygate_cache_misses_total"))))
+print(int(sum(float(l.split()[-1]) for l in text.splitlines() if l.split("{")[0].split()[0:1] == [sys.argv[2]])))
 PY
 }
+lookups() { metric "$1" keygate_cache_misses_total; } # store lookups so far
+cache_entries() { metric "$1" keygate_cache_entries; } # keys in keygate's cache
 
-cache_entries() { # admin port -> keys in keygate's cache
-    python3 - "http://127.0.0.1:$1/metrics" <<'PY'
-import sys, urllib.request
-text = urllib.request.urlopen(sys.argv[1]).read().decode()
-print(int(sum(float(l.split()[-1]) for l in text.splitlines() if l.startswith("keygate_cache_entries"))))
-PY
-}
 
 echo "warming up (caches, upstream pools)" >&2
 for t in "${targets[@]}"; do
