@@ -29,12 +29,13 @@ function request()
   return requests[next_index]
 end
 
--- One machine-readable line per run: requests/s, p50 and p99 in microseconds, and the count of
--- responses that were not 2xx/3xx plus socket errors (any of which voids the run).
+-- One machine-readable line per run: requests/s, p50 and p99 in microseconds, the count of
+-- responses that were not 2xx/3xx plus socket errors (any of which voids the run), and the
+-- number of requests completed.
 function done(summary, latency, requests)
   local e = summary.errors
-  io.write(string.format("RESULT rps=%.1f p50_us=%d p99_us=%d bad=%d\n",
+  io.write(string.format("RESULT rps=%.1f p50_us=%d p99_us=%d bad=%d requests=%d\n",
     summary.requests / (summary.duration / 1e6),
     latency:percentile(50), latency:percentile(99),
-    e.status + e.connect + e.read + e.write + e.timeout))
+    e.status + e.connect + e.read + e.write + e.timeout, summary.requests))
 end

@@ -10,6 +10,8 @@
 # KEYS in the stores (1000), LARGE_KEYS for a second keygate with a larger store (100000; 0: skip),
 # TARGETS (all; e.g. "keygate nginx" to skip the rest), PROTOCOLS ("http tls"),
 # KEYGATE_BIN (a keygate binary to measure instead of building this tree's),
+# BASE_BIN (another keygate build, e.g. an older commit, measured in the same run as target "base"
+# with the same 1,000-key store, so a change is judged by the ratio keygate/base),
 # PROFILE (http or tls: instead of measuring, record keygate with `perf record -g` under that load
 # and print the hottest functions; installs linux-perf when missing).
 #
@@ -64,9 +66,10 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # Ports: bound together by the kernel, then released for the servers to take.
-read -r UP_HTTP UP_TLS NG_HTTP NG_TLS KG_HTTP KG_TLS KG_ADMIN KL_HTTP KL_TLS KL_ADMIN < <(python3 -c '
+read -r UP_HTTP UP_TLS NG_HTTP NG_TLS KG_HTTP KG_TLS KG_ADMIN KL_HTTP KL_TLS KL_ADMIN \
+    KB_HTTP KB_TLS KB_ADMIN < <(python3 -c '
 import socket
-socks = [socket.socket() for _ in range(10)]
+socks = [socket.socket() for _ in range(13)]
 for s in socks: s.bind(("127.0.0.1", 0))
 print(*[s.getsockname()[1] for s in socks])')
 
@@ -95,10 +98,12 @@ echo "generating $KEYS keys${LARGE_KEYS:+ and $LARGE_KEYS keys}" >&2
 python3 "$here/keys.py" "$KEYS" "$work/small"
 [ "$LARGE_KEYS" -gt 0 ] && python3 "$here/keys.py" "$LARGE_KEYS" "$work/large"
 
-start_keygate() { # name http tls admin
+start_keygate() { # name http tls admin [binary]
+    local bin=${5:-$KEYGATE} keys=small
+    [ "$1" = large ] && keys=large
     render keygate.toml.in "$1.toml" "$1" "$2" "$3" "$4"
-    "$KEYGATE" --config "$work/$1.toml" keys import "$work/$1.export.json" >/dev/null
-    "$KEYGATE" --config "$work/$1.toml" serve >"$work/$1.log" 2>&1 &
+    "$bin" --config "$work/$1.toml" keys import "$work/$keys.export.json" >/dev/null
+    "$bin" --config "$work/$1.toml" serve >"$work/$1.log" 2>&1 &
     pids+=($!)
     eval "${1}_pid=$!"
     wait_port "$2"
@@ -106,6 +111,7 @@ start_keygate() { # name http tls admin
 
 start_keygate small "$KG_HTTP" "$KG_TLS" "$KG_ADMIN"
 [ "$LARGE_KEYS" -gt 0 ] && start_keygate large "$KL_HTTP" "$KL_TLS" "$KL_ADMIN"
+[ -n "${BASE_BIN:-}" ] && start_keygate base "$KB_HTTP" "$KB_TLS" "$KB_ADMIN" "$BASE_BIN"
 small_idle_kib=$(awk '/VmRSS/ {print $2}' "/proc/$small_pid/status")
 
 render upstream.conf.in upstream.conf x 0 0 0
@@ -126,16 +132,35 @@ url() { # target protocol
         nginx-http) port=$NG_HTTP ;; nginx-tls) port=$NG_TLS ;;
         keygate-http) port=$KG_HTTP ;; keygate-tls) port=$KG_TLS ;;
         keygate100k-http) port=$KL_HTTP ;; keygate100k-tls) port=$KL_TLS ;;
+        base-http) port=$KB_HTTP ;; base-tls) port=$KB_TLS ;;
     esac
     if [ "$2" = tls ]; then echo "https://localhost:$port"; else echo "http://127.0.0.1:$port"; fi
 }
+pid_of() { # target -> the process whose CPU time is that target's (nginx: master and workers)
+    case "$1" in
+        direct) echo "$upstream_pid" ;; nginx) echo "$nginx_pid" ;; keygate) echo "$small_pid" ;;
+        keygate100k) echo "$large_pid" ;; base) echo "$base_pid" ;;
+    esac
+}
+cpu_ticks() { # pid -> user+system clock ticks of it and its children so far
+    local total=0 p
+    for p in "$1" $(cat "/proc/$1/task/"*/children 2>/dev/null); do
+        total=$((total + $(awk '{print $14 + $15}' "/proc/$p/stat")))
+    done
+    echo "$total"
+}
 keys_for() { if [ "$1" = keygate100k ]; then echo "$work/large.keys"; else echo "$work/small.keys"; fi; }
 
-run_wrk() { # target protocol seconds -> "rps p50 p99 bad"
-    local out
+run_wrk() { # target protocol seconds -> "rps p50 p99 bad cpu_us_per_request"
+    local out before after pid
+    pid=$(pid_of "$1")
+    before=$(cpu_ticks "$pid")
     out=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"${3}s" --timeout 5s -s "$here/keys.lua" \
         "$(url "$1" "$2")" -- "$(keys_for "$1")" "$ORIGIN" 2>&1)
-    echo "$out" | sed -n 's/^RESULT rps=\([0-9.]*\) p50_us=\([0-9]*\) p99_us=\([0-9]*\) bad=\([0-9]*\)/\1 \2 \3 \4/p'
+    after=$(cpu_ticks "$pid")
+    echo "$out" | sed -n 's/^RESULT rps=\([0-9.]*\) p50_us=\([0-9]*\) p99_us=\([0-9]*\) bad=\([0-9]*\) requests=\([0-9]*\)/\1 \2 \3 \4 \5/p' |
+        awk -v t="$((after - before))" -v hz="$(getconf CLK_TCK)" \
+            '{ printf "%s %s %s %s %.1f\n", $1, $2, $3, $4, ($5 > 0 ? t * 1e6 / hz / $5 : 0) }'
 }
 
 # Every gateway must answer a key from its store with 200 (and an unknown key with 401) before
@@ -167,6 +192,7 @@ check_answers() { # target
 
 targets=(direct keygate nginx)
 [ "$LARGE_KEYS" -gt 0 ] && targets+=(keygate100k)
+[ -n "${BASE_BIN:-}" ] && targets+=(base)
 [ -n "${TARGETS:-}" ] && read -r -a targets <<<"$TARGETS"
 for t in "${targets[@]}"; do check_answers "$t"; done
 
@@ -221,10 +247,10 @@ for round in $(seq 1 "$ROUNDS"); do
     fi
     for t in "${order[@]}"; do
         for p in $PROTOCOLS; do
-            read -r rps p50 p99 bad < <(run_wrk "$t" "$p" "$DURATION")
-            echo "$round $t $p $rps $p50 $p99 $bad" >>"$results"
-            printf '  round %d  %-12s %-4s %10.0f req/s  p50 %6d us  p99 %6d us  errors %s\n' \
-                "$round" "$t" "$p" "$rps" "$p50" "$p99" "$bad" >&2
+            read -r rps p50 p99 bad cpu < <(run_wrk "$t" "$p" "$DURATION")
+            echo "$round $t $p $rps $p50 $p99 $bad $cpu" >>"$results"
+            printf '  round %d  %-12s %-4s %10.0f req/s  p50 %6d us  p99 %6d us  cpu %5.1f us/req  errors %s\n' \
+                "$round" "$t" "$p" "$rps" "$p50" "$p99" "$cpu" "$bad" >&2
         done
     done
 done
@@ -247,20 +273,23 @@ from collections import defaultdict
 path, idle, kg_hwm, ng_hwm, small_lookups, large_lookups, large_hwm = sys.argv[1:]
 runs = defaultdict(list)
 for line in open(path):
-    r, t, p, rps, p50, p99, bad = line.split()
-    runs[(t, p)].append((float(rps), int(p50), int(p99), int(bad)))
+    r, t, p, rps, p50, p99, bad, cpu = line.split()
+    runs[(t, p)].append((float(rps), int(p50), int(p99), int(bad), float(cpu)))
 med = {k: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v),
-           statistics.median(x[2] for x in v), sum(x[3] for x in v)) for k, v in runs.items()}
+           statistics.median(x[2] for x in v), sum(x[3] for x in v),
+           statistics.median(x[4] for x in v)) for k, v in runs.items()}
 protos = sorted({p for _, p in med}, key=lambda p: p != "http")
 print("\nmedians over rounds:")
-print(f"{'target':<12} {'proto':<5} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
-for (t, p), (rps, p50, p99, bad) in sorted(med.items(), key=lambda kv: (protos.index(kv[0][1]), kv[0][0])):
-    print(f"{t:<12} {p:<5} {rps:>10.0f} {p50/1000:>8.2f} {p99/1000:>8.2f} {bad:>7}")
+print(f"{'target':<12} {'proto':<5} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'cpu us/req':>11} {'errors':>7}")
+for (t, p), (rps, p50, p99, bad, cpu) in sorted(med.items(), key=lambda kv: (protos.index(kv[0][1]), kv[0][0])):
+    print(f"{t:<12} {p:<5} {rps:>10.0f} {p50/1000:>8.2f} {p99/1000:>8.2f} {cpu:>11.1f} {bad:>7}")
 print("\nratios (medians):")
 for p in protos:
     k, n, d, l = med.get(("keygate", p)), med.get(("nginx", p)), med.get(("direct", p)), med.get(("keygate100k", p))
+    b = med.get(("base", p))
     parts = []
-    if k and n: parts.append(f"keygate/nginx req/s {k[0]/n[0]:.2f}  p99 {k[2]/n[2]:.2f}")
+    if k and n: parts.append(f"keygate/nginx req/s {k[0]/n[0]:.2f}  p99 {k[2]/n[2]:.2f}  cpu/req {k[4]/n[4]:.2f}")
+    if k and b: parts.append(f"keygate/base req/s {k[0]/b[0]:.2f}  p99 {k[2]/b[2]:.2f}  cpu/req {k[4]/b[4]:.2f}")
     if k and d: parts.append(f"keygate/direct {k[0]/d[0]:.2f}")
     if n and d: parts.append(f"nginx/direct {n[0]/d[0]:.2f}")
     if k and l: parts.append(f"100k-keys/1k-keys {l[0]/k[0]:.3f}")
