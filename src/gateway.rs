@@ -182,7 +182,12 @@ impl Gateway {
                 config.auth.bearer_fallback,
             ),
             upstreams: (0..workers.max(1))
-                .map(|_| Upstream::new(&config.upstream))
+                .map(|_| {
+                    Upstream::new(
+                        &config.upstream,
+                        metrics.upstream_connections_opened.clone(),
+                    )
+                })
                 .collect(),
             errors: ErrorHeaders::new(&config.auth.realm),
             security_headers,
@@ -214,6 +219,12 @@ impl Gateway {
     /// The upstream (for the readiness probe).
     pub fn upstream(&self) -> &Upstream {
         &self.upstreams[0]
+    }
+
+    /// Closes worker `worker`'s idle upstream connections; the worker calls this before its
+    /// runtime ends, so no pooled socket outlives the reactor it is registered with.
+    pub fn close_worker_connections(&self, worker: usize) {
+        self.upstreams[worker % self.upstreams.len()].close_idle();
     }
 
     /// Handles one request from the HTTPS listener (or the HTTP one in `serve` mode).

@@ -38,6 +38,7 @@ pub mod key;
 pub mod logging;
 pub mod metrics;
 pub mod policy;
+pub mod pool;
 pub mod proxy;
 pub mod ratelimit;
 pub mod redirect;

@@ -137,6 +137,8 @@ pub struct Metrics {
     pub request_duration: Histogram,
     /// Time to the upstream's response headers.
     pub upstream_duration: Histogram,
+    /// Connections opened to the upstream (a steady stream of new ones means keep-alive fails).
+    pub upstream_connections_opened: Counter,
     /// Fresh cache hits.
     pub cache_hits: Counter,
     /// Cache misses (store lookups or coalesced waits).
@@ -287,6 +289,11 @@ impl Metrics {
             upstream_duration: r.histogram(
                 "keygate_upstream_duration_seconds",
                 "Time from forwarding a request to the upstream's response headers.",
+            ),
+            upstream_connections_opened: r.counter(
+                "keygate_upstream_connections_opened_total",
+                "TCP connections opened to the upstream; keep-alive reuses them across requests.",
+                &[],
             ),
             cache_hits: r.counter(
                 "keygate_cache_hits_total",

@@ -1,28 +1,28 @@
-//! Forwarding to the upstream: a pooled keep-alive HTTP/1.1 client, request and response header
-//! rewriting (hop-by-hop removal, forwarding headers, identity headers), and the response body
-//! type that carries either a gateway-made body or the upstream's stream.
+//! Forwarding to the upstream: request and response header rewriting (hop-by-hop removal,
+//! forwarding headers, identity headers), the exchange on a pooled keep-alive connection
+//! ([`crate::pool`]), and the response body type that carries either a gateway-made body or the
+//! upstream's stream.
 //!
 //! Bodies are never buffered: the client's request body is handed to the upstream connection as a
 //! stream, and the upstream's response body back to the client, with backpressure both ways.
 
 use std::net::IpAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::{Authority, PathAndQuery};
 use http::{Request, Response, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use ipnet::IpNet;
 
 use crate::config;
 use crate::metrics::UpstreamErrorKind;
+use crate::pool::{self, ExchangeError, Pool, UpstreamBody};
 
 /// The gateway's response body: its own small body, or the upstream's stream.
 #[derive(Debug)]
@@ -30,7 +30,7 @@ pub enum GatewayBody {
     /// A complete body made by the gateway (errors, health, redirects).
     Full(Option<Bytes>),
     /// The upstream's response body, streamed.
-    Upstream(Incoming),
+    Upstream(UpstreamBody),
 }
 
 impl GatewayBody {
@@ -99,16 +99,24 @@ pub struct BodyTooLarge;
 pub struct ClientBodyError(#[source] hyper::Error);
 
 impl RequestBody {
-    fn new(inner: Incoming, limit: Option<u64>) -> (Self, tokio::sync::oneshot::Receiver<()>) {
-        let (tx, rx) = tokio::sync::oneshot::channel();
+    /// The body, and what resolves once it has been sent completely (`None`: it already is, as
+    /// for a request without a body).
+    fn new(
+        inner: Incoming,
+        limit: Option<u64>,
+    ) -> (Self, Option<tokio::sync::oneshot::Receiver<()>>) {
         let mut body = Self {
             inner,
-            sent: Some(tx),
+            sent: None,
             limit,
             seen: 0,
         };
-        body.signal_if_sent();
-        (body, rx)
+        if body.inner.is_end_stream() {
+            return (body, None);
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        body.sent = Some(tx);
+        (body, Some(rx))
     }
 
     fn signal_if_sent(&mut self) {
@@ -158,8 +166,9 @@ impl Body for RequestBody {
     }
 }
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded in either direction.
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// Hop-by-hop headers (RFC 9110 §7.6.1), and `Upgrade` (no protocol is tunnelled), never
+/// forwarded in either direction.
+const HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -168,24 +177,41 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TE,
     header::TRAILER,
     header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 /// Removes hop-by-hop headers, including every header the `Connection` header names.
+///
+/// One pass over the names finds which are present, so only those are removed: most requests
+/// carry none, and a response usually only `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
+    let hop_by_hop = HOP_BY_HOP;
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(i) = hop_by_hop.iter().position(|h| h == name) {
+            present |= 1 << i;
+        }
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
+    if present == 0 {
+        return;
     }
-    headers.remove(header::UPGRADE);
+    if present & 1 != 0 {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for (i, name) in hop_by_hop.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
+    }
 }
 
 /// Everything about a request the forwarding headers need.
@@ -239,11 +265,10 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> (IpAdd
     (client, true)
 }
 
-/// The upstream and a pooled client to it.
+/// The upstream and a pool of connections to it.
 #[derive(Debug, Clone)]
 pub struct Upstream {
-    client: Client<HttpConnector, RequestBody>,
-    scheme: Scheme,
+    pool: Arc<Pool>,
     authority: Authority,
     host_header: HeaderValue,
     base_path: String,
@@ -283,18 +308,8 @@ fn caused_by<T: std::error::Error + 'static>(e: &(dyn std::error::Error + 'stati
 }
 
 impl Upstream {
-    /// Builds the pooled client from `[upstream]`.
-    pub fn new(cfg: &config::Upstream) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(cfg.connect_timeout));
-        connector.set_keepalive(Some(Duration::from_secs(60)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(cfg.pool_idle_timeout)
-            .pool_max_idle_per_host(cfg.pool_max_idle)
-            .set_host(false)
-            .build(connector);
+    /// A pool for `[upstream]`; `opened` counts the connections it opens.
+    pub fn new(cfg: &config::Upstream, opened: metrics::Counter) -> Self {
         let authority = cfg
             .url
             .authority()
@@ -302,9 +317,22 @@ impl Upstream {
             .unwrap_or_else(|| Authority::from_static("127.0.0.1"));
         let host_header = HeaderValue::from_str(authority.as_str())
             .unwrap_or_else(|_| HeaderValue::from_static("localhost"));
+        // The config loader accepts http:// URLs with a host only; IPv6 literals lose brackets.
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let port = authority.port_u16().unwrap_or(80);
         Self {
-            client,
-            scheme: cfg.url.scheme().cloned().unwrap_or(Scheme::HTTP),
+            pool: Arc::new(Pool::new(
+                host,
+                port,
+                cfg.connect_timeout,
+                cfg.pool_max_idle,
+                cfg.pool_idle_timeout,
+                opened,
+            )),
             authority,
             host_header,
             base_path: cfg.url.path().trim_end_matches('/').to_owned(),
@@ -318,18 +346,27 @@ impl Upstream {
         &self.authority
     }
 
+    /// Closes the pool's idle connections (before the worker's runtime ends).
+    pub fn close_idle(&self) {
+        self.pool.close_idle();
+    }
+
+    /// The request target for the upstream, in origin form (`/path?query`), under the URL's
+    /// base path. A client's origin-form target without a base path is used as it is.
     fn uri(&self, original: &Uri) -> Uri {
+        if self.base_path.is_empty()
+            && original.scheme().is_none()
+            && original.path().starts_with('/')
+        {
+            return original.clone();
+        }
         let pq = original.path_and_query().map_or("/", PathAndQuery::as_str);
         let pq = if self.base_path.is_empty() {
             PathAndQuery::try_from(pq).ok()
         } else {
             PathAndQuery::try_from(format!("{}{pq}", self.base_path)).ok()
         };
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(self.scheme.clone());
-        parts.authority = Some(self.authority.clone());
-        parts.path_and_query = pq.or_else(|| Some(PathAndQuery::from_static("/")));
-        Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"))
+        Uri::from(pq.unwrap_or_else(|| PathAndQuery::from_static("/")))
     }
 
     /// Rewrites `req` for the upstream: URI, Host, hop-by-hop and forwarding headers.
@@ -344,22 +381,37 @@ impl Upstream {
         *req.version_mut() = Version::HTTP_11;
         let headers = req.headers_mut();
         strip_hop_by_hop(headers);
-        if !client.trusted {
-            // Only trusted proxies may tell us about earlier hops.
-            headers.remove(X_FORWARDED_FOR);
-            headers.remove(X_FORWARDED_PROTO);
-            headers.remove(X_FORWARDED_HOST);
-            headers.remove(FORWARDED);
-        }
-        append_forwarded_for(headers, client.peer);
-        if !headers.contains_key(X_FORWARDED_PROTO) {
-            let proto = if client.tls { "https" } else { "http" };
-            headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
-        }
-        if !headers.contains_key(X_FORWARDED_HOST)
-            && let Some(host) = &original_host
-        {
-            headers.insert(X_FORWARDED_HOST, host.clone());
+        if client.trusted {
+            append_forwarded_for(headers, client.peer);
+            if !headers.contains_key(X_FORWARDED_PROTO) {
+                headers.insert(X_FORWARDED_PROTO, proto(client));
+            }
+            if !headers.contains_key(X_FORWARDED_HOST)
+                && let Some(host) = &original_host
+            {
+                headers.insert(X_FORWARDED_HOST, host.clone());
+            }
+        } else {
+            // Only trusted proxies may tell us about earlier hops: whatever the client sent
+            // is replaced (looked for first, as a client rarely sends any).
+            let forwarding = [
+                X_FORWARDED_FOR,
+                X_FORWARDED_PROTO,
+                X_FORWARDED_HOST,
+                FORWARDED,
+            ];
+            if headers.keys().any(|name| forwarding.contains(name)) {
+                for name in &forwarding {
+                    headers.remove(name);
+                }
+            }
+            if let Ok(peer) = HeaderValue::try_from(client.peer.to_string()) {
+                headers.insert(X_FORWARDED_FOR, peer);
+            }
+            headers.insert(X_FORWARDED_PROTO, proto(client));
+            if let Some(host) = &original_host {
+                headers.insert(X_FORWARDED_HOST, host.clone());
+            }
         }
         match (self.preserve_host, original_host) {
             (true, Some(host)) => {
@@ -372,60 +424,82 @@ impl Upstream {
     }
 
     /// Sends the prepared request; returns the response with hop-by-hop headers removed.
+    ///
+    /// The request goes out on the warmest idle connection; if that one turns out closed before
+    /// anything was written, once more on a new connection.
     pub async fn send(
         &self,
         req: Request<Incoming>,
         max_body: Option<u64>,
-    ) -> Result<(Response<Incoming>, Duration), ForwardError> {
+    ) -> Result<(Response<UpstreamBody>, Duration), ForwardError> {
         let started = Instant::now();
         let (parts, body) = req.into_parts();
-        let (body, sent) = RequestBody::new(body, max_body);
-        let response = self.client.request(Request::from_parts(parts, body));
-        // The response timeout runs from the end of the request body: a large upload may take
-        // as long as it takes, an upstream that then stays silent may not.
-        let timeout = self.response_timeout;
-        let deadline = async move {
-            if sent.await.is_ok() {
-                tokio::time::sleep(timeout).await;
-            } else {
-                // The body was dropped unfinished; the request itself will fail.
-                std::future::pending::<()>().await;
-            }
+        let (body, mut sent) = RequestBody::new(body, max_body);
+        let mut req = Request::from_parts(parts, body);
+        let (mut conn, mut reused) = match self.pool.idle().await {
+            Some(conn) => (conn, true),
+            None => (self.connect().await?, false),
         };
-        let result = tokio::select! {
-            r = response => Ok(r),
-            () = deadline => Err(()),
-        };
-        let mut resp = match result {
-            Err(()) => {
-                return Err(ForwardError::Upstream {
-                    kind: UpstreamErrorKind::Timeout,
-                    cause: format!(
-                        "no response headers within {:?} of the request's end",
-                        self.response_timeout
-                    ),
-                });
-            }
-            Ok(Err(e)) => {
-                let cause = error_chain(&e);
-                if caused_by::<BodyTooLarge>(&e) || caused_by::<ClientBodyError>(&e) {
-                    return Err(ForwardError::ClientBody {
-                        too_large: caused_by::<BodyTooLarge>(&e),
+        loop {
+            // The response timeout runs from the end of the request body: a large upload may
+            // take as long as it takes, an upstream that then stays silent may not.
+            match pool::exchange(&mut conn, req, &mut sent, self.response_timeout).await {
+                Ok(mut resp) => {
+                    strip_hop_by_hop(resp.headers_mut());
+                    let pool = Arc::clone(&self.pool);
+                    let resp = resp.map(|body| UpstreamBody::new(body, conn, pool));
+                    return Ok((resp, started.elapsed()));
+                }
+                Err(ExchangeError::NotSent(unsent, _)) if reused => {
+                    req = unsent;
+                    conn = self.connect().await?;
+                    reused = false;
+                }
+                Err(ExchangeError::NotSent(_, e)) => {
+                    return Err(ForwardError::Upstream {
+                        kind: UpstreamErrorKind::Connect,
+                        cause: error_chain(&e),
+                    });
+                }
+                Err(ExchangeError::TimedOut) => {
+                    return Err(ForwardError::Upstream {
+                        kind: UpstreamErrorKind::Timeout,
+                        cause: format!(
+                            "no response headers within {:?} of the request's end",
+                            self.response_timeout
+                        ),
+                    });
+                }
+                Err(ExchangeError::Failed(e)) => {
+                    let cause = error_chain(&e);
+                    if caused_by::<BodyTooLarge>(&e) || caused_by::<ClientBodyError>(&e) {
+                        return Err(ForwardError::ClientBody {
+                            too_large: caused_by::<BodyTooLarge>(&e),
+                            cause,
+                        });
+                    }
+                    return Err(ForwardError::Upstream {
+                        kind: UpstreamErrorKind::Protocol,
                         cause,
                     });
                 }
-                let kind = if e.is_connect() {
-                    UpstreamErrorKind::Connect
-                } else {
-                    UpstreamErrorKind::Protocol
-                };
-                return Err(ForwardError::Upstream { kind, cause });
             }
-            Ok(Ok(resp)) => resp,
-        };
-        strip_hop_by_hop(resp.headers_mut());
-        Ok((resp, started.elapsed()))
+        }
     }
+
+    async fn connect(&self) -> Result<pool::Conn, ForwardError> {
+        self.pool
+            .connect()
+            .await
+            .map_err(|e| ForwardError::Upstream {
+                kind: UpstreamErrorKind::Connect,
+                cause: error_chain(&e),
+            })
+    }
+}
+
+fn proto(client: &ClientInfo) -> HeaderValue {
+    HeaderValue::from_static(if client.tls { "https" } else { "http" })
 }
 
 fn append_forwarded_for(headers: &mut HeaderMap, peer: IpAddr) {

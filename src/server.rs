@@ -367,6 +367,7 @@ impl Worker {
         // main runtime says the drain is over.
         let mut exit = self.exit;
         stopped(&mut exit).await;
+        self.gateway.close_worker_connections(index);
         Ok(())
     }
 }

@@ -1088,3 +1088,88 @@ async fn certificates_are_reloaded_when_their_files_change_and_bad_ones_are_refu
     );
     gw.shutdown().await;
 }
+
+/// The value of an unlabelled metric in a Prometheus exposition.
+fn metric_value(exposition: &str, name: &str) -> f64 {
+    exposition
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in the exposition"))
+}
+
+#[tokio::test]
+async fn upstream_connections_are_kept_alive_across_requests() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream.url(), &[]).await;
+    let key = gw.create_key("k").await;
+    let client = gw.h1_client();
+    for i in 0..40 {
+        let req = if i % 2 == 0 {
+            client.get(gw.url("/get"))
+        } else {
+            client.post(gw.url("/post")).body(vec![b'x'; 10_000])
+        };
+        let resp = req.header("X-API-Key", &key).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let body = json(resp).await;
+        assert_eq!(body["bytes"], if i % 2 == 0 { 0 } else { 10_000 });
+    }
+    let opened = metric_value(
+        &gw.metrics().await,
+        "keygate_upstream_connections_opened_total",
+    );
+    // One client connection is served by one worker, and each request after the first reuses
+    // that worker's upstream connection.
+    assert_eq!(
+        opened, 1.0,
+        "40 sequential requests opened {opened} connections"
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn idle_upstream_connections_closed_by_the_upstream_are_replaced() {
+    // An upstream that keeps a connection open for 50 ms after each answer, then hangs up, as
+    // servers with a short keep-alive timeout do; it never says `Connection: close`.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            });
+        }
+    });
+    let gw = Gateway::start(&format!("http://{addr}"), &[]).await;
+    let key = gw.create_key("k").await;
+    let client = gw.h1_client();
+    for _ in 0..3 {
+        let resp = client
+            .get(gw.url("/x"))
+            .header("X-API-Key", &key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.text().await.unwrap(), "ok");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let opened = metric_value(
+        &gw.metrics().await,
+        "keygate_upstream_connections_opened_total",
+    );
+    assert_eq!(opened, 3.0, "each request needed a new connection");
+    gw.shutdown().await;
+}

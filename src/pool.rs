@@ -1,0 +1,364 @@
+//! Keep-alive HTTP/1.1 connections to the upstream, driven by the request that uses them.
+//!
+//! hyper's high-level client runs every upstream connection as a task of its own and reaches it
+//! through channels, so each forwarded request costs extra task wake-ups and a pool lookup under
+//! a lock shared by all requests. Here a connection is its request sender and its connection
+//! future together, owned by one request at a time. The request's task polls the connection
+//! future itself: while the request goes out and the response head comes back, and then while
+//! the response body streams to the client ([`UpstreamBody`] carries the connection). When the
+//! body has been read to its end, the connection goes back to its worker's idle list; a
+//! connection dropped mid-response is closed, as HTTP/1.1 requires.
+//!
+//! Each worker has its own [`Pool`], so the lock around the idle list is never contended; it is
+//! held only to push or pop, never across an `.await`.
+
+use std::collections::VecDeque;
+use std::future::{Future, poll_fn};
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::proxy::RequestBody;
+
+type Driver = http1::Connection<TokioIo<TcpStream>, RequestBody>;
+
+/// One upstream connection: the sender of requests and the future that does its I/O. Boxed:
+/// hyper's connection state is large, and a pooled connection moves through every request's
+/// futures and response; a pointer moves for free.
+pub struct Conn(Box<ConnState>);
+
+struct ConnState {
+    sender: http1::SendRequest<RequestBody>,
+    driver: Driver,
+    /// The driver has completed: the connection is closed and must not be polled again.
+    closed: bool,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn")
+            .field("closed", &self.0.closed)
+            .finish()
+    }
+}
+
+impl Conn {
+    /// Does the connection's pending I/O; false once it is closed. Errors end the connection and
+    /// reach the request through its response future or body, which is where they are reported.
+    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
+        let state = &mut *self.0;
+        if !state.closed && Pin::new(&mut state.driver).poll(cx).is_ready() {
+            state.closed = true;
+        }
+        !state.closed
+    }
+
+    /// Whether an idle connection can take a request now: it is open (the upstream has not
+    /// closed it while it sat idle) and its previous exchange is complete.
+    fn ready(&mut self, cx: &mut Context<'_>) -> bool {
+        self.drive(cx) && matches!(self.0.sender.poll_ready(cx), Poll::Ready(Ok(())))
+    }
+}
+
+/// Why no connection could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The TCP connect failed.
+    #[error("connect to {target}: {source}")]
+    Io {
+        /// `host:port`.
+        target: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The TCP connect took longer than `upstream.connect_timeout`.
+    #[error("connect to {target}: no answer within {timeout:?}")]
+    Timeout {
+        /// `host:port`.
+        target: String,
+        /// The timeout.
+        timeout: Duration,
+    },
+    /// hyper refused the connection (never expected for a plain TCP stream).
+    #[error("HTTP/1.1 handshake with {target}: {source}")]
+    Handshake {
+        /// `host:port`.
+        target: String,
+        /// Why.
+        #[source]
+        source: hyper::Error,
+    },
+}
+
+struct Idle {
+    conn: Conn,
+    since: Instant,
+}
+
+/// A worker's keep-alive connections to the upstream.
+pub struct Pool {
+    host: String,
+    port: u16,
+    connect_timeout: Duration,
+    max_idle: usize,
+    idle_timeout: Duration,
+    /// Most recently used at the back: requests take the warmest connection, and the coldest
+    /// ones at the front expire.
+    idle: Mutex<VecDeque<Idle>>,
+    /// `keygate_upstream_connections_opened_total`.
+    opened: metrics::Counter,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("target", &format_args!("{}:{}", self.host, self.port))
+            .field("max_idle", &self.max_idle)
+            .field("idle_timeout", &self.idle_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pool {
+    /// A pool for `host:port`, keeping up to `max_idle` connections for up to `idle_timeout`,
+    /// counting the connections it opens in `opened`.
+    pub fn new(
+        host: String,
+        port: u16,
+        connect_timeout: Duration,
+        max_idle: usize,
+        idle_timeout: Duration,
+        opened: metrics::Counter,
+    ) -> Self {
+        Self {
+            host,
+            port,
+            connect_timeout,
+            max_idle,
+            idle_timeout,
+            idle: Mutex::new(VecDeque::new()),
+            opened,
+        }
+    }
+
+    /// The most recently used idle connection that can take a request, or `None`. Connections
+    /// idle for longer than the timeout, or closed by the upstream, are dropped on the way.
+    pub async fn idle(&self) -> Option<Conn> {
+        loop {
+            let mut conn = self.pop_idle()?;
+            if poll_fn(|cx| Poll::Ready(conn.ready(cx))).await {
+                return Some(conn);
+            }
+        }
+    }
+
+    fn pop_idle(&self) -> Option<Conn> {
+        let now = Instant::now();
+        let mut expired = Vec::new();
+        let conn = {
+            let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+            while idle
+                .front()
+                .is_some_and(|i| now.duration_since(i.since) >= self.idle_timeout)
+            {
+                expired.extend(idle.pop_front());
+            }
+            idle.pop_back().map(|i| i.conn)
+        };
+        drop(expired); // closing sockets is a syscall each: not under the lock
+        conn
+    }
+
+    /// Opens a new connection.
+    pub async fn connect(&self) -> Result<Conn, ConnectError> {
+        let target = || format!("{}:{}", self.host, self.port);
+        let stream = tokio::time::timeout(
+            self.connect_timeout,
+            TcpStream::connect((self.host.as_str(), self.port)),
+        )
+        .await
+        .map_err(|_| ConnectError::Timeout {
+            target: target(),
+            timeout: self.connect_timeout,
+        })?
+        .map_err(|source| ConnectError::Io {
+            target: target(),
+            source,
+        })?;
+        // Requests are written whole; don't let Nagle hold their last segment back.
+        let _ = stream.set_nodelay(true);
+        let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
+        let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
+        let (sender, driver) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|source| ConnectError::Handshake {
+                target: target(),
+                source,
+            })?;
+        self.opened.increment(1);
+        Ok(Conn(Box::new(ConnState {
+            sender,
+            driver,
+            closed: false,
+        })))
+    }
+
+    /// Returns a connection whose last exchange ended cleanly to the idle list.
+    fn put_back(&self, conn: Conn) {
+        if conn.0.closed || self.max_idle == 0 {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() < self.max_idle {
+            idle.push_back(Idle {
+                conn,
+                since: Instant::now(),
+            });
+            return;
+        }
+        drop(idle);
+        // Full: `conn` closes here, outside the lock.
+    }
+
+    /// Closes every idle connection (a worker does this before its runtime ends, so no socket
+    /// outlives the reactor it is registered with).
+    pub fn close_idle(&self) {
+        let idle = std::mem::take(&mut *self.idle.lock().unwrap_or_else(PoisonError::into_inner));
+        drop(idle);
+    }
+}
+
+/// How one exchange on a connection failed.
+#[derive(Debug)]
+pub enum ExchangeError {
+    /// The request never left: the connection was no longer usable (it may be retried).
+    NotSent(Request<RequestBody>, hyper::Error),
+    /// The exchange failed after the request started to go out.
+    Failed(hyper::Error),
+    /// No response head within the timeout after the request's body was sent.
+    TimedOut,
+}
+
+/// Sends `req` on `conn` and drives the connection until the response head arrives, or until
+/// `timeout` has passed since the request body was sent completely. `body_sent` resolves then;
+/// `None` means the body is already complete (or absent), so the clock starts now. It is left in
+/// place when the request never left, for a retry on another connection.
+pub async fn exchange(
+    conn: &mut Conn,
+    req: Request<RequestBody>,
+    body_sent: &mut Option<tokio::sync::oneshot::Receiver<()>>,
+    timeout: Duration,
+) -> Result<Response<Incoming>, ExchangeError> {
+    let response = conn.0.sender.try_send_request(req);
+    let deadline = tokio::time::sleep(timeout);
+    tokio::pin!(response, deadline);
+    let mut clock = body_sent.is_none();
+    poll_fn(|cx| {
+        conn.drive(cx);
+        if let Poll::Ready(result) = response.as_mut().poll(cx) {
+            return Poll::Ready(result.map_err(|mut e| match e.take_message() {
+                Some(req) => ExchangeError::NotSent(req, e.into_error()),
+                None => ExchangeError::Failed(e.into_error()),
+            }));
+        }
+        if let Some(sent) = body_sent.as_mut()
+            && let Poll::Ready(result) = Pin::new(sent).poll(cx)
+        {
+            *body_sent = None;
+            // Err: the body was dropped unfinished, so the exchange fails by itself; no clock.
+            if result.is_ok() {
+                clock = true;
+                deadline
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + timeout);
+            }
+        }
+        if clock && deadline.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(ExchangeError::TimedOut));
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// The upstream's response body on its way to the client, with the connection it arrives on:
+/// reading the body drives the connection, and a body read to its end gives the connection back
+/// to the pool.
+pub struct UpstreamBody {
+    incoming: Incoming,
+    conn: Option<Conn>,
+    pool: Arc<Pool>,
+    done: bool,
+}
+
+impl std::fmt::Debug for UpstreamBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamBody")
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
+}
+
+impl UpstreamBody {
+    /// `incoming`, arriving on `conn` from `pool`.
+    pub fn new(incoming: Incoming, conn: Conn, pool: Arc<Pool>) -> Self {
+        Self {
+            incoming,
+            conn: Some(conn),
+            pool,
+            done: false,
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        if let Some(conn) = this.conn.as_mut() {
+            conn.drive(cx);
+        }
+        let frame = Pin::new(&mut this.incoming).poll_frame(cx);
+        match &frame {
+            Poll::Ready(None) => this.done = true,
+            Poll::Ready(Some(Err(_))) => this.conn = None, // broken: close it now
+            _ => {}
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.incoming.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.incoming.size_hint()
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take()
+            && (self.done || self.incoming.is_end_stream())
+        {
+            self.pool.put_back(conn);
+        }
+    }
+}
