@@ -221,20 +221,33 @@ fn json_field(out: &mut String, name: &str, value: &str) {
     out.push_str(",\"");
     out.push_str(name);
     out.push_str("\":\"");
-    for c in value.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if u32::from(c) < 0x20 || c == '\u{7f}' => {
-                let _ = write!(out, "\\u{:04x}", u32::from(c));
-            }
-            c => out.push(c),
-        }
-    }
+    json_escape(out, value);
     out.push('"');
+}
+
+/// Appends `value` as the inside of a JSON string. Runs that need no escaping (nearly every
+/// value) are copied whole; everything escaped is ASCII, so the slice bounds are char bounds.
+fn json_escape(out: &mut String, value: &str) {
+    let mut copied = 0;
+    for (i, b) in value.bytes().enumerate() {
+        let escaped = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0..=0x1f | 0x7f => "",
+            _ => continue,
+        };
+        out.push_str(&value[copied..i]);
+        if escaped.is_empty() {
+            let _ = write!(out, "\\u{:04x}", b);
+        } else {
+            out.push_str(escaped);
+        }
+        copied = i + 1;
+    }
+    out.push_str(&value[copied..]);
 }
 
 fn text_line(out: &mut String, now: &humantime::Rfc3339Timestamp, r: &AccessRecord<'_>) {
@@ -381,6 +394,28 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(v["path"], odd);
         assert!(v.get("user_agent").is_none() && v.get("cause").is_none());
+    }
+
+    #[test]
+    fn json_escaping_round_trips_every_kind_of_character() {
+        let cases = [
+            "",
+            "plain",
+            "\"",
+            "\\",
+            "a\"b\\c\nd\re\tf",
+            "\u{0}\u{1f}\u{7f}",
+            "\u{1}start and end\u{1}",
+            "é∂😀 mixed \" with \u{2} escapes",
+        ];
+        for case in cases {
+            let mut out = String::from("\"");
+            json_escape(&mut out, case);
+            out.push('"');
+            let back: String = serde_json::from_str(&out).unwrap();
+            assert_eq!(back, case, "{out}");
+            assert!(!out.chars().any(|c| c.is_control()), "{out:?}");
+        }
     }
 
     #[test]
