@@ -225,25 +225,41 @@ fn json_field(out: &mut String, name: &str, value: &str) {
     out.push('"');
 }
 
+/// Bytes that must be escaped inside a JSON string (and DEL, which the documented format escapes
+/// too).
+static JSON_ESCAPE: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 0x20 {
+        table[b] = true;
+        b += 1;
+    }
+    table[b'"' as usize] = true;
+    table[b'\\' as usize] = true;
+    table[0x7f] = true;
+    table
+};
+
 /// Appends `value` as the inside of a JSON string. Runs that need no escaping (nearly every
 /// value) are copied whole; everything escaped is ASCII, so the slice bounds are char bounds.
 fn json_escape(out: &mut String, value: &str) {
     let mut copied = 0;
-    for (i, b) in value.bytes().enumerate() {
-        let escaped = match b {
-            b'"' => "\\\"",
-            b'\\' => "\\\\",
-            b'\n' => "\\n",
-            b'\r' => "\\r",
-            b'\t' => "\\t",
-            0..=0x1f | 0x7f => "",
-            _ => continue,
-        };
+    let bytes = value.as_bytes();
+    while let Some(offset) = bytes[copied..]
+        .iter()
+        .position(|&b| JSON_ESCAPE[usize::from(b)])
+    {
+        let i = copied + offset;
         out.push_str(&value[copied..i]);
-        if escaped.is_empty() {
-            let _ = write!(out, "\\u{:04x}", b);
-        } else {
-            out.push_str(escaped);
+        match bytes[i] {
+            b'"' => out.push_str("\\\""),
+            b'\\' => out.push_str("\\\\"),
+            b'\n' => out.push_str("\\n"),
+            b'\r' => out.push_str("\\r"),
+            b'\t' => out.push_str("\\t"),
+            b => {
+                let _ = write!(out, "\\u{b:04x}");
+            }
         }
         copied = i + 1;
     }

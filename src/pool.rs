@@ -244,7 +244,7 @@ impl Pool {
 #[derive(Debug)]
 pub enum ExchangeError {
     /// The request never left: the connection was no longer usable (it may be retried).
-    NotSent(Request<RequestBody>, hyper::Error),
+    NotSent(Box<Request<RequestBody>>, hyper::Error),
     /// The exchange failed after the request started to go out.
     Failed(hyper::Error),
     /// No response head within the timeout after the request's body was sent.
@@ -269,7 +269,7 @@ pub async fn exchange(
         conn.drive(cx);
         if let Poll::Ready(result) = response.as_mut().poll(cx) {
             return Poll::Ready(result.map_err(|mut e| match e.take_message() {
-                Some(req) => ExchangeError::NotSent(req, e.into_error()),
+                Some(req) => ExchangeError::NotSent(Box::new(req), e.into_error()),
                 None => ExchangeError::Failed(e.into_error()),
             }));
         }

@@ -451,7 +451,7 @@ impl Upstream {
                     return Ok((resp, started.elapsed()));
                 }
                 Err(ExchangeError::NotSent(unsent, _)) if reused => {
-                    req = unsent;
+                    req = *unsent;
                     conn = self.connect().await?;
                     reused = false;
                 }
