@@ -4,8 +4,12 @@
 //!
 //! Entries are keyed by digest. A known key (active or not) is fresh for `positive_ttl` (each
 //! entry for a random 75-100% of it, so entries made together do not expire together) and kept
-//! `stale_if_error` longer, to be served only while the store is failing; an unknown key is cached
-//! for `negative_ttl` (likewise jittered). A cache hit touches no lock and no store: one concurrent-map read and two
+//! `stale_if_error` longer; an unknown key is cached for `negative_ttl` (likewise jittered). In that
+//! longer window a known key is served without a store read while the change feed is confirmed
+//! (polled successfully within the last two poll intervals): every change made through keygate
+//! reaches the cache on the feed, so the entry is as current as a re-read would make it. Without
+//! that confirmation, as while the store is failing, it is re-read, and served stale only if the
+//! store cannot answer. A cache hit touches no lock and no store: one concurrent-map read and two
 //! atomic stores for usage. Misses for one digest are serialised through moka's per-key compute,
 //! so a burst of requests with the same unknown key costs one store lookup.
 
@@ -37,13 +41,16 @@ pub struct KnownKey {
     pub name_header: HeaderValue,
     /// `record.policy`, compiled once.
     pub policy: Compiled,
+    /// When the record was read from the store.
+    loaded_at: Instant,
     fresh_until: Instant,
     last_used: AtomicI64,
     pending_uses: AtomicU64,
 }
 
 impl KnownKey {
-    pub(crate) fn new(record: KeyRecord, fresh_until: Instant) -> Self {
+    /// `record`, read from the store at (or after) `loaded_at`, fresh until `fresh_until`.
+    pub(crate) fn new(record: KeyRecord, loaded_at: Instant, fresh_until: Instant) -> Self {
         let id_header = HeaderValue::from_str(&record.id)
             .unwrap_or_else(|_| HeaderValue::from_static("invalid-id"));
         let name_header = HeaderValue::from_str(&record.name)
@@ -58,6 +65,7 @@ impl KnownKey {
             id_header,
             name_header,
             policy,
+            loaded_at,
             fresh_until,
             last_used: AtomicI64::new(0),
             pending_uses: AtomicU64::new(0),
@@ -119,15 +127,15 @@ pub enum Source {
 pub struct Unavailable;
 
 struct EntryExpiry {
-    positive_total: Duration,
-    negative: Duration,
+    stale_if_error: Duration,
 }
 
 impl moka::Expiry<KeyDigest, Entry> for EntryExpiry {
-    fn expire_after_create(&self, _: &KeyDigest, v: &Entry, _: Instant) -> Option<Duration> {
+    /// A known key stays `stale_if_error` past its (jittered) freshness, an unknown one not at all.
+    fn expire_after_create(&self, _: &KeyDigest, v: &Entry, at: Instant) -> Option<Duration> {
         Some(match v {
-            Entry::Known(_) => self.positive_total,
-            Entry::Unknown { .. } => self.negative,
+            Entry::Known(k) => k.fresh_until.saturating_duration_since(at) + self.stale_if_error,
+            Entry::Unknown { fresh_until } => fresh_until.saturating_duration_since(at),
         })
     }
 
@@ -161,6 +169,14 @@ pub struct KeyCache {
     spilled: Arc<Mutex<UsageBatch>>,
     legacy_present: AtomicBool,
     store_up: AtomicBool,
+    /// Until when (nanoseconds after `epoch`) the change feed counts as confirmed: two poll
+    /// intervals after the last successful poll.
+    feed_confirmed_until: AtomicU64,
+    /// Since when (nanoseconds after `epoch`) the feed has been followed without a break: only
+    /// entries read from the store after it can rely on the feed.
+    feed_since: AtomicU64,
+    epoch: Instant,
+    poll_interval: Duration,
     metrics: Arc<Metrics>,
 }
 
@@ -172,8 +188,7 @@ impl KeyCache {
         let cache = Cache::builder()
             .max_capacity(cfg.cache_capacity)
             .expire_after(EntryExpiry {
-                positive_total: cfg.positive_ttl + cfg.stale_if_error,
-                negative: cfg.negative_ttl,
+                stale_if_error: cfg.stale_if_error,
             })
             .eviction_listener(move |_, entry: Entry, _: RemovalCause| {
                 // Replaced or evicted entries must not lose usage that was not flushed yet.
@@ -194,7 +209,55 @@ impl KeyCache {
             spilled,
             legacy_present: AtomicBool::new(false),
             store_up: AtomicBool::new(true),
+            feed_confirmed_until: AtomicU64::new(0),
+            feed_since: AtomicU64::new(u64::MAX),
+            epoch: Instant::now(),
+            poll_interval: cfg.poll_interval,
             metrics,
+        }
+    }
+
+    fn nanos_since_epoch(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether the change feed was polled successfully within the last two poll intervals.
+    fn feed_confirmed(&self, now: Instant) -> bool {
+        self.nanos_since_epoch(now) < self.feed_confirmed_until.load(Ordering::Relaxed)
+    }
+
+    /// Records a successful poll of the change feed.
+    fn confirm_feed(&self) {
+        let until = Instant::now() + 2 * self.poll_interval;
+        self.feed_confirmed_until
+            .store(self.nanos_since_epoch(until), Ordering::Relaxed);
+    }
+
+    /// Withdraws the confirmation (a gap in the feed, a failed poll).
+    fn unconfirm_feed(&self) {
+        self.feed_confirmed_until.store(0, Ordering::Relaxed);
+    }
+
+    /// Marks the start of an unbroken stretch of the feed: the first position read, or a gap.
+    /// Entries read before `at` may predate a change the feed no longer shows.
+    fn follow_feed_from(&self, at: Instant) {
+        self.feed_since
+            .store(self.nanos_since_epoch(at), Ordering::Relaxed);
+    }
+
+    /// Whether `entry` may be served without a store read at `now`: it is fresh, or it is a
+    /// known key read while the feed has been followed and the feed is confirmed.
+    fn usable(&self, entry: &Entry, now: Instant) -> bool {
+        if entry.fresh_until() > now {
+            return true;
+        }
+        match entry {
+            Entry::Known(k) => {
+                self.feed_confirmed(now)
+                    && self.nanos_since_epoch(k.loaded_at)
+                        >= self.feed_since.load(Ordering::Relaxed)
+            }
+            Entry::Unknown { .. } => false,
         }
     }
 
@@ -252,7 +315,7 @@ impl KeyCache {
     pub async fn resolve(&self, digest: KeyDigest) -> Result<(Entry, Source), Unavailable> {
         let now = Instant::now();
         if let Some(entry) = self.cache.get(&digest).await
-            && entry.fresh_until() > now
+            && self.usable(&entry, now)
         {
             self.metrics.cache_hits.increment(1);
             return Ok((entry, Source::Hit));
@@ -267,13 +330,16 @@ impl KeyCache {
                 let current = current.map(|e| e.into_value());
                 async move {
                     let now = Instant::now();
-                    if current.as_ref().is_some_and(|e| e.fresh_until() > now) {
+                    if current.as_ref().is_some_and(|e| self.usable(e, now)) {
                         // A request ahead of us in this digest's queue refreshed it.
                         return Op::Nop;
                     }
                     match self.call(self.store.lookup(digest)).await {
+                        // `now` was taken before the read: an entry is never thought newer
+                        // than the data in it.
                         Ok(Some(record)) => Op::Put(Entry::Known(Arc::new(KnownKey::new(
                             record,
+                            now,
                             now + jittered(self.positive_ttl),
                         )))),
                         Ok(None) => Op::Put(Entry::Unknown {
@@ -328,6 +394,8 @@ impl KeyCache {
             }
             Changes::Gap { next } => {
                 tracing::warn!("change feed gap: dropping every cached key decision");
+                self.unconfirm_feed();
+                self.follow_feed_from(Instant::now());
                 self.cache.invalidate_all();
                 next
             }
@@ -344,6 +412,31 @@ impl KeyCache {
         if let Ok(n) = self.call(self.store.count_active()).await {
             self.metrics.active_keys.set(n as f64);
         }
+    }
+
+    /// One poll of the change feed from `position` (`None`: not followed yet), confirming the
+    /// feed on success and withdrawing the confirmation on failure.
+    pub async fn poll_once(&self, position: &mut Option<u64>) -> Result<(), StoreError> {
+        let result = match *position {
+            // Start from the feed's current end; entries read before this may predate a change
+            // the feed no longer shows, so they never rely on it (`follow_feed_from`).
+            None => {
+                let asked = Instant::now();
+                self.call(self.store.change_position()).await.map(|p| {
+                    self.follow_feed_from(asked);
+                    *position = Some(p);
+                })
+            }
+            Some(p) => self
+                .apply_changes(p)
+                .await
+                .map(|next| *position = Some(next)),
+        };
+        match &result {
+            Ok(()) => self.confirm_feed(),
+            Err(_) => self.unconfirm_feed(),
+        }
+        result
     }
 
     /// Polls the change feed every `interval` until `shutdown` fires.
@@ -363,18 +456,7 @@ impl KeyCache {
                 _ = wait(signal.as_deref()) => {}
                 _ = shutdown.changed() => return,
             }
-            let result = match position {
-                // Start from the feed's current end: the cache starts empty, so nothing before
-                // it can be stale.
-                None => self.call(self.store.change_position()).await.map(|p| {
-                    position = Some(p);
-                }),
-                Some(p) => self
-                    .apply_changes(p)
-                    .await
-                    .map(|next| position = Some(next)),
-            };
-            if let Err(e) = result {
+            if let Err(e) = self.poll_once(&mut position).await {
                 tracing::warn!(error = %e, "change feed poll failed");
             }
             if since_counts.elapsed() >= Duration::from_secs(15) {
@@ -549,6 +631,73 @@ mod tests {
 
     fn record(secret: &crate::key::Secret) -> KeyRecord {
         KeyRecord::new("cache-test", secret, 0, None).unwrap()
+    }
+
+    /// A cache whose known keys are fresh for 75-100 ms, with a 300 ms poll interval (the poll is
+    /// driven by the test).
+    fn setup_short_ttl() -> (tempfile::TempDir, Arc<Counting>, Arc<KeyCache>) {
+        let dir = tempfile::tempdir().unwrap();
+        let inner = SqliteStore::open(&dir.path().join("k.db"), Duration::from_secs(5)).unwrap();
+        let store = Arc::new(Counting {
+            inner,
+            lookups: AtomicUsize::new(0),
+        });
+        let mut cfg = crate::config::FileConfig::default()
+            .validate()
+            .unwrap()
+            .store;
+        cfg.positive_ttl = Duration::from_millis(100);
+        cfg.poll_interval = Duration::from_millis(300);
+        let metrics = Arc::new(Metrics::new(&[0.1, 1.0]));
+        let cache = Arc::new(KeyCache::new(store.clone(), &cfg, metrics));
+        (dir, store, cache)
+    }
+
+    #[tokio::test]
+    async fn a_confirmed_feed_keeps_known_keys_past_their_ttl_without_store_reads() {
+        let (_dir, store, cache) = setup_short_ttl();
+        let secret = crate::key::generate().unwrap();
+        let rec = record(&secret);
+        store.insert(rec.clone()).await.unwrap();
+        let ttl_passes = || tokio::time::sleep(Duration::from_millis(150));
+
+        // Read before the feed is followed: this entry may not rely on the feed.
+        let (_, source) = cache.resolve(secret.digest()).await.unwrap();
+        assert_eq!(source, Source::Store);
+        let mut position = None;
+        cache.poll_once(&mut position).await.unwrap();
+        ttl_passes().await;
+        cache.poll_once(&mut position).await.unwrap();
+        let (_, source) = cache.resolve(secret.digest()).await.unwrap();
+        assert_eq!(
+            source,
+            Source::Store,
+            "an entry older than the feed was extended"
+        );
+        assert_eq!(store.lookups.load(Ordering::SeqCst), 2);
+
+        // Read while the feed is followed: past its TTL, with the feed confirmed, it is served
+        // from the cache.
+        ttl_passes().await;
+        cache.poll_once(&mut position).await.unwrap();
+        let (_, source) = cache.resolve(secret.digest()).await.unwrap();
+        assert_eq!(source, Source::Hit);
+        assert_eq!(store.lookups.load(Ordering::SeqCst), 2);
+
+        // A change still reaches it through the feed.
+        store.set_active(&rec.id, false).await.unwrap();
+        cache.poll_once(&mut position).await.unwrap();
+        let (Entry::Known(k), source) = cache.resolve(secret.digest()).await.unwrap() else {
+            panic!("not known");
+        };
+        assert!(!k.record.is_active && source == Source::Store);
+
+        // Unpolled for longer than two poll intervals, the confirmation lapses: an entry past
+        // its TTL is read again.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let (_, source) = cache.resolve(secret.digest()).await.unwrap();
+        assert_eq!(source, Source::Store);
+        assert_eq!(store.lookups.load(Ordering::SeqCst), 4);
     }
 
     #[tokio::test]

@@ -286,7 +286,8 @@ mod tests {
             is_active: false,
             ..crate::store::KeyRecord::new("test", &secret, 0, None).unwrap()
         };
-        Arc::new(KnownKey::new(record, std::time::Instant::now()))
+        let now = std::time::Instant::now();
+        Arc::new(KnownKey::new(record, now, now))
     }
 
     #[test]
