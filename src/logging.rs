@@ -113,8 +113,70 @@ struct AccessSink {
 
 static ACCESS: OnceLock<AccessSink> = OnceLock::new();
 
+/// A batching thread writes its access lines once this many bytes have gathered...
+const BATCH_BYTES: usize = 16 * 1024;
+/// ...or when its worker's flush tick comes, every this often.
+pub const ACCESS_FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// A thread's access lines not yet handed to the writers.
+struct Lines {
+    buf: String,
+    /// Lines gather until [`BATCH_BYTES`] or [`flush_access_log`]; otherwise each is written at
+    /// once.
+    batching: bool,
+}
+
+impl Lines {
+    fn write_out(&mut self) {
+        if self.buf.is_empty() {
+            return;
+        }
+        if let Some(sink) = ACCESS.get() {
+            // One message to each writer thread; a full queue drops it rather than stall the
+            // request (tracing-appender's lossy default, as for every other event).
+            let _ = sink.stdout.clone().write_all(self.buf.as_bytes());
+            if let Some(file) = &sink.file {
+                let _ = file.clone().write_all(self.buf.as_bytes());
+            }
+        }
+        self.buf.clear();
+    }
+}
+
+impl Drop for Lines {
+    /// A thread that ends with lines gathered (a worker whose last requests outlived the drain)
+    /// still writes them.
+    fn drop(&mut self) {
+        self.write_out();
+    }
+}
+
 thread_local! {
-    static LINE: RefCell<String> = RefCell::new(String::with_capacity(512));
+    static LINES: RefCell<Lines> = RefCell::new(Lines {
+        buf: String::with_capacity(512),
+        batching: false,
+    });
+}
+
+/// Makes the calling thread gather its access lines and write them in batches: each gathered
+/// line then costs no hand-off to the writer thread. The thread must call [`flush_access_log`]
+/// every [`ACCESS_FLUSH_INTERVAL`] and when it stops (the workers do).
+pub fn batch_access_log() {
+    LINES.with(|lines| {
+        if let Ok(mut lines) = lines.try_borrow_mut() {
+            lines.batching = true;
+            lines.buf.reserve(BATCH_BYTES);
+        }
+    });
+}
+
+/// Writes the access lines the calling thread has gathered.
+pub fn flush_access_log() {
+    LINES.with(|lines| {
+        if let Ok(mut lines) = lines.try_borrow_mut() {
+            lines.write_out();
+        }
+    });
 }
 
 /// One request, as the access log records it. Field meanings: docs/logging.md.
@@ -165,21 +227,17 @@ fn write_access(record: &AccessRecord<'_>) -> bool {
     let Some(sink) = ACCESS.get() else {
         return false;
     };
-    LINE.with(|line| {
-        let Ok(mut line) = line.try_borrow_mut() else {
+    LINES.with(|lines| {
+        let Ok(mut lines) = lines.try_borrow_mut() else {
             return false;
         };
-        line.clear();
         let now = humantime::format_rfc3339_micros(std::time::SystemTime::now());
         match sink.format {
-            LogFormat::Json => json_line(&mut line, &now, record),
-            LogFormat::Text => text_line(&mut line, &now, record),
+            LogFormat::Json => json_line(&mut lines.buf, &now, record),
+            LogFormat::Text => text_line(&mut lines.buf, &now, record),
         }
-        // Each write is one message to the writer thread; a full queue drops the line rather
-        // than stall the request (tracing-appender's lossy default, as for every other event).
-        let _ = sink.stdout.clone().write_all(line.as_bytes());
-        if let Some(file) = &sink.file {
-            let _ = file.clone().write_all(line.as_bytes());
+        if !lines.batching || lines.buf.len() >= BATCH_BYTES {
+            lines.write_out();
         }
         true
     })

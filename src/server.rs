@@ -284,6 +284,15 @@ impl Worker {
     }
 
     async fn serve(self) -> std::io::Result<()> {
+        // Access lines gather per worker and go to the log writer in batches.
+        crate::logging::batch_access_log();
+        let flusher = tokio::spawn(async {
+            let mut tick = tokio::time::interval(crate::logging::ACCESS_FLUSH_INTERVAL);
+            loop {
+                tick.tick().await;
+                crate::logging::flush_access_log();
+            }
+        });
         let https = TcpListener::from_std(self.https)?;
         let http = self.http.map(TcpListener::from_std).transpose()?;
         let index = self.index;
@@ -368,6 +377,8 @@ impl Worker {
         let mut exit = self.exit;
         stopped(&mut exit).await;
         self.gateway.close_worker_connections(index);
+        flusher.abort();
+        crate::logging::flush_access_log();
         Ok(())
     }
 }

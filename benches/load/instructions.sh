@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Whole-request cost in instructions: each keygate binary given is run under callgrind behind the
+# load benchmark's upstream, warmed up, then driven by wrk for SECONDS; the user-space
+# instructions it executed in that window, divided by the requests wrk completed, is printed.
+# Unlike req/s on a shared machine, the figure moves by about 2% between runs, so two builds can be
+# compared one after the other. See docs/benchmarks.md.
+#
+#   benches/load/instructions.sh target/release/keygate /path/to/older/keygate
+#
+# Environment: PROTOCOL (http or tls; default http), SECONDS_MEASURED (10), KEEP (a directory: the
+# callgrind profiles are copied there, for callgrind_annotate).
+# Everything listens on 127.0.0.1; every process started here is stopped by PID on exit.
+set -euo pipefail
+
+[ $# -gt 0 ] || { echo "usage: $0 KEYGATE_BINARY..." >&2; exit 2; }
+PROTOCOL=${PROTOCOL:-http}
+SECONDS_MEASURED=${SECONDS_MEASURED:-10}
+ORIGIN="https://app.example.com"
+here=$(cd "$(dirname "$0")" && pwd)
+
+missing=()
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+command -v wrk >/dev/null || missing+=(wrk)
+command -v valgrind >/dev/null || missing+=(valgrind)
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing ${missing[*]} (Debian packages)" >&2
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get install -y -qq "${missing[@]}" >/dev/null 2>&1 ||
+        { $sudo apt-get update -qq >/dev/null && $sudo apt-get install -y -qq "${missing[@]}" >/dev/null; }
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/keygate-instructions.XXXXXX")
+mkdir -p "$work/tmp"
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+    rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+read -r UP_HTTP UP_TLS KG_HTTP KG_TLS KG_ADMIN < <(python3 -c '
+import socket
+socks = [socket.socket() for _ in range(5)]
+for s in socks: s.bind(("127.0.0.1", 0))
+print(*[s.getsockname()[1] for s in socks])')
+user_line=""
+[ "$(id -u)" -eq 0 ] && user_line="user root;"
+
+render() { # template output
+    sed -e "s|@WORK@|$work|g" -e "s|@CERT@|$work/cert.pem|g" -e "s|@KEY@|$work/key.pem|g" \
+        -e "s|@USER@|$user_line|g" -e "s|@UP_HTTP@|$UP_HTTP|g" -e "s|@UP_TLS@|$UP_TLS|g" \
+        -e "s|@NAME@|keygate|g" -e "s|@KG_HTTP@|$KG_HTTP|g" -e "s|@KG_TLS@|$KG_TLS|g" \
+        -e "s|@KG_ADMIN@|$KG_ADMIN|g" "$here/$1" >"$work/$2"
+}
+wait_port() {
+    for _ in $(seq 1 600); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.1
+    done
+    echo "nothing listening on port $1" >&2
+    exit 1
+}
+
+python3 "$here/keys.py" 1000 "$work/small" >/dev/null
+render keygate.toml.in keygate.toml
+render upstream.conf.in upstream.conf
+sed -i '/ssl/d' "$work/upstream.conf" # keygate reaches its upstream over HTTP only
+"$NGINX" -p "$work" -c "$work/upstream.conf" -g 'daemon off;' 2>>"$work/upstream-error.log" &
+pids+=($!)
+wait_port "$UP_HTTP"
+
+for bin in "$@"; do
+    rm -f "$work"/keygate.db*
+    "$bin" --config "$work/keygate.toml" keys import "$work/small.export.json" >/dev/null
+    valgrind --tool=callgrind --callgrind-out-file="$work/cg.%p" \
+        "$bin" --config "$work/keygate.toml" serve >"$work/keygate.log" 2>&1 &
+    vg=$!
+    pids+=($vg)
+    wait_port "$KG_HTTP"
+    if [ "$PROTOCOL" = tls ]; then url="https://localhost:$KG_TLS"; else url="http://127.0.0.1:$KG_HTTP"; fi
+    # Warm up: every key cached, the upstream pools open.
+    wrk -t1 -c8 -d8s -s "$here/keys.lua" "$url" -- "$work/small.keys" "$ORIGIN" >/dev/null 2>&1
+    callgrind_control --zero "$vg" >/dev/null 2>&1
+    result=$(wrk -t1 -c8 -d"${SECONDS_MEASURED}s" -s "$here/keys.lua" "$url" -- \
+        "$work/small.keys" "$ORIGIN" 2>&1 | grep '^RESULT')
+    callgrind_control --dump "$vg" >/dev/null 2>&1
+    sleep 1
+    requests=${result##*requests=}
+    bad=$(echo "$result" | sed 's/.*bad=\([0-9]*\).*/\1/')
+    instructions=$(grep -h '^summary:\|^totals:' "$work/cg.$vg".* | awk '{print $2}' | sort -n | tail -1)
+    printf '%s (%s): %d requests, %d instructions per request%s\n' "$bin" "$PROTOCOL" "$requests" \
+        "$((instructions / requests))" "$([ "$bad" -gt 0 ] && echo ", $bad errors: void")"
+    [ -n "${KEEP:-}" ] && mkdir -p "$KEEP" && cp "$work/cg.$vg".* "$KEEP/"
+    kill "$vg"
+    wait "$vg" 2>/dev/null || true
+    rm -f "$work/cg.$vg"*
+done
