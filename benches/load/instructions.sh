@@ -18,17 +18,9 @@ SECONDS_MEASURED=${SECONDS_MEASURED:-10}
 ORIGIN="https://app.example.com"
 here=$(cd "$(dirname "$0")" && pwd)
 
-missing=()
-command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
-command -v wrk >/dev/null || missing+=(wrk)
-command -v valgrind >/dev/null || missing+=(valgrind)
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "installing ${missing[*]} (Debian packages)" >&2
-    sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    $sudo apt-get install -y -qq "${missing[@]}" >/dev/null 2>&1 ||
-        { $sudo apt-get update -qq >/dev/null && $sudo apt-get install -y -qq "${missing[@]}" >/dev/null; }
-fi
+# shellcheck source=benches/load/common.sh
+. "$here/common.sh"
+install_missing nginx:nginx wrk:wrk valgrind:valgrind
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/keygate-instructions.XXXXXX")
@@ -56,14 +48,6 @@ render() { # template output
         -e "s|@NAME@|keygate|g" -e "s|@KG_HTTP@|$KG_HTTP|g" -e "s|@KG_TLS@|$KG_TLS|g" \
         -e "s|@KG_ADMIN@|$KG_ADMIN|g" "$here/$1" >"$work/$2"
 }
-wait_port() {
-    for _ in $(seq 1 600); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    echo "nothing listening on port $1" >&2
-    exit 1
-}
 
 python3 "$here/keys.py" 1000 "$work/small" >/dev/null
 render keygate.toml.in keygate.toml
@@ -80,7 +64,7 @@ for bin in "$@"; do
         "$bin" --config "$work/keygate.toml" serve >"$work/keygate.log" 2>&1 &
     vg=$!
     pids+=($vg)
-    wait_port "$KG_HTTP"
+    wait_port "$KG_HTTP" 60 # valgrind starts slowly
     if [ "$PROTOCOL" = tls ]; then url="https://localhost:$KG_TLS"; else url="http://127.0.0.1:$KG_HTTP"; fi
     # Warm up: every key cached, the upstream pools open.
     wrk -t1 -c8 -d8s -s "$here/keys.lua" "$url" -- "$work/small.keys" "$ORIGIN" >/dev/null 2>&1

@@ -30,16 +30,9 @@ ORIGIN="https://app.example.com"
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 
-missing=()
-command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
-command -v wrk >/dev/null || missing+=(wrk)
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "installing ${missing[*]} (Debian packages)" >&2
-    sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    $sudo apt-get install -y -qq "${missing[@]}" >/dev/null 2>&1 ||
-        { $sudo apt-get update -qq >/dev/null && $sudo apt-get install -y -qq "${missing[@]}" >/dev/null; }
-fi
+# shellcheck source=benches/load/common.sh
+. "$here/common.sh"
+install_missing nginx:nginx wrk:wrk
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
 if [ -n "${KEYGATE_BIN:-}" ]; then
@@ -85,14 +78,6 @@ render() { # template output NAME
         -e "s|@KG_HTTP@|$4|g" -e "s|@KG_TLS@|$5|g" -e "s|@KG_ADMIN@|$6|g" "$here/$1" >"$work/$2"
 }
 
-wait_port() {
-    for _ in $(seq 1 300); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    echo "nothing listening on port $1" >&2
-    exit 1
-}
 
 echo "generating $KEYS keys${LARGE_KEYS:+ and $LARGE_KEYS keys}" >&2
 python3 "$here/keys.py" "$KEYS" "$work/small"
