@@ -349,6 +349,16 @@ fn cli_changes_reach_a_running_gateway_and_logs_never_contain_keys() {
             .status(),
         401
     );
+    // Access lines are gathered per worker, but reach stdout within 100 ms while it runs.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !gw.output().contains("malformed_checksum") {
+        assert!(
+            Instant::now() < deadline,
+            "no access line while the gateway runs:\n{}",
+            gw.output()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     assert!(run(&cfg, &["keys", "revoke", "frontend"]).status.success());
     let took = wait_status(&client, &url, &key, 401);
