@@ -624,6 +624,53 @@ async fn keys_created_revoked_and_enabled_elsewhere_take_effect_within_a_second(
 }
 
 #[tokio::test]
+async fn hand_edits_of_the_sqlite_store_reach_the_gateway_within_a_second() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream.url(), &[]).await;
+    let key = gw.create_key("edited").await;
+    let client = gw.client();
+    let status = || async {
+        client
+            .get(gw.url("/x"))
+            .header("X-API-Key", &key)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    assert_eq!(status().await, StatusCode::OK);
+    // An operator's emergency switch-off in the sqlite3 shell, bypassing keygate entirely; the
+    // gateway's cache would otherwise keep the key for positive_ttl + stale_if_error.
+    let db = rusqlite::Connection::open(gw.dir.path().join("keygate.db")).unwrap();
+    let edit = |sql: &str| {
+        assert_eq!(db.execute(sql, []).unwrap(), 1);
+    };
+    edit("UPDATE api_keys SET is_active = 0 WHERE name = 'edited'");
+    let started = Instant::now();
+    while status().await != StatusCode::UNAUTHORIZED {
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "hand edit not seen after 1 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The usage columns fire nothing: the flush writing them does not churn every gateway's cache.
+    let position = gw.store.change_position().await.unwrap();
+    edit("UPDATE api_keys SET use_count = use_count + 1, last_used = 1 WHERE name = 'edited'");
+    assert_eq!(gw.store.change_position().await.unwrap(), position);
+    edit("UPDATE api_keys SET is_active = 1 WHERE name = 'edited'");
+    let started = Instant::now();
+    while status().await != StatusCode::OK {
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "hand edit not seen after 1 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    gw.shutdown().await;
+}
+
+#[tokio::test]
 async fn health_reports_the_store_and_cached_keys_survive_a_store_outage() {
     let upstream = Upstream::start().await;
     let gw = Gateway::start(

@@ -1,6 +1,7 @@
 //! Embedded store: one SQLite file in WAL mode, shared safely by the running gateway and the CLI.
 //!
-//! Every mutation appends the affected digest to a `changes` table in the same transaction; the
+//! Every mutation appends the affected digest to a `changes` table in the same transaction (triggers
+//! on `api_keys` do it, so edits made outside keygate are included; the usage columns fire none); the
 //! gateway polls that table (one indexed read) and evicts exactly those digests from its cache. The
 //! feed is trimmed to its last [`CHANGE_LOG_KEEP`] entries; a gateway that fell further behind sees
 //! a gap and drops its whole cache.
@@ -50,6 +51,21 @@ CREATE TABLE IF NOT EXISTS changes (
     digest  BLOB NOT NULL,
     at      INTEGER NOT NULL
 );
+CREATE TRIGGER IF NOT EXISTS api_keys_changed_insert AFTER INSERT ON api_keys
+BEGIN
+    INSERT INTO changes (digest, at) VALUES (NEW.digest, unixepoch());
+END;
+CREATE TRIGGER IF NOT EXISTS api_keys_changed_update
+AFTER UPDATE OF id, name, digest, hint, created_at, is_active, legacy, expires_at, policy, rotated_to
+ON api_keys
+BEGIN
+    INSERT INTO changes (digest, at) VALUES (OLD.digest, unixepoch());
+    INSERT INTO changes (digest, at) SELECT NEW.digest, unixepoch() WHERE NEW.digest != OLD.digest;
+END;
+CREATE TRIGGER IF NOT EXISTS api_keys_changed_delete AFTER DELETE ON api_keys
+BEGIN
+    INSERT INTO changes (digest, at) VALUES (OLD.digest, unixepoch());
+END;
 "
 );
 
@@ -245,7 +261,7 @@ fn insert_in(tx: &rusqlite::Transaction<'_>, record: &KeyRecord) -> Result<(), S
         ],
     );
     match inserted {
-        Ok(_) => log_change(tx, &record.digest),
+        Ok(_) => trim_changes(tx),
         Err(rusqlite::Error::SqliteFailure(e, _))
             if e.code == rusqlite::ErrorCode::ConstraintViolation =>
         {
@@ -255,12 +271,10 @@ fn insert_in(tx: &rusqlite::Transaction<'_>, record: &KeyRecord) -> Result<(), S
     }
 }
 
-fn log_change(tx: &rusqlite::Transaction<'_>, digest: &KeyDigest) -> Result<(), StoreError> {
-    tx.execute(
-        "INSERT INTO changes (digest, at) VALUES (?1, ?2)",
-        params![&digest.0[..], unix_now()],
-    )
-    .map_err(unavailable)?;
+/// Trims the change feed after a mutation. The feed itself is written by triggers on `api_keys`,
+/// in the mutation's transaction, so an edit made outside keygate (the `sqlite3` shell) reaches
+/// running gateways within a poll interval too; the usage columns fire no trigger.
+fn trim_changes(tx: &rusqlite::Transaction<'_>) -> Result<(), StoreError> {
     tx.execute(
         "DELETE FROM changes WHERE seq <= (SELECT max(seq) FROM changes) - ?1",
         params![CHANGE_LOG_KEEP],
@@ -312,7 +326,7 @@ impl KeyStore for SqliteStore {
                 params![old.id, old.rotated_to, old.expires_at],
             )
             .map_err(unavailable)?;
-            log_change(&tx, &old.digest)?;
+            trim_changes(&tx)?;
             insert_in(&tx, &successor)?;
             tx.commit().map_err(unavailable)?;
             Ok(old)
@@ -371,7 +385,7 @@ impl KeyStore for SqliteStore {
                 params![record.id, active],
             )
             .map_err(unavailable)?;
-            log_change(&tx, &record.digest)?;
+            trim_changes(&tx)?;
             tx.commit().map_err(unavailable)?;
             record.is_active = active;
             Ok(record)
@@ -385,7 +399,7 @@ impl KeyStore for SqliteStore {
             let record = find_in(&tx, &id_or_name)?;
             tx.execute("DELETE FROM api_keys WHERE id = ?1", params![record.id])
                 .map_err(unavailable)?;
-            log_change(&tx, &record.digest)?;
+            trim_changes(&tx)?;
             tx.commit().map_err(unavailable)?;
             Ok(record)
         })
