@@ -4,8 +4,9 @@
 //!
 //! Entries are keyed by digest. A known key (active or not) is fresh for `positive_ttl` (each
 //! entry for a random 75-100% of it, so entries made together do not expire together) and kept
-//! `stale_if_error` longer; an unknown key is cached for `negative_ttl` (likewise jittered). In that
-//! longer window a known key is served without a store read while the change feed is confirmed
+//! `stale_if_error` longer; an unknown key is cached for `negative_ttl` (likewise jittered). For the
+//! first 75-100% of that longer window (random per entry, so keys read together are not re-read
+//! together) a known key is served without a store read while the change feed is confirmed
 //! (polled successfully within the last two poll intervals): every change made through keygate
 //! reaches the cache on the feed, so the entry is as current as a re-read would make it. Without
 //! that confirmation, as while the store is failing, it is re-read, and served stale only if the
@@ -44,13 +45,23 @@ pub struct KnownKey {
     /// When the record was read from the store.
     loaded_at: Instant,
     fresh_until: Instant,
+    /// Until when a confirmed change feed may stand in for a re-read: a random 75-100% of
+    /// `stale_if_error` past `fresh_until`, so keys read together are re-read over a spread
+    /// instead of in one wave. (They stay cached for all of `stale_if_error`, for store outages.)
+    confirmed_until: Instant,
     last_used: AtomicI64,
     pending_uses: AtomicU64,
 }
 
 impl KnownKey {
-    /// `record`, read from the store at (or after) `loaded_at`, fresh until `fresh_until`.
-    pub(crate) fn new(record: KeyRecord, loaded_at: Instant, fresh_until: Instant) -> Self {
+    /// `record`, read from the store at (or after) `loaded_at`, fresh until `fresh_until`, and
+    /// kept by a confirmed change feed until `confirmed_until`.
+    pub(crate) fn new(
+        record: KeyRecord,
+        loaded_at: Instant,
+        fresh_until: Instant,
+        confirmed_until: Instant,
+    ) -> Self {
         let id_header = HeaderValue::from_str(&record.id)
             .unwrap_or_else(|_| HeaderValue::from_static("invalid-id"));
         let name_header = HeaderValue::from_str(&record.name)
@@ -67,6 +78,7 @@ impl KnownKey {
             policy,
             loaded_at,
             fresh_until,
+            confirmed_until,
             last_used: AtomicI64::new(0),
             pending_uses: AtomicU64::new(0),
         }
@@ -164,6 +176,7 @@ pub struct KeyCache {
     store: SharedStore,
     positive_ttl: Duration,
     negative_ttl: Duration,
+    stale_if_error: Duration,
     store_timeout: Duration,
     /// Usage of entries evicted before their usage was flushed.
     spilled: Arc<Mutex<UsageBatch>>,
@@ -205,6 +218,7 @@ impl KeyCache {
             store,
             positive_ttl: cfg.positive_ttl,
             negative_ttl: cfg.negative_ttl,
+            stale_if_error: cfg.stale_if_error,
             store_timeout: cfg.timeout,
             spilled,
             legacy_present: AtomicBool::new(false),
@@ -253,7 +267,8 @@ impl KeyCache {
         }
         match entry {
             Entry::Known(k) => {
-                self.feed_confirmed(now)
+                now < k.confirmed_until
+                    && self.feed_confirmed(now)
                     && self.nanos_since_epoch(k.loaded_at)
                         >= self.feed_since.load(Ordering::Relaxed)
             }
@@ -337,11 +352,15 @@ impl KeyCache {
                     match self.call(self.store.lookup(digest)).await {
                         // `now` was taken before the read: an entry is never thought newer
                         // than the data in it.
-                        Ok(Some(record)) => Op::Put(Entry::Known(Arc::new(KnownKey::new(
-                            record,
-                            now,
-                            now + jittered(self.positive_ttl),
-                        )))),
+                        Ok(Some(record)) => {
+                            let fresh_until = now + jittered(self.positive_ttl);
+                            Op::Put(Entry::Known(Arc::new(KnownKey::new(
+                                record,
+                                now,
+                                fresh_until,
+                                fresh_until + jittered(self.stale_if_error),
+                            ))))
+                        }
                         Ok(None) => Op::Put(Entry::Unknown {
                             fresh_until: now + jittered(self.negative_ttl),
                         }),
@@ -698,6 +717,29 @@ mod tests {
         let (_, source) = cache.resolve(secret.digest()).await.unwrap();
         assert_eq!(source, Source::Store);
         assert_eq!(store.lookups.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn a_confirmed_feed_keeps_a_key_only_until_its_confirmed_until() {
+        let (_dir, _store, cache) = setup_short_ttl();
+        let mut position = None;
+        cache.poll_once(&mut position).await.unwrap();
+        let secret = crate::key::generate().unwrap();
+        let now = Instant::now();
+        let entry = |confirmed_until| {
+            Entry::Known(Arc::new(KnownKey::new(
+                record(&secret),
+                now,
+                now,
+                confirmed_until,
+            )))
+        };
+        let later = now + Duration::from_millis(1);
+        assert!(cache.usable(&entry(now + Duration::from_secs(60)), later));
+        assert!(!cache.usable(&entry(now), later));
+        // And never without the feed's confirmation.
+        cache.unconfirm_feed();
+        assert!(!cache.usable(&entry(now + Duration::from_secs(60)), later));
     }
 
     #[tokio::test]

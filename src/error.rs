@@ -287,7 +287,7 @@ mod tests {
             ..crate::store::KeyRecord::new("test", &secret, 0, None).unwrap()
         };
         let now = std::time::Instant::now();
-        Arc::new(KnownKey::new(record, now, now))
+        Arc::new(KnownKey::new(record, now, now, now))
     }
 
     #[test]
