@@ -413,7 +413,7 @@ impl KeyCache {
             }
             Changes::Gap { next } => {
                 tracing::warn!("change feed gap: dropping every cached key decision");
-                self.unconfirm_feed();
+                // Entries read before now may have missed a change: they never rely on the feed.
                 self.follow_feed_from(Instant::now());
                 self.cache.invalidate_all();
                 next

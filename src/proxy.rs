@@ -105,26 +105,19 @@ impl RequestBody {
         inner: Incoming,
         limit: Option<u64>,
     ) -> (Self, Option<tokio::sync::oneshot::Receiver<()>>) {
-        let mut body = Self {
+        let (sent, rx) = if inner.is_end_stream() {
+            (None, None)
+        } else {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            (Some(tx), Some(rx))
+        };
+        let body = Self {
             inner,
-            sent: None,
+            sent,
             limit,
             seen: 0,
         };
-        if body.inner.is_end_stream() {
-            return (body, None);
-        }
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        body.sent = Some(tx);
-        (body, Some(rx))
-    }
-
-    fn signal_if_sent(&mut self) {
-        if self.inner.is_end_stream()
-            && let Some(tx) = self.sent.take()
-        {
-            let _ = tx.send(());
-        }
+        (body, rx)
     }
 }
 
@@ -148,12 +141,10 @@ impl Body for RequestBody {
             }
         }
         let frame = frame.map_err(|e| Box::new(ClientBodyError(e)) as Self::Error);
-        if let Poll::Ready(None) = frame
-            && let Some(tx) = this.sent.take()
-        {
+        let sent = matches!(frame, Poll::Ready(None)) || this.inner.is_end_stream();
+        if sent && let Some(tx) = this.sent.take() {
             let _ = tx.send(());
         }
-        this.signal_if_sent();
         frame
     }
 
@@ -381,19 +372,9 @@ impl Upstream {
         *req.version_mut() = Version::HTTP_11;
         let headers = req.headers_mut();
         strip_hop_by_hop(headers);
-        if client.trusted {
-            append_forwarded_for(headers, client.peer);
-            if !headers.contains_key(X_FORWARDED_PROTO) {
-                headers.insert(X_FORWARDED_PROTO, proto(client));
-            }
-            if !headers.contains_key(X_FORWARDED_HOST)
-                && let Some(host) = &original_host
-            {
-                headers.insert(X_FORWARDED_HOST, host.clone());
-            }
-        } else {
-            // Only trusted proxies may tell us about earlier hops: whatever the client sent
-            // is replaced (looked for first, as a client rarely sends any).
+        if !client.trusted {
+            // Only trusted proxies may tell us about earlier hops (looked for first, as a client
+            // rarely sends any of these).
             let forwarding = [
                 X_FORWARDED_FOR,
                 X_FORWARDED_PROTO,
@@ -405,13 +386,16 @@ impl Upstream {
                     headers.remove(name);
                 }
             }
-            if let Ok(peer) = HeaderValue::try_from(client.peer.to_string()) {
-                headers.insert(X_FORWARDED_FOR, peer);
-            }
-            headers.insert(X_FORWARDED_PROTO, proto(client));
-            if let Some(host) = &original_host {
-                headers.insert(X_FORWARDED_HOST, host.clone());
-            }
+        }
+        append_forwarded_for(headers, client.peer);
+        if !headers.contains_key(X_FORWARDED_PROTO) {
+            let proto = if client.tls { "https" } else { "http" };
+            headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+        }
+        if !headers.contains_key(X_FORWARDED_HOST)
+            && let Some(host) = &original_host
+        {
+            headers.insert(X_FORWARDED_HOST, host.clone());
         }
         match (self.preserve_host, original_host) {
             (true, Some(host)) => {
@@ -496,10 +480,6 @@ impl Upstream {
                 cause: error_chain(&e),
             })
     }
-}
-
-fn proto(client: &ClientInfo) -> HeaderValue {
-    HeaderValue::from_static(if client.tls { "https" } else { "http" })
 }
 
 fn append_forwarded_for(headers: &mut HeaderMap, peer: IpAddr) {

@@ -579,7 +579,6 @@ async fn upstream_failures_are_502_and_504_and_the_gateway_keeps_serving() {
 async fn keys_created_revoked_and_enabled_elsewhere_take_effect_within_a_second() {
     let upstream = Upstream::start().await;
     let gw = Gateway::start(&upstream.url(), &[]).await;
-    let client = gw.client();
 
     // A key tried before it exists is cached as unknown; creating it must still work at once.
     let secret = keygate::key::generate().unwrap();
@@ -588,38 +587,17 @@ async fn keys_created_revoked_and_enabled_elsewhere_take_effect_within_a_second(
     let record =
         keygate::store::KeyRecord::new("late", &secret, keygate::store::unix_now(), None).unwrap();
     gw.store.insert(record).await.unwrap();
-    let wait_for = |want: StatusCode| {
-        let client = client.clone();
-        let url = gw.url("/x");
-        let key = secret.expose().to_owned();
-        async move {
-            let started = Instant::now();
-            loop {
-                let status = client
-                    .get(&url)
-                    .header("X-API-Key", &key)
-                    .send()
-                    .await
-                    .unwrap()
-                    .status();
-                if status == want {
-                    return started.elapsed();
-                }
-                assert!(
-                    started.elapsed() < Duration::from_secs(1),
-                    "still {status} after 1 s, wanted {want}"
-                );
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    };
-    wait_for(StatusCode::OK).await;
+    let key = secret.expose();
+    let second = Duration::from_secs(1);
+    gw.wait_for_status(key, StatusCode::OK, second).await;
     gw.store.set_active("late", false).await.unwrap();
-    wait_for(StatusCode::UNAUTHORIZED).await;
+    gw.wait_for_status(key, StatusCode::UNAUTHORIZED, second)
+        .await;
     gw.store.set_active("late", true).await.unwrap();
-    wait_for(StatusCode::OK).await;
+    gw.wait_for_status(key, StatusCode::OK, second).await;
     gw.store.delete("late").await.unwrap();
-    wait_for(StatusCode::UNAUTHORIZED).await;
+    gw.wait_for_status(key, StatusCode::UNAUTHORIZED, second)
+        .await;
     gw.shutdown().await;
 }
 
@@ -628,17 +606,8 @@ async fn hand_edits_of_the_sqlite_store_reach_the_gateway_within_a_second() {
     let upstream = Upstream::start().await;
     let gw = Gateway::start(&upstream.url(), &[]).await;
     let key = gw.create_key("edited").await;
-    let client = gw.client();
-    let status = || async {
-        client
-            .get(gw.url("/x"))
-            .header("X-API-Key", &key)
-            .send()
-            .await
-            .unwrap()
-            .status()
-    };
-    assert_eq!(status().await, StatusCode::OK);
+    let second = Duration::from_secs(1);
+    gw.wait_for_status(&key, StatusCode::OK, second).await;
     // An operator's emergency switch-off in the sqlite3 shell, bypassing keygate entirely; the
     // gateway's cache would otherwise keep the key for positive_ttl + stale_if_error.
     let db = rusqlite::Connection::open(gw.dir.path().join("keygate.db")).unwrap();
@@ -646,27 +615,14 @@ async fn hand_edits_of_the_sqlite_store_reach_the_gateway_within_a_second() {
         assert_eq!(db.execute(sql, []).unwrap(), 1);
     };
     edit("UPDATE api_keys SET is_active = 0 WHERE name = 'edited'");
-    let started = Instant::now();
-    while status().await != StatusCode::UNAUTHORIZED {
-        assert!(
-            started.elapsed() < Duration::from_secs(1),
-            "hand edit not seen after 1 s"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    gw.wait_for_status(&key, StatusCode::UNAUTHORIZED, second)
+        .await;
     // The usage columns fire nothing: the flush writing them does not churn every gateway's cache.
     let position = gw.store.change_position().await.unwrap();
     edit("UPDATE api_keys SET use_count = use_count + 1, last_used = 1 WHERE name = 'edited'");
     assert_eq!(gw.store.change_position().await.unwrap(), position);
     edit("UPDATE api_keys SET is_active = 1 WHERE name = 'edited'");
-    let started = Instant::now();
-    while status().await != StatusCode::OK {
-        assert!(
-            started.elapsed() < Duration::from_secs(1),
-            "hand edit not seen after 1 s"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    gw.wait_for_status(&key, StatusCode::OK, second).await;
     gw.shutdown().await;
 }
 

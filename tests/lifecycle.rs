@@ -45,21 +45,6 @@ async fn request(
     req.send().await.unwrap()
 }
 
-async fn wait_for(gw: &Gateway, key: &str, want: StatusCode) {
-    let started = Instant::now();
-    loop {
-        let status = gw.get_with_key("/x", key).await.status();
-        if status == want {
-            return;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(3),
-            "still {status}, want {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 async fn detail(resp: reqwest::Response) -> String {
     let v: Value = resp.json().await.unwrap();
     v["detail"].as_str().unwrap().to_owned()
@@ -138,7 +123,8 @@ async fn rotation_keeps_the_old_key_for_the_grace_period_and_shows_its_use() {
     let new = cli(&gw, &["rotate", "frontend", "--grace", "3s"]);
     assert_ne!(new, old);
     keygate::key::check_format(new.as_bytes()).unwrap();
-    wait_for(&gw, &new, StatusCode::FORBIDDEN).await; // the policy came along: /x is out of scope
+    gw.wait_for_status(&new, StatusCode::FORBIDDEN, Duration::from_secs(3))
+        .await; // the policy came along: /x is out of scope
     // Let the change feed (50 ms polls in tests) bring the old key's new state to the cache.
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
@@ -196,7 +182,8 @@ async fn rotation_keeps_the_old_key_for_the_grace_period_and_shows_its_use() {
 
     // --grace 0s: an immediate replacement (compromised key).
     let newer = cli(&gw, &["rotate", "frontend", "--grace", "0s"]);
-    wait_for(&gw, &new, StatusCode::UNAUTHORIZED).await;
+    gw.wait_for_status(&new, StatusCode::UNAUTHORIZED, Duration::from_secs(3))
+        .await;
     assert_eq!(
         request(&gw, reqwest::Method::GET, "/api/x", &newer, None)
             .await
@@ -441,7 +428,8 @@ async fn a_django_dump_is_imported_and_its_keys_work_at_once() {
         StatusCode::UNAUTHORIZED
     );
     cli(&gw, &["import", file.to_str().unwrap()]);
-    wait_for(&gw, legacy, StatusCode::OK).await;
+    gw.wait_for_status(legacy, StatusCode::OK, Duration::from_secs(3))
+        .await;
     assert_eq!(
         upstream.last().headers["x-api-key-name"],
         "Frontend production"

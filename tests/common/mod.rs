@@ -308,6 +308,35 @@ impl Gateway {
             .unwrap()
     }
 
+    /// Polls `GET /x` with `key` until the gateway answers `want`; panics if that takes longer
+    /// than `within`. Returns how long it took (a change's propagation time).
+    pub async fn wait_for_status(
+        &self,
+        key: &str,
+        want: reqwest::StatusCode,
+        within: Duration,
+    ) -> Duration {
+        let client = self.client();
+        let started = std::time::Instant::now();
+        loop {
+            let status = client
+                .get(self.url("/x"))
+                .header("X-API-Key", key)
+                .send()
+                .await
+                .unwrap()
+                .status();
+            if status == want {
+                return started.elapsed();
+            }
+            assert!(
+                started.elapsed() < within,
+                "still {status} after {within:?}, wanted {want}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// `https://localhost:<port><path>`.
     pub fn url(&self, path: &str) -> String {
         format!("https://localhost:{}{path}", self.https.port())
