@@ -188,6 +188,9 @@ pub struct RateLimits {
     failures: Option<Limit<IpAddr>>,
     /// Client IPs over their failure budget, with when the lockout ends.
     locked: moka::sync::Cache<IpAddr, Instant>,
+    /// Milliseconds since `started` when the last lockout ends: until some address is locked
+    /// out, a request's lockout check is one atomic load, not a cache lookup.
+    lockouts_until: AtomicU64,
     store: SharedStore,
     shared_timeout: Duration,
     started: Instant,
@@ -226,6 +229,7 @@ impl RateLimits {
             store,
             shared_timeout,
             started: Instant::now(),
+            lockouts_until: AtomicU64::new(0),
             degraded_until: AtomicU64::new(0),
             degraded: AtomicBool::new(false),
             metrics,
@@ -236,6 +240,9 @@ impl RateLimits {
     /// Local only: no await, no round trip.
     pub fn ip_locked(&self, ip: IpAddr) -> Option<Throttled> {
         let limit = self.failures.as_ref()?;
+        if self.now_ms() >= self.lockouts_until.load(Ordering::Relaxed) {
+            return None;
+        }
         let until = self.locked.get(&ip)?;
         let left = until.checked_duration_since(Instant::now())?;
         // A refusal during a lockout is the failure limit at work: counted as "limited".
@@ -263,13 +270,13 @@ impl RateLimits {
                     limit.rate.emission_interval() * limit.rate.count.saturating_sub(1),
                 );
                 if !next.is_zero() {
-                    self.locked.insert(ip, Instant::now() + next);
+                    self.lock_out(ip, next);
                 }
                 None
             }
             Verdict::Allowed { .. } => None,
             Verdict::Limited { retry_after } => {
-                self.locked.insert(ip, Instant::now() + retry_after);
+                self.lock_out(ip, retry_after);
                 Some(Throttled {
                     kind: LimitKind::IpFailures,
                     retry_after,
@@ -309,6 +316,16 @@ impl RateLimits {
                 }),
             },
         )
+    }
+
+    fn lock_out(&self, ip: IpAddr, for_: Duration) {
+        let until = Instant::now() + for_;
+        self.locked.insert(ip, until);
+        // Rounded up: the check may end a millisecond late, never early.
+        let until_ms = u64::try_from(until.duration_since(self.started).as_millis())
+            .unwrap_or(u64::MAX)
+            .saturating_add(1);
+        self.lockouts_until.fetch_max(until_ms, Ordering::Relaxed);
     }
 
     fn now_ms(&self) -> u64 {
