@@ -127,15 +127,19 @@ impl CorsPolicy {
         if !self.enabled() {
             return;
         }
-        for name in [
+        // Looked for in one pass over the names (an upstream rarely sets any), then removed.
+        const UPSTREAM_CORS: [HeaderName; 6] = [
             header::ACCESS_CONTROL_ALLOW_ORIGIN,
             header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
             header::ACCESS_CONTROL_EXPOSE_HEADERS,
             header::ACCESS_CONTROL_ALLOW_METHODS,
             header::ACCESS_CONTROL_ALLOW_HEADERS,
             header::ACCESS_CONTROL_MAX_AGE,
-        ] {
-            resp.remove(name);
+        ];
+        if resp.keys().any(|name| UPSTREAM_CORS.contains(name)) {
+            for name in UPSTREAM_CORS {
+                resp.remove(name);
+            }
         }
         resp.append(header::VARY, vary_origin());
         let Some(origin) = self.allowed(origin) else {

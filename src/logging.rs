@@ -9,9 +9,9 @@ use std::cell::RefCell;
 use std::fmt::Write as _;
 use std::fs::OpenOptions;
 use std::io::{self, Write as _};
-use std::net::IpAddr;
 use std::path::Path;
 use std::sync::OnceLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use tracing_appender::non_blocking::{NonBlocking, WorkerGuard};
@@ -124,6 +124,7 @@ struct Lines {
     /// Lines gather until [`BATCH_BYTES`] or [`flush_access_log`]; otherwise each is written at
     /// once.
     batching: bool,
+    clock: Clock,
 }
 
 impl Lines {
@@ -155,6 +156,7 @@ thread_local! {
     static LINES: RefCell<Lines> = RefCell::new(Lines {
         buf: String::with_capacity(512),
         batching: false,
+        clock: Clock::default(),
     });
 }
 
@@ -183,11 +185,12 @@ pub fn flush_access_log() {
 #[derive(Debug)]
 pub struct AccessRecord<'a> {
     pub request_id: &'a str,
-    pub client_ip: IpAddr,
+    pub client_ip: &'a str,
     pub method: &'a str,
     pub path: &'a str,
     pub status: u16,
-    pub latency_ms: f64,
+    /// Logged as `latency_ms`, to the microsecond.
+    pub latency: Duration,
     pub outcome: &'a str,
     pub auth: Option<&'a str>,
     pub reason: &'a str,
@@ -209,7 +212,7 @@ pub fn access(record: &AccessRecord<'_>) {
             method = %record.method,
             path = record.path,
             status = record.status,
-            latency_ms = record.latency_ms,
+            latency_ms = record.latency.as_micros() as f64 / 1000.0,
             outcome = record.outcome,
             auth = record.auth,
             reason = record.reason,
@@ -231,10 +234,11 @@ fn write_access(record: &AccessRecord<'_>) -> bool {
         let Ok(mut lines) = lines.try_borrow_mut() else {
             return false;
         };
-        let now = humantime::format_rfc3339_micros(std::time::SystemTime::now());
+        let lines = &mut *lines;
+        let now = SystemTime::now();
         match sink.format {
-            LogFormat::Json => json_line(&mut lines.buf, &now, record),
-            LogFormat::Text => text_line(&mut lines.buf, &now, record),
+            LogFormat::Json => json_line(&mut lines.buf, &mut lines.clock, now, record),
+            LogFormat::Text => text_line(&mut lines.buf, &mut lines.clock, now, record),
         }
         if !lines.batching || lines.buf.len() >= BATCH_BYTES {
             lines.write_out();
@@ -243,20 +247,18 @@ fn write_access(record: &AccessRecord<'_>) -> bool {
     })
 }
 
-fn json_line(out: &mut String, now: &humantime::Rfc3339Timestamp, r: &AccessRecord<'_>) {
-    let _ = write!(
-        out,
-        "{{\"timestamp\":\"{now}\",\"level\":\"INFO\",\"message\":\"request\""
-    );
+fn json_line(out: &mut String, clock: &mut Clock, now: SystemTime, r: &AccessRecord<'_>) {
+    out.push_str("{\"timestamp\":\"");
+    clock.write(out, now);
+    out.push_str("\",\"level\":\"INFO\",\"message\":\"request\"");
     json_field(out, "request_id", r.request_id);
-    let _ = write!(out, ",\"client_ip\":\"{}\"", r.client_ip);
+    json_field(out, "client_ip", r.client_ip);
     json_field(out, "method", r.method);
     json_field(out, "path", r.path);
-    let _ = write!(
-        out,
-        ",\"status\":{},\"latency_ms\":{}",
-        r.status, r.latency_ms
-    );
+    out.push_str(",\"status\":");
+    out.push_str(itoa::Buffer::new().format(r.status));
+    out.push_str(",\"latency_ms\":");
+    write_millis(out, r.latency);
     json_field(out, "outcome", r.outcome);
     if let Some(auth) = r.auth {
         json_field(out, "auth", auth);
@@ -273,6 +275,52 @@ fn json_line(out: &mut String, now: &humantime::Rfc3339Timestamp, r: &AccessReco
         }
     }
     out.push_str(",\"target\":\"keygate::access\"}\n");
+}
+
+/// `d` in milliseconds to the microsecond: `12.345`, `0.042`.
+fn write_millis(out: &mut String, d: Duration) {
+    let micros = d.as_micros();
+    out.push_str(itoa::Buffer::new().format(micros / 1000));
+    let fraction = (micros % 1000) as u16;
+    out.push('.');
+    for digit in [fraction / 100, fraction / 10 % 10, fraction % 10] {
+        out.push(char::from(b'0' + digit as u8));
+    }
+}
+
+/// The access log's clock: RFC 3339 UTC timestamps with microseconds, as humantime writes them,
+/// with the date and time of day formatted once a second rather than once a line.
+#[derive(Default)]
+struct Clock {
+    second: u64,
+    /// `YYYY-MM-DDTHH:MM:SS` of `second`; empty until the first line.
+    formatted: String,
+}
+
+impl Clock {
+    fn write(&mut self, out: &mut String, at: SystemTime) {
+        let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
+        if self.formatted.is_empty() || since.as_secs() != self.second {
+            self.second = since.as_secs();
+            let whole = UNIX_EPOCH + Duration::from_secs(self.second);
+            self.formatted.clear();
+            let _ = write!(
+                self.formatted,
+                "{}",
+                humantime::format_rfc3339_seconds(whole)
+            );
+            self.formatted.pop(); // the "Z"
+        }
+        out.push_str(&self.formatted);
+        out.push('.');
+        let micros = since.subsec_micros();
+        let mut divisor = 100_000;
+        while divisor > 0 {
+            out.push(char::from(b'0' + (micros / divisor % 10) as u8));
+            divisor /= 10;
+        }
+        out.push('Z');
+    }
 }
 
 fn json_field(out: &mut String, name: &str, value: &str) {
@@ -324,14 +372,17 @@ fn json_escape(out: &mut String, value: &str) {
     out.push_str(&value[copied..]);
 }
 
-fn text_line(out: &mut String, now: &humantime::Rfc3339Timestamp, r: &AccessRecord<'_>) {
+fn text_line(out: &mut String, clock: &mut Clock, now: SystemTime, r: &AccessRecord<'_>) {
     // tracing's text format: Display (`%`) fields bare, string fields Debug-quoted and escaped.
+    clock.write(out, now);
     let _ = write!(
         out,
-        "{now}  INFO keygate::access: request request_id={:?} client_ip={} method={} path={:?} \
-         status={} latency_ms={} outcome={:?}",
-        r.request_id, r.client_ip, r.method, r.path, r.status, r.latency_ms, r.outcome
+        "  INFO keygate::access: request request_id={:?} client_ip={} method={} path={:?} \
+         status={} latency_ms=",
+        r.request_id, r.client_ip, r.method, r.path, r.status
     );
+    write_millis(out, r.latency);
+    let _ = write!(out, " outcome={:?}", r.outcome);
     if let Some(auth) = r.auth {
         let _ = write!(out, " auth={auth:?}");
     }
@@ -419,11 +470,11 @@ mod tests {
     fn record<'a>(path: &'a str, agent: Option<&'a str>) -> AccessRecord<'a> {
         AccessRecord {
             request_id: "7f3c9a2e-frontend",
-            client_ip: "127.0.0.1".parse().unwrap(),
+            client_ip: "127.0.0.1",
             method: "GET",
             path,
             status: 200,
-            latency_ms: 8.845426,
+            latency: Duration::from_nanos(8_845_426),
             outcome: "forwarded",
             auth: Some("ok"),
             reason: "ok",
@@ -434,10 +485,8 @@ mod tests {
         }
     }
 
-    fn now() -> humantime::Rfc3339Timestamp {
-        humantime::format_rfc3339_micros(
-            std::time::UNIX_EPOCH + std::time::Duration::from_micros(1_795_817_451_514_937),
-        )
+    fn now() -> SystemTime {
+        UNIX_EPOCH + Duration::from_micros(1_795_817_451_514_937)
     }
 
     #[test]
@@ -445,7 +494,8 @@ mod tests {
         let mut line = String::new();
         json_line(
             &mut line,
-            &now(),
+            &mut Clock::default(),
+            now(),
             &record("/index.html", Some("frontend/2.1")),
         );
         // The line docs/logging.md shows, as tracing-subscriber's JSON formatter wrote it.
@@ -453,7 +503,7 @@ mod tests {
             line,
             "{\"timestamp\":\"2026-11-27T22:10:51.514937Z\",\"level\":\"INFO\",\"message\":\"request\",\
              \"request_id\":\"7f3c9a2e-frontend\",\"client_ip\":\"127.0.0.1\",\"method\":\"GET\",\
-             \"path\":\"/index.html\",\"status\":200,\"latency_ms\":8.845426,\"outcome\":\"forwarded\",\
+             \"path\":\"/index.html\",\"status\":200,\"latency_ms\":8.845,\"outcome\":\"forwarded\",\
              \"auth\":\"ok\",\"reason\":\"ok\",\"key_id\":\"key_SuOG3wMXJAa3\",\"key_name\":\"frontend\",\
              \"user_agent\":\"frontend/2.1\",\"target\":\"keygate::access\"}\n"
         );
@@ -463,7 +513,7 @@ mod tests {
     fn json_strings_are_escaped_and_absent_fields_omitted() {
         let mut line = String::new();
         let odd = "/a\"b\\c\u{1}\té";
-        json_line(&mut line, &now(), &record(odd, None));
+        json_line(&mut line, &mut Clock::default(), now(), &record(odd, None));
         assert_eq!(line.matches('\n').count(), 1);
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(v["path"], odd);
@@ -497,15 +547,55 @@ mod tests {
         let mut line = String::new();
         text_line(
             &mut line,
-            &now(),
+            &mut Clock::default(),
+            now(),
             &record("/a b\r\nX: y", Some("curl/7.88.1")),
         );
         assert_eq!(
             line,
             "2026-11-27T22:10:51.514937Z  INFO keygate::access: request request_id=\"7f3c9a2e-frontend\" \
-             client_ip=127.0.0.1 method=GET path=\"/a b\\r\\nX: y\" status=200 latency_ms=8.845426 \
+             client_ip=127.0.0.1 method=GET path=\"/a b\\r\\nX: y\" status=200 latency_ms=8.845 \
              outcome=\"forwarded\" auth=\"ok\" reason=\"ok\" key_id=\"key_SuOG3wMXJAa3\" \
              key_name=\"frontend\" user_agent=\"curl/7.88.1\"\n"
         );
+    }
+
+    #[test]
+    fn the_clock_writes_what_humantime_writes_across_seconds() {
+        let mut clock = Clock::default();
+        let start = now();
+        // Steps of 0.3 s, 1 µs and whole days: the cached second is reused, then replaced.
+        for step in [
+            Duration::from_millis(300),
+            Duration::from_micros(1),
+            Duration::from_secs(86_400),
+        ] {
+            for i in 0..12 {
+                let at = start + step * i;
+                let mut out = String::new();
+                clock.write(&mut out, at);
+                assert_eq!(out, humantime::format_rfc3339_micros(at).to_string());
+            }
+        }
+        let mut out = String::new();
+        clock.write(&mut out, UNIX_EPOCH + Duration::from_micros(7));
+        assert_eq!(out, "1970-01-01T00:00:00.000007Z");
+    }
+
+    #[test]
+    fn latency_is_milliseconds_to_the_microsecond() {
+        for (latency, text) in [
+            (Duration::ZERO, "0.000"),
+            (Duration::from_nanos(999), "0.000"),
+            (Duration::from_micros(42), "0.042"),
+            (Duration::from_micros(1_500), "1.500"),
+            (Duration::from_nanos(8_845_426), "8.845"),
+            (Duration::from_secs(61), "61000.000"),
+        ] {
+            let mut out = String::new();
+            write_millis(&mut out, latency);
+            assert_eq!(out, text);
+            assert!(serde_json::from_str::<f64>(&out).is_ok());
+        }
     }
 }

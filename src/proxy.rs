@@ -13,7 +13,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery};
 use http::{Request, Response, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
@@ -187,13 +187,27 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         return;
     }
     if present & 1 != 0 {
-        let named: Vec<HeaderName> = headers
+        // The usual `Connection: keep-alive` or `close` names nothing more to remove, and costs
+        // no allocation.
+        let mut named = Vec::new();
+        for token in headers
             .get_all(header::CONNECTION)
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-            .collect();
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        {
+            let token = token.trim_ascii();
+            if token.is_empty()
+                || token.eq_ignore_ascii_case(b"close")
+                || token.eq_ignore_ascii_case(b"keep-alive")
+            {
+                continue;
+            }
+            if let Ok(name) = HeaderName::from_bytes(token)
+                && !hop_by_hop.contains(&name)
+            {
+                named.push(name);
+            }
+        }
         for name in named {
             headers.remove(name);
         }
@@ -207,9 +221,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Everything about a request the forwarding headers need.
 #[derive(Debug, Clone, Copy)]
-pub struct ClientInfo {
-    /// The TCP peer.
-    pub peer: IpAddr,
+pub struct ClientInfo<'a> {
+    /// The TCP peer's address, as text.
+    pub peer: &'a HeaderValue,
     /// Whether the peer is a trusted proxy (its forwarding headers are kept).
     pub trusted: bool,
     /// The client's address: the peer, or from a trusted proxy's X-Forwarded-For.
@@ -362,48 +376,61 @@ impl Upstream {
 
     /// Rewrites `req` for the upstream: URI, Host, hop-by-hop and forwarding headers.
     /// Credential and identity headers are the caller's (they depend on the auth result).
-    pub fn prepare(&self, req: &mut Request<Incoming>, client: &ClientInfo) {
-        let original_host = req.headers().get(header::HOST).cloned().or_else(|| {
-            req.uri()
+    pub fn prepare(&self, req: &mut Request<Incoming>, client: &ClientInfo<'_>) {
+        // The client's Host, replaced by the upstream's unless it is preserved; each header map
+        // operation below is one hash and probe, so none is done twice.
+        let from_header = if self.preserve_host {
+            req.headers().get(header::HOST).cloned()
+        } else {
+            req.headers_mut()
+                .insert(header::HOST, self.host_header.clone())
+        };
+        let original_host = from_header.or_else(|| {
+            let host = req
+                .uri()
                 .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+            if self.preserve_host {
+                let value = host.clone().unwrap_or_else(|| self.host_header.clone());
+                req.headers_mut().insert(header::HOST, value);
+            }
+            host
         });
         *req.uri_mut() = self.uri(req.uri());
         *req.version_mut() = Version::HTTP_11;
         let headers = req.headers_mut();
         strip_hop_by_hop(headers);
-        if !client.trusted {
-            // Only trusted proxies may tell us about earlier hops (looked for first, as a client
-            // rarely sends any of these).
-            let forwarding = [
-                X_FORWARDED_FOR,
-                X_FORWARDED_PROTO,
-                X_FORWARDED_HOST,
-                FORWARDED,
-            ];
-            if headers.keys().any(|name| forwarding.contains(name)) {
-                for name in &forwarding {
-                    headers.remove(name);
-                }
+        let proto = HeaderValue::from_static(if client.tls { "https" } else { "http" });
+        if client.trusted {
+            // A trusted proxy's word on earlier hops is kept, and extended.
+            append_forwarded_for(headers, client.peer);
+            if let Entry::Vacant(e) = headers.entry(X_FORWARDED_PROTO) {
+                e.insert(proto);
+            }
+            if let Some(host) = original_host
+                && let Entry::Vacant(e) = headers.entry(X_FORWARDED_HOST)
+            {
+                e.insert(host);
+            }
+            return;
+        }
+        // Nobody else may tell us about earlier hops (looked for first, as a client rarely sends
+        // any of these).
+        let forwarding = [
+            X_FORWARDED_FOR,
+            X_FORWARDED_PROTO,
+            X_FORWARDED_HOST,
+            FORWARDED,
+        ];
+        if headers.keys().any(|name| forwarding.contains(name)) {
+            for name in &forwarding {
+                headers.remove(name);
             }
         }
-        append_forwarded_for(headers, client.peer);
-        if !headers.contains_key(X_FORWARDED_PROTO) {
-            let proto = if client.tls { "https" } else { "http" };
-            headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
-        }
-        if !headers.contains_key(X_FORWARDED_HOST)
-            && let Some(host) = &original_host
-        {
-            headers.insert(X_FORWARDED_HOST, host.clone());
-        }
-        match (self.preserve_host, original_host) {
-            (true, Some(host)) => {
-                headers.insert(header::HOST, host);
-            }
-            _ => {
-                headers.insert(header::HOST, self.host_header.clone());
-            }
+        headers.insert(X_FORWARDED_FOR, client.peer.clone());
+        headers.insert(X_FORWARDED_PROTO, proto);
+        if let Some(host) = original_host {
+            headers.insert(X_FORWARDED_HOST, host);
         }
     }
 
@@ -482,14 +509,24 @@ impl Upstream {
     }
 }
 
-fn append_forwarded_for(headers: &mut HeaderMap, peer: IpAddr) {
-    let peer = peer.to_string();
-    let value = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(existing) if !existing.trim().is_empty() => format!("{existing}, {peer}"),
-        _ => peer,
-    };
-    headers.remove(X_FORWARDED_FOR);
-    if let Ok(v) = HeaderValue::from_str(&value) {
+/// Appends `peer` to the request's `X-Forwarded-For` (all its values, joined), or sets it.
+fn append_forwarded_for(headers: &mut HeaderMap, peer: &HeaderValue) {
+    let mut earlier = headers.get_all(X_FORWARDED_FOR).iter().peekable();
+    if earlier.peek().is_none() {
+        headers.insert(X_FORWARDED_FOR, peer.clone());
+        return;
+    }
+    let mut value = Vec::with_capacity(64);
+    for v in earlier {
+        let v = v.as_bytes().trim_ascii();
+        if !v.is_empty() {
+            value.extend_from_slice(v);
+            value.extend_from_slice(b", ");
+        }
+    }
+    value.extend_from_slice(peer.as_bytes());
+    // Joined from valid header values with ", ": still a valid one.
+    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(value)) {
         headers.insert(X_FORWARDED_FOR, v);
     }
 }
@@ -534,6 +571,18 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("content-type"));
+
+        // Several Connection lines, odd spacing and case, and tokens that name no header.
+        let mut h = headers(&[
+            ("connection", "Close ,, KEEP-ALIVE"),
+            ("connection", " X-Other\t"),
+            ("x-other", "1"),
+            ("keep-alive", "timeout=5"),
+            ("x-kept", "1"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
     }
 
     #[test]
@@ -556,8 +605,29 @@ mod tests {
 
     #[test]
     fn forwarded_for_appends_the_peer() {
+        let peer = HeaderValue::from_static("10.0.0.2");
         let mut h = headers(&[("x-forwarded-for", "198.51.100.7")]);
-        append_forwarded_for(&mut h, "10.0.0.2".parse().unwrap());
+        append_forwarded_for(&mut h, &peer);
         assert_eq!(h[X_FORWARDED_FOR], "198.51.100.7, 10.0.0.2");
+
+        // Several X-Forwarded-For lines are one list, in order; blank ones add nothing.
+        let mut h = headers(&[
+            ("x-forwarded-for", " 6.6.6.6, 198.51.100.7 "),
+            ("x-forwarded-for", ""),
+            ("x-forwarded-for", "192.0.2.1"),
+        ]);
+        append_forwarded_for(&mut h, &peer);
+        assert_eq!(h.get_all(X_FORWARDED_FOR).iter().count(), 1);
+        assert_eq!(
+            h[X_FORWARDED_FOR],
+            "6.6.6.6, 198.51.100.7, 192.0.2.1, 10.0.0.2"
+        );
+
+        let mut h = headers(&[("x-forwarded-for", "  ")]);
+        append_forwarded_for(&mut h, &peer);
+        assert_eq!(h[X_FORWARDED_FOR], "10.0.0.2");
+        let mut h = HeaderMap::new();
+        append_forwarded_for(&mut h, &peer);
+        assert_eq!(h[X_FORWARDED_FOR], "10.0.0.2");
     }
 }

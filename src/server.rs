@@ -322,13 +322,10 @@ impl Worker {
                         return;
                     }
                 };
-                let info = ConnInfo {
-                    peer,
-                    tls: true,
-                    worker: index,
-                };
+                let info = ConnInfo::new(peer, true, index);
                 conn.serve(tls, move |req| {
                     let gateway = Arc::clone(&gateway);
+                    let info = info.clone();
                     async move { gateway.handle(req, info).await }
                 })
                 .await;
@@ -357,13 +354,10 @@ impl Worker {
                     self.pipeline
                         .run(listener, "http", |stream, peer, conn| {
                             let gateway = Arc::clone(gateway);
-                            let info = ConnInfo {
-                                peer,
-                                tls: false,
-                                worker: index,
-                            };
+                            let info = ConnInfo::new(peer, false, index);
                             conn.serve(stream, move |req| {
                                 let gateway = Arc::clone(&gateway);
+                                let info = info.clone();
                                 async move { gateway.handle(req, info).await }
                             })
                         })
