@@ -6,6 +6,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request};
 
 use crate::config;
+use crate::proxy::immortal_value;
 
 /// The prepared CORS policy.
 #[derive(Debug, Clone)]
@@ -40,6 +41,7 @@ fn join<'a>(items: impl Iterator<Item = &'a str>) -> Option<HeaderValue> {
     (!joined.is_empty())
         .then(|| HeaderValue::from_str(&joined).ok())
         .flatten()
+        .map(|v| immortal_value(&v))
 }
 
 fn vary_origin() -> HeaderValue {
@@ -62,7 +64,7 @@ impl CorsPolicy {
             allow_headers: join(headers.into_iter())
                 .unwrap_or_else(|| HeaderValue::from_static("x-api-key")),
             expose_headers: join(cfg.expose_headers.iter().map(HeaderName::as_str)),
-            max_age: HeaderValue::from(cfg.max_age),
+            max_age: immortal_value(&HeaderValue::from(cfg.max_age)),
             allow_credentials: cfg.allow_credentials,
         }
     }

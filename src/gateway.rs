@@ -28,7 +28,10 @@ use crate::config::Config;
 use crate::cors::{CorsPolicy, Preflight};
 use crate::error::{ErrorHeaders, GatewayError, RATELIMIT, RATELIMIT_POLICY};
 use crate::metrics::{AuthReason, Metrics, Outcome};
-use crate::proxy::{ClientInfo, ForwardError, GatewayBody, Upstream, X_FORWARDED_PROTO, client_ip};
+use crate::proxy::{
+    ClientInfo, ForwardError, GatewayBody, Upstream, X_FORWARDED_PROTO, client_ip, immortal_name,
+    immortal_value,
+};
 use crate::ratelimit::RateLimits;
 
 /// Path of the public health endpoint (the old API's URL).
@@ -207,7 +210,7 @@ impl Gateway {
             (header::REFERRER_POLICY, &h.referrer_policy),
         ]
         .into_iter()
-        .filter_map(|(name, value)| value.clone().map(|v| (name, v)))
+        .filter_map(|(name, value)| value.as_ref().map(|v| (name, immortal_value(v))))
         .collect();
         Self {
             cache,
@@ -227,12 +230,12 @@ impl Gateway {
                 .collect(),
             errors: ErrorHeaders::new(&config.auth.realm),
             security_headers,
-            hsts: h.strict_transport_security.clone(),
+            hsts: h.strict_transport_security.as_ref().map(immortal_value),
             metrics,
             trusted_proxies: config.server.trusted_proxies.clone(),
             forward_credentials: config.auth.forward_credentials,
-            id_header: config.auth.id_header.clone(),
-            name_header: config.auth.name_header.clone(),
+            id_header: immortal_name(&config.auth.id_header),
+            name_header: immortal_name(&config.auth.name_header),
             public_paths: config.auth.public_paths.clone(),
             limits,
             max_uri_bytes: config.server.max_uri_bytes,

@@ -157,6 +157,24 @@ impl Body for RequestBody {
     }
 }
 
+/// A copy of `value` whose clones cost nothing: its bytes live for the rest of the process. For
+/// configured values added to every request or response: a clone of an ordinary shared value is an
+/// atomic increment (and its drop a decrement) on one counter that every worker thread touches.
+/// Leaked once per gateway start, a few bytes each.
+pub fn immortal_value(value: &HeaderValue) -> HeaderValue {
+    let bytes: &'static [u8] = Box::leak(value.as_bytes().into());
+    let mut copy = HeaderValue::from_maybe_shared(Bytes::from_static(bytes))
+        .expect("the bytes of a header value are a header value");
+    copy.set_sensitive(value.is_sensitive());
+    copy
+}
+
+/// [`immortal_value`] for a header name (standard names are constants already).
+pub fn immortal_name(name: &HeaderName) -> HeaderName {
+    let text: &'static str = Box::leak(name.as_str().into());
+    HeaderName::from_static(text)
+}
+
 /// Hop-by-hop headers (RFC 9110 §7.6.1), and `Upgrade` (no protocol is tunnelled), never
 /// forwarded in either direction.
 const HOP_BY_HOP: [HeaderName; 9] = [
@@ -321,6 +339,7 @@ impl Upstream {
             .cloned()
             .unwrap_or_else(|| Authority::from_static("127.0.0.1"));
         let host_header = HeaderValue::from_str(authority.as_str())
+            .map(|v| immortal_value(&v))
             .unwrap_or_else(|_| HeaderValue::from_static("localhost"));
         // The config loader accepts http:// URLs with a host only; IPv6 literals lose brackets.
         let host = authority
@@ -555,6 +574,19 @@ mod tests {
             );
         }
         h
+    }
+
+    #[test]
+    fn immortal_copies_are_equal_and_keep_sensitivity() {
+        let mut secret = HeaderValue::from_str("max-age=63072000; includeSubDomains").unwrap();
+        secret.set_sensitive(true);
+        let copy = immortal_value(&secret);
+        assert_eq!(copy, secret);
+        assert!(copy.is_sensitive());
+        assert_eq!(copy.clone(), secret);
+        let name = HeaderName::from_bytes(b"X-API-Key-ID").unwrap();
+        assert_eq!(immortal_name(&name), name);
+        assert_eq!(immortal_name(&header::HOST), header::HOST);
     }
 
     #[test]
