@@ -10,10 +10,12 @@
 //! (polled successfully within the last two poll intervals): every change made through keygate
 //! reaches the cache on the feed, so the entry is as current as a re-read would make it. Without
 //! that confirmation, as while the store is failing, it is re-read, and served stale only if the
-//! store cannot answer. A cache hit touches no lock and no store: one concurrent-map read and two
-//! atomic stores for usage. Misses for one digest are serialised through moka's per-key compute,
+//! store cannot answer. A cache hit touches no lock and no store: a probe of the worker thread's
+//! own copy of the entries it has used (emptied whenever something leaves the shared cache for a
+//! change), else one concurrent-map read; and two atomic stores for usage. Misses for one digest are serialised through moka's per-key compute,
 //! so a burst of requests with the same unknown key costs one store lookup.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -191,19 +193,59 @@ pub struct KeyCache {
     epoch: Instant,
     poll_interval: Duration,
     metrics: Arc<Metrics>,
+    /// Tells this cache's entries apart from another's in a thread's [`Local`] copy.
+    id: u64,
+    /// Bumped after anything leaves the shared cache other than by expiry: a thread's [`Local`]
+    /// copy made under an older generation is dropped whole.
+    generation: Arc<AtomicU64>,
 }
+
+/// A worker thread's own copy of the entries it found in the shared cache, looked at first. A
+/// hit here is one probe of a small map no other thread touches; the shared (moka) cache's read
+/// costs several times that, and its read bookkeeping is shared by every worker. The copy never
+/// serves what the shared cache would not: it is emptied whenever the cache's generation moves
+/// (an eviction for a change, a gap in the feed, a replacement, a capacity eviction), and each
+/// entry passes the same [`KeyCache::usable`] test. Entries leave the shared cache by expiry only
+/// once they are unusable anyway, so expiry does not move the generation.
+struct Local {
+    cache: u64,
+    generation: u64,
+    /// Hashed with the standard, randomly keyed SipHash: a client chooses which digests are
+    /// looked up (any well-formed unknown key), so it must not be able to choose collisions.
+    entries: HashMap<KeyDigest, Entry>,
+}
+
+/// At most this many entries per thread; a full copy is emptied and refilled from the shared
+/// cache (a store of 100,000 keys in use then costs the shared cache's read, as before).
+const LOCAL_CAPACITY: usize = 16 * 1024;
+
+thread_local! {
+    static LOCAL: RefCell<Local> = RefCell::new(Local {
+        cache: 0,
+        generation: 0,
+        entries: HashMap::new(),
+    });
+}
+
+/// Ids for [`KeyCache::id`]; 0 is no cache.
+static NEXT_CACHE_ID: AtomicU64 = AtomicU64::new(1);
 
 impl KeyCache {
     /// A cache in front of `store`, sized and timed by `[store]`.
     pub fn new(store: SharedStore, cfg: &config::Store, metrics: Arc<Metrics>) -> Self {
         let spilled: Arc<Mutex<UsageBatch>> = Arc::default();
         let spill = Arc::clone(&spilled);
+        let generation = Arc::new(AtomicU64::new(0));
+        let moved = Arc::clone(&generation);
         let cache = Cache::builder()
             .max_capacity(cfg.cache_capacity)
             .expire_after(EntryExpiry {
                 stale_if_error: cfg.stale_if_error,
             })
-            .eviction_listener(move |_, entry: Entry, _: RemovalCause| {
+            .eviction_listener(move |_, entry: Entry, cause: RemovalCause| {
+                if cause != RemovalCause::Expired {
+                    moved.fetch_add(1, Ordering::Release);
+                }
                 // Replaced or evicted entries must not lose usage that was not flushed yet.
                 if let Entry::Known(k) = entry
                     && let Some(u) = k.take_usage()
@@ -228,7 +270,52 @@ impl KeyCache {
             epoch: Instant::now(),
             poll_interval: cfg.poll_interval,
             metrics,
+            id: NEXT_CACHE_ID.fetch_add(1, Ordering::Relaxed),
+            generation,
         }
+    }
+
+    /// Empties every thread's [`Local`] copy (at its next lookup). Called after the shared cache
+    /// changed, so a thread that reads the generation before the shared cache and keeps what it
+    /// read under that generation never keeps an entry from before the change.
+    fn moved(&self) {
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// The entry for `digest` in this thread's copy, if it is there and usable at `now`.
+    fn local(&self, digest: &KeyDigest, now: Instant) -> Option<Entry> {
+        LOCAL.with(|local| {
+            let mut local = local.try_borrow_mut().ok()?;
+            let generation = self.generation.load(Ordering::Acquire);
+            if local.cache != self.id || local.generation != generation {
+                local.entries.clear();
+                local.cache = self.id;
+                local.generation = generation;
+                return None;
+            }
+            local
+                .entries
+                .get(digest)
+                .filter(|e| self.usable(e, now))
+                .cloned()
+        })
+    }
+
+    /// Keeps `entry`, read from the shared cache under `generation`, in this thread's copy.
+    fn keep_local(&self, digest: KeyDigest, entry: &Entry, generation: u64) {
+        LOCAL.with(|local| {
+            let Ok(mut local) = local.try_borrow_mut() else {
+                return;
+            };
+            if local.cache != self.id || local.generation != generation {
+                // Moved since it was read (or another cache's copy): not kept.
+                return;
+            }
+            if local.entries.len() >= LOCAL_CAPACITY {
+                local.entries.clear();
+            }
+            local.entries.insert(digest, entry.clone());
+        });
     }
 
     fn nanos_since_epoch(&self, at: Instant) -> u64 {
@@ -329,9 +416,16 @@ impl KeyCache {
     /// digest at a time), else a stale known entry while the store is failing.
     pub async fn resolve(&self, digest: KeyDigest) -> Result<(Entry, Source), Unavailable> {
         let now = Instant::now();
+        if let Some(entry) = self.local(&digest, now) {
+            self.metrics.cache_hits.increment(1);
+            return Ok((entry, Source::Hit));
+        }
+        // Read before the shared cache: what is kept under it predates no change after it.
+        let generation = self.generation.load(Ordering::Acquire);
         if let Some(entry) = self.cache.get(&digest).await
             && self.usable(&entry, now)
         {
+            self.keep_local(digest, &entry, generation);
             self.metrics.cache_hits.increment(1);
             return Ok((entry, Source::Hit));
         }
@@ -396,6 +490,7 @@ impl KeyCache {
             .entry(digest)
             .and_compute_with(|_| async { Op::Remove })
             .await;
+        self.moved();
     }
 
     /// Applies one poll of the change feed; returns the next position.
@@ -416,6 +511,7 @@ impl KeyCache {
                 // Entries read before now may have missed a change: they never rely on the feed.
                 self.follow_feed_from(Instant::now());
                 self.cache.invalidate_all();
+                self.moved();
                 next
             }
         };
@@ -796,5 +892,49 @@ mod tests {
         assert_eq!(cache.flush_usage().await.unwrap(), 0, "flushed twice");
         let r = store.find("cache-test").await.unwrap();
         assert_eq!((r.use_count, r.last_used), (2, Some(2_000)));
+    }
+
+    #[tokio::test]
+    async fn a_threads_own_copy_never_outlives_a_change() {
+        // A current-thread runtime: every resolve below runs on this thread, so uses its copy.
+        let (_dir, store, cache) = setup();
+        let secret = crate::key::generate().unwrap();
+        let digest = secret.digest();
+        let rec = record(&secret);
+        store.insert(rec.clone()).await.unwrap();
+        let mut position = None;
+        cache.poll_once(&mut position).await.unwrap();
+        let source = |r: Result<(Entry, Source), Unavailable>| r.unwrap().1;
+        assert_eq!(source(cache.resolve(digest).await), Source::Store);
+        assert!(cache.local(&digest, Instant::now()).is_none());
+        // A hit in the shared cache is kept in the thread's copy, and served from it.
+        assert_eq!(source(cache.resolve(digest).await), Source::Hit);
+        assert!(cache.local(&digest, Instant::now()).is_some());
+        assert_eq!(source(cache.resolve(digest).await), Source::Hit);
+
+        // A change through the feed empties the copy with the shared entry.
+        store.set_active(&rec.id, false).await.unwrap();
+        cache.poll_once(&mut position).await.unwrap();
+        assert!(cache.local(&digest, Instant::now()).is_none());
+        let (Entry::Known(k), source_now) = cache.resolve(digest).await.unwrap() else {
+            panic!("not known");
+        };
+        assert!(!k.record.is_active && source_now == Source::Store);
+        assert_eq!(source(cache.resolve(digest).await), Source::Hit);
+        let Some(Entry::Known(k)) = cache.local(&digest, Instant::now()) else {
+            panic!("not kept");
+        };
+        assert!(!k.record.is_active);
+
+        // Another cache on the same thread never sees this one's copy.
+        let (_dir2, _store2, other) = setup();
+        let (entry, source_now) = other.resolve(digest).await.unwrap();
+        assert!(matches!(entry, Entry::Unknown { .. }) && source_now == Source::Store);
+        assert!(cache.local(&digest, Instant::now()).is_none());
+        assert!(matches!(
+            cache.resolve(digest).await.unwrap().0,
+            Entry::Known(_)
+        ));
+        assert_eq!(store.lookups.load(Ordering::SeqCst), 2);
     }
 }
