@@ -20,7 +20,11 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
+
+use futures_util::task::AtomicWaker;
 
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -143,6 +147,24 @@ async fn stopped(flag: &mut watch::Receiver<bool>) {
     let _ = flag.wait_for(|set| *set).await;
 }
 
+/// The waker a connection's stop signal is polled with: it notes that the signal woke, then wakes
+/// the connection's task.
+struct StopSignal {
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for StopSignal {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
 /// Per-connection settings shared by the accept loops.
 #[derive(Clone)]
 struct Accepting {
@@ -224,9 +246,34 @@ impl Connection {
         let mut stop = self.stop.clone();
         let conn = self.builder.serve_connection(TokioIo::new(io), service);
         tokio::pin!(conn);
-        let result = tokio::select! {
-            r = conn.as_mut() => r,
-            _ = stopped(&mut stop) => {
+        let stopping = stopped(&mut stop);
+        tokio::pin!(stopping);
+        // The connection is polled several times per request, the stop signal only when it
+        // woke the task (or on the first poll): polling a watch receiver takes its lock.
+        let signal = Arc::new(StopSignal {
+            woken: AtomicBool::new(true),
+            task: AtomicWaker::new(),
+        });
+        let signal_waker = Waker::from(Arc::clone(&signal));
+        let served = std::future::poll_fn(|cx| {
+            if let Poll::Ready(r) = conn.as_mut().poll(cx) {
+                return Poll::Ready(Some(r));
+            }
+            signal.task.register(cx.waker());
+            if signal.woken.swap(false, Ordering::AcqRel)
+                && stopping
+                    .as_mut()
+                    .poll(&mut Context::from_waker(&signal_waker))
+                    .is_ready()
+            {
+                return Poll::Ready(None);
+            }
+            Poll::Pending
+        })
+        .await;
+        let result = match served {
+            Some(r) => r,
+            None => {
                 conn.as_mut().graceful_shutdown();
                 conn.await
             }

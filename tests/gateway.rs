@@ -820,6 +820,44 @@ async fn shutdown_lets_in_flight_requests_finish_and_flushes_usage() {
     assert!(r.last_used.is_some());
 }
 
+/// An idle keep-alive connection does not hold shutdown up: it hears the stop signal and closes at
+/// once, long before the grace period or its idle timeout would end it.
+#[tokio::test]
+async fn shutdown_closes_idle_keep_alive_connections_at_once() {
+    let upstream = Upstream::start().await;
+    let mut gw = Gateway::start(
+        &upstream.url(),
+        &[
+            ("KEYGATE_SERVER_SHUTDOWN_GRACE", "60s"),
+            ("KEYGATE_SERVER_HEADER_READ_TIMEOUT", "60s"),
+        ],
+    )
+    .await;
+    let key = gw.create_key("idle").await;
+    let client = gw.client();
+    // Several requests on the client's pooled connections, which then sit idle.
+    for _ in 0..3 {
+        let resp = client
+            .get(gw.url("/x"))
+            .header("X-API-Key", &key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+    let started = Instant::now();
+    let done = gw.begin_shutdown();
+    tokio::time::timeout(Duration::from_secs(10), done)
+        .await
+        .expect("shutdown waited for an idle connection")
+        .unwrap()
+        .unwrap();
+    eprintln!(
+        "shutdown with idle connections took {:?}",
+        started.elapsed()
+    );
+}
+
 /// TLS 1.2 and 1.3 are served (anything older is not even implemented by rustls), with HSTS.
 #[tokio::test]
 async fn tls12_and_tls13_handshakes_succeed() {
