@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
-use tracing_appender::non_blocking::{NonBlocking, WorkerGuard};
+use tracing_appender::non_blocking::{NonBlocking, NonBlockingBuilder, WorkerGuard};
 use tracing_appender::rolling::RollingFileAppender;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::writer::MakeWriterExt as _;
@@ -23,6 +23,18 @@ use crate::config::{LogFormat, Logging, Rotation};
 
 /// Bytes of log lines gathered into one write.
 const BUFFER: usize = 64 * 1024;
+
+/// Messages (access-line batches or single events) a writer thread may fall behind before new
+/// ones are dropped rather than slow requests down: at most 64 MiB of batches, about four seconds
+/// of a busy gateway's log. (tracing-appender's default, 128,000, would allow 8 GiB.)
+const BACKLOG: usize = 1024;
+
+fn non_blocking<W: io::Write + Send + 'static>(writer: W) -> (NonBlocking, WorkerGuard) {
+    NonBlockingBuilder::default()
+        .buffered_lines_limit(BACKLOG)
+        .lossy(true)
+        .finish(io::BufWriter::with_capacity(BUFFER, writer))
+}
 
 /// Keeps the log writers flushing; drop it last, at exit.
 #[must_use = "logs stop being written when the guard is dropped"]
@@ -36,8 +48,7 @@ pub fn init(cfg: &Logging) -> io::Result<LogGuard> {
     // The writer thread drains many lines per wake-up: buffer them, so a burst costs one write
     // system call instead of one per line. (tracing-appender flushes whenever its queue is empty,
     // so nothing waits in the buffer while the gateway is idle.)
-    let (stdout, stdout_guard) =
-        tracing_appender::non_blocking(io::BufWriter::with_capacity(BUFFER, io::stdout()));
+    let (stdout, stdout_guard) = non_blocking(io::stdout());
     let mut guards = vec![stdout_guard];
     let file = match &cfg.file {
         Some(path) => {
@@ -63,8 +74,7 @@ pub fn init(cfg: &Logging) -> io::Result<LogGuard> {
                 builder = builder.max_log_files(cfg.max_files);
             }
             let appender = builder.build(dir).map_err(io::Error::other)?;
-            let (writer, guard) =
-                tracing_appender::non_blocking(io::BufWriter::with_capacity(BUFFER, appender));
+            let (writer, guard) = non_blocking(appender);
             guards.push(guard);
             Some(writer)
         }
@@ -113,8 +123,9 @@ struct AccessSink {
 
 static ACCESS: OnceLock<AccessSink> = OnceLock::new();
 
-/// A batching thread writes its access lines once this many bytes have gathered...
-const BATCH_BYTES: usize = 16 * 1024;
+/// A batching thread writes its access lines once this many bytes have gathered (the writers'
+/// buffer size: a batch that fills it is written straight through, not copied into it)...
+const BATCH_BYTES: usize = BUFFER;
 /// ...or when its worker's flush tick comes, every this often.
 pub const ACCESS_FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
@@ -346,15 +357,42 @@ static JSON_ESCAPE: [bool; 256] = {
     table
 };
 
+/// Where the first byte that JSON needs escaped is ([`JSON_ESCAPE`]), looked for eight bytes at a
+/// time. Per word, a byte's high bit is set in `hits` when it is below 0x20 or equal to `"`, `\`
+/// or DEL. These tests can also flag a byte above a true match (a borrow runs upward), never below
+/// one, so the lowest flagged byte is the first match. Bytes from 0x80 up are never flagged.
+fn first_to_escape(bytes: &[u8]) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let equal = |word: u64, byte: u8| {
+        let x = word ^ (ONES * u64::from(byte));
+        x.wrapping_sub(ONES) & !x
+    };
+    let mut words = bytes.chunks_exact(8);
+    let mut start = 0;
+    for chunk in words.by_ref() {
+        let word = u64::from_le_bytes(chunk.try_into().expect("eight bytes"));
+        let below_space = word.wrapping_sub(ONES * 0x20) & !word;
+        let hits =
+            (below_space | equal(word, b'"') | equal(word, b'\\') | equal(word, 0x7f)) & HIGHS;
+        if hits != 0 {
+            return Some(start + hits.trailing_zeros() as usize / 8);
+        }
+        start += 8;
+    }
+    words
+        .remainder()
+        .iter()
+        .position(|&b| JSON_ESCAPE[usize::from(b)])
+        .map(|i| start + i)
+}
+
 /// Appends `value` as the inside of a JSON string. Runs that need no escaping (nearly every
 /// value) are copied whole; everything escaped is ASCII, so the slice bounds are char bounds.
 fn json_escape(out: &mut String, value: &str) {
     let mut copied = 0;
     let bytes = value.as_bytes();
-    while let Some(offset) = bytes[copied..]
-        .iter()
-        .position(|&b| JSON_ESCAPE[usize::from(b)])
-    {
+    while let Some(offset) = first_to_escape(&bytes[copied..]) {
         let i = copied + offset;
         out.push_str(&value[copied..i]);
         match bytes[i] {
@@ -596,6 +634,35 @@ mod tests {
             write_millis(&mut out, latency);
             assert_eq!(out, text);
             assert!(serde_json::from_str::<f64>(&out).is_ok());
+        }
+    }
+
+    #[test]
+    fn the_word_scan_finds_what_the_table_finds() {
+        let reference = |b: &[u8]| b.iter().position(|&c| JSON_ESCAPE[usize::from(c)]);
+        // Every byte value at every position of words and remainders, alone and after another.
+        for len in 1..=19 {
+            for at in 0..len {
+                for byte in 0..=255u8 {
+                    let mut buf = vec![b'a'; len];
+                    buf[at] = byte;
+                    assert_eq!(first_to_escape(&buf), reference(&buf), "{buf:?}");
+                    for later in at + 1..len {
+                        let mut two = buf.clone();
+                        two[later] = b'"';
+                        assert_eq!(first_to_escape(&two), reference(&two), "{two:?}");
+                    }
+                }
+            }
+        }
+        // Bytes that borrow into their neighbours: zero, 0x20, 0x21, 0x80 and up.
+        for buf in [
+            &b"\x00\x20\x21\x80\xff\x22\x5c\x7f"[..],
+            b"\x20\x20\x20\x20\x20\x20\x20\x1f",
+            b"\x80\x81\xa0\xa2\xdc\xff\x7e\x5d\x23",
+            b"",
+        ] {
+            assert_eq!(first_to_escape(buf), reference(buf), "{buf:?}");
         }
     }
 }

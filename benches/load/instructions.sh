@@ -6,6 +6,10 @@
 # compared one after the other. See docs/benchmarks.md.
 #
 #   benches/load/instructions.sh target/release/keygate /path/to/older/keygate
+#   benches/load/instructions.sh target/release/keygate nginx
+#
+# The word `nginx` in place of a binary measures the load benchmark's nginx peer (the same key
+# check, headers, access log and upstream keep-alive; one worker process, no master) the same way.
 #
 # Environment: PROTOCOL (http or tls; default http), SECONDS_MEASURED (10), KEEP (a directory: the
 # callgrind profiles are copied there, for callgrind_annotate).
@@ -20,7 +24,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 
 # shellcheck source=benches/load/common.sh
 . "$here/common.sh"
-install_missing nginx:nginx wrk:wrk valgrind:valgrind
+install_missing nginx:nginx wrk:wrk valgrind:valgrind openssl:openssl
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/keygate-instructions.XXXXXX")
@@ -29,14 +33,15 @@ pids=()
 cleanup() {
     for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
     for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+    [ -n "${KEEP_WORK:-}" ] && cp -r "$work" "$KEEP_WORK"
     rm -rf "$work"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-read -r UP_HTTP UP_TLS KG_HTTP KG_TLS KG_ADMIN < <(python3 -c '
+read -r UP_HTTP UP_TLS KG_HTTP KG_TLS KG_ADMIN NG_HTTP NG_TLS < <(python3 -c '
 import socket
-socks = [socket.socket() for _ in range(5)]
+socks = [socket.socket() for _ in range(7)]
 for s in socks: s.bind(("127.0.0.1", 0))
 print(*[s.getsockname()[1] for s in socks])')
 user_line=""
@@ -46,7 +51,8 @@ render() { # template output
     sed -e "s|@WORK@|$work|g" -e "s|@CERT@|$work/cert.pem|g" -e "s|@KEY@|$work/key.pem|g" \
         -e "s|@USER@|$user_line|g" -e "s|@UP_HTTP@|$UP_HTTP|g" -e "s|@UP_TLS@|$UP_TLS|g" \
         -e "s|@NAME@|keygate|g" -e "s|@KG_HTTP@|$KG_HTTP|g" -e "s|@KG_TLS@|$KG_TLS|g" \
-        -e "s|@KG_ADMIN@|$KG_ADMIN|g" "$here/$1" >"$work/$2"
+        -e "s|@KG_ADMIN@|$KG_ADMIN|g" -e "s|@NG_HTTP@|$NG_HTTP|g" -e "s|@NG_TLS@|$NG_TLS|g" \
+        -e "s|@MAP@|$work/small.nginx.map|g" "$here/$1" >"$work/$2"
 }
 
 python3 "$here/keys.py" 1000 "$work/small" >/dev/null
@@ -58,14 +64,31 @@ pids+=($!)
 wait_port "$UP_HTTP"
 
 for bin in "$@"; do
-    rm -f "$work"/keygate.db*
-    "$bin" --config "$work/keygate.toml" keys import "$work/small.export.json" >/dev/null
-    valgrind --tool=callgrind --callgrind-out-file="$work/cg.%p" \
-        "$bin" --config "$work/keygate.toml" serve >"$work/keygate.log" 2>&1 &
+    if [ "$bin" = nginx ]; then
+        if [ ! -f "$work/cert.pem" ]; then
+            openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 \
+                -subj /CN=localhost -keyout "$work/key.pem" -out "$work/cert.pem" 2>/dev/null
+        fi
+        render nginx-gateway.conf.in nginx.conf
+        sed -i 's/^worker_processes .*/worker_processes 1; master_process off;/' "$work/nginx.conf"
+        valgrind --tool=callgrind --callgrind-out-file="$work/cg.%p" \
+            "$NGINX" -p "$work" -c "$work/nginx.conf" -g 'daemon off;' >"$work/nginx.log" 2>&1 &
+        port_http=$NG_HTTP port_tls=$NG_TLS startup=600 # its big key map takes minutes here
+    else
+        rm -f "$work"/keygate.db*
+        "$bin" --config "$work/keygate.toml" keys import "$work/small.export.json" >/dev/null
+        # No usage flush inside the window: it writes one row per key used (every 5 s by
+        # default), which at valgrind's few thousand requests a second would be counted against
+        # each request about forty times over.
+        KEYGATE_STORE_USAGE_FLUSH_INTERVAL=1h valgrind --tool=callgrind \
+            --callgrind-out-file="$work/cg.%p" \
+            "$bin" --config "$work/keygate.toml" serve >"$work/keygate.log" 2>&1 &
+        port_http=$KG_HTTP port_tls=$KG_TLS startup=60 # valgrind starts slowly
+    fi
     vg=$!
     pids+=($vg)
-    wait_port "$KG_HTTP" 60 # valgrind starts slowly
-    if [ "$PROTOCOL" = tls ]; then url="https://localhost:$KG_TLS"; else url="http://127.0.0.1:$KG_HTTP"; fi
+    wait_port "$port_http" "$startup"
+    if [ "$PROTOCOL" = tls ]; then url="https://localhost:$port_tls"; else url="http://127.0.0.1:$port_http"; fi
     # Warm up: every key cached, the upstream pools open.
     wrk -t1 -c8 -d8s -s "$here/keys.lua" "$url" -- "$work/small.keys" "$ORIGIN" >/dev/null 2>&1
     callgrind_control --zero "$vg" >/dev/null 2>&1
