@@ -168,12 +168,7 @@ async fn cached_keys_make_no_redis_round_trips() {
     let started = Instant::now();
     let client = gw.client();
     for _ in 0..300 {
-        let resp = client
-            .get(gw.url("/x"))
-            .header("X-API-Key", &key)
-            .send()
-            .await
-            .unwrap();
+        let resp = gw.get_with_key_on(&client, "/x", &key).await;
         assert_eq!(resp.status(), StatusCode::OK);
     }
     tokio::time::sleep(Duration::from_millis(500)).await; // at least one usage flush

@@ -837,12 +837,7 @@ async fn shutdown_closes_idle_keep_alive_connections_at_once() {
     let client = gw.client();
     // Several requests on the client's pooled connections, which then sit idle.
     for _ in 0..3 {
-        let resp = client
-            .get(gw.url("/x"))
-            .header("X-API-Key", &key)
-            .send()
-            .await
-            .unwrap();
+        let resp = gw.get_with_key_on(&client, "/x", &key).await;
         assert_eq!(resp.status(), StatusCode::OK);
     }
     let started = Instant::now();
@@ -1197,12 +1192,7 @@ async fn idle_upstream_connections_closed_by_the_upstream_are_replaced() {
     let key = gw.create_key("k").await;
     let client = gw.h1_client();
     for _ in 0..3 {
-        let resp = client
-            .get(gw.url("/x"))
-            .header("X-API-Key", &key)
-            .send()
-            .await
-            .unwrap();
+        let resp = gw.get_with_key_on(&client, "/x", &key).await;
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(resp.text().await.unwrap(), "ok");
         tokio::time::sleep(Duration::from_millis(300)).await;

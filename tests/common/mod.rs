@@ -300,7 +300,17 @@ impl Gateway {
 
     /// `GET <path>` over TLS, with `X-API-Key: key`.
     pub async fn get_with_key(&self, path: &str, key: &str) -> reqwest::Response {
-        self.client()
+        self.get_with_key_on(&self.client(), path, key).await
+    }
+
+    /// `GET path` with `key` on `client` (whose connections the caller keeps).
+    pub async fn get_with_key_on(
+        &self,
+        client: &reqwest::Client,
+        path: &str,
+        key: &str,
+    ) -> reqwest::Response {
+        client
             .get(self.url(path))
             .header("X-API-Key", key)
             .send()
