@@ -12,8 +12,9 @@
 //! that confirmation, as while the store is failing, it is re-read, and served stale only if the
 //! store cannot answer. A cache hit touches no lock and no store: a probe of the worker thread's
 //! own copy of the entries it has used (emptied whenever something leaves the shared cache for a
-//! change), else one concurrent-map read; and two atomic stores for usage. Misses for one digest are serialised through moka's per-key compute,
-//! so a burst of requests with the same unknown key costs one store lookup.
+//! change), else one concurrent-map read; and two atomic stores for usage. Misses for one digest
+//! are serialised through moka's per-key compute, so a burst of requests with the same unknown key
+//! costs one store lookup.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -490,6 +491,8 @@ impl KeyCache {
             .entry(digest)
             .and_compute_with(|_| async { Op::Remove })
             .await;
+        // Not left to the eviction listener, which moka may call later: a revocation must empty
+        // the workers' copies now.
         self.moved();
     }
 
@@ -511,6 +514,7 @@ impl KeyCache {
                 // Entries read before now may have missed a change: they never rely on the feed.
                 self.follow_feed_from(Instant::now());
                 self.cache.invalidate_all();
+                // `invalidate_all` notifies the eviction listener lazily, if at all.
                 self.moved();
                 next
             }
@@ -729,16 +733,25 @@ mod tests {
     }
 
     fn setup() -> (tempfile::TempDir, Arc<Counting>, Arc<KeyCache>) {
+        setup_with(|_| {})
+    }
+
+    /// A cache with the default `[store]` settings as `adjust` changes them, in front of a
+    /// counting SQLite store in a temporary directory.
+    fn setup_with(
+        adjust: impl FnOnce(&mut crate::config::Store),
+    ) -> (tempfile::TempDir, Arc<Counting>, Arc<KeyCache>) {
         let dir = tempfile::tempdir().unwrap();
         let inner = SqliteStore::open(&dir.path().join("k.db"), Duration::from_secs(5)).unwrap();
         let store = Arc::new(Counting {
             inner,
             lookups: AtomicUsize::new(0),
         });
-        let cfg = crate::config::FileConfig::default()
+        let mut cfg = crate::config::FileConfig::default()
             .validate()
             .unwrap()
             .store;
+        adjust(&mut cfg);
         let metrics = Arc::new(Metrics::new(&[0.1, 1.0]));
         let cache = Arc::new(KeyCache::new(store.clone(), &cfg, metrics));
         (dir, store, cache)
@@ -751,21 +764,10 @@ mod tests {
     /// A cache whose known keys are fresh for 75-100 ms, with a 300 ms poll interval (the poll is
     /// driven by the test).
     fn setup_short_ttl() -> (tempfile::TempDir, Arc<Counting>, Arc<KeyCache>) {
-        let dir = tempfile::tempdir().unwrap();
-        let inner = SqliteStore::open(&dir.path().join("k.db"), Duration::from_secs(5)).unwrap();
-        let store = Arc::new(Counting {
-            inner,
-            lookups: AtomicUsize::new(0),
-        });
-        let mut cfg = crate::config::FileConfig::default()
-            .validate()
-            .unwrap()
-            .store;
-        cfg.positive_ttl = Duration::from_millis(100);
-        cfg.poll_interval = Duration::from_millis(300);
-        let metrics = Arc::new(Metrics::new(&[0.1, 1.0]));
-        let cache = Arc::new(KeyCache::new(store.clone(), &cfg, metrics));
-        (dir, store, cache)
+        setup_with(|cfg| {
+            cfg.positive_ttl = Duration::from_millis(100);
+            cfg.poll_interval = Duration::from_millis(300);
+        })
     }
 
     #[tokio::test]

@@ -6,7 +6,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request};
 
 use crate::config;
-use crate::proxy::immortal_value;
+use crate::proxy::{immortal_value, remove_all};
 
 /// The prepared CORS policy.
 #[derive(Debug, Clone)]
@@ -129,20 +129,17 @@ impl CorsPolicy {
         if !self.enabled() {
             return;
         }
-        // Looked for in one pass over the names (an upstream rarely sets any), then removed.
-        const UPSTREAM_CORS: [HeaderName; 6] = [
-            header::ACCESS_CONTROL_ALLOW_ORIGIN,
-            header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
-            header::ACCESS_CONTROL_EXPOSE_HEADERS,
-            header::ACCESS_CONTROL_ALLOW_METHODS,
-            header::ACCESS_CONTROL_ALLOW_HEADERS,
-            header::ACCESS_CONTROL_MAX_AGE,
-        ];
-        if resp.keys().any(|name| UPSTREAM_CORS.contains(name)) {
-            for name in UPSTREAM_CORS {
-                resp.remove(name);
-            }
-        }
+        remove_all(
+            resp,
+            &[
+                header::ACCESS_CONTROL_ALLOW_ORIGIN,
+                header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+                header::ACCESS_CONTROL_EXPOSE_HEADERS,
+                header::ACCESS_CONTROL_ALLOW_METHODS,
+                header::ACCESS_CONTROL_ALLOW_HEADERS,
+                header::ACCESS_CONTROL_MAX_AGE,
+            ],
+        );
         resp.append(header::VARY, vary_origin());
         let Some(origin) = self.allowed(origin) else {
             return;

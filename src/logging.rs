@@ -29,6 +29,7 @@ const BUFFER: usize = 64 * 1024;
 /// of a busy gateway's log. (tracing-appender's default, 128,000, would allow 8 GiB.)
 const BACKLOG: usize = 1024;
 
+/// A writer thread in front of `writer`, buffered by [`BUFFER`], lossy past [`BACKLOG`].
 fn non_blocking<W: io::Write + Send + 'static>(writer: W) -> (NonBlocking, WorkerGuard) {
     NonBlockingBuilder::default()
         .buffered_lines_limit(BACKLOG)
@@ -127,7 +128,7 @@ static ACCESS: OnceLock<AccessSink> = OnceLock::new();
 /// buffer size: a batch that fills it is written straight through, not copied into it)...
 const BATCH_BYTES: usize = BUFFER;
 /// ...or when its worker's flush tick comes, every this often.
-pub const ACCESS_FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+pub const ACCESS_FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 
 /// A thread's access lines not yet handed to the writers.
 struct Lines {
@@ -144,8 +145,8 @@ impl Lines {
             return;
         }
         if let Some(sink) = ACCESS.get() {
-            // One message to each writer thread; a full queue drops it rather than stall the
-            // request (tracing-appender's lossy default, as for every other event).
+            // One message to each writer thread; a full queue ([`BACKLOG`]) drops it rather than
+            // stall the request, as for every other event.
             let _ = sink.stdout.clone().write_all(self.buf.as_bytes());
             if let Some(file) = &sink.file {
                 let _ = file.clone().write_all(self.buf.as_bytes());
@@ -292,10 +293,16 @@ fn json_line(out: &mut String, clock: &mut Clock, now: SystemTime, r: &AccessRec
 fn write_millis(out: &mut String, d: Duration) {
     let micros = d.as_micros();
     out.push_str(itoa::Buffer::new().format(micros / 1000));
-    let fraction = (micros % 1000) as u16;
     out.push('.');
-    for digit in [fraction / 100, fraction / 10 % 10, fraction % 10] {
-        out.push(char::from(b'0' + digit as u8));
+    push_padded(out, (micros % 1000) as u32, 3);
+}
+
+/// `n` as exactly `width` decimal digits, zero-padded (`n` must fit).
+fn push_padded(out: &mut String, n: u32, width: u32) {
+    let mut divisor = 10u32.pow(width - 1);
+    while divisor > 0 {
+        out.push(char::from(b'0' + (n / divisor % 10) as u8));
+        divisor /= 10;
     }
 }
 
@@ -324,12 +331,7 @@ impl Clock {
         }
         out.push_str(&self.formatted);
         out.push('.');
-        let micros = since.subsec_micros();
-        let mut divisor = 100_000;
-        while divisor > 0 {
-            out.push(char::from(b'0' + (micros / divisor % 10) as u8));
-            divisor /= 10;
-        }
+        push_padded(out, since.subsec_micros(), 6);
         out.push('Z');
     }
 }

@@ -169,7 +169,7 @@ pub fn immortal_value(value: &HeaderValue) -> HeaderValue {
     copy
 }
 
-/// [`immortal_value`] for a header name (standard names are constants already).
+/// [`immortal_value`] for a header name (a standard name comes back as its constant).
 pub fn immortal_name(name: &HeaderName) -> HeaderName {
     let text: &'static str = Box::leak(name.as_str().into());
     HeaderName::from_static(text)
@@ -189,22 +189,39 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     header::UPGRADE,
 ];
 
-/// Removes hop-by-hop headers, including every header the `Connection` header names.
-///
-/// One pass over the names finds which are present, so only those are removed: most requests
-/// carry none, and a response usually only `Connection`.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let hop_by_hop = HOP_BY_HOP;
-    let mut present = 0u16;
+/// Which of `names` (at most 32) `headers` carries, one bit each: found in one pass over the map's
+/// names rather than a hashed lookup per name, as a message rarely carries any of them.
+fn present(headers: &HeaderMap, names: &[HeaderName]) -> u32 {
+    debug_assert!(names.len() <= 32);
+    let mut present = 0;
     for name in headers.keys() {
-        if let Some(i) = hop_by_hop.iter().position(|h| h == name) {
+        if let Some(i) = names.iter().position(|n| n == name) {
             present |= 1 << i;
         }
     }
-    if present == 0 {
-        return;
+    present
+}
+
+/// Removes the headers of `names` whose bits are set in `present`.
+fn remove_present(headers: &mut HeaderMap, names: &[HeaderName], present: u32) {
+    for (i, name) in names.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
-    if present & 1 != 0 {
+}
+
+/// Removes every header of `names` (at most 32); only those present cost a hashed removal.
+pub fn remove_all(headers: &mut HeaderMap, names: &[HeaderName]) {
+    let found = present(headers, names);
+    remove_present(headers, names, found);
+}
+
+/// Removes hop-by-hop headers, including every header the `Connection` header names: most
+/// requests carry none, and a response usually only `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let found = present(headers, &HOP_BY_HOP);
+    if found & 1 != 0 {
         // The usual `Connection: keep-alive` or `close` names nothing more to remove, and costs
         // no allocation.
         let mut named = Vec::new();
@@ -221,7 +238,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
                 continue;
             }
             if let Ok(name) = HeaderName::from_bytes(token)
-                && !hop_by_hop.contains(&name)
+                && !HOP_BY_HOP.contains(&name)
             {
                 named.push(name);
             }
@@ -230,11 +247,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
-    for (i, name) in hop_by_hop.iter().enumerate() {
-        if present & (1 << i) != 0 {
-            headers.remove(name);
-        }
-    }
+    remove_present(headers, &HOP_BY_HOP, found);
 }
 
 /// Everything about a request the forwarding headers need.
@@ -396,25 +409,28 @@ impl Upstream {
     /// Rewrites `req` for the upstream: URI, Host, hop-by-hop and forwarding headers.
     /// Credential and identity headers are the caller's (they depend on the auth result).
     pub fn prepare(&self, req: &mut Request<Incoming>, client: &ClientInfo<'_>) {
-        // The client's Host, replaced by the upstream's unless it is preserved; each header map
-        // operation below is one hash and probe, so none is done twice.
-        let from_header = if self.preserve_host {
+        // Each header-map operation is a hash and a probe, so none is done twice: unless it is
+        // preserved, the client's Host comes back from the insert that replaces it.
+        let mut original_host = if self.preserve_host {
             req.headers().get(header::HOST).cloned()
         } else {
             req.headers_mut()
                 .insert(header::HOST, self.host_header.clone())
         };
-        let original_host = from_header.or_else(|| {
-            let host = req
+        if original_host.is_none() {
+            // No Host header (an HTTP/2 request, or HTTP/1.0): the URI's authority, if any.
+            original_host = req
                 .uri()
                 .authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
             if self.preserve_host {
-                let value = host.clone().unwrap_or_else(|| self.host_header.clone());
-                req.headers_mut().insert(header::HOST, value);
+                let host = original_host.clone();
+                req.headers_mut().insert(
+                    header::HOST,
+                    host.unwrap_or_else(|| self.host_header.clone()),
+                );
             }
-            host
-        });
+        }
         *req.uri_mut() = self.uri(req.uri());
         *req.version_mut() = Version::HTTP_11;
         let headers = req.headers_mut();
@@ -433,23 +449,16 @@ impl Upstream {
             }
             return;
         }
-        // Nobody else may tell us about earlier hops (looked for first, as a client rarely sends
-        // any of these).
-        let forwarding = [
-            X_FORWARDED_FOR,
-            X_FORWARDED_PROTO,
-            X_FORWARDED_HOST,
-            FORWARDED,
-        ];
-        if headers.keys().any(|name| forwarding.contains(name)) {
-            for name in &forwarding {
-                headers.remove(name);
-            }
-        }
+        // Nobody else may tell us about earlier hops: what the client sent is replaced (an
+        // insert drops every earlier value) or removed.
         headers.insert(X_FORWARDED_FOR, client.peer.clone());
         headers.insert(X_FORWARDED_PROTO, proto);
-        if let Some(host) = original_host {
-            headers.insert(X_FORWARDED_HOST, host);
+        match original_host {
+            Some(host) => {
+                headers.insert(X_FORWARDED_HOST, host);
+                remove_all(headers, &[FORWARDED]);
+            }
+            None => remove_all(headers, &[FORWARDED, X_FORWARDED_HOST]),
         }
     }
 

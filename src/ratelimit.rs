@@ -318,8 +318,9 @@ impl RateLimits {
         )
     }
 
-    fn lock_out(&self, ip: IpAddr, for_: Duration) {
-        let until = Instant::now() + for_;
+    /// Locks `ip` out for `lasting`.
+    fn lock_out(&self, ip: IpAddr, lasting: Duration) {
+        let until = Instant::now() + lasting;
         self.locked.insert(ip, until);
         // Rounded up: the check may end a millisecond late, never early.
         let until_ms = u64::try_from(until.duration_since(self.started).as_millis())

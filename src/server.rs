@@ -19,13 +19,13 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use futures_util::task::AtomicWaker;
-
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -147,6 +147,38 @@ async fn stopped(flag: &mut watch::Receiver<bool>) {
     let _ = flag.wait_for(|set| *set).await;
 }
 
+/// Runs `conn` to its end, or until `stop` resolves first (`None`). A connection's future is
+/// polled several times per request and its stop signal almost never fires, so `stop` is polled
+/// only on the first poll and when it woke the task itself (polling a watch receiver takes its
+/// lock; `tokio::select!` would poll it on every wake-up).
+async fn until_stopped<C: Future>(
+    mut conn: Pin<&mut C>,
+    stop: impl Future<Output = ()>,
+) -> Option<C::Output> {
+    let mut stop = std::pin::pin!(stop);
+    let signal = Arc::new(StopSignal {
+        woken: AtomicBool::new(true),
+        task: AtomicWaker::new(),
+    });
+    let signal_waker = Waker::from(Arc::clone(&signal));
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(r) = conn.as_mut().poll(cx) {
+            return Poll::Ready(Some(r));
+        }
+        signal.task.register(cx.waker());
+        if signal.woken.swap(false, Ordering::AcqRel)
+            && stop
+                .as_mut()
+                .poll(&mut Context::from_waker(&signal_waker))
+                .is_ready()
+        {
+            return Poll::Ready(None);
+        }
+        Poll::Pending
+    })
+    .await
+}
+
 /// The waker a connection's stop signal is polled with: it notes that the signal woke, then wakes
 /// the connection's task.
 struct StopSignal {
@@ -246,32 +278,7 @@ impl Connection {
         let mut stop = self.stop.clone();
         let conn = self.builder.serve_connection(TokioIo::new(io), service);
         tokio::pin!(conn);
-        let stopping = stopped(&mut stop);
-        tokio::pin!(stopping);
-        // The connection is polled several times per request, the stop signal only when it
-        // woke the task (or on the first poll): polling a watch receiver takes its lock.
-        let signal = Arc::new(StopSignal {
-            woken: AtomicBool::new(true),
-            task: AtomicWaker::new(),
-        });
-        let signal_waker = Waker::from(Arc::clone(&signal));
-        let served = std::future::poll_fn(|cx| {
-            if let Poll::Ready(r) = conn.as_mut().poll(cx) {
-                return Poll::Ready(Some(r));
-            }
-            signal.task.register(cx.waker());
-            if signal.woken.swap(false, Ordering::AcqRel)
-                && stopping
-                    .as_mut()
-                    .poll(&mut Context::from_waker(&signal_waker))
-                    .is_ready()
-            {
-                return Poll::Ready(None);
-            }
-            Poll::Pending
-        })
-        .await;
-        let result = match served {
+        let result = match until_stopped(conn.as_mut(), stopped(&mut stop)).await {
             Some(r) => r,
             None => {
                 conn.as_mut().graceful_shutdown();

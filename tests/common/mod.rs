@@ -329,13 +329,7 @@ impl Gateway {
         let client = self.client();
         let started = std::time::Instant::now();
         loop {
-            let status = client
-                .get(self.url("/x"))
-                .header("X-API-Key", key)
-                .send()
-                .await
-                .unwrap()
-                .status();
+            let status = self.get_with_key_on(&client, "/x", key).await.status();
             if status == want {
                 return started.elapsed();
             }
