@@ -1,5 +1,5 @@
-//! Authentication hot path: the offline format check, a cache hit, a malformed-key rejection and
-//! a cache miss that reads SQLite. `baseline/sha256` (one SHA-256 of a key, which every lookup
+//! Authentication hot path: the offline format check, a cache hit (with one key in use, and with
+//! 90,000), a malformed-key rejection and a cache miss that reads SQLite. `baseline/sha256` (one SHA-256 of a key, which every lookup
 //! needs) is the yardstick: report the others as ratios to it from the same run.
 //!
 //! Run: `cargo bench --bench auth`
@@ -43,6 +43,19 @@ fn bench(c: &mut Criterion) {
     c.bench_function("authenticate/cache_hit", |b| {
         b.to_async(&rt)
             .iter(|| async { auth.authenticate(black_box(&hit), cache).await.is_ok() })
+    });
+    // 90,000 keys in use, each presented in turn: every lookup is of a different key than the
+    // last, all of them cached (the cache holds 100,000 by default).
+    let many = fixture.more_keys(&rt, 90_000);
+    for h in &many {
+        rt.block_on(auth.authenticate(h, cache)).unwrap();
+    }
+    let mut next = many.iter().cycle();
+    c.bench_function("authenticate/cache_hit_90k_keys", |b| {
+        b.to_async(&rt).iter(|| {
+            let h = next.next().expect("cycles");
+            async move { auth.authenticate(black_box(h), cache).await.is_ok() }
+        })
     });
     let malformed = headers(typo);
     c.bench_function("authenticate/reject_malformed", |b| {

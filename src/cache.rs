@@ -26,6 +26,7 @@ use http::HeaderValue;
 use moka::future::Cache;
 use moka::notification::RemovalCause;
 use moka::ops::compute::{CompResult, Op};
+use tokio::sync::mpsc;
 
 use crate::config;
 use crate::key::KeyDigest;
@@ -52,8 +53,22 @@ pub struct KnownKey {
     /// `stale_if_error` past `fresh_until`, so keys read together are re-read over a spread
     /// instead of in one wave. (They stay cached for all of `stale_if_error`, for store outages.)
     confirmed_until: Instant,
+    /// From when a request that finds this entry has it re-read in the background (the last
+    /// eighth of its life): a key in steady use is re-read before it runs out, never by a
+    /// request waiting on the store.
+    refresh_at: Instant,
+    /// The background re-read was asked for (once per entry).
+    refresh_asked: AtomicBool,
+    /// Shared with the entries that replace this one while the key stays the same (a re-read),
+    /// so a use counted through a worker's older copy is still flushed.
+    uses: Arc<Uses>,
+}
+
+/// Usage of a key not yet flushed.
+#[derive(Debug, Default)]
+struct Uses {
     last_used: AtomicI64,
-    pending_uses: AtomicU64,
+    pending: AtomicU64,
 }
 
 impl KnownKey {
@@ -82,25 +97,60 @@ impl KnownKey {
             loaded_at,
             fresh_until,
             confirmed_until,
-            last_used: AtomicI64::new(0),
-            pending_uses: AtomicU64::new(0),
+            refresh_at: confirmed_until
+                .checked_sub(confirmed_until.saturating_duration_since(loaded_at) / 8)
+                .unwrap_or(loaded_at),
+            refresh_asked: AtomicBool::new(false),
+            uses: Arc::default(),
         }
     }
 
     /// Records one authenticated use. Lock-free; flushed later by [`KeyCache::flush_usage`].
     pub fn touch(&self, now_unix: i64) {
-        self.last_used.fetch_max(now_unix, Ordering::Relaxed);
-        self.pending_uses.fetch_add(1, Ordering::Relaxed);
+        self.uses.last_used.fetch_max(now_unix, Ordering::Relaxed);
+        self.uses.pending.fetch_add(1, Ordering::Relaxed);
     }
 
     fn take_usage(&self) -> Option<Usage> {
-        let count = self.pending_uses.swap(0, Ordering::Relaxed);
+        let count = self.uses.pending.swap(0, Ordering::Relaxed);
         (count > 0).then(|| Usage {
             id: self.record.id.clone(),
             digest: self.record.digest,
-            last_used: self.last_used.load(Ordering::Relaxed),
+            last_used: self.uses.last_used.load(Ordering::Relaxed),
             count,
         })
+    }
+
+    /// Whether `record` decides requests exactly as this entry's record does: it differs at most
+    /// in the usage the flusher writes. Such a re-read replaces the entry without emptying the
+    /// workers' copies, and carries its usage over.
+    fn same_decision(&self, record: &KeyRecord) -> bool {
+        // Destructured, so that a field added to the record must be placed on one side or the
+        // other here.
+        let KeyRecord {
+            id,
+            name,
+            digest,
+            hint,
+            created_at,
+            last_used: _,
+            use_count: _,
+            is_active,
+            legacy,
+            expires_at,
+            policy,
+            rotated_to,
+        } = &self.record;
+        *id == record.id
+            && *name == record.name
+            && *digest == record.digest
+            && *hint == record.hint
+            && *created_at == record.created_at
+            && *is_active == record.is_active
+            && *legacy == record.legacy
+            && *expires_at == record.expires_at
+            && *policy == record.policy
+            && *rotated_to == record.rotated_to
     }
 }
 
@@ -196,18 +246,41 @@ pub struct KeyCache {
     metrics: Arc<Metrics>,
     /// Tells this cache's entries apart from another's in a thread's [`Local`] copy.
     id: u64,
-    /// Bumped after anything leaves the shared cache other than by expiry: a thread's [`Local`]
-    /// copy made under an older generation is dropped whole.
+    /// Bumped after a change to the shared cache that a thread's [`Local`] copy could otherwise
+    /// outlive: a copy made under an older generation is dropped whole.
     generation: Arc<AtomicU64>,
+    /// The most entries a thread's [`Local`] copy holds: the shared cache's capacity.
+    local_capacity: usize,
+    /// Digests of known keys due for a background re-read ([`KeyCache::refresh_ahead`]).
+    refresh_tx: mpsc::Sender<KeyDigest>,
+    refresh_rx: Mutex<Option<mpsc::Receiver<KeyDigest>>>,
+}
+
+/// Background re-reads waiting at most; beyond that a key is re-read by the request that finds
+/// its entry run out, as without refresh-ahead.
+const REFRESH_QUEUE: usize = 4096;
+
+/// Background re-reads in flight at once.
+const REFRESH_CONCURRENCY: usize = 8;
+
+/// Why the store is read for a digest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Load {
+    /// No usable entry: a request waits for the read.
+    Miss,
+    /// A known key's entry nears its end: re-read in the background while it is still served.
+    Refresh,
 }
 
 /// A worker thread's own copy of the entries it found in the shared cache, looked at first. A
-/// hit here is one probe of a small map no other thread touches; the shared (moka) cache's read
-/// costs several times that, and its read bookkeeping is shared by every worker. The copy never
-/// serves what the shared cache would not: it is emptied whenever the cache's generation moves
-/// (an eviction for a change, a gap in the feed, a replacement, a capacity eviction), and each
-/// entry passes the same [`KeyCache::usable`] test. Entries leave the shared cache by expiry only
-/// once they are unusable anyway, so expiry does not move the generation.
+/// hit here is one probe of a map no other thread touches; the shared (moka) cache's read costs
+/// several times that, and its read bookkeeping is shared by every worker. The copy never serves
+/// what the shared cache would not: it is emptied whenever the cache's generation moves (an
+/// eviction for a change, a gap in the feed, a re-read that found the key changed, a capacity
+/// eviction), and each entry passes the same [`KeyCache::usable`] test. The generation stays put
+/// when an entry leaves by expiry (it is unusable by then) or is replaced by a re-read that
+/// decides the same way (the copy's entry shares its usage counters with the new one, and
+/// serving it is what serving the new one would do).
 struct Local {
     cache: u64,
     generation: u64,
@@ -215,10 +288,6 @@ struct Local {
     /// looked up (any well-formed unknown key), so it must not be able to choose collisions.
     entries: HashMap<KeyDigest, Entry>,
 }
-
-/// At most this many entries per thread; a full copy is emptied and refilled from the shared
-/// cache (a store of 100,000 keys in use then costs the shared cache's read, as before).
-const LOCAL_CAPACITY: usize = 16 * 1024;
 
 thread_local! {
     static LOCAL: RefCell<Local> = RefCell::new(Local {
@@ -238,13 +307,17 @@ impl KeyCache {
         let spill = Arc::clone(&spilled);
         let generation = Arc::new(AtomicU64::new(0));
         let moved = Arc::clone(&generation);
+        let (refresh_tx, refresh_rx) = mpsc::channel(REFRESH_QUEUE);
         let cache = Cache::builder()
             .max_capacity(cfg.cache_capacity)
             .expire_after(EntryExpiry {
                 stale_if_error: cfg.stale_if_error,
             })
             .eviction_listener(move |_, entry: Entry, cause: RemovalCause| {
-                if cause != RemovalCause::Expired {
+                // Expired entries are unusable anyway, and `resolve` moves the generation itself
+                // for a replacement that matters. A capacity eviction does move it: a worker's
+                // copy would otherwise go on counting uses that nobody flushes.
+                if !matches!(cause, RemovalCause::Expired | RemovalCause::Replaced) {
                     moved.fetch_add(1, Ordering::Release);
                 }
                 // Replaced or evicted entries must not lose usage that was not flushed yet.
@@ -273,6 +346,9 @@ impl KeyCache {
             metrics,
             id: NEXT_CACHE_ID.fetch_add(1, Ordering::Relaxed),
             generation,
+            local_capacity: usize::try_from(cfg.cache_capacity).unwrap_or(usize::MAX),
+            refresh_tx,
+            refresh_rx: Mutex::new(Some(refresh_rx)),
         }
     }
 
@@ -312,7 +388,7 @@ impl KeyCache {
                 // Moved since it was read (or another cache's copy): not kept.
                 return;
             }
-            if local.entries.len() >= LOCAL_CAPACITY {
+            if local.entries.len() >= self.local_capacity {
                 local.entries.clear();
             }
             local.entries.insert(digest, entry.clone());
@@ -418,7 +494,7 @@ impl KeyCache {
     pub async fn resolve(&self, digest: KeyDigest) -> Result<(Entry, Source), Unavailable> {
         let now = Instant::now();
         if let Some(entry) = self.local(&digest, now) {
-            self.metrics.cache_hits.increment(1);
+            self.hit(&entry, now);
             return Ok((entry, Source::Hit));
         }
         // Read before the shared cache: what is kept under it predates no change after it.
@@ -427,52 +503,11 @@ impl KeyCache {
             && self.usable(&entry, now)
         {
             self.keep_local(digest, &entry, generation);
-            self.metrics.cache_hits.increment(1);
+            self.hit(&entry, now);
             return Ok((entry, Source::Hit));
         }
         self.metrics.cache_misses.increment(1);
-        let mut failed = false;
-        let failed_flag = &mut failed;
-        let result = self
-            .cache
-            .entry(digest)
-            .and_compute_with(|current| {
-                let current = current.map(|e| e.into_value());
-                async move {
-                    let now = Instant::now();
-                    if current.as_ref().is_some_and(|e| self.usable(e, now)) {
-                        // A request ahead of us in this digest's queue refreshed it.
-                        return Op::Nop;
-                    }
-                    match self.call(self.store.lookup(digest)).await {
-                        // `now` was taken before the read: an entry is never thought newer
-                        // than the data in it.
-                        Ok(Some(record)) => {
-                            let fresh_until = now + jittered(self.positive_ttl);
-                            Op::Put(Entry::Known(Arc::new(KnownKey::new(
-                                record,
-                                now,
-                                fresh_until,
-                                fresh_until + jittered(self.stale_if_error),
-                            ))))
-                        }
-                        Ok(None) => Op::Put(Entry::Unknown {
-                            fresh_until: now + jittered(self.negative_ttl),
-                        }),
-                        Err(_) => {
-                            *failed_flag = true;
-                            Op::Nop
-                        }
-                    }
-                }
-            })
-            .await;
-        let entry = match result {
-            CompResult::Inserted(e) | CompResult::ReplacedWith(e) | CompResult::Unchanged(e) => {
-                Some(e.into_value())
-            }
-            CompResult::Removed(_) | CompResult::StillNone(_) => None,
-        };
+        let (entry, failed) = self.load(digest, Load::Miss).await;
         match (entry, failed) {
             (Some(e), false) => Ok((e, Source::Store)),
             // Only a known key may outlive its TTL; moka drops it after `stale_if_error`.
@@ -481,6 +516,123 @@ impl KeyCache {
                 Ok((e, Source::Stale))
             }
             (Some(Entry::Unknown { .. }) | None, _) => Err(Unavailable),
+        }
+    }
+
+    /// Counts a hit on `entry` and, once a known key's entry is in the last part of its life,
+    /// asks (once) for its background re-read. A full queue only means the key is re-read by a
+    /// request later, as without refresh-ahead.
+    fn hit(&self, entry: &Entry, now: Instant) {
+        self.metrics.cache_hits.increment(1);
+        if let Entry::Known(k) = entry
+            && now >= k.refresh_at
+            && !k.refresh_asked.swap(true, Ordering::Relaxed)
+        {
+            let _ = self.refresh_tx.try_send(k.record.digest);
+        }
+    }
+
+    /// Reads `digest` from the store into the cache, serialised with every other read of it
+    /// (moka's per-key compute), unless the entry the read would replace no longer needs it:
+    /// usable for a miss, re-read already (or gone) for a refresh. Returns the entry after it,
+    /// and whether the store failed.
+    async fn load(&self, digest: KeyDigest, why: Load) -> (Option<Entry>, bool) {
+        let mut failed = false;
+        let failed_flag = &mut failed;
+        let mut changed = false;
+        let changed_flag = &mut changed;
+        let result = self
+            .cache
+            .entry(digest)
+            .and_compute_with(|current| {
+                let current = current.map(|e| e.into_value());
+                async move {
+                    let now = Instant::now();
+                    let needed = match (why, &current) {
+                        (Load::Miss, Some(e)) => !self.usable(e, now),
+                        (Load::Miss, None) => true,
+                        (Load::Refresh, Some(Entry::Known(k))) => now >= k.refresh_at,
+                        (Load::Refresh, Some(Entry::Unknown { .. }) | None) => false,
+                    };
+                    if !needed {
+                        // A request ahead of us in this digest's queue read it.
+                        return Op::Nop;
+                    }
+                    if why == Load::Refresh {
+                        self.metrics.cache_refreshes.increment(1);
+                    }
+                    match self.call(self.store.lookup(digest)).await {
+                        // `now` was taken before the read: an entry is never thought newer
+                        // than the data in it.
+                        Ok(Some(record)) => {
+                            let fresh_until = now + jittered(self.positive_ttl);
+                            let mut known = KnownKey::new(
+                                record,
+                                now,
+                                fresh_until,
+                                fresh_until + jittered(self.stale_if_error),
+                            );
+                            match &current {
+                                Some(Entry::Known(old)) if old.same_decision(&known.record) => {
+                                    known.uses = Arc::clone(&old.uses);
+                                }
+                                Some(Entry::Known(_)) => *changed_flag = true,
+                                // An unknown entry is served only while fresh, and it is
+                                // replaced only once it is not: no copy can serve it again.
+                                Some(Entry::Unknown { .. }) | None => {}
+                            }
+                            Op::Put(Entry::Known(Arc::new(known)))
+                        }
+                        Ok(None) => {
+                            // Deleted behind keygate's back (the feed shows keygate's changes).
+                            *changed_flag = matches!(current, Some(Entry::Known(_)));
+                            Op::Put(Entry::Unknown {
+                                fresh_until: now + jittered(self.negative_ttl),
+                            })
+                        }
+                        Err(_) => {
+                            *failed_flag = true;
+                            Op::Nop
+                        }
+                    }
+                }
+            })
+            .await;
+        if changed {
+            // A known entry can become usable again in a copy (when the feed is confirmed
+            // again), so copies must not keep what this re-read found changed.
+            self.moved();
+        }
+        let entry = match result {
+            CompResult::Inserted(e) | CompResult::ReplacedWith(e) | CompResult::Unchanged(e) => {
+                Some(e.into_value())
+            }
+            CompResult::Removed(_) | CompResult::StillNone(_) => None,
+        };
+        (entry, failed)
+    }
+
+    /// Re-reads, in the background, the known keys that requests found near the end of their
+    /// entries ([`KnownKey::refresh_at`]), a few at a time, until `shutdown`. The requests go on
+    /// being served from the entry meanwhile; a failed re-read leaves it as it was.
+    pub async fn refresh_ahead(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let Some(rx) = self.refresh_rx.lock().ok().and_then(|mut rx| rx.take()) else {
+            return; // another refresher has it
+        };
+        let digests = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|digest| (digest, rx))
+        });
+        let this = &self;
+        let refresh = futures_util::StreamExt::for_each_concurrent(
+            digests,
+            REFRESH_CONCURRENCY,
+            |digest| async move {
+                this.load(digest, Load::Refresh).await;
+            },
+        );
+        tokio::select! {
+            () = refresh => {}
+            _ = shutdown.changed() => {}
         }
     }
 
@@ -938,5 +1090,100 @@ mod tests {
             Entry::Known(_)
         ));
         assert_eq!(store.lookups.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_re_read_keeps_the_copies_and_their_usage_unless_the_key_changed() {
+        // The feed is not followed: an entry past its 75-100 ms TTL is re-read.
+        let (_dir, store, cache) = setup_short_ttl();
+        let secret = crate::key::generate().unwrap();
+        let digest = secret.digest();
+        let rec = record(&secret);
+        store.insert(rec.clone()).await.unwrap();
+        let known = |e: Entry| match e {
+            Entry::Known(k) => k,
+            Entry::Unknown { .. } => panic!("not known"),
+        };
+        let generation = || cache.generation.load(Ordering::Acquire);
+        let ttl_passes = || tokio::time::sleep(Duration::from_millis(150));
+
+        let first = known(cache.resolve(digest).await.unwrap().0);
+        first.touch(1_000);
+        assert_eq!(cache.flush_usage().await.unwrap(), 1);
+        ttl_passes().await;
+        // The re-read finds the flushed usage, nothing else changed: the copies stay, and a use
+        // counted through one of them after the re-read is still flushed.
+        let before = generation();
+        let (entry, source) = cache.resolve(digest).await.unwrap();
+        assert_eq!(source, Source::Store);
+        let second = known(entry);
+        assert_eq!(second.record.use_count, 1);
+        assert_eq!(
+            generation(),
+            before,
+            "a re-read of an unchanged key emptied the copies"
+        );
+        assert!(Arc::ptr_eq(&first.uses, &second.uses));
+        first.touch(3_000);
+        cache.cache.run_pending_tasks().await;
+        assert_eq!(cache.flush_usage().await.unwrap(), 1);
+        let r = store.find("cache-test").await.unwrap();
+        assert_eq!((r.use_count, r.last_used), (2, Some(3_000)));
+
+        // Deactivated where the feed is not seen: the re-read that finds it empties the copies.
+        store.set_active(&rec.id, false).await.unwrap();
+        ttl_passes().await;
+        let third = known(cache.resolve(digest).await.unwrap().0);
+        assert!(!third.record.is_active);
+        assert!(
+            generation() > before,
+            "a changed key left the copies in place"
+        );
+        assert!(!Arc::ptr_eq(&second.uses, &third.uses));
+        assert_eq!(store.lookups.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_key_in_use_is_re_read_in_the_background_before_its_entry_runs_out() {
+        let (_dir, store, cache) = setup();
+        let secret = crate::key::generate().unwrap();
+        let digest = secret.digest();
+        let rec = record(&secret);
+        store.insert(rec.clone()).await.unwrap();
+        let mut queue = cache.refresh_rx.lock().unwrap().take().unwrap();
+        // An entry read 80 s ago with the feed followed since before then and confirmed: served
+        // for 5 s more, and in the last eighth of its life.
+        let now = Instant::now();
+        cache.follow_feed_from(now - Duration::from_secs(100));
+        cache.confirm_feed();
+        let old = Arc::new(KnownKey::new(
+            rec,
+            now - Duration::from_secs(80),
+            now - Duration::from_secs(70),
+            now + Duration::from_secs(5),
+        ));
+        cache.cache.insert(digest, Entry::Known(old.clone())).await;
+
+        // Served from the cache; the re-read is asked for once, and done off the request.
+        for _ in 0..3 {
+            assert_eq!(cache.resolve(digest).await.unwrap().1, Source::Hit);
+        }
+        assert_eq!(queue.try_recv(), Ok(digest));
+        assert!(queue.try_recv().is_err(), "asked for twice");
+        assert_eq!(store.lookups.load(Ordering::SeqCst), 0);
+        cache.load(digest, Load::Refresh).await;
+        assert_eq!(store.lookups.load(Ordering::SeqCst), 1);
+
+        // The shared cache has the new entry (the thread's copy serves the old one, which
+        // decides the same way, until it runs out), and no further re-read is asked for.
+        let Some(Entry::Known(new)) = cache.cache.get(&digest).await else {
+            panic!("not known");
+        };
+        assert!(new.loaded_at >= now && Arc::ptr_eq(&new.uses, &old.uses));
+        assert_eq!(cache.resolve(digest).await.unwrap().1, Source::Hit);
+        assert!(queue.try_recv().is_err(), "asked for again");
+        // A second refresh of the same digest finds it done.
+        cache.load(digest, Load::Refresh).await;
+        assert_eq!(store.lookups.load(Ordering::SeqCst), 1);
     }
 }

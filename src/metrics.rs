@@ -145,6 +145,8 @@ pub struct Metrics {
     pub cache_misses: Counter,
     /// Known keys served past their TTL because the store failed.
     pub cache_stale_served: Counter,
+    /// Background re-reads of keys in steady use (refresh-ahead).
+    pub cache_refreshes: Counter,
     /// Cached entries.
     pub cache_entries: Gauge,
     /// Failed store calls.
@@ -308,6 +310,11 @@ impl Metrics {
             cache_stale_served: r.counter(
                 "keygate_cache_stale_served_total",
                 "Known keys served past their TTL because the store was failing (stale_if_error).",
+                &[],
+            ),
+            cache_refreshes: r.counter(
+                "keygate_cache_refreshes_total",
+                "Known keys re-read in the background shortly before their cache entry ran out.",
                 &[],
             ),
             cache_entries: r.gauge("keygate_cache_entries", "Entries in the key cache.", &[]),

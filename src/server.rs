@@ -470,6 +470,7 @@ pub async fn run(
             Arc::clone(&cache)
                 .flush_usage_every(config.store.usage_flush_interval, stop_rx.clone()),
         ),
+        tokio::spawn(Arc::clone(&cache).refresh_ahead(stop_rx.clone())),
         tokio::spawn(upkeep(
             Arc::clone(&metrics),
             Arc::clone(&gateway),

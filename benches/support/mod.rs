@@ -1,6 +1,7 @@
 //! The authentication set-up shared by `benches/auth.rs` (criterion, time) and
-//! `examples/hotpath.rs` (callgrind, instructions): a SQLite store holding one freshly minted key,
-//! with the cache and authenticator the gateway would put in front of it.
+//! `examples/hotpath.rs` (callgrind, instructions): a SQLite store holding one freshly minted key
+//! (and, for the large-store bench, many more), with the cache and authenticator the gateway would
+//! put in front of it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +25,7 @@ pub struct AuthFixture {
     pub valid: String,
     /// The stored key with one character changed: fails its checksum.
     pub typo: String,
+    store: Arc<SqliteStore>,
 }
 
 impl AuthFixture {
@@ -43,11 +45,25 @@ impl AuthFixture {
         typo[10] = if typo[10] == b'a' { b'b' } else { b'a' };
         Self {
             _dir: dir,
-            cache: KeyCache::new(store, &config.store, metrics),
+            cache: KeyCache::new(store.clone(), &config.store, metrics),
             auth: Authenticator::new(&config.auth),
             valid,
             typo: String::from_utf8(typo).unwrap(),
+            store,
         }
+    }
+
+    /// Stores `n` more keys (one transaction) and returns request headers for each.
+    #[allow(dead_code)] // benches/auth.rs uses it; examples/hotpath.rs does not
+    pub fn more_keys(&self, rt: &tokio::runtime::Runtime, n: usize) -> Vec<HeaderMap> {
+        let secrets: Vec<_> = (0..n).map(|_| key::generate().unwrap()).collect();
+        let records = secrets
+            .iter()
+            .enumerate()
+            .map(|(i, s)| KeyRecord::new(format!("bench-{i}"), s, 0, None).unwrap())
+            .collect();
+        rt.block_on(self.store.import(records)).unwrap();
+        secrets.iter().map(|s| headers(s.expose())).collect()
     }
 }
 
