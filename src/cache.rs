@@ -54,10 +54,12 @@ pub struct KnownKey {
     /// instead of in one wave. (They stay cached for all of `stale_if_error`, for store outages.)
     confirmed_until: Instant,
     /// From when a request that finds this entry has it re-read in the background (the last
-    /// eighth of its life): a key in steady use is re-read before it runs out, never by a
-    /// request waiting on the store.
+    /// quarter of its life): a key in use at least once in that time is re-read before it runs
+    /// out, never by a request waiting on the store.
     refresh_at: Instant,
-    /// The background re-read was asked for (once per entry).
+    /// The background re-read was asked for (once per entry). The workers' copies then look in
+    /// the shared cache again, so they take up the new entry as soon as it is there rather than
+    /// keep the old one (and its memory) to its end.
     refresh_asked: AtomicBool,
     /// Shared with the entries that replace this one while the key stays the same (a re-read),
     /// so a use counted through a worker's older copy is still flushed.
@@ -98,7 +100,7 @@ impl KnownKey {
             fresh_until,
             confirmed_until,
             refresh_at: confirmed_until
-                .checked_sub(confirmed_until.saturating_duration_since(loaded_at) / 8)
+                .checked_sub(confirmed_until.saturating_duration_since(loaded_at) / 4)
                 .unwrap_or(loaded_at),
             refresh_asked: AtomicBool::new(false),
             uses: Arc::default(),
@@ -167,6 +169,14 @@ pub enum Entry {
 }
 
 impl Entry {
+    /// A known key's background re-read was asked for.
+    fn refresh_asked(&self) -> bool {
+        match self {
+            Entry::Known(k) => k.refresh_asked.load(Ordering::Relaxed),
+            Entry::Unknown { .. } => false,
+        }
+    }
+
     fn fresh_until(&self) -> Instant {
         match self {
             Entry::Known(k) => k.fresh_until,
@@ -373,7 +383,7 @@ impl KeyCache {
             local
                 .entries
                 .get(digest)
-                .filter(|e| self.usable(e, now))
+                .filter(|e| self.usable(e, now) && !e.refresh_asked())
                 .cloned()
         })
     }
@@ -1143,6 +1153,14 @@ mod tests {
         assert_eq!(store.lookups.load(Ordering::SeqCst), 3);
     }
 
+    /// The known entry in this thread's copy.
+    fn known_local(cache: &KeyCache, digest: &KeyDigest) -> Arc<KnownKey> {
+        match cache.local(digest, Instant::now()) {
+            Some(Entry::Known(k)) => k,
+            _ => panic!("no known entry in the thread's copy"),
+        }
+    }
+
     #[tokio::test]
     async fn a_key_in_use_is_re_read_in_the_background_before_its_entry_runs_out() {
         let (_dir, store, cache) = setup();
@@ -1152,7 +1170,7 @@ mod tests {
         store.insert(rec.clone()).await.unwrap();
         let mut queue = cache.refresh_rx.lock().unwrap().take().unwrap();
         // An entry read 80 s ago with the feed followed since before then and confirmed: served
-        // for 5 s more, and in the last eighth of its life.
+        // for 5 s more, and in the last quarter of its life.
         let now = Instant::now();
         cache.follow_feed_from(now - Duration::from_secs(100));
         cache.confirm_feed();
@@ -1174,13 +1192,13 @@ mod tests {
         cache.load(digest, Load::Refresh).await;
         assert_eq!(store.lookups.load(Ordering::SeqCst), 1);
 
-        // The shared cache has the new entry (the thread's copy serves the old one, which
-        // decides the same way, until it runs out), and no further re-read is asked for.
-        let Some(Entry::Known(new)) = cache.cache.get(&digest).await else {
+        // The new entry replaces the old one in the thread's copy too, and asks for nothing.
+        let (Entry::Known(new), source) = cache.resolve(digest).await.unwrap() else {
             panic!("not known");
         };
+        assert_eq!(source, Source::Hit);
         assert!(new.loaded_at >= now && Arc::ptr_eq(&new.uses, &old.uses));
-        assert_eq!(cache.resolve(digest).await.unwrap().1, Source::Hit);
+        assert!(Arc::ptr_eq(&new, &known_local(&cache, &digest)));
         assert!(queue.try_recv().is_err(), "asked for again");
         // A second refresh of the same digest finds it done.
         cache.load(digest, Load::Refresh).await;
