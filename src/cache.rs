@@ -307,6 +307,9 @@ thread_local! {
     });
 }
 
+/// How often each worker sweeps its copy ([`KeyCache::sweep_local`]).
+pub const LOCAL_SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+
 /// Ids for [`KeyCache::id`]; 0 is no cache.
 static NEXT_CACHE_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -386,6 +389,28 @@ impl KeyCache {
                 .filter(|e| self.usable(e, now) && !e.refresh_asked())
                 .cloned()
         })
+    }
+
+    /// Drops from this thread's copy the entries it can no longer serve (run out, or superseded
+    /// by a background re-read), and gives back the memory of a copy that has shrunk: entries in
+    /// a copy keep their records alive after the shared cache has let go of them. Each worker
+    /// runs it every [`LOCAL_SWEEP_INTERVAL`].
+    pub fn sweep_local(&self, now: Instant) {
+        LOCAL.with(|local| {
+            let Ok(mut local) = local.try_borrow_mut() else {
+                return;
+            };
+            if local.cache != self.id {
+                return;
+            }
+            local
+                .entries
+                .retain(|_, e| self.usable(e, now) && !e.refresh_asked());
+            let len = local.entries.len();
+            if local.entries.capacity() > 4 * len.max(1024) {
+                local.entries.shrink_to(2 * len);
+            }
+        });
     }
 
     /// Keeps `entry`, read from the shared cache under `generation`, in this thread's copy.
@@ -1188,6 +1213,11 @@ mod tests {
         }
         assert_eq!(queue.try_recv(), Ok(digest));
         assert!(queue.try_recv().is_err(), "asked for twice");
+        // The thread's copy of an entry whose re-read was asked for is swept out.
+        let in_copy = || LOCAL.with(|l| l.borrow().entries.contains_key(&digest));
+        assert!(in_copy());
+        cache.sweep_local(Instant::now());
+        assert!(!in_copy());
         assert_eq!(store.lookups.load(Ordering::SeqCst), 0);
         cache.load(digest, Load::Refresh).await;
         assert_eq!(store.lookups.load(Ordering::SeqCst), 1);

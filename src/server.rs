@@ -347,6 +347,15 @@ impl Worker {
                 crate::logging::flush_access_log();
             }
         });
+        // The worker thread's copy of the key cache lets go of what it can no longer serve.
+        let cache = Arc::clone(self.gateway.cache());
+        let sweeper = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(crate::cache::LOCAL_SWEEP_INTERVAL);
+            loop {
+                tick.tick().await;
+                cache.sweep_local(std::time::Instant::now());
+            }
+        });
         let https = TcpListener::from_std(self.https)?;
         let http = self.http.map(TcpListener::from_std).transpose()?;
         let index = self.index;
@@ -426,6 +435,7 @@ impl Worker {
         stopped(&mut exit).await;
         self.gateway.close_worker_connections(index);
         flusher.abort();
+        sweeper.abort();
         crate::logging::flush_access_log();
         Ok(())
     }
