@@ -57,9 +57,9 @@ pub struct KnownKey {
     /// quarter of its life): a key in use at least once in that time is re-read before it runs
     /// out, never by a request waiting on the store.
     refresh_at: Instant,
-    /// The background re-read was asked for (once per entry). The workers' copies then look in
-    /// the shared cache again, so they take up the new entry as soon as it is there rather than
-    /// keep the old one (and its memory) to its end.
+    /// The background re-read was asked for (once per entry). The workers' sweeps then drop
+    /// their copies of this entry, so they take up the new one rather than keep the old one (and
+    /// its memory) to its end.
     refresh_asked: AtomicBool,
     /// Shared with the entries that replace this one while the key stays the same (a re-read),
     /// so a use counted through a worker's older copy is still flushed.
@@ -386,7 +386,7 @@ impl KeyCache {
             local
                 .entries
                 .get(digest)
-                .filter(|e| self.usable(e, now) && !e.refresh_asked())
+                .filter(|e| self.usable(e, now))
                 .cloned()
         })
     }
