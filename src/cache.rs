@@ -308,7 +308,7 @@ thread_local! {
 }
 
 /// How often each worker sweeps its copy ([`KeyCache::sweep_local`]).
-pub const LOCAL_SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+pub const LOCAL_SWEEP_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Ids for [`KeyCache::id`]; 0 is no cache.
 static NEXT_CACHE_ID: AtomicU64 = AtomicU64::new(1);
