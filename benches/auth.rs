@@ -1,6 +1,7 @@
 //! Authentication hot path: the offline format check, a cache hit (with one key in use, and with
-//! 90,000), a malformed-key rejection and a cache miss that reads SQLite. `baseline/sha256` (one SHA-256 of a key, which every lookup
-//! needs) is the yardstick: report the others as ratios to it from the same run.
+//! 90,000), a malformed-key rejection and a cache miss that reads SQLite. `baseline/sha256` (one
+//! SHA-256 of a key, which every lookup needs) is the yardstick: report the others as ratios to it
+//! from the same run.
 //!
 //! Run: `cargo bench --bench auth`
 

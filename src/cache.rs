@@ -1,6 +1,8 @@
-//! The in-process key cache in front of the store, and the two background jobs that keep it true:
-//! the change-feed poller (revocations reach the gateway within one poll interval) and the usage
-//! flusher (`last_used` and use counts written in batches, never per request).
+//! The in-process key cache in front of the store, and the background jobs that keep it true and
+//! current: the change-feed poller (revocations reach the gateway within one poll interval), the
+//! usage flusher (`last_used` and use counts written in batches, never per request), the
+//! refresher (keys in use re-read before their entries run out) and each worker's sweep of its
+//! own copy.
 //!
 //! Entries are keyed by digest. A known key (active or not) is fresh for `positive_ttl` (each
 //! entry for a random 75-100% of it, so entries made together do not expire together) and kept
@@ -10,9 +12,10 @@
 //! (polled successfully within the last two poll intervals): every change made through keygate
 //! reaches the cache on the feed, so the entry is as current as a re-read would make it. Without
 //! that confirmation, as while the store is failing, it is re-read, and served stale only if the
-//! store cannot answer. A cache hit touches no lock and no store: a probe of the worker thread's
-//! own copy of the entries it has used (emptied whenever something leaves the shared cache for a
-//! change), else one concurrent-map read; and two atomic stores for usage. Misses for one digest
+//! store cannot answer. A request that finds a known key in the last quarter of that window has
+//! it re-read in the background. A cache hit touches no lock and no store: a probe of the worker
+//! thread's own copy of the entries it has used (emptied whenever the shared cache changes in a
+//! way the copy could outlive), else one concurrent-map read; and two atomic stores for usage. Misses for one digest
 //! are serialised through moka's per-key compute, so a burst of requests with the same unknown key
 //! costs one store lookup.
 
@@ -948,6 +951,21 @@ mod tests {
         KeyRecord::new("cache-test", secret, 0, None).unwrap()
     }
 
+    /// A new key's record, stored in `store`.
+    async fn stored_key(store: &Counting) -> KeyRecord {
+        let rec = record(&crate::key::generate().unwrap());
+        store.insert(rec.clone()).await.unwrap();
+        rec
+    }
+
+    /// The known key `entry` holds.
+    fn known(entry: Entry) -> Arc<KnownKey> {
+        match entry {
+            Entry::Known(k) => k,
+            Entry::Unknown { .. } => panic!("not known"),
+        }
+    }
+
     /// A cache whose known keys are fresh for 75-100 ms, with a 300 ms poll interval (the poll is
     /// driven by the test).
     fn setup_short_ttl() -> (tempfile::TempDir, Arc<Counting>, Arc<KeyCache>) {
@@ -1087,10 +1105,8 @@ mod tests {
     async fn a_threads_own_copy_never_outlives_a_change() {
         // A current-thread runtime: every resolve below runs on this thread, so uses its copy.
         let (_dir, store, cache) = setup();
-        let secret = crate::key::generate().unwrap();
-        let digest = secret.digest();
-        let rec = record(&secret);
-        store.insert(rec.clone()).await.unwrap();
+        let rec = stored_key(&store).await;
+        let digest = rec.digest;
         let mut position = None;
         cache.poll_once(&mut position).await.unwrap();
         let source = |r: Result<(Entry, Source), Unavailable>| r.unwrap().1;
@@ -1105,15 +1121,10 @@ mod tests {
         store.set_active(&rec.id, false).await.unwrap();
         cache.poll_once(&mut position).await.unwrap();
         assert!(cache.local(&digest, Instant::now()).is_none());
-        let (Entry::Known(k), source_now) = cache.resolve(digest).await.unwrap() else {
-            panic!("not known");
-        };
-        assert!(!k.record.is_active && source_now == Source::Store);
+        let (entry, source_now) = cache.resolve(digest).await.unwrap();
+        assert!(!known(entry).record.is_active && source_now == Source::Store);
         assert_eq!(source(cache.resolve(digest).await), Source::Hit);
-        let Some(Entry::Known(k)) = cache.local(&digest, Instant::now()) else {
-            panic!("not kept");
-        };
-        assert!(!k.record.is_active);
+        assert!(!known_local(&cache, &digest).record.is_active);
 
         // Another cache on the same thread never sees this one's copy.
         let (_dir2, _store2, other) = setup();
@@ -1131,14 +1142,8 @@ mod tests {
     async fn a_re_read_keeps_the_copies_and_their_usage_unless_the_key_changed() {
         // The feed is not followed: an entry past its 75-100 ms TTL is re-read.
         let (_dir, store, cache) = setup_short_ttl();
-        let secret = crate::key::generate().unwrap();
-        let digest = secret.digest();
-        let rec = record(&secret);
-        store.insert(rec.clone()).await.unwrap();
-        let known = |e: Entry| match e {
-            Entry::Known(k) => k,
-            Entry::Unknown { .. } => panic!("not known"),
-        };
+        let rec = stored_key(&store).await;
+        let digest = rec.digest;
         let generation = || cache.generation.load(Ordering::Acquire);
         let ttl_passes = || tokio::time::sleep(Duration::from_millis(150));
 
@@ -1186,19 +1191,15 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_key_in_use_is_re_read_in_the_background_before_its_entry_runs_out() {
-        let (_dir, store, cache) = setup();
-        let secret = crate::key::generate().unwrap();
-        let digest = secret.digest();
-        let rec = record(&secret);
-        store.insert(rec.clone()).await.unwrap();
-        let mut queue = cache.refresh_rx.lock().unwrap().take().unwrap();
-        // An entry read 80 s ago with the feed followed since before then and confirmed: served
-        // for 5 s more, and in the last quarter of its life.
+    /// A stored key whose cached entry is due for a background re-read: read 80 s ago with the
+    /// feed followed since before then and confirmed, served for 5 s more, in the last quarter
+    /// of its life.
+    async fn due_for_refresh(store: &Counting, cache: &KeyCache) -> Arc<KnownKey> {
+        let rec = stored_key(store).await;
         let now = Instant::now();
         cache.follow_feed_from(now - Duration::from_secs(100));
         cache.confirm_feed();
+        let digest = rec.digest;
         let old = Arc::new(KnownKey::new(
             rec,
             now - Duration::from_secs(80),
@@ -1206,6 +1207,15 @@ mod tests {
             now + Duration::from_secs(5),
         ));
         cache.cache.insert(digest, Entry::Known(old.clone())).await;
+        old
+    }
+
+    #[tokio::test]
+    async fn a_key_in_use_is_re_read_in_the_background_before_its_entry_runs_out() {
+        let (_dir, store, cache) = setup();
+        let mut queue = cache.refresh_rx.lock().unwrap().take().unwrap();
+        let old = due_for_refresh(&store, &cache).await;
+        let digest = old.record.digest;
 
         // Served from the cache; the re-read is asked for once, and done off the request.
         for _ in 0..3 {
@@ -1223,15 +1233,42 @@ mod tests {
         assert_eq!(store.lookups.load(Ordering::SeqCst), 1);
 
         // The new entry replaces the old one in the thread's copy too, and asks for nothing.
-        let (Entry::Known(new), source) = cache.resolve(digest).await.unwrap() else {
-            panic!("not known");
-        };
+        let (entry, source) = cache.resolve(digest).await.unwrap();
+        let new = known(entry);
         assert_eq!(source, Source::Hit);
-        assert!(new.loaded_at >= now && Arc::ptr_eq(&new.uses, &old.uses));
+        assert!(new.loaded_at > old.loaded_at && Arc::ptr_eq(&new.uses, &old.uses));
         assert!(Arc::ptr_eq(&new, &known_local(&cache, &digest)));
         assert!(queue.try_recv().is_err(), "asked for again");
         // A second refresh of the same digest finds it done.
         cache.load(digest, Load::Refresh).await;
         assert_eq!(store.lookups.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn the_refresher_re_reads_what_requests_ask_for_until_shutdown() {
+        let (_dir, store, cache) = setup();
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let refresher = tokio::spawn(Arc::clone(&cache).refresh_ahead(stopped));
+        let old = due_for_refresh(&store, &cache).await;
+        let digest = old.record.digest;
+        assert_eq!(cache.resolve(digest).await.unwrap().1, Source::Hit);
+
+        // The re-read replaces the entry without another request (waited for, not timed).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let current = known(cache.cache.get(&digest).await.expect("cached"));
+            if current.loaded_at > old.loaded_at {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no background re-read");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(store.lookups.load(Ordering::SeqCst), 1);
+
+        stop.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), refresher)
+            .await
+            .expect("the refresher stops on shutdown")
+            .unwrap();
     }
 }

@@ -145,7 +145,7 @@ pub struct Metrics {
     pub cache_misses: Counter,
     /// Known keys served past their TTL because the store failed.
     pub cache_stale_served: Counter,
-    /// Background re-reads of keys in steady use (refresh-ahead).
+    /// Background re-reads started for keys in steady use (refresh-ahead).
     pub cache_refreshes: Counter,
     /// Cached entries.
     pub cache_entries: Gauge,
@@ -314,7 +314,7 @@ impl Metrics {
             ),
             cache_refreshes: r.counter(
                 "keygate_cache_refreshes_total",
-                "Known keys re-read in the background shortly before their cache entry ran out.",
+                "Background re-reads of known keys started shortly before their cache entry ran out.",
                 &[],
             ),
             cache_entries: r.gauge("keygate_cache_entries", "Entries in the key cache.", &[]),
