@@ -16,11 +16,13 @@ use std::collections::VecDeque;
 use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -42,6 +44,35 @@ struct ConnState {
     driver: Driver,
     /// The driver has completed: the connection is closed and must not be polled again.
     closed: bool,
+    /// What the driver's registrations wake: the task driving the connection, through [`Gate`].
+    gate: Arc<Gate>,
+    /// `gate` as a waker, made once per connection.
+    gate_waker: Waker,
+}
+
+/// The waker hyper's connection is driven with. It passes wake-ups on to the task that last
+/// drove the connection, except while shut ([`Conn::muted`]): taking a frame of the response
+/// body wakes the connection (there is room for the next frame), and that wake-up would run the
+/// request's task once more for nothing, since the task is running and drives the connection
+/// itself whenever it needs the next frame. Only that task's own code runs while the gate is
+/// shut, on the worker's thread that every wake-up of the connection comes from, so no wake-up
+/// that matters is lost.
+#[derive(Debug)]
+struct Gate {
+    shut: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for Gate {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if !self.shut.load(Ordering::Relaxed) {
+            self.task.wake();
+        }
+    }
 }
 
 impl std::fmt::Debug for Conn {
@@ -57,17 +88,46 @@ impl Conn {
     /// reach the request through its response future or body, which is where they are reported.
     fn drive(&mut self, cx: &mut Context<'_>) -> bool {
         let state = &mut *self.0;
-        if !state.closed && Pin::new(&mut state.driver).poll(cx).is_ready() {
+        if state.closed {
+            return false;
+        }
+        state.gate.task.register(cx.waker());
+        let mut gated = Context::from_waker(&state.gate_waker);
+        if Pin::new(&mut state.driver).poll(&mut gated).is_ready() {
             state.closed = true;
         }
         !state.closed
     }
 
+    /// Runs `f` with the connection's wake-ups shut off ([`Gate`]).
+    fn muted<R>(&self, f: impl FnOnce() -> R) -> R {
+        self.0.gate.shut.store(true, Ordering::Relaxed);
+        let r = f();
+        self.0.gate.shut.store(false, Ordering::Relaxed);
+        r
+    }
+
     /// Whether an idle connection can take a request now: it is open (the upstream has not
     /// closed it while it sat idle) and its previous exchange is complete.
-    fn ready(&mut self, cx: &mut Context<'_>) -> bool {
-        self.drive(cx) && matches!(self.0.sender.poll_ready(cx), Poll::Ready(Ok(())))
+    ///
+    /// Checked with a waker that does nothing ([`quiet`]): a connection's wakers are the task
+    /// that last drove it, and the request about to be sent would otherwise wake its own task
+    /// (the connection's request channel holds that task's waker), which then runs once more
+    /// for nothing. The exchange drives the connection with the real waker right after.
+    fn ready(&mut self) -> bool {
+        let mut quiet = quiet();
+        self.drive(&mut quiet)
+            && matches!(self.0.sender.poll_ready(&mut quiet), Poll::Ready(Ok(())))
     }
+}
+
+/// A context whose waker does nothing, for polling what only the request's own [`Conn::drive`]
+/// can complete: the response head and the end of the request body (hyper's connection reports
+/// them through channels, whose wake-up would run the request's task once more for nothing), and
+/// the response body's next frame. Every wake-up that matters (the socket, a timer) is
+/// registered by the drive, with the task's own waker.
+fn quiet() -> Context<'static> {
+    Context::from_waker(Waker::noop())
 }
 
 /// Why no connection could be had.
@@ -154,10 +214,10 @@ impl Pool {
 
     /// The most recently used idle connection that can take a request, or `None`. Connections
     /// idle for longer than the timeout, or closed by the upstream, are dropped on the way.
-    pub async fn idle(&self) -> Option<Conn> {
+    pub fn idle(&self) -> Option<Conn> {
         loop {
             let mut conn = self.pop_idle()?;
-            if poll_fn(|cx| Poll::Ready(conn.ready(cx))).await {
+            if conn.ready() {
                 return Some(conn);
             }
         }
@@ -208,10 +268,16 @@ impl Pool {
                 source,
             })?;
         self.opened.increment(1);
+        let gate = Arc::new(Gate {
+            shut: AtomicBool::new(false),
+            task: AtomicWaker::new(),
+        });
         Ok(Conn(Box::new(ConnState {
             sender,
             driver,
             closed: false,
+            gate_waker: Waker::from(Arc::clone(&gate)),
+            gate,
         })))
     }
 
@@ -267,14 +333,14 @@ pub async fn exchange(
     let mut clock = body_sent.is_none();
     poll_fn(|cx| {
         conn.drive(cx);
-        if let Poll::Ready(result) = response.as_mut().poll(cx) {
+        if let Poll::Ready(result) = response.as_mut().poll(&mut quiet()) {
             return Poll::Ready(result.map_err(|mut e| match e.take_message() {
                 Some(req) => ExchangeError::NotSent(Box::new(req), e.into_error()),
                 None => ExchangeError::Failed(e.into_error()),
             }));
         }
         if let Some(sent) = body_sent.as_mut()
-            && let Poll::Ready(result) = Pin::new(sent).poll(cx)
+            && let Poll::Ready(result) = Pin::new(sent).poll(&mut quiet())
         {
             *body_sent = None;
             // Err: the body was dropped unfinished, so the exchange fails by itself; no clock.
@@ -332,10 +398,21 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
-        if let Some(conn) = this.conn.as_mut() {
-            conn.drive(cx);
-        }
-        let frame = Pin::new(&mut this.incoming).poll_frame(cx);
+        let frame = match this.conn.as_mut() {
+            // What the connection has already read is taken first; only then is it driven for
+            // more (which registers the task's waker with the socket).
+            Some(conn) => {
+                let incoming = &mut this.incoming;
+                match conn.muted(|| Pin::new(&mut *incoming).poll_frame(&mut quiet())) {
+                    Poll::Pending => {
+                        conn.drive(cx);
+                        conn.muted(|| Pin::new(incoming).poll_frame(&mut quiet()))
+                    }
+                    ready => ready,
+                }
+            }
+            None => Pin::new(&mut this.incoming).poll_frame(cx),
+        };
         match &frame {
             Poll::Ready(None) => this.done = true,
             Poll::Ready(Some(Err(_))) => this.conn = None, // broken: close it now
@@ -359,6 +436,172 @@ impl Drop for UpstreamBody {
             && (self.done || self.incoming.is_end_stream())
         {
             self.pool.put_back(conn);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::sync::atomic::AtomicUsize;
+
+    use hyper::service::service_fn;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// Counts wake-ups, and those that came while the task was being polled: those only make
+    /// the task run once more for nothing.
+    #[derive(Default)]
+    struct Wakes {
+        polling: AtomicBool,
+        total: AtomicUsize,
+        while_polled: AtomicUsize,
+    }
+
+    impl Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.wake_by_ref();
+        }
+
+        fn wake_by_ref(self: &Arc<Self>) {
+            self.total.fetch_add(1, Ordering::SeqCst);
+            if self.polling.load(Ordering::SeqCst) {
+                self.while_polled.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    impl Wakes {
+        /// Polls `poll` until it is ready, waiting for a wake-up between polls (as an executor
+        /// would); fails if none comes.
+        async fn run<T>(self: &Arc<Self>, mut poll: impl FnMut(&mut Context<'_>) -> Poll<T>) -> T {
+            let waker = Waker::from(Arc::clone(self));
+            let mut cx = Context::from_waker(&waker);
+            loop {
+                let before = self.total.load(Ordering::SeqCst);
+                self.polling.store(true, Ordering::SeqCst);
+                let polled = poll(&mut cx);
+                self.polling.store(false, Ordering::SeqCst);
+                if let Poll::Ready(v) = polled {
+                    return v;
+                }
+                let woken = async {
+                    while self.total.load(Ordering::SeqCst) == before {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                };
+                tokio::time::timeout(Duration::from_secs(10), woken)
+                    .await
+                    .expect("a pending poll is followed by a wake-up");
+            }
+        }
+    }
+
+    /// An upstream that answers every request on a connection with `hello`, but `/silent`.
+    async fn upstream() -> u16 {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0; 4096];
+            let mut seen = Vec::new();
+            loop {
+                let n = stream.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    return;
+                }
+                seen.extend_from_slice(&buf[..n]);
+                while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                    if seen
+                        .drain(..end + 4)
+                        .as_slice()
+                        .starts_with(b"GET /silent ")
+                    {
+                        continue;
+                    }
+                    stream
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello")
+                        .await
+                        .unwrap();
+                }
+            }
+        });
+        port
+    }
+
+    /// A request as the gateway forwards it: received by a hyper server (here over an
+    /// in-memory pipe), its body wrapped in a [`RequestBody`].
+    async fn client_request(path: &str) -> Request<RequestBody> {
+        let (client, server) = tokio::io::duplex(4096);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let tx = Mutex::new(Some(tx));
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<Incoming>| {
+                if let Some(tx) = tx.lock().unwrap().take() {
+                    let _ = tx.send(req);
+                }
+                std::future::pending::<Result<Response<String>, Infallible>>()
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(server), service)
+                .await;
+        });
+        let mut client = client;
+        client
+            .write_all(format!("GET {path} HTTP/1.1\r\nhost: upstream\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let (parts, body) = rx.await.unwrap().into_parts();
+        tokio::spawn(async move {
+            // Keeps the client end open for as long as the test runs.
+            let _client = client;
+            std::future::pending::<()>().await;
+        });
+        Request::from_parts(parts, RequestBody::new(body, None).0)
+    }
+
+    #[tokio::test]
+    async fn an_exchange_wakes_its_task_only_for_what_it_waits_on() {
+        let port = upstream().await;
+        let pool = Arc::new(Pool::new(
+            "127.0.0.1".into(),
+            port,
+            Duration::from_secs(5),
+            4,
+            Duration::from_secs(60),
+            metrics::Counter::noop(),
+        ));
+        let mut conn = pool.connect().await.unwrap();
+        for round in 0..3 {
+            let wakes = Arc::new(Wakes::default());
+            let req = client_request("/x").await;
+            let mut sent = None;
+            let response = {
+                let exchange = exchange(&mut conn, req, &mut sent, Duration::from_secs(5));
+                tokio::pin!(exchange);
+                wakes.run(|cx| exchange.as_mut().poll(cx)).await.unwrap()
+            };
+            let mut body = response.map(|b| UpstreamBody::new(b, conn, Arc::clone(&pool)));
+            let mut data = Vec::new();
+            while let Some(frame) = wakes
+                .run(|cx| Pin::new(body.body_mut()).poll_frame(cx))
+                .await
+            {
+                data.extend_from_slice(&frame.unwrap().into_data().unwrap());
+            }
+            assert_eq!(data, b"hello");
+            assert_eq!(
+                wakes.while_polled.load(Ordering::SeqCst),
+                0,
+                "round {round}: the task was woken while it ran ({} wake-ups in all)",
+                wakes.total.load(Ordering::SeqCst)
+            );
+            drop(body);
+            conn = pool
+                .idle()
+                .expect("the connection went back to the pool, reusable");
         }
     }
 }

@@ -101,7 +101,7 @@ pub struct ClientBodyError(#[source] hyper::Error);
 impl RequestBody {
     /// The body, and what resolves once it has been sent completely (`None`: it already is, as
     /// for a request without a body).
-    fn new(
+    pub(crate) fn new(
         inner: Incoming,
         limit: Option<u64>,
     ) -> (Self, Option<tokio::sync::oneshot::Receiver<()>>) {
@@ -475,7 +475,7 @@ impl Upstream {
         let (parts, body) = req.into_parts();
         let (body, mut sent) = RequestBody::new(body, max_body);
         let mut req = Request::from_parts(parts, body);
-        let (mut conn, mut reused) = match self.pool.idle().await {
+        let (mut conn, mut reused) = match self.pool.idle() {
             Some(conn) => (conn, true),
             None => (self.connect().await?, false),
         };
