@@ -48,6 +48,8 @@ struct ConnState {
     gate: Arc<Gate>,
     /// `gate` as a waker, made once per connection.
     gate_waker: Waker,
+    /// The response timeout, kept between exchanges ([`exchange`]).
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 /// The waker hyper's connection is driven with. It passes wake-ups on to the task that last
@@ -278,6 +280,7 @@ impl Pool {
             closed: false,
             gate_waker: Waker::from(Arc::clone(&gate)),
             gate,
+            deadline: None,
         })))
     }
 
@@ -328,10 +331,23 @@ pub async fn exchange(
     timeout: Duration,
 ) -> Result<Response<Incoming>, ExchangeError> {
     let response = conn.0.sender.try_send_request(req);
-    let deadline = tokio::time::sleep(timeout);
-    tokio::pin!(response, deadline);
+    tokio::pin!(response);
     let mut clock = body_sent.is_none();
-    poll_fn(|cx| {
+    // The connection keeps its timer from one exchange to the next: moving a registered deadline
+    // later is an atomic update, where a new timer per request would be an insertion into the
+    // timer wheel and a removal from it.
+    let mut deadline = match conn.0.deadline.take() {
+        Some(mut deadline) => {
+            if clock {
+                deadline
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + timeout);
+            }
+            deadline
+        }
+        None => Box::pin(tokio::time::sleep(timeout)),
+    };
+    let result = poll_fn(|cx| {
         conn.drive(cx);
         if let Poll::Ready(result) = response.as_mut().poll(&mut quiet()) {
             return Poll::Ready(result.map_err(|mut e| match e.take_message() {
@@ -356,7 +372,9 @@ pub async fn exchange(
         }
         Poll::Pending
     })
-    .await
+    .await;
+    conn.0.deadline = Some(deadline);
+    result
 }
 
 /// The upstream's response body on its way to the client, with the connection it arrives on:
@@ -563,7 +581,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_exchange_wakes_its_task_only_for_what_it_waits_on() {
+    async fn an_exchange_wakes_its_task_only_for_what_it_waits_on_and_times_out_on_reuse() {
         let port = upstream().await;
         let pool = Arc::new(Pool::new(
             "127.0.0.1".into(),
@@ -603,5 +621,12 @@ mod tests {
                 .idle()
                 .expect("the connection went back to the pool, reusable");
         }
+        // The connection's timer, set for 5 s by the exchanges above, is moved to the new
+        // exchange's (earlier) deadline.
+        let req = client_request("/silent").await;
+        let started = Instant::now();
+        let result = exchange(&mut conn, req, &mut None, Duration::from_millis(200)).await;
+        assert!(matches!(result, Err(ExchangeError::TimedOut)), "{result:?}");
+        assert!(started.elapsed() < Duration::from_secs(4));
     }
 }
