@@ -33,6 +33,7 @@ use crate::proxy::{
     immortal_value,
 };
 use crate::ratelimit::RateLimits;
+use crate::server::TaskGate;
 
 /// Path of the public health endpoint (the old API's URL).
 pub const HEALTH_PATH: &str = "/health/api-auth/";
@@ -51,11 +52,14 @@ pub struct ConnInfo {
     pub tls: bool,
     /// The worker serving it (which upstream pool to use).
     pub worker: usize,
+    /// What the connection's task is polled with.
+    gate: Arc<TaskGate>,
 }
 
 impl ConnInfo {
-    /// A connection from `peer`, over TLS or not, served by worker `worker`.
-    pub fn new(peer: SocketAddr, tls: bool, worker: usize) -> Self {
+    /// A connection from `peer`, over TLS or not, served by worker `worker`, its task polled
+    /// through `gate`.
+    pub(crate) fn new(peer: SocketAddr, tls: bool, worker: usize, gate: Arc<TaskGate>) -> Self {
         let peer_text = HeaderValue::try_from(peer.ip().to_string())
             .expect("an IP address is a valid header value");
         Self {
@@ -63,6 +67,7 @@ impl ConnInfo {
             peer_text,
             tls,
             worker,
+            gate,
         }
     }
 }
@@ -288,6 +293,7 @@ impl Gateway {
             client_ip: client,
             tls: conn.tls,
             worker: conn.worker,
+            gate: &conn.gate,
         };
         // HSTS only on responses the client received over HTTPS: its own TLS, or a trusted TLS-
         // terminating proxy's word for it.
@@ -547,7 +553,7 @@ impl Gateway {
             Some(_) => (Some(AuthReason::Ok), "ok"),
             None => (None, "public_path"),
         };
-        match upstream.send(req, body_limit).await {
+        match upstream.send(req, body_limit, client.gate).await {
             Ok((resp, upstream_latency)) => {
                 self.metrics
                     .upstream_duration

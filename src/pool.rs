@@ -577,7 +577,7 @@ mod tests {
             let _client = client;
             std::future::pending::<()>().await;
         });
-        Request::from_parts(parts, RequestBody::new(body, None).0)
+        Request::from_parts(parts, RequestBody::new(body, None, None).0)
     }
 
     #[tokio::test]

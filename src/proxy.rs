@@ -23,6 +23,7 @@ use ipnet::IpNet;
 use crate::config;
 use crate::metrics::UpstreamErrorKind;
 use crate::pool::{self, ExchangeError, Pool, UpstreamBody};
+use crate::server::TaskGate;
 
 /// The gateway's response body: its own small body, or the upstream's stream.
 #[derive(Debug)]
@@ -81,6 +82,8 @@ impl Body for GatewayBody {
 #[derive(Debug)]
 pub struct RequestBody {
     inner: Incoming,
+    /// The client connection's task gate: taking the body's last bytes need not wake the task.
+    gate: Option<Arc<TaskGate>>,
     sent: Option<tokio::sync::oneshot::Sender<()>>,
     /// `server.max_body_bytes`, for bodies without (or lying about) Content-Length.
     limit: Option<u64>,
@@ -104,15 +107,17 @@ impl RequestBody {
     pub(crate) fn new(
         inner: Incoming,
         limit: Option<u64>,
+        gate: Option<&Arc<TaskGate>>,
     ) -> (Self, Option<tokio::sync::oneshot::Receiver<()>>) {
-        let (sent, rx) = if inner.is_end_stream() {
-            (None, None)
+        let (sent, rx, gate) = if inner.is_end_stream() {
+            (None, None, None)
         } else {
             let (tx, rx) = tokio::sync::oneshot::channel();
-            (Some(tx), Some(rx))
+            (Some(tx), Some(rx), gate.cloned())
         };
         let body = Self {
             inner,
+            gate,
             sent,
             limit,
             seen: 0,
@@ -130,7 +135,19 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
-        let frame = Pin::new(&mut this.inner).poll_frame(cx);
+        let inner = &mut this.inner;
+        let frame = match &this.gate {
+            Some(gate) => {
+                // Taking a frame wakes the client connection's hyper side, which is the task
+                // running this: needed only while more of the body is to come.
+                let (frame, dropped) = gate.muted(|| Pin::new(&mut *inner).poll_frame(cx));
+                if dropped && !inner.is_end_stream() {
+                    gate.wake();
+                }
+                frame
+            }
+            None => Pin::new(inner).poll_frame(cx),
+        };
         if let Poll::Ready(Some(Ok(f))) = &frame
             && let Some(data) = f.data_ref()
         {
@@ -263,6 +280,8 @@ pub struct ClientInfo<'a> {
     pub tls: bool,
     /// The worker serving the request.
     pub worker: usize,
+    /// What the request's connection task is polled with.
+    pub(crate) gate: &'a Arc<TaskGate>,
 }
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -466,14 +485,15 @@ impl Upstream {
     ///
     /// The request goes out on the warmest idle connection; if that one turns out closed before
     /// anything was written, once more on a new connection.
-    pub async fn send(
+    pub(crate) async fn send(
         &self,
         req: Request<Incoming>,
         max_body: Option<u64>,
+        gate: &Arc<TaskGate>,
     ) -> Result<(Response<UpstreamBody>, Duration), ForwardError> {
         let started = Instant::now();
         let (parts, body) = req.into_parts();
-        let (body, mut sent) = RequestBody::new(body, max_body);
+        let (body, mut sent) = RequestBody::new(body, max_body, Some(gate));
         let mut req = Request::from_parts(parts, body);
         let (mut conn, mut reused) = match self.pool.idle() {
             Some(conn) => (conn, true),

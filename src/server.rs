@@ -21,7 +21,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
@@ -151,18 +151,26 @@ async fn stopped(flag: &mut watch::Receiver<bool>) {
 /// polled several times per request and its stop signal almost never fires, so `stop` is polled
 /// only on the first poll and when it woke the task itself (polling a watch receiver takes its
 /// lock; `tokio::select!` would poll it on every wake-up).
+///
+/// `conn` is polled with `gate`'s waker ([`TaskGate`]).
 async fn until_stopped<C: Future>(
     mut conn: Pin<&mut C>,
     stop: impl Future<Output = ()>,
+    gate: &Arc<TaskGate>,
 ) -> Option<C::Output> {
     let mut stop = std::pin::pin!(stop);
+    let gate_waker = Waker::from(Arc::clone(gate));
     let signal = Arc::new(StopSignal {
         woken: AtomicBool::new(true),
         task: AtomicWaker::new(),
     });
     let signal_waker = Waker::from(Arc::clone(&signal));
     std::future::poll_fn(|cx| {
-        if let Poll::Ready(r) = conn.as_mut().poll(cx) {
+        gate.task.register(cx.waker());
+        gate.polling.store(true, Ordering::Relaxed);
+        let polled = conn.as_mut().poll(&mut Context::from_waker(&gate_waker));
+        gate.polling.store(false, Ordering::Relaxed);
+        if let Poll::Ready(r) = polled {
             return Poll::Ready(Some(r));
         }
         signal.task.register(cx.waker());
@@ -177,6 +185,66 @@ async fn until_stopped<C: Future>(
         Poll::Pending
     })
     .await
+}
+
+/// The waker a connection's task polls its connection with. It passes every wake-up on to the
+/// task, except those that the task's own code causes inside [`TaskGate::muted`]: a forwarded
+/// request body taken whole from hyper wakes hyper's side of the connection (there is room for
+/// more of the body), which is the task doing the taking, so the task would run once more for
+/// nothing. `muted` drops wake-ups only while the connection's task is being polled, and only
+/// those from the thread polling it (a wake-up from another thread, such as the shutdown signal,
+/// always passes); the caller delivers a dropped wake-up when it turns out to be needed.
+#[derive(Debug, Default)]
+pub(crate) struct TaskGate {
+    /// The connection's task is being polled (by [`until_stopped`]).
+    polling: AtomicBool,
+    /// While `muted` runs: a token of the thread running it; 0 otherwise.
+    shut_on: AtomicUsize,
+    /// `muted` dropped a wake-up.
+    dropped: AtomicBool,
+    task: AtomicWaker,
+}
+
+/// A token for the current thread: the address of a thread-local.
+fn thread_token() -> usize {
+    thread_local! {
+        static TOKEN: u8 = const { 0 };
+    }
+    TOKEN.with(|t| std::ptr::from_ref(t) as usize)
+}
+
+impl TaskGate {
+    /// Runs `f`, dropping the wake-ups it causes for the connection's task when that task is the
+    /// one running it; says whether any was dropped.
+    pub(crate) fn muted<R>(&self, f: impl FnOnce() -> R) -> (R, bool) {
+        if !self.polling.load(Ordering::Relaxed) {
+            return (f(), false);
+        }
+        self.shut_on.store(thread_token(), Ordering::Relaxed);
+        let r = f();
+        self.shut_on.store(0, Ordering::Relaxed);
+        (r, self.dropped.swap(false, Ordering::Relaxed))
+    }
+
+    /// Delivers a wake-up that [`TaskGate::muted`] dropped.
+    pub(crate) fn wake(&self) {
+        self.task.wake();
+    }
+}
+
+impl Wake for TaskGate {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        let shut_on = self.shut_on.load(Ordering::Relaxed);
+        if shut_on != 0 && shut_on == thread_token() {
+            self.dropped.store(true, Ordering::Relaxed);
+            return;
+        }
+        self.task.wake();
+    }
 }
 
 /// The waker a connection's stop signal is polled with: it notes that the signal woke, then wakes
@@ -235,6 +303,7 @@ impl Accepting {
             let _ = stream.set_nodelay(true);
             let conn = Connection {
                 _permit: permit,
+                gate: Arc::default(),
                 metrics: Arc::clone(&self.metrics),
                 stop: self.stop.clone(),
                 builder: self.builder.clone(),
@@ -251,6 +320,8 @@ struct Connection {
     /// Held for the connection's lifetime: `server.max_connections` counts it, and shutdown
     /// waits until every permit is back.
     _permit: OwnedSemaphorePermit,
+    /// What the connection is polled with; the pipeline's requests carry it ([`ConnInfo`]).
+    gate: Arc<TaskGate>,
     metrics: Arc<Metrics>,
     stop: watch::Receiver<bool>,
     builder: auto::Builder<TokioExecutor>,
@@ -278,7 +349,7 @@ impl Connection {
         let mut stop = self.stop.clone();
         let conn = self.builder.serve_connection(TokioIo::new(io), service);
         tokio::pin!(conn);
-        let result = match until_stopped(conn.as_mut(), stopped(&mut stop)).await {
+        let result = match until_stopped(conn.as_mut(), stopped(&mut stop), &self.gate).await {
             Some(r) => r,
             None => {
                 conn.as_mut().graceful_shutdown();
@@ -385,7 +456,7 @@ impl Worker {
                         return;
                     }
                 };
-                let info = ConnInfo::new(peer, true, index);
+                let info = ConnInfo::new(peer, true, index, Arc::clone(&conn.gate));
                 conn.serve(tls, move |req| {
                     let gateway = Arc::clone(&gateway);
                     let info = info.clone();
@@ -417,7 +488,7 @@ impl Worker {
                     self.pipeline
                         .run(listener, "http", |stream, peer, conn| {
                             let gateway = Arc::clone(gateway);
-                            let info = ConnInfo::new(peer, false, index);
+                            let info = ConnInfo::new(peer, false, index, Arc::clone(&conn.gate));
                             conn.serve(stream, move |req| {
                                 let gateway = Arc::clone(&gateway);
                                 let info = info.clone();
@@ -664,5 +735,105 @@ async fn upkeep(metrics: Arc<Metrics>, gateway: Arc<Gateway>, mut stop: watch::R
             }
             _ = stop.changed() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::proxy::RequestBody;
+
+    /// Counts the polls of the future it wraps.
+    struct Counted<F> {
+        inner: Pin<Box<F>>,
+        polls: Arc<AtomicUsize>,
+    }
+
+    impl<F: Future> Future for Counted<F> {
+        type Output = F::Output;
+
+        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+            self.polls.fetch_add(1, Ordering::SeqCst);
+            self.inner.as_mut().poll(cx)
+        }
+    }
+
+    /// Serves one POST of `len` bytes on a connection whose task polls it through a gate, as
+    /// the pipeline does: the request's own task takes the body (with the gate, or without it
+    /// when `gated` is false) and echoes it. Returns how often the connection's task was polled
+    /// from start to end, and the echoed body's length.
+    async fn serve_one_post(gated: bool, len: usize) -> (usize, usize) {
+        let (mut client, server) = tokio::io::duplex(4096);
+        let gate: Arc<TaskGate> = Arc::default();
+        let service_gate = Arc::clone(&gate);
+        let service = service_fn(move |req: hyper::Request<Incoming>| {
+            let gate = Arc::clone(&service_gate);
+            async move {
+                let body = req.into_body();
+                let (body, _) = RequestBody::new(body, None, gated.then_some(&gate));
+                let bytes = body.collect().await.unwrap().to_bytes();
+                Ok::<_, Infallible>(hyper::Response::new(http_body_util::Full::new(bytes)))
+            }
+        });
+        let polls = Arc::new(AtomicUsize::new(0));
+        let task = tokio::spawn(Counted {
+            polls: Arc::clone(&polls),
+            inner: Box::pin(async move {
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(server), service);
+                tokio::pin!(conn);
+                until_stopped(conn.as_mut(), std::future::pending::<()>(), &gate).await;
+            }),
+        });
+        let mut request =
+            format!("POST / HTTP/1.1\r\nhost: x\r\ncontent-length: {len}\r\n\r\n").into_bytes();
+        request.resize(request.len() + len, b'v');
+        let (mut read, mut write) = tokio::io::split(&mut client);
+        let writing = async { write.write_all(&request).await.unwrap() };
+        let reading = async {
+            let mut response = Vec::new();
+            let mut buf = [0; 8192];
+            loop {
+                let head = response.windows(4).position(|w| w == b"\r\n\r\n");
+                if head.is_some_and(|h| response.len() >= h + 4 + len) {
+                    return response;
+                }
+                let n = read.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the connection closed before the response");
+                response.extend_from_slice(&buf[..n]);
+            }
+        };
+        let run = async { tokio::join!(writing, reading).1 };
+        let response = tokio::time::timeout(Duration::from_secs(10), run)
+            .await
+            .expect("the body goes through");
+        drop(client);
+        task.await.unwrap();
+        let head = response.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        (polls.load(Ordering::SeqCst), response.len() - head)
+    }
+
+    #[tokio::test]
+    async fn a_body_taken_whole_does_not_wake_its_own_connection() {
+        let (gated, echoed) = serve_one_post(true, 5).await;
+        assert_eq!(echoed, 5);
+        let (plain, _) = serve_one_post(false, 5).await;
+        assert!(
+            gated < plain,
+            "polls of the connection's task: {gated} gated, {plain} without the gate"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_taken_in_parts_still_wakes_its_connection_for_the_rest() {
+        // Larger than the pipe between client and server: hyper reads it in several parts, and
+        // each part taken must let the next one in.
+        let (_, echoed) = serve_one_post(true, 256 * 1024).await;
+        assert_eq!(echoed, 256 * 1024);
     }
 }
