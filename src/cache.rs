@@ -15,9 +15,9 @@
 //! store cannot answer. A request that finds a known key in the last quarter of that window has
 //! it re-read in the background. A cache hit touches no lock and no store: a probe of the worker
 //! thread's own copy of the entries it has used (emptied whenever the shared cache changes in a
-//! way the copy could outlive), else one concurrent-map read; and two atomic stores for usage. Misses for one digest
-//! are serialised through moka's per-key compute, so a burst of requests with the same unknown key
-//! costs one store lookup.
+//! way the copy could outlive), else one concurrent-map read; and two atomic stores for usage.
+//! Misses for one digest are serialised through moka's per-key compute, so a burst of requests
+//! with the same unknown key costs one store lookup.
 
 use std::cell::RefCell;
 use std::collections::HashMap;

@@ -16,13 +16,11 @@ use std::collections::VecDeque;
 use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::task::AtomicWaker;
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -31,6 +29,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::proxy::RequestBody;
+use crate::server::TaskGate;
 
 type Driver = http1::Connection<TokioIo<TcpStream>, RequestBody>;
 
@@ -44,37 +43,8 @@ struct ConnState {
     driver: Driver,
     /// The driver has completed: the connection is closed and must not be polled again.
     closed: bool,
-    /// What the driver's registrations wake: the task driving the connection, through [`Gate`].
-    gate: Arc<Gate>,
-    /// `gate` as a waker, made once per connection.
-    gate_waker: Waker,
     /// The response timeout, kept between exchanges ([`exchange`]).
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
-}
-
-/// The waker hyper's connection is driven with. It passes wake-ups on to the task that last
-/// drove the connection, except while shut ([`Conn::muted`]): taking a frame of the response
-/// body wakes the connection (there is room for the next frame), and that wake-up would run the
-/// request's task once more for nothing, since the task is running and drives the connection
-/// itself whenever it needs the next frame. Only that task's own code runs while the gate is
-/// shut, on the worker's thread that every wake-up of the connection comes from, so no wake-up
-/// that matters is lost.
-#[derive(Debug)]
-struct Gate {
-    shut: AtomicBool,
-    task: AtomicWaker,
-}
-
-impl Wake for Gate {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        if !self.shut.load(Ordering::Relaxed) {
-            self.task.wake();
-        }
-    }
 }
 
 impl std::fmt::Debug for Conn {
@@ -90,23 +60,10 @@ impl Conn {
     /// reach the request through its response future or body, which is where they are reported.
     fn drive(&mut self, cx: &mut Context<'_>) -> bool {
         let state = &mut *self.0;
-        if state.closed {
-            return false;
-        }
-        state.gate.task.register(cx.waker());
-        let mut gated = Context::from_waker(&state.gate_waker);
-        if Pin::new(&mut state.driver).poll(&mut gated).is_ready() {
+        if !state.closed && Pin::new(&mut state.driver).poll(cx).is_ready() {
             state.closed = true;
         }
         !state.closed
-    }
-
-    /// Runs `f` with the connection's wake-ups shut off ([`Gate`]).
-    fn muted<R>(&self, f: impl FnOnce() -> R) -> R {
-        self.0.gate.shut.store(true, Ordering::Relaxed);
-        let r = f();
-        self.0.gate.shut.store(false, Ordering::Relaxed);
-        r
     }
 
     /// Whether an idle connection can take a request now: it is open (the upstream has not
@@ -270,16 +227,10 @@ impl Pool {
                 source,
             })?;
         self.opened.increment(1);
-        let gate = Arc::new(Gate {
-            shut: AtomicBool::new(false),
-            task: AtomicWaker::new(),
-        });
         Ok(Conn(Box::new(ConnState {
             sender,
             driver,
             closed: false,
-            gate_waker: Waker::from(Arc::clone(&gate)),
-            gate,
             deadline: None,
         })))
     }
@@ -384,6 +335,9 @@ pub struct UpstreamBody {
     incoming: Incoming,
     conn: Option<Conn>,
     pool: Arc<Pool>,
+    /// The client connection's task gate: taking a frame wakes the upstream connection (room for
+    /// the next), which the task running this drives itself whenever it needs the next frame.
+    gate: Arc<TaskGate>,
     done: bool,
 }
 
@@ -396,12 +350,19 @@ impl std::fmt::Debug for UpstreamBody {
 }
 
 impl UpstreamBody {
-    /// `incoming`, arriving on `conn` from `pool`.
-    pub fn new(incoming: Incoming, conn: Conn, pool: Arc<Pool>) -> Self {
+    /// `incoming`, arriving on `conn` from `pool`, for a client connection whose task polls its
+    /// connection through `gate`.
+    pub(crate) fn new(
+        incoming: Incoming,
+        conn: Conn,
+        pool: Arc<Pool>,
+        gate: Arc<TaskGate>,
+    ) -> Self {
         Self {
             incoming,
             conn: Some(conn),
             pool,
+            gate,
             done: false,
         }
     }
@@ -421,10 +382,16 @@ impl Body for UpstreamBody {
             // more (which registers the task's waker with the socket).
             Some(conn) => {
                 let incoming = &mut this.incoming;
-                match conn.muted(|| Pin::new(&mut *incoming).poll_frame(&mut quiet())) {
+                let mut take = || {
+                    // The wake-up this drops is never needed: see the field's comment.
+                    this.gate
+                        .muted(|| Pin::new(&mut *incoming).poll_frame(&mut quiet()))
+                        .0
+                };
+                match take() {
                     Poll::Pending => {
                         conn.drive(cx);
-                        conn.muted(|| Pin::new(incoming).poll_frame(&mut quiet()))
+                        take()
                     }
                     ready => ready,
                 }
@@ -461,7 +428,8 @@ impl Drop for UpstreamBody {
 #[cfg(test)]
 mod tests {
     use std::convert::Infallible;
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::task::Wake;
 
     use hyper::service::service_fn;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -492,15 +460,20 @@ mod tests {
     }
 
     impl Wakes {
-        /// Polls `poll` until it is ready, waiting for a wake-up between polls (as an executor
-        /// would); fails if none comes.
-        async fn run<T>(self: &Arc<Self>, mut poll: impl FnMut(&mut Context<'_>) -> Poll<T>) -> T {
+        /// Polls `poll` until it is ready, as a client connection's task polls through `gate`,
+        /// waiting for a wake-up between polls (as an executor would); fails if none comes.
+        async fn run<T>(
+            self: &Arc<Self>,
+            gate: &Arc<TaskGate>,
+            mut poll: impl FnMut(&mut Context<'_>) -> Poll<T>,
+        ) -> T {
             let waker = Waker::from(Arc::clone(self));
-            let mut cx = Context::from_waker(&waker);
+            let cx = Context::from_waker(&waker);
+            let gate_waker = Waker::from(Arc::clone(gate));
             loop {
                 let before = self.total.load(Ordering::SeqCst);
                 self.polling.store(true, Ordering::SeqCst);
-                let polled = poll(&mut cx);
+                let polled = gate.polled(&cx, &gate_waker, &mut poll);
                 self.polling.store(false, Ordering::SeqCst);
                 if let Poll::Ready(v) = polled {
                     return v;
@@ -592,6 +565,7 @@ mod tests {
             metrics::Counter::noop(),
         ));
         let mut conn = pool.connect().await.unwrap();
+        let gate: Arc<TaskGate> = Arc::default();
         for round in 0..3 {
             let wakes = Arc::new(Wakes::default());
             let req = client_request("/x").await;
@@ -599,12 +573,16 @@ mod tests {
             let response = {
                 let exchange = exchange(&mut conn, req, &mut sent, Duration::from_secs(5));
                 tokio::pin!(exchange);
-                wakes.run(|cx| exchange.as_mut().poll(cx)).await.unwrap()
+                wakes
+                    .run(&gate, |cx| exchange.as_mut().poll(cx))
+                    .await
+                    .unwrap()
             };
-            let mut body = response.map(|b| UpstreamBody::new(b, conn, Arc::clone(&pool)));
+            let mut body =
+                response.map(|b| UpstreamBody::new(b, conn, Arc::clone(&pool), Arc::clone(&gate)));
             let mut data = Vec::new();
             while let Some(frame) = wakes
-                .run(|cx| Pin::new(body.body_mut()).poll_frame(cx))
+                .run(&gate, |cx| Pin::new(body.body_mut()).poll_frame(cx))
                 .await
             {
                 data.extend_from_slice(&frame.unwrap().into_data().unwrap());

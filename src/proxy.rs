@@ -506,7 +506,8 @@ impl Upstream {
                 Ok(mut resp) => {
                     strip_hop_by_hop(resp.headers_mut());
                     let pool = Arc::clone(&self.pool);
-                    let resp = resp.map(|body| UpstreamBody::new(body, conn, pool));
+                    let gate = Arc::clone(gate);
+                    let resp = resp.map(|body| UpstreamBody::new(body, conn, pool, gate));
                     return Ok((resp, started.elapsed()));
                 }
                 Err(ExchangeError::NotSent(unsent, _)) if reused => {

@@ -166,11 +166,7 @@ async fn until_stopped<C: Future>(
     });
     let signal_waker = Waker::from(Arc::clone(&signal));
     std::future::poll_fn(|cx| {
-        gate.task.register(cx.waker());
-        gate.polling.store(true, Ordering::Relaxed);
-        let polled = conn.as_mut().poll(&mut Context::from_waker(&gate_waker));
-        gate.polling.store(false, Ordering::Relaxed);
-        if let Poll::Ready(r) = polled {
+        if let Poll::Ready(r) = gate.polled(cx, &gate_waker, |gated| conn.as_mut().poll(gated)) {
             return Poll::Ready(Some(r));
         }
         signal.task.register(cx.waker());
@@ -188,10 +184,11 @@ async fn until_stopped<C: Future>(
 }
 
 /// The waker a connection's task polls its connection with. It passes every wake-up on to the
-/// task, except those that the task's own code causes inside [`TaskGate::muted`]: a forwarded
-/// request body taken whole from hyper wakes hyper's side of the connection (there is room for
-/// more of the body), which is the task doing the taking, so the task would run once more for
-/// nothing. `muted` drops wake-ups only while the connection's task is being polled, and only
+/// task, except those that the task's own code causes inside [`TaskGate::muted`]: taking a frame
+/// of a body from hyper wakes the side of the connection that feeds it (there is room for the
+/// next frame), and for a forwarded request's body (hyper's client connection) and the upstream's
+/// response body (the upstream connection, driven by the request itself) that is the very task
+/// doing the taking, so it would run once more for nothing. `muted` drops wake-ups only while the connection's task is being polled, and only
 /// those from the thread polling it (a wake-up from another thread, such as the shutdown signal,
 /// always passes); the caller delivers a dropped wake-up when it turns out to be needed.
 #[derive(Debug, Default)]
@@ -214,6 +211,21 @@ fn thread_token() -> usize {
 }
 
 impl TaskGate {
+    /// Runs `f`, the poll of the connection's task (`cx` is the task's), with the gate as the
+    /// waker: `gate_waker`, made from this gate once per connection.
+    pub(crate) fn polled<T>(
+        &self,
+        cx: &Context<'_>,
+        gate_waker: &Waker,
+        f: impl FnOnce(&mut Context<'_>) -> T,
+    ) -> T {
+        self.task.register(cx.waker());
+        self.polling.store(true, Ordering::Relaxed);
+        let r = f(&mut Context::from_waker(gate_waker));
+        self.polling.store(false, Ordering::Relaxed);
+        r
+    }
+
     /// Runs `f`, dropping the wake-ups it causes for the connection's task when that task is the
     /// one running it; says whether any was dropped.
     pub(crate) fn muted<R>(&self, f: impl FnOnce() -> R) -> (R, bool) {
