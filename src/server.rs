@@ -188,13 +188,15 @@ async fn until_stopped<C: Future>(
 /// of a body from hyper wakes the side of the connection that feeds it (there is room for the
 /// next frame), and for a forwarded request's body (hyper's client connection) and the upstream's
 /// response body (the upstream connection, driven by the request itself) that is the very task
-/// doing the taking, so it would run once more for nothing. `muted` drops wake-ups only while the connection's task is being polled, and only
-/// those from the thread polling it (a wake-up from another thread, such as the shutdown signal,
-/// always passes); the caller delivers a dropped wake-up when it turns out to be needed.
+/// doing the taking, so it would run once more for nothing. `muted` drops wake-ups only when it
+/// runs inside the poll of the connection's task (not, say, in an HTTP/2 stream's own task), and
+/// only those from the thread polling it (a wake-up from another thread, such as the shutdown
+/// signal, always passes); the caller delivers a dropped wake-up when it turns out to be needed.
 #[derive(Debug, Default)]
 pub(crate) struct TaskGate {
-    /// The connection's task is being polled (by [`until_stopped`]).
-    polling: AtomicBool,
+    /// While the connection's task is being polled ([`TaskGate::polled`]): a token of the
+    /// thread polling it; 0 otherwise.
+    polling: AtomicUsize,
     /// While `muted` runs: a token of the thread running it; 0 otherwise.
     shut_on: AtomicUsize,
     /// `muted` dropped a wake-up.
@@ -220,19 +222,20 @@ impl TaskGate {
         f: impl FnOnce(&mut Context<'_>) -> T,
     ) -> T {
         self.task.register(cx.waker());
-        self.polling.store(true, Ordering::Relaxed);
+        self.polling.store(thread_token(), Ordering::Relaxed);
         let r = f(&mut Context::from_waker(gate_waker));
-        self.polling.store(false, Ordering::Relaxed);
+        self.polling.store(0, Ordering::Relaxed);
         r
     }
 
     /// Runs `f`, dropping the wake-ups it causes for the connection's task when that task is the
     /// one running it; says whether any was dropped.
     pub(crate) fn muted<R>(&self, f: impl FnOnce() -> R) -> (R, bool) {
-        if !self.polling.load(Ordering::Relaxed) {
+        let thread = thread_token();
+        if self.polling.load(Ordering::Relaxed) != thread {
             return (f(), false);
         }
-        self.shut_on.store(thread_token(), Ordering::Relaxed);
+        self.shut_on.store(thread, Ordering::Relaxed);
         let r = f();
         self.shut_on.store(0, Ordering::Relaxed);
         (r, self.dropped.swap(false, Ordering::Relaxed))
