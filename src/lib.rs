@@ -34,6 +34,7 @@ pub mod config;
 pub mod cors;
 pub mod error;
 pub mod gateway;
+pub mod h1;
 pub mod key;
 pub mod logging;
 pub mod metrics;

@@ -1,48 +1,67 @@
 //! Keep-alive HTTP/1.1 connections to the upstream, driven by the request that uses them.
 //!
-//! hyper's high-level client runs every upstream connection as a task of its own and reaches it
-//! through channels, so each forwarded request costs extra task wake-ups and a pool lookup under
-//! a lock shared by all requests. Here a connection is its request sender and its connection
-//! future together, owned by one request at a time. The request's task polls the connection
-//! future itself: while the request goes out and the response head comes back, and then while
-//! the response body streams to the client ([`UpstreamBody`] carries the connection). When the
-//! body has been read to its end, the connection goes back to its worker's idle list; a
-//! connection dropped mid-response is closed, as HTTP/1.1 requires.
+//! A connection is a socket with its read buffer, owned by one request at a time. The request's
+//! task does the connection's I/O itself: it writes the request head and streams the body
+//! ([`exchange`]), reads the response head, and then reads the response body as the client takes
+//! it ([`UpstreamBody`] carries the connection). The messages are encoded and parsed by
+//! [`crate::h1`]. When the body has been read to its end, and both sides allow it, the
+//! connection goes back to its worker's idle list; a connection dropped mid-response, or whose
+//! response was not framed to be followed by another, is closed.
+//!
+//! Nothing else holds a connection's waker: the only wake-ups are its socket's and its
+//! response timer's, and both are for the task that is waiting on them.
 //!
 //! Each worker has its own [`Pool`], so the lock around the idle list is never contended; it is
 //! held only to push or pop, never across an `.await`.
 
 use std::collections::VecDeque;
-use std::future::{Future, poll_fn};
-use std::io;
+use std::future::poll_fn;
+use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::{Request, Response};
+use bytes::{Buf, Bytes, BytesMut};
+use http::Method;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
+use crate::h1::{self, BodyDecoder, Decoded, ProtocolError, ResponseHead};
 use crate::proxy::RequestBody;
-use crate::server::TaskGate;
 
-type Driver = http1::Connection<TokioIo<TcpStream>, RequestBody>;
+/// Read buffer space made available before each read, at first: a connection's reads grow to
+/// [`MAX_READ_CHUNK`] while they keep filling all of it (a large response body), and the buffer
+/// is made small again when the connection goes back to the pool.
+const READ_CHUNK: usize = 8 * 1024;
+const MAX_READ_CHUNK: usize = 128 * 1024;
+/// Request body bytes taken from the client and queued before they are written.
+const MAX_QUEUED: usize = 64 * 1024;
 
-/// One upstream connection: the sender of requests and the future that does its I/O. Boxed:
-/// hyper's connection state is large, and a pooled connection moves through every request's
-/// futures and response; a pointer moves for free.
+/// One upstream connection. Boxed: it moves through every request's futures and response; a
+/// pointer moves for free.
 pub struct Conn(Box<ConnState>);
 
 struct ConnState {
-    sender: http1::SendRequest<RequestBody>,
-    driver: Driver,
-    /// The driver has completed: the connection is closed and must not be polled again.
-    closed: bool,
+    io: TcpStream,
+    /// What has been read and not yet parsed or passed on.
+    read: BytesMut,
+    /// How much space is made available for the next read.
+    read_size: usize,
+    /// Where request heads are encoded (their bytes go out as shared slices of it).
+    heads: BytesMut,
+    /// Bytes to write, in order, and how many.
+    out: VecDeque<Bytes>,
+    queued: usize,
+    /// The request body, while some of it is still to be sent.
+    body: Option<RequestBody>,
+    /// The body goes out in chunks (its length is unknown).
+    chunked: bool,
+    /// A frame of the body has been asked for: it can no longer be sent again.
+    body_started: bool,
+    /// The connection may carry another exchange once this one ends cleanly.
+    reusable: bool,
     /// The response timeout, kept between exchanges ([`exchange`]).
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
@@ -50,43 +69,166 @@ struct ConnState {
 impl std::fmt::Debug for Conn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Conn")
-            .field("closed", &self.0.closed)
-            .finish()
+            .field("reusable", &self.0.reusable)
+            .finish_non_exhaustive()
     }
+}
+
+/// How an exchange with the upstream failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// Reading or writing the connection failed.
+    #[error("upstream connection: {0}")]
+    Io(#[from] io::Error),
+    /// The upstream closed the connection before any response.
+    #[error("the upstream closed the connection before responding")]
+    Closed,
+    /// The response broke HTTP/1.1.
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    /// The client's request body failed (the proxy tells which way from the source).
+    #[error("request body")]
+    RequestBody(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// Why sending stopped.
+enum SendError {
+    Io(io::Error),
+    Body(Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl Conn {
-    /// Does the connection's pending I/O; false once it is closed. Errors end the connection and
-    /// reach the request through its response future or body, which is where they are reported.
-    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
-        let state = &mut *self.0;
-        if !state.closed && Pin::new(&mut state.driver).poll(cx).is_ready() {
-            state.closed = true;
-        }
-        !state.closed
+    /// Whether an idle connection can take a request: the upstream has not closed it (or sent
+    /// anything unasked) while it sat idle. A socket with nothing to read answers without a
+    /// system call.
+    fn ready(&mut self) -> bool {
+        let mut probe = [0u8; 1];
+        matches!(self.0.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 
-    /// Whether an idle connection can take a request now: it is open (the upstream has not
-    /// closed it while it sat idle) and its previous exchange is complete.
-    ///
-    /// Checked with a waker that does nothing ([`quiet`]): a connection's wakers are the task
-    /// that last drove it, and the request about to be sent would otherwise wake its own task
-    /// (the connection's request channel holds that task's waker), which then runs once more
-    /// for nothing. The exchange drives the connection with the real waker right after.
-    fn ready(&mut self) -> bool {
-        let mut quiet = quiet();
-        self.drive(&mut quiet)
-            && matches!(self.0.sender.poll_ready(&mut quiet), Poll::Ready(Ok(())))
+    /// Encodes a request head for this connection: see [`h1::encode_request`].
+    pub fn encode(
+        &mut self,
+        method: &Method,
+        target: &str,
+        headers: &http::HeaderMap,
+        framing: h1::RequestFraming,
+    ) -> Bytes {
+        let heads = &mut self.0.heads;
+        heads.reserve(512);
+        h1::encode_request(heads, method, target, headers, framing);
+        heads.split().freeze()
     }
 }
 
-/// A context whose waker does nothing, for polling what only the request's own [`Conn::drive`]
-/// can complete: the response head and the end of the request body (hyper's connection reports
-/// them through channels, whose wake-up would run the request's task once more for nothing), and
-/// the response body's next frame. Every wake-up that matters (the socket, a timer) is
-/// registered by the drive, with the task's own waker.
-fn quiet() -> Context<'static> {
-    Context::from_waker(Waker::noop())
+impl ConnState {
+    /// Whether some of the request is still to be written.
+    fn sending(&self) -> bool {
+        self.body.is_some() || !self.out.is_empty()
+    }
+
+    fn queue(&mut self, bytes: Bytes) {
+        self.queued += bytes.len();
+        self.out.push_back(bytes);
+    }
+
+    /// Writes the request: what is queued, then the body's frames as the client sends them.
+    /// Ready once all of it is written.
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), SendError>> {
+        loop {
+            // What the body has ready is queued first, so a small body goes out with its head
+            // in one write.
+            while self.queued < MAX_QUEUED
+                && let Some(body) = self.body.as_mut()
+            {
+                self.body_started = true;
+                match Pin::new(body).poll_frame(cx) {
+                    Poll::Pending => break,
+                    Poll::Ready(None) => {
+                        self.body = None;
+                        if self.chunked {
+                            self.queue(h1::LAST_CHUNK);
+                        }
+                    }
+                    Poll::Ready(Some(Ok(frame))) => {
+                        // Trailers of a chunked request are not passed on.
+                        if let Ok(data) = frame.into_data()
+                            && !data.is_empty()
+                        {
+                            if self.chunked {
+                                self.queue(h1::chunk_header(data.len()));
+                                self.queue(data);
+                                self.queue(h1::CHUNK_END);
+                            } else {
+                                self.queue(data);
+                            }
+                        }
+                    }
+                    Poll::Ready(Some(Err(e))) => {
+                        self.body = None;
+                        return Poll::Ready(Err(SendError::Body(e)));
+                    }
+                }
+            }
+            if self.out.is_empty() {
+                return if self.body.is_none() {
+                    Poll::Ready(Ok(()))
+                } else {
+                    Poll::Pending
+                };
+            }
+            let mut slices = [IoSlice::new(&[]); 16];
+            let mut count = 0;
+            for (slice, bytes) in slices.iter_mut().zip(&self.out) {
+                *slice = IoSlice::new(bytes);
+                count += 1;
+            }
+            let written = ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..count]))
+                .map_err(SendError::Io)?;
+            if written == 0 {
+                return Poll::Ready(Err(SendError::Io(io::ErrorKind::WriteZero.into())));
+            }
+            self.queued -= written;
+            let mut left = written;
+            while left > 0 {
+                let Some(front) = self.out.front_mut() else {
+                    break;
+                };
+                if front.len() <= left {
+                    left -= front.len();
+                    self.out.pop_front();
+                } else {
+                    front.advance(left);
+                    left = 0;
+                }
+            }
+        }
+    }
+
+    /// Stops sending (the request can no longer be completed): the connection is not reused.
+    fn abandon_send(&mut self) {
+        self.body = None;
+        self.out.clear();
+        self.queued = 0;
+        self.reusable = false;
+    }
+
+    /// Reads more from the socket into the read buffer; `Ok(0)` at the end of the stream.
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.read.capacity() - self.read.len() < self.read_size / 2 {
+            self.read.reserve(self.read_size);
+        }
+        let space = self.read.capacity() - self.read.len();
+        let n = ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut self.io),
+            cx,
+            &mut self.read
+        ))?;
+        if n == space && self.read_size < MAX_READ_CHUNK {
+            self.read_size *= 2;
+        }
+        Poll::Ready(Ok(n))
+    }
 }
 
 /// Why no connection could be had.
@@ -109,17 +251,7 @@ pub enum ConnectError {
         /// The timeout.
         timeout: Duration,
     },
-    /// hyper refused the connection (never expected for a plain TCP stream).
-    #[error("HTTP/1.1 handshake with {target}: {source}")]
-    Handshake {
-        /// `host:port`.
-        target: String,
-        /// Why.
-        #[source]
-        source: hyper::Error,
-    },
 }
-
 struct Idle {
     conn: Conn,
     since: Instant,
@@ -219,26 +351,30 @@ impl Pool {
         let _ = stream.set_nodelay(true);
         let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
         let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
-        let (sender, driver) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|source| ConnectError::Handshake {
-                target: target(),
-                source,
-            })?;
         self.opened.increment(1);
         Ok(Conn(Box::new(ConnState {
-            sender,
-            driver,
-            closed: false,
+            io: stream,
+            read: BytesMut::with_capacity(READ_CHUNK),
+            read_size: READ_CHUNK,
+            heads: BytesMut::new(),
+            out: VecDeque::with_capacity(4),
+            queued: 0,
+            body: None,
+            chunked: false,
+            body_started: false,
+            reusable: true,
             deadline: None,
         })))
     }
 
     /// Returns a connection whose last exchange ended cleanly to the idle list.
-    fn put_back(&self, conn: Conn) {
-        if conn.0.closed || self.max_idle == 0 {
+    fn put_back(&self, mut conn: Conn) {
+        if !conn.0.reusable || self.max_idle == 0 {
             return;
+        }
+        if conn.0.read_size > READ_CHUNK {
+            conn.0.read_size = READ_CHUNK;
+            conn.0.read = BytesMut::with_capacity(READ_CHUNK);
         }
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         if idle.len() < self.max_idle {
@@ -263,164 +399,224 @@ impl Pool {
 /// How one exchange on a connection failed.
 #[derive(Debug)]
 pub enum ExchangeError {
-    /// The request never left: the connection was no longer usable (it may be retried).
-    NotSent(Box<Request<RequestBody>>, hyper::Error),
-    /// The exchange failed after the request started to go out.
-    Failed(hyper::Error),
-    /// No response head within the timeout after the request's body was sent.
+    /// The connection turned out closed before any response, and the request may be sent again
+    /// on another (see [`Outgoing::retryable`]): its body, untouched, is back in `Outgoing`.
+    NotSent(UpstreamError),
+    /// The exchange failed.
+    Failed(UpstreamError),
+    /// No response head within the timeout after the request was sent completely.
     TimedOut,
 }
 
-/// Sends `req` on `conn` and drives the connection until the response head arrives, or until
-/// `timeout` has passed since the request body was sent completely. `body_sent` resolves then;
-/// `None` means the body is already complete (or absent), so the clock starts now. It is left in
-/// place when the request never left, for a retry on another connection.
+/// A request on its way to the upstream: its encoded head and its body.
+#[derive(Debug)]
+pub struct Outgoing {
+    /// The request head ([`Conn::encode`]).
+    pub head: Bytes,
+    /// The body, if there is one to send.
+    pub body: Option<RequestBody>,
+    /// The body goes in chunks.
+    pub chunked: bool,
+    /// A HEAD request: the response has no body.
+    pub head_request: bool,
+    /// It may be sent again if a reused connection turns out closed before any response
+    /// (RFC 9110 §9.2.2: an idempotent method, and no body sent yet).
+    pub retryable: bool,
+}
+
+/// Sends `req` on `conn` and does the connection's I/O until the response head arrives, or until
+/// `timeout` has passed since the request was written completely (a large upload may take as
+/// long as it takes; an upstream that then stays silent may not). A response that comes before
+/// the request's body has gone out whole is returned as it is; the rest of the body goes on
+/// being sent while the response body is read, and the connection is not reused.
 pub async fn exchange(
     conn: &mut Conn,
-    req: Request<RequestBody>,
-    body_sent: &mut Option<tokio::sync::oneshot::Receiver<()>>,
+    req: &mut Outgoing,
     timeout: Duration,
-) -> Result<Response<Incoming>, ExchangeError> {
-    let response = conn.0.sender.try_send_request(req);
-    tokio::pin!(response);
-    let mut clock = body_sent.is_none();
+) -> Result<ResponseHead, ExchangeError> {
+    let state = &mut *conn.0;
+    state.queue(req.head.clone());
+    state.body = req.body.take();
+    state.chunked = req.chunked;
+    state.body_started = false;
+    let mut sent = false;
+    let mut write_error = None;
+    let mut received = false;
     // The connection keeps its timer from one exchange to the next: moving a registered deadline
     // later is an atomic update, where a new timer per request would be an insertion into the
     // timer wheel and a removal from it.
-    let mut deadline = match conn.0.deadline.take() {
-        Some(mut deadline) => {
-            if clock {
-                deadline
-                    .as_mut()
-                    .reset(tokio::time::Instant::now() + timeout);
-            }
-            deadline
-        }
-        None => Box::pin(tokio::time::sleep(timeout)),
-    };
+    let mut deadline = state
+        .deadline
+        .take()
+        .unwrap_or_else(|| Box::pin(tokio::time::sleep(timeout)));
     let result = poll_fn(|cx| {
-        conn.drive(cx);
-        if let Poll::Ready(result) = response.as_mut().poll(&mut quiet()) {
-            return Poll::Ready(result.map_err(|mut e| match e.take_message() {
-                Some(req) => ExchangeError::NotSent(Box::new(req), e.into_error()),
-                None => ExchangeError::Failed(e.into_error()),
-            }));
-        }
-        if let Some(sent) = body_sent.as_mut()
-            && let Poll::Ready(result) = Pin::new(sent).poll(&mut quiet())
-        {
-            *body_sent = None;
-            // Err: the body was dropped unfinished, so the exchange fails by itself; no clock.
-            if result.is_ok() {
-                clock = true;
+        if !sent {
+            match state.poll_send(cx) {
+                Poll::Ready(Ok(())) => sent = true,
+                Poll::Ready(Err(SendError::Body(e))) => {
+                    state.abandon_send();
+                    return Poll::Ready(Err(ExchangeError::Failed(UpstreamError::RequestBody(e))));
+                }
+                Poll::Ready(Err(SendError::Io(e))) => {
+                    // The upstream may still have answered (an early error, then a close):
+                    // the response is read for as long as the response timeout allows.
+                    state.abandon_send();
+                    write_error = Some(e);
+                    sent = true;
+                }
+                Poll::Pending => {}
+            }
+            if sent {
                 deadline
                     .as_mut()
                     .reset(tokio::time::Instant::now() + timeout);
             }
         }
-        if clock && deadline.as_mut().poll(cx).is_ready() {
+        loop {
+            match h1::parse_response(&mut state.read, req.head_request) {
+                Ok(Some(head)) => return Poll::Ready(Ok(head)),
+                Ok(None) => {}
+                Err(e) => return Poll::Ready(Err(ExchangeError::Failed(e.into()))),
+            }
+            match state.poll_read(cx) {
+                Poll::Ready(Ok(n)) if n > 0 => received = true,
+                Poll::Ready(result) => {
+                    let error = match (result, write_error.take()) {
+                        (Err(e), _) | (Ok(_), Some(e)) => UpstreamError::Io(e),
+                        (Ok(_), None) if received => ProtocolError::IncompleteHead.into(),
+                        (Ok(_), None) => UpstreamError::Closed,
+                    };
+                    let error = if !received && req.retryable && !state.body_started {
+                        req.body = state.body.take();
+                        ExchangeError::NotSent(error)
+                    } else {
+                        ExchangeError::Failed(error)
+                    };
+                    state.abandon_send();
+                    return Poll::Ready(Err(error));
+                }
+                Poll::Pending => break,
+            }
+        }
+        if sent && deadline.as_mut().poll(cx).is_ready() {
             return Poll::Ready(Err(ExchangeError::TimedOut));
         }
         Poll::Pending
     })
     .await;
-    conn.0.deadline = Some(deadline);
+    state.deadline = Some(deadline);
+    match &result {
+        Ok(head) if head.keep_alive && !state.sending() => {}
+        Ok(_) => state.reusable = false,
+        Err(_) => state.abandon_send(),
+    }
     result
 }
 
 /// The upstream's response body on its way to the client, with the connection it arrives on:
-/// reading the body drives the connection, and a body read to its end gives the connection back
-/// to the pool.
+/// reading the body reads the connection (and sends what is left of the request, if the
+/// response came early), and a body read to its end gives the connection back to the pool.
 pub struct UpstreamBody {
-    incoming: Incoming,
     conn: Option<Conn>,
+    decoder: BodyDecoder,
     pool: Arc<Pool>,
-    /// The client connection's task gate: taking a frame wakes the upstream connection (room for
-    /// the next), which the task running this drives itself whenever it needs the next frame.
-    gate: Arc<TaskGate>,
-    done: bool,
 }
 
 impl std::fmt::Debug for UpstreamBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UpstreamBody")
-            .field("done", &self.done)
+            .field("decoder", &self.decoder)
             .finish_non_exhaustive()
     }
 }
 
 impl UpstreamBody {
-    /// `incoming`, arriving on `conn` from `pool`, for a client connection whose task polls its
-    /// connection through `gate`.
-    pub(crate) fn new(
-        incoming: Incoming,
-        conn: Conn,
-        pool: Arc<Pool>,
-        gate: Arc<TaskGate>,
-    ) -> Self {
+    /// The body of the response `head` arriving on `conn`, from `pool`.
+    pub fn new(head: &ResponseHead, conn: Conn, pool: Arc<Pool>) -> Self {
         Self {
-            incoming,
             conn: Some(conn),
+            decoder: BodyDecoder::new(head.body),
             pool,
-            gate,
-            done: false,
+        }
+    }
+
+    /// The body has ended: the connection goes back to the pool if nothing is left over.
+    fn finish(&mut self) {
+        if let Some(conn) = self.conn.take()
+            && !conn.0.sending()
+            && conn.0.read.is_empty()
+        {
+            self.pool.put_back(conn);
         }
     }
 }
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = UpstreamError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, UpstreamError>>> {
         let this = self.get_mut();
-        let frame = match this.conn.as_mut() {
-            // What the connection has already read is taken first; only then is it driven for
-            // more (which registers the task's waker with the socket).
-            Some(conn) => {
-                let incoming = &mut this.incoming;
-                let mut take = || {
-                    // The wake-up this drops is never needed: see the field's comment.
-                    this.gate
-                        .muted(|| Pin::new(&mut *incoming).poll_frame(&mut quiet()))
-                        .0
-                };
-                match take() {
-                    Poll::Pending => {
-                        conn.drive(cx);
-                        take()
-                    }
-                    ready => ready,
+        let Some(conn) = this.conn.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let state = &mut *conn.0;
+        if state.sending()
+            && let Poll::Ready(result) = state.poll_send(cx)
+            && result.is_err()
+        {
+            // The response is under way; the rest of the request can no longer matter to it.
+            state.abandon_send();
+        }
+        loop {
+            match this.decoder.decode(&mut state.read) {
+                Ok(Decoded::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                Ok(Decoded::End) => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Ok(Decoded::NeedMore) => {}
+                Err(e) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(e.into())));
                 }
             }
-            None => Pin::new(&mut this.incoming).poll_frame(cx),
-        };
-        match &frame {
-            Poll::Ready(None) => this.done = true,
-            Poll::Ready(Some(Err(_))) => this.conn = None, // broken: close it now
-            _ => {}
+            match ready!(state.poll_read(cx)) {
+                Ok(0) => {
+                    if let Err(e) = this.decoder.eof() {
+                        this.conn = None;
+                        return Poll::Ready(Some(Err(e.into())));
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+            }
         }
-        frame
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done || self.incoming.is_end_stream()
+        self.decoder.is_done()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.incoming.size_hint()
+        match self.decoder.remaining() {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
     }
 }
 
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
-        if let Some(conn) = self.conn.take()
-            && (self.done || self.incoming.is_end_stream())
-        {
-            self.pool.put_back(conn);
+        // A body with nothing in it (or read to its end but not yet past it) is complete.
+        if self.decoder.is_done() {
+            self.finish();
         }
     }
 }
@@ -429,13 +625,18 @@ impl Drop for UpstreamBody {
 mod tests {
     use std::convert::Infallible;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    use std::task::Wake;
+    use std::task::{Wake, Waker};
 
+    use http::{Request, Response};
+    use hyper::body::Incoming;
     use hyper::service::service_fn;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use hyper_util::rt::TokioIo;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
     use tokio::net::TcpListener;
 
     use super::*;
+    use crate::h1::RequestFraming;
+    use crate::server::TaskGate;
 
     /// Counts wake-ups, and those that came while the task was being polled: those only make
     /// the task run once more for nothing.
@@ -490,42 +691,71 @@ mod tests {
         }
     }
 
-    /// An upstream that answers every request on a connection with `hello`, but `/silent`.
-    async fn upstream() -> u16 {
+    /// An upstream that reads each request's head (and a chunked body, to its last chunk) and
+    /// answers with what `respond` gives for it, closing the connection after it if told to.
+    /// Every request head and body received is sent on the returned channel.
+    async fn upstream(
+        respond: impl Fn(&[u8]) -> (Vec<u8>, bool) + Send + Sync + 'static,
+    ) -> (u16, tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let respond = Arc::new(respond);
         tokio::spawn(async move {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            let mut buf = vec![0; 4096];
-            let mut seen = Vec::new();
             loop {
-                let n = stream.read(&mut buf).await.unwrap();
-                if n == 0 {
-                    return;
-                }
-                seen.extend_from_slice(&buf[..n]);
-                while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
-                    if seen
-                        .drain(..end + 4)
-                        .as_slice()
-                        .starts_with(b"GET /silent ")
-                    {
-                        continue;
+                let (mut stream, _) = listener.accept().await.unwrap();
+                let (respond, tx) = (Arc::clone(&respond), tx.clone());
+                tokio::spawn(async move {
+                    let mut buf = vec![0; 4096];
+                    let mut seen = Vec::new();
+                    loop {
+                        let n = stream.read(&mut buf).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        seen.extend_from_slice(&buf[..n]);
+                        let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") else {
+                            continue;
+                        };
+                        let chunked = seen[..end]
+                            .windows(26)
+                            .any(|w| w == b"transfer-encoding: chunked");
+                        let end = if chunked {
+                            match seen.windows(5).position(|w| w == b"0\r\n\r\n") {
+                                Some(last) => last + 5,
+                                None => continue,
+                            }
+                        } else {
+                            end + 4
+                        };
+                        let request: Vec<u8> = seen.drain(..end).collect();
+                        let (response, close) = respond(&request);
+                        let _ = tx.send(request);
+                        if stream.write_all(&response).await.is_err() || close {
+                            return;
+                        }
                     }
-                    stream
-                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello")
-                        .await
-                        .unwrap();
-                }
+                });
             }
         });
-        port
+        (port, rx)
     }
 
-    /// A request as the gateway forwards it: received by a hyper server (here over an
-    /// in-memory pipe), its body wrapped in a [`RequestBody`].
-    async fn client_request(path: &str) -> Request<RequestBody> {
-        let (client, server) = tokio::io::duplex(4096);
+    fn pool(port: u16) -> Arc<Pool> {
+        Arc::new(Pool::new(
+            "127.0.0.1".into(),
+            port,
+            Duration::from_secs(5),
+            4,
+            Duration::from_secs(60),
+            metrics::Counter::noop(),
+        ))
+    }
+
+    /// A client's request as the gateway receives it (from a hyper server, here over an
+    /// in-memory pipe), and the client's end of that pipe, for sending more of its body.
+    async fn client_request(head: &str) -> (Request<Incoming>, DuplexStream) {
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
         let (tx, rx) = tokio::sync::oneshot::channel();
         let tx = Mutex::new(Some(tx));
         tokio::spawn(async move {
@@ -539,50 +769,90 @@ mod tests {
                 .serve_connection(TokioIo::new(server), service)
                 .await;
         });
-        let mut client = client;
-        client
-            .write_all(format!("GET {path} HTTP/1.1\r\nhost: upstream\r\n\r\n").as_bytes())
+        client.write_all(head.as_bytes()).await.unwrap();
+        (rx.await.unwrap(), client)
+    }
+
+    /// `req` made ready to go out on `conn`, as the proxy does.
+    fn outgoing(conn: &mut Conn, req: Request<Incoming>, reused: bool) -> Outgoing {
+        let (parts, body) = req.into_parts();
+        let framing = if body.is_end_stream() {
+            RequestFraming::for_body(&parts.method, Some(0))
+        } else {
+            RequestFraming::for_body(&parts.method, body.size_hint().exact())
+        };
+        let body = (!body.is_end_stream()).then(|| RequestBody::new(body, None, None));
+        Outgoing {
+            head: conn.encode(&parts.method, parts.uri.path(), &parts.headers, framing),
+            retryable: reused && body.is_none() && parts.method.is_idempotent(),
+            body,
+            chunked: framing == RequestFraming::Chunked,
+            head_request: parts.method == Method::HEAD,
+        }
+    }
+
+    /// Reads `body` as hyper's server does: until it says it has ended, or, for a body of known
+    /// length, until that many bytes have come (then it is dropped without a further poll).
+    async fn read_body(body: &mut UpstreamBody) -> Result<Vec<u8>, UpstreamError> {
+        let mut data = Vec::new();
+        let length = body.size_hint().exact();
+        while !body.is_end_stream() && length.is_none_or(|n| (data.len() as u64) < n) {
+            match poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await {
+                Some(frame) => data.extend_from_slice(&frame?.into_data().unwrap()),
+                None => break,
+            }
+        }
+        Ok(data)
+    }
+
+    /// One GET on `conn`: its response's status and body, and whether `conn` went back to the
+    /// pool afterwards (it is then taken out again).
+    async fn get(pool: &Arc<Pool>, conn: Conn, path: &str) -> (u16, Vec<u8>, Option<Conn>) {
+        let mut conn = conn;
+        let (req, _client) =
+            client_request(&format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n")).await;
+        let mut out = outgoing(&mut conn, req, false);
+        let head = exchange(&mut conn, &mut out, Duration::from_secs(5))
             .await
             .unwrap();
-        let (parts, body) = rx.await.unwrap().into_parts();
-        tokio::spawn(async move {
-            // Keeps the client end open for as long as the test runs.
-            let _client = client;
-            std::future::pending::<()>().await;
-        });
-        Request::from_parts(parts, RequestBody::new(body, None, None).0)
+        let mut body = UpstreamBody::new(&head, conn, Arc::clone(pool));
+        let data = read_body(&mut body).await.unwrap();
+        drop(body);
+        (head.status.as_u16(), data, pool.idle())
     }
 
     #[tokio::test]
     async fn an_exchange_wakes_its_task_only_for_what_it_waits_on_and_times_out_on_reuse() {
-        let port = upstream().await;
-        let pool = Arc::new(Pool::new(
-            "127.0.0.1".into(),
-            port,
-            Duration::from_secs(5),
-            4,
-            Duration::from_secs(60),
-            metrics::Counter::noop(),
-        ));
+        let (port, _) = upstream(|req| {
+            if req.starts_with(b"GET /silent ") {
+                (Vec::new(), false)
+            } else {
+                (
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello".to_vec(),
+                    false,
+                )
+            }
+        })
+        .await;
+        let pool = pool(port);
         let mut conn = pool.connect().await.unwrap();
         let gate: Arc<TaskGate> = Arc::default();
         for round in 0..3 {
             let wakes = Arc::new(Wakes::default());
-            let req = client_request("/x").await;
-            let mut sent = None;
-            let response = {
-                let exchange = exchange(&mut conn, req, &mut sent, Duration::from_secs(5));
+            let (req, _client) = client_request("GET /x HTTP/1.1\r\nhost: x\r\n\r\n").await;
+            let mut out = outgoing(&mut conn, req, round > 0);
+            let head = {
+                let exchange = exchange(&mut conn, &mut out, Duration::from_secs(5));
                 tokio::pin!(exchange);
                 wakes
                     .run(&gate, |cx| exchange.as_mut().poll(cx))
                     .await
                     .unwrap()
             };
-            let mut body =
-                response.map(|b| UpstreamBody::new(b, conn, Arc::clone(&pool), Arc::clone(&gate)));
+            let mut body = UpstreamBody::new(&head, conn, Arc::clone(&pool));
             let mut data = Vec::new();
             while let Some(frame) = wakes
-                .run(&gate, |cx| Pin::new(body.body_mut()).poll_frame(cx))
+                .run(&gate, |cx| Pin::new(&mut body).poll_frame(cx))
                 .await
             {
                 data.extend_from_slice(&frame.unwrap().into_data().unwrap());
@@ -601,10 +871,213 @@ mod tests {
         }
         // The connection's timer, set for 5 s by the exchanges above, is moved to the new
         // exchange's (earlier) deadline.
-        let req = client_request("/silent").await;
+        let (req, _client) = client_request("GET /silent HTTP/1.1\r\nhost: x\r\n\r\n").await;
+        let mut out = outgoing(&mut conn, req, true);
         let started = Instant::now();
-        let result = exchange(&mut conn, req, &mut None, Duration::from_millis(200)).await;
+        let result = exchange(&mut conn, &mut out, Duration::from_millis(200)).await;
         assert!(matches!(result, Err(ExchangeError::TimedOut)), "{result:?}");
         assert!(started.elapsed() < Duration::from_secs(4));
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_reused_only_after_a_response_framed_to_be_followed() {
+        let (port, _) = upstream(|req| {
+            let path = req.split(|&b| b == b' ').nth(1).unwrap();
+            let response: &[u8] = match path {
+                b"/length" => b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello",
+                b"/chunked" => {
+                    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
+                    3\r\nhel\r\n2;x=y\r\nlo\r\n0\r\ntrailer: t\r\n\r\n"
+                }
+                b"/empty" => b"HTTP/1.1 204 No Content\r\n\r\n",
+                b"/interim" => {
+                    b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n\
+                    content-length: 5\r\n\r\nhello"
+                }
+                b"/close" => {
+                    b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 5\r\n\r\nhello"
+                }
+                b"/eof" => b"HTTP/1.1 200 OK\r\n\r\nhello",
+                b"/extra" => {
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhelloHTTP/1.1 200 OK\r\n\r\n"
+                }
+                b"/http10" => b"HTTP/1.0 200 OK\r\ncontent-length: 5\r\n\r\nhello",
+                b"/both" => {
+                    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n\
+                    5\r\nhello\r\n0\r\n\r\n"
+                }
+                _ => unreachable!(),
+            };
+            let close = matches!(path, b"/eof");
+            (response.to_vec(), close)
+        })
+        .await;
+        let pool = pool(port);
+        for (path, status, reused) in [
+            ("/length", 200, true),
+            ("/chunked", 200, true),
+            ("/empty", 204, true),
+            ("/interim", 200, true),
+            ("/close", 200, false),
+            ("/eof", 200, false),
+            ("/extra", 200, false),
+            ("/http10", 200, false),
+            ("/both", 200, false),
+        ] {
+            let conn = pool.connect().await.unwrap();
+            let (got, body, back) = get(&pool, conn, path).await;
+            assert_eq!(got, status, "{path}");
+            let expected: &[u8] = if status == 204 { b"" } else { b"hello" };
+            assert_eq!(body, expected, "{path}");
+            assert_eq!(back.is_some(), reused, "{path}");
+        }
+    }
+
+    #[tokio::test]
+    async fn malformed_responses_fail_the_exchange_or_the_body() {
+        let (port, _) = upstream(|req| {
+            let path = req.split(|&b| b == b' ').nth(1).unwrap();
+            let response: &[u8] = match path {
+                b"/head" => b"HTTP/1.1 200 OK\r\nbad header: x\r\n\r\n",
+                b"/length" => b"HTTP/1.1 200 OK\r\ncontent-length: 5, 6\r\n\r\nhello",
+                b"/short" => b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\nhello",
+                b"/chunk" => b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhelloXX",
+                b"/upgrade" => b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n\r\n",
+                _ => unreachable!(),
+            };
+            (response.to_vec(), true)
+        })
+        .await;
+        let pool = pool(port);
+        for path in ["/head", "/length", "/upgrade"] {
+            let mut conn = pool.connect().await.unwrap();
+            let (req, _c) =
+                client_request(&format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n")).await;
+            let mut out = outgoing(&mut conn, req, false);
+            let result = exchange(&mut conn, &mut out, Duration::from_secs(5)).await;
+            assert!(
+                matches!(
+                    result,
+                    Err(ExchangeError::Failed(UpstreamError::Protocol(_)))
+                ),
+                "{path}: {result:?}"
+            );
+        }
+        for path in ["/short", "/chunk"] {
+            let mut conn = pool.connect().await.unwrap();
+            let (req, _c) =
+                client_request(&format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n")).await;
+            let mut out = outgoing(&mut conn, req, false);
+            let head = exchange(&mut conn, &mut out, Duration::from_secs(5))
+                .await
+                .unwrap();
+            let mut body = UpstreamBody::new(&head, conn, Arc::clone(&pool));
+            let result = read_body(&mut body).await;
+            assert!(
+                matches!(result, Err(UpstreamError::Protocol(_))),
+                "{path}: {result:?}"
+            );
+            drop(body);
+            assert!(pool.idle().is_none(), "{path}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_closed_reused_connection_gives_back_only_a_request_that_may_be_repeated() {
+        // Reads each request and closes without a word, as an upstream does whose keep-alive
+        // timeout ran out just as the request was sent.
+        let (port, mut seen) = upstream(|_| (Vec::new(), true)).await;
+        let pool = pool(port);
+        for (head, retryable) in [
+            ("GET /a HTTP/1.1\r\nhost: x\r\n\r\n", true),
+            ("DELETE /a HTTP/1.1\r\nhost: x\r\n\r\n", true),
+            (
+                "POST /a HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n",
+                false,
+            ),
+        ] {
+            let mut conn = pool.connect().await.unwrap();
+            let (req, _c) = client_request(head).await;
+            let mut out = outgoing(&mut conn, req, true);
+            let result = exchange(&mut conn, &mut out, Duration::from_secs(5)).await;
+            seen.recv().await.unwrap();
+            match (result, retryable) {
+                (Err(ExchangeError::NotSent(_)), true) => {}
+                (
+                    Err(ExchangeError::Failed(UpstreamError::Closed | UpstreamError::Io(_))),
+                    false,
+                ) => {}
+                (other, _) => panic!("{head:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_of_unknown_length_goes_in_chunks_and_an_early_response_ends_the_exchange() {
+        let (port, mut seen) = upstream(|req| {
+            if req.starts_with(b"POST /early ") {
+                (
+                    b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 3\r\n\r\nbig".to_vec(),
+                    false,
+                )
+            } else {
+                (
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec(),
+                    false,
+                )
+            }
+        })
+        .await;
+        let pool = pool(port);
+        let mut conn = pool.connect().await.unwrap();
+        let (req, mut client) = client_request(
+            "POST /up HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n",
+        )
+        .await;
+        let mut out = outgoing(&mut conn, req, false);
+        assert!(out.chunked);
+        let sending = tokio::spawn(async move {
+            let head = exchange(&mut conn, &mut out, Duration::from_secs(5))
+                .await
+                .unwrap();
+            (head, conn)
+        });
+        client.write_all(b"6\r\n world\r\n0\r\n\r\n").await.unwrap();
+        let (head, conn) = sending.await.unwrap();
+        assert_eq!(head.status, 200);
+        let request = String::from_utf8(seen.recv().await.unwrap()).unwrap();
+        assert!(
+            request.contains("transfer-encoding: chunked\r\n"),
+            "{request}"
+        );
+        assert!(!request.contains("content-length"), "{request}");
+        let body = &request[request.find("\r\n\r\n").unwrap() + 4..];
+        let mut decoder = h1::BodyDecoder::new(h1::BodyFraming::Chunked);
+        let mut wire = BytesMut::from(body);
+        let mut decoded = Vec::new();
+        while let Decoded::Data(d) = decoder.decode(&mut wire).unwrap() {
+            decoded.extend_from_slice(&d);
+        }
+        assert_eq!(decoded, b"hello world");
+        let mut body = UpstreamBody::new(&head, conn, Arc::clone(&pool));
+        assert_eq!(read_body(&mut body).await.unwrap(), b"ok");
+        drop(body);
+        let mut conn = pool.idle().expect("reused after a complete exchange");
+
+        // The upstream answers before the body is complete: the response is returned, and the
+        // connection, with a request it never finished, is not reused.
+        let (req, _client) =
+            client_request("POST /early HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\nabc")
+                .await;
+        let mut out = outgoing(&mut conn, req, true);
+        assert!(!out.chunked && !out.retryable);
+        let head = exchange(&mut conn, &mut out, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(head.status, 413);
+        let mut body = UpstreamBody::new(&head, conn, Arc::clone(&pool));
+        assert_eq!(read_body(&mut body).await.unwrap(), b"big");
+        drop(body);
+        assert!(pool.idle().is_none());
     }
 }

@@ -21,8 +21,9 @@ use hyper::body::Incoming;
 use ipnet::IpNet;
 
 use crate::config;
+use crate::h1::RequestFraming;
 use crate::metrics::UpstreamErrorKind;
-use crate::pool::{self, ExchangeError, Pool, UpstreamBody};
+use crate::pool::{self, ExchangeError, Outgoing, Pool, UpstreamBody, UpstreamError};
 use crate::server::TaskGate;
 
 /// The gateway's response body: its own small body, or the upstream's stream.
@@ -48,12 +49,12 @@ impl GatewayBody {
 
 impl Body for GatewayBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = UpstreamError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, UpstreamError>>> {
         match self.get_mut() {
             GatewayBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             GatewayBody::Upstream(incoming) => Pin::new(incoming).poll_frame(cx),
@@ -77,14 +78,12 @@ impl Body for GatewayBody {
     }
 }
 
-/// The client's request body on its way upstream; says when it has been sent completely, so the
-/// response timeout measures the upstream's think time, not the length of an upload.
+/// The client's request body on its way upstream, held to `server.max_body_bytes`.
 #[derive(Debug)]
 pub struct RequestBody {
     inner: Incoming,
     /// The client connection's task gate: taking the body's last bytes need not wake the task.
     gate: Option<Arc<TaskGate>>,
-    sent: Option<tokio::sync::oneshot::Sender<()>>,
     /// `server.max_body_bytes`, for bodies without (or lying about) Content-Length.
     limit: Option<u64>,
     seen: u64,
@@ -102,27 +101,15 @@ pub struct BodyTooLarge;
 pub struct ClientBodyError(#[source] hyper::Error);
 
 impl RequestBody {
-    /// The body, and what resolves once it has been sent completely (`None`: it already is, as
-    /// for a request without a body).
-    pub(crate) fn new(
-        inner: Incoming,
-        limit: Option<u64>,
-        gate: Option<&Arc<TaskGate>>,
-    ) -> (Self, Option<tokio::sync::oneshot::Receiver<()>>) {
-        let (sent, rx, gate) = if inner.is_end_stream() {
-            (None, None, None)
-        } else {
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            (Some(tx), Some(rx), gate.cloned())
-        };
-        let body = Self {
+    /// `inner`, at most `limit` bytes of it, taken within the task that polls its client
+    /// connection through `gate`.
+    pub(crate) fn new(inner: Incoming, limit: Option<u64>, gate: Option<&Arc<TaskGate>>) -> Self {
+        Self {
             inner,
-            gate,
-            sent,
+            gate: gate.cloned(),
             limit,
             seen: 0,
-        };
-        (body, rx)
+        }
     }
 }
 
@@ -157,12 +144,7 @@ impl Body for RequestBody {
                 return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
             }
         }
-        let frame = frame.map_err(|e| Box::new(ClientBodyError(e)) as Self::Error);
-        let sent = matches!(frame, Poll::Ready(None)) || this.inner.is_end_stream();
-        if sent && let Some(tx) = this.sent.take() {
-            let _ = tx.send(());
-        }
-        frame
+        frame.map_err(|e| Box::new(ClientBodyError(e)) as Self::Error)
     }
 
     fn is_end_stream(&self) -> bool {
@@ -484,7 +466,8 @@ impl Upstream {
     /// Sends the prepared request; returns the response with hop-by-hop headers removed.
     ///
     /// The request goes out on the warmest idle connection; if that one turns out closed before
-    /// anything was written, once more on a new connection.
+    /// any response, and the request may be repeated ([`Outgoing::retryable`]), once more on a
+    /// new connection.
     pub(crate) async fn send(
         &self,
         req: Request<Incoming>,
@@ -493,33 +476,46 @@ impl Upstream {
     ) -> Result<(Response<UpstreamBody>, Duration), ForwardError> {
         let started = Instant::now();
         let (parts, body) = req.into_parts();
-        let (body, mut sent) = RequestBody::new(body, max_body, Some(gate));
-        let mut req = Request::from_parts(parts, body);
+        let framing = if body.is_end_stream() {
+            RequestFraming::for_body(&parts.method, Some(0))
+        } else {
+            RequestFraming::for_body(&parts.method, body.size_hint().exact())
+        };
+        let body = (framing != RequestFraming::None && !body.is_end_stream())
+            .then(|| RequestBody::new(body, max_body, Some(gate)));
         let (mut conn, mut reused) = match self.pool.idle() {
             Some(conn) => (conn, true),
             None => (self.connect().await?, false),
         };
+        let target = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
+        let mut outgoing = Outgoing {
+            head: conn.encode(&parts.method, target, &parts.headers, framing),
+            retryable: body.is_none() && parts.method.is_idempotent(),
+            body,
+            chunked: framing == RequestFraming::Chunked,
+            head_request: parts.method == http::Method::HEAD,
+        };
+        drop(parts);
         loop {
-            // The response timeout runs from the end of the request body: a large upload may
-            // take as long as it takes, an upstream that then stays silent may not.
-            match pool::exchange(&mut conn, req, &mut sent, self.response_timeout).await {
-                Ok(mut resp) => {
+            outgoing.retryable &= reused;
+            match pool::exchange(&mut conn, &mut outgoing, self.response_timeout).await {
+                Ok(head) => {
+                    let body = UpstreamBody::new(&head, conn, Arc::clone(&self.pool));
+                    let mut resp = Response::new(body);
+                    *resp.status_mut() = head.status;
+                    *resp.version_mut() = head.version;
+                    *resp.headers_mut() = head.headers;
+                    if let Some(reason) = head.reason
+                        && let Ok(reason) = hyper::ext::ReasonPhrase::try_from(reason)
+                    {
+                        resp.extensions_mut().insert(reason);
+                    }
                     strip_hop_by_hop(resp.headers_mut());
-                    let pool = Arc::clone(&self.pool);
-                    let gate = Arc::clone(gate);
-                    let resp = resp.map(|body| UpstreamBody::new(body, conn, pool, gate));
                     return Ok((resp, started.elapsed()));
                 }
-                Err(ExchangeError::NotSent(unsent, _)) if reused => {
-                    req = *unsent;
+                Err(ExchangeError::NotSent(_)) => {
                     conn = self.connect().await?;
                     reused = false;
-                }
-                Err(ExchangeError::NotSent(_, e)) => {
-                    return Err(ForwardError::Upstream {
-                        kind: UpstreamErrorKind::Connect,
-                        cause: error_chain(&e),
-                    });
                 }
                 Err(ExchangeError::TimedOut) => {
                     return Err(ForwardError::Upstream {

@@ -790,7 +790,7 @@ mod tests {
             let gate = Arc::clone(&service_gate);
             async move {
                 let body = req.into_body();
-                let (body, _) = RequestBody::new(body, None, gated.then_some(&gate));
+                let body = RequestBody::new(body, None, gated.then_some(&gate));
                 let bytes = body.collect().await.unwrap().to_bytes();
                 Ok::<_, Infallible>(hyper::Response::new(http_body_util::Full::new(bytes)))
             }
