@@ -169,9 +169,12 @@ pub fn parse_response(
     head_request: bool,
 ) -> Result<Option<ResponseHead>, ProtocolError> {
     loop {
-        // Where each header's name and value are in the head, as offsets, so the head can be
-        // split off and its values shared rather than copied.
-        let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+        if buf.is_empty() {
+            return Ok(None);
+        }
+        // Where each header's name and value are in the head, as offsets (a head is at most
+        // 64 KiB), so the head can be split off and its values shared rather than copied.
+        let mut spans = [(0u16, 0u16, 0u16, 0u16); MAX_HEADERS];
         let (len, code, version, reason, count) = {
             let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
             let mut response = httparse::Response::new(&mut []);
@@ -190,18 +193,19 @@ pub fn parse_response(
                 return Err(ProtocolError::HeadTooLarge);
             }
             let base = buf.as_ptr() as usize;
-            let offset = |s: &[u8]| (s.as_ptr() as usize - base) as u32;
+            // Within the first 64 KiB of `buf`, as `len` is.
+            let offset = |s: &[u8]| (s.as_ptr() as usize - base) as u16;
             for (span, h) in spans.iter_mut().zip(response.headers.iter()) {
                 *span = (
                     offset(h.name.as_bytes()),
-                    h.name.len() as u32,
+                    h.name.len() as u16,
                     offset(h.value),
-                    h.value.len() as u32,
+                    h.value.len() as u16,
                 );
             }
             let reason = response.reason.map(|r| {
                 let r = r.as_bytes();
-                (offset(r), r.len() as u32)
+                (offset(r), r.len() as u16)
             });
             (
                 len,
@@ -220,13 +224,16 @@ pub fn parse_response(
             // 100 Continue, 103 Early Hints: nothing keygate passes on; the final head follows.
             continue;
         }
+        let span = |at: u16, len: u16| usize::from(at)..usize::from(at) + usize::from(len);
         let mut headers = HeaderMap::with_capacity(count);
+        // The framing headers are looked at as the map is built, rather than looked up after.
+        let mut framing = FramingHeaders::default();
         for &(name_at, name_len, value_at, value_len) in &spans[..count] {
-            let name = &head[name_at as usize..][..name_len as usize];
-            let name = HeaderName::from_bytes(name).map_err(|_| ProtocolError::HeaderName)?;
-            let value = head.slice(value_at as usize..(value_at + value_len) as usize);
-            let value =
-                HeaderValue::from_maybe_shared(value).map_err(|_| ProtocolError::HeaderValue)?;
+            let name = HeaderName::from_bytes(&head[span(name_at, name_len)])
+                .map_err(|_| ProtocolError::HeaderName)?;
+            let value = HeaderValue::from_maybe_shared(head.slice(span(value_at, value_len)))
+                .map_err(|_| ProtocolError::HeaderValue)?;
+            framing.note(&name, &value);
             headers.append(name, value);
         }
         let version = if version == 1 {
@@ -235,14 +242,14 @@ pub fn parse_response(
             Version::HTTP_10
         };
         let reason = reason
-            .map(|(at, len)| head.slice(at as usize..(at + len) as usize))
+            .map(|(at, len)| head.slice(span(at, len)))
             .filter(|r| Some(&r[..]) != status.canonical_reason().map(str::as_bytes));
-        let (body, framing_ok) = body_framing(&headers, status, version, head_request)?;
+        let (body, framing_ok) = framing.body(status, version, head_request)?;
         let keep_alive = framing_ok
             && body != BodyFraming::Close
             && match version {
-                Version::HTTP_11 => !connection_has(&headers, "close"),
-                _ => connection_has(&headers, "keep-alive"),
+                Version::HTTP_11 => !framing.close,
+                _ => framing.keep_alive,
             };
         return Ok(Some(ResponseHead {
             status,
@@ -255,64 +262,88 @@ pub fn parse_response(
     }
 }
 
-/// The body's framing (RFC 9112 §6.3), and whether the connection may stay open after it:
-/// `Transfer-Encoding` beside `Content-Length`, or in an HTTP/1.0 response, is framing that
-/// another hop may read differently, so the connection closes after this response.
-fn body_framing(
-    headers: &HeaderMap,
-    status: StatusCode,
-    version: Version,
-    head_request: bool,
-) -> Result<(BodyFraming, bool), ProtocolError> {
-    if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
-        return Ok((BodyFraming::Empty, true));
-    }
-    let lengths = headers.get_all(header::CONTENT_LENGTH);
-    let mut codings = headers.get_all(header::TRANSFER_ENCODING).iter().peekable();
-    if codings.peek().is_some() {
-        let last = codings
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .rfind(|c| !c.is_empty());
-        let chunked = last.is_some_and(|c| c.eq_ignore_ascii_case("chunked"));
-        let clean = version == Version::HTTP_11 && lengths.iter().next().is_none();
-        let framing = if chunked {
-            BodyFraming::Chunked
-        } else {
-            BodyFraming::Close
-        };
-        return Ok((framing, clean));
-    }
-    let mut length = None;
-    for value in lengths {
-        for part in value.as_bytes().split(|&b| b == b',') {
-            let part = part.trim_ascii();
-            if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
-                return Err(ProtocolError::ContentLength);
-            }
-            let n = part.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
-            if length.is_some_and(|l| l != n) {
-                return Err(ProtocolError::ContentLength);
-            }
-            length = Some(n);
-        }
-    }
-    Ok(match length {
-        Some(0) => (BodyFraming::Empty, true),
-        Some(n) => (BodyFraming::Length(n), true),
-        None => (BodyFraming::Close, true),
-    })
+/// What a response's framing headers say.
+#[derive(Debug, Default)]
+struct FramingHeaders {
+    /// `Content-Length`: none, one consistent value, or `Err` (invalid or conflicting).
+    length: Option<Result<u64, ()>>,
+    /// `Transfer-Encoding` is present, and whether its last coding so far is `chunked`.
+    codings: Option<bool>,
+    /// `Connection` lists `close` / `keep-alive`.
+    close: bool,
+    keep_alive: bool,
 }
 
-/// Whether a `Connection` header lists `token`.
-fn connection_has(headers: &HeaderMap, token: &str) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+impl FramingHeaders {
+    fn note(&mut self, name: &HeaderName, value: &HeaderValue) {
+        if *name == header::CONTENT_LENGTH {
+            for part in value.as_bytes().split(|&b| b == b',') {
+                let n = parse_length(part.trim_ascii());
+                self.length = match (self.length, n) {
+                    (None, Some(n)) => Some(Ok(n)),
+                    (Some(Ok(l)), Some(n)) if l == n => Some(Ok(n)),
+                    _ => Some(Err(())),
+                };
+            }
+        } else if *name == header::TRANSFER_ENCODING {
+            let last = tokens(value).last();
+            self.codings = match last {
+                Some(coding) => Some(coding.eq_ignore_ascii_case(b"chunked")),
+                None => Some(self.codings.unwrap_or(false)),
+            };
+        } else if *name == header::CONNECTION {
+            for token in tokens(value) {
+                self.close |= token.eq_ignore_ascii_case(b"close");
+                self.keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+            }
+        }
+    }
+
+    /// The body's framing (RFC 9112 §6.3), and whether the connection may stay open after it:
+    /// `Transfer-Encoding` beside `Content-Length`, or in an HTTP/1.0 response, is framing that
+    /// another hop may read differently, so the connection closes after this response.
+    fn body(
+        &self,
+        status: StatusCode,
+        version: Version,
+        head_request: bool,
+    ) -> Result<(BodyFraming, bool), ProtocolError> {
+        if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+            return Ok((BodyFraming::Empty, true));
+        }
+        if let Some(chunked) = self.codings {
+            let clean = version == Version::HTTP_11 && self.length.is_none();
+            let framing = if chunked {
+                BodyFraming::Chunked
+            } else {
+                BodyFraming::Close
+            };
+            return Ok((framing, clean));
+        }
+        Ok(match self.length {
+            Some(Err(())) => return Err(ProtocolError::ContentLength),
+            Some(Ok(0)) => (BodyFraming::Empty, true),
+            Some(Ok(n)) => (BodyFraming::Length(n), true),
+            None => (BodyFraming::Close, true),
+        })
+    }
+}
+
+/// A `Content-Length` value: 1 to 19 decimal digits (so it fits a `u64`), nothing else.
+fn parse_length(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(digits.iter().fold(0, |n, d| n * 10 + u64::from(d - b'0')))
+}
+
+/// The comma-separated, trimmed, non-empty tokens of a header value.
+fn tokens(value: &HeaderValue) -> impl Iterator<Item = &[u8]> {
+    value
+        .as_bytes()
+        .split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
 }
 
 /// Reads a response body out of the connection's read buffer.
@@ -747,7 +778,25 @@ mod tests {
                 (BodyFraming::Length(1), true),
             ),
         ];
-        for (head, expected) in cases {
+        let more = [
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\ntransfer-encoding: chunked\r\n\r\n",
+                (BodyFraming::Chunked, true),
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntransfer-encoding: gzip\r\n\r\n",
+                (BodyFraming::Close, false),
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: x\r\n\r\n",
+                (BodyFraming::Chunked, false),
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 4\r\nconnection: keep-alive\r\n\r\n",
+                (BodyFraming::Length(4), true),
+            ),
+        ];
+        for (head, expected) in cases.into_iter().chain(more) {
             assert_eq!(framing(head), expected, "{head:?}");
         }
         let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"[..]);
