@@ -212,3 +212,81 @@ pub fn request_policy(data: &[u8]) {
         );
     }
 }
+
+/// The upstream response reader (`keygate::h1`): a response stream is read as the pool reads it,
+/// head then body, once with all of its bytes at hand and once arriving in reads of 1 to 128
+/// bytes (the first input byte chooses, and whether the request was HEAD). No panic; the same
+/// outcome however the bytes arrived; an accepted head is final (not 1xx), at most 64 KiB, with
+/// no body for HEAD and keep-alive only for a body whose end is framed; a body of known length
+/// yields exactly that many bytes, never more than the stream holds.
+pub fn upstream_response(data: &[u8]) {
+    let Some((&flags, stream)) = data.split_first() else {
+        return;
+    };
+    let head_request = flags & 1 == 1;
+    let step = usize::from(flags >> 1) + 1;
+    let whole = read_response(stream, head_request, stream.len().max(1));
+    let pieces = read_response(stream, head_request, step);
+    assert_eq!(
+        whole.is_ok(),
+        pieces.is_ok(),
+        "read whole: {whole:?}; in reads of {step}: {pieces:?}"
+    );
+    if whole.is_ok() {
+        assert_eq!(whole, pieces, "in reads of {step}");
+    }
+}
+
+/// Status, body, keep-alive and the bytes left after the response; or why it failed.
+type ReadResponse = Result<(u16, Vec<u8>, bool, usize), String>;
+
+fn read_response(stream: &[u8], head_request: bool, step: usize) -> ReadResponse {
+    use keygate::h1::{self, BodyDecoder, BodyFraming, Decoded};
+
+    let mut buf = bytes::BytesMut::new();
+    let mut reads = stream.chunks(step);
+    let head = loop {
+        match h1::parse_response(&mut buf, head_request) {
+            Ok(Some(head)) => break head,
+            Ok(None) => match reads.next() {
+                Some(read) => buf.extend_from_slice(read),
+                None => return Err("closed in the head".into()),
+            },
+            Err(e) => return Err(e.to_string()),
+        }
+    };
+    assert!(!head.status.is_informational());
+    if head_request {
+        assert_eq!(head.body, BodyFraming::Empty);
+    }
+    if head.keep_alive {
+        assert_ne!(head.body, BodyFraming::Close);
+    }
+    let consumed = stream.len() - buf.len() - reads.clone().map(<[u8]>::len).sum::<usize>();
+    let mut decoder = BodyDecoder::new(head.body);
+    let mut body = Vec::new();
+    loop {
+        match decoder.decode(&mut buf) {
+            Ok(Decoded::Data(data)) => {
+                assert!(!data.is_empty(), "an empty data frame");
+                body.extend_from_slice(&data);
+            }
+            Ok(Decoded::End) => break,
+            Ok(Decoded::NeedMore) => match reads.next() {
+                Some(read) => buf.extend_from_slice(read),
+                None => {
+                    decoder.eof().map_err(|e| e.to_string())?;
+                    break;
+                }
+            },
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    assert!(decoder.is_done());
+    if let BodyFraming::Length(n) = head.body {
+        assert_eq!(body.len() as u64, n);
+    }
+    assert!(body.len() <= stream.len() - consumed);
+    let left = buf.len() + reads.map(<[u8]>::len).sum::<usize>();
+    Ok((head.status.as_u16(), body, head.keep_alive, left))
+}

@@ -193,8 +193,16 @@ pub fn parse_response(
                 return Err(ProtocolError::HeadTooLarge);
             }
             let base = buf.as_ptr() as usize;
-            // Within the first 64 KiB of `buf`, as `len` is.
-            let offset = |s: &[u8]| (s.as_ptr() as usize - base) as u16;
+            // Within the first 64 KiB of `buf`, as `len` is. An empty slice need not point into
+            // `buf` at all (httparse gives an empty reason phrase as a static `""`), and any
+            // offset serves it.
+            let offset = |s: &[u8]| {
+                if s.is_empty() {
+                    0
+                } else {
+                    (s.as_ptr() as usize - base) as u16
+                }
+            };
             for (span, h) in spans.iter_mut().zip(response.headers.iter()) {
                 *span = (
                     offset(h.name.as_bytes()),
@@ -243,7 +251,9 @@ pub fn parse_response(
         };
         let reason = reason
             .map(|(at, len)| head.slice(span(at, len)))
-            .filter(|r| Some(&r[..]) != status.canonical_reason().map(str::as_bytes));
+            .filter(|r| {
+                !r.is_empty() && Some(&r[..]) != status.canonical_reason().map(str::as_bytes)
+            });
         let (body, framing_ok) = framing.body(status, version, head_request)?;
         let keep_alive = framing_ok
             && body != BodyFraming::Close
@@ -664,6 +674,10 @@ mod tests {
             None,
             "the canonical reason is not kept"
         );
+        // httparse gives a reason phrase that is not UTF-8 as a static "", outside the buffer
+        // (the fuzzer's first finding).
+        let head = parse(b"HTTP/1.1 200 Oth: 4,\xa05\r\n\r\nabcde").unwrap();
+        assert_eq!(head.unwrap().reason, None);
     }
 
     #[test]

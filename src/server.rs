@@ -183,13 +183,12 @@ async fn until_stopped<C: Future>(
     .await
 }
 
-/// The waker a connection's task polls its connection with. It passes every wake-up on to the
-/// task, except those that the task's own code causes inside [`TaskGate::muted`]: taking a frame
-/// of a body from hyper wakes the side of the connection that feeds it (there is room for the
-/// next frame), and for a forwarded request's body (hyper's client connection) and the upstream's
-/// response body (the upstream connection, driven by the request itself) that is the very task
-/// doing the taking, so it would run once more for nothing. `muted` drops wake-ups only when it
-/// runs inside the poll of the connection's task (not, say, in an HTTP/2 stream's own task), and
+/// The waker a connection's task polls its connection with. It passes every wake-up on to the task,
+/// except those that the task's own code causes inside [`TaskGate::muted`]: taking a frame of a
+/// request body from hyper wakes the side of the connection that feeds it (there is room for the
+/// next frame), and when the body is forwarded upstream by the request itself, that is the very
+/// task doing the taking, so it would run once more for nothing. `muted` drops wake-ups only when
+/// it runs inside the poll of the connection's task (not, say, in an HTTP/2 stream's own task), and
 /// only those from the thread polling it (a wake-up from another thread, such as the shutdown
 /// signal, always passes); the caller delivers a dropped wake-up when it turns out to be needed.
 #[derive(Debug, Default)]
