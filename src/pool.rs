@@ -428,7 +428,9 @@ pub struct Outgoing {
 /// `timeout` has passed since the request was written completely (a large upload may take as
 /// long as it takes; an upstream that then stays silent may not). A response that comes before
 /// the request's body has gone out whole is returned as it is; the rest of the body goes on
-/// being sent while the response body is read, and the connection is not reused.
+/// being sent while the response body is read and after it ([`UpstreamBody`]), and the
+/// connection is not reused: an upstream that answered early may not have read the body as part
+/// of the request.
 pub async fn exchange(
     conn: &mut Conn,
     req: &mut Outgoing,
@@ -540,12 +542,24 @@ impl UpstreamBody {
         }
     }
 
-    /// The body has ended: the connection goes back to the pool if nothing is left over.
+    /// The body has ended: the connection goes back to the pool if nothing is left over. If
+    /// the response came before the request's body was sent whole, the rest of the body is sent
+    /// by a task of its own and the connection then closed: the client's body is taken whole, so
+    /// its connection can carry its next request, and an upstream that answered early but still
+    /// reads (as nginx's `return` does) gets what it reads.
     fn finish(&mut self) {
-        if let Some(conn) = self.conn.take()
-            && !conn.0.sending()
-            && conn.0.read.is_empty()
-        {
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
+        if conn.0.sending() {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    let _ = poll_fn(|cx| conn.0.poll_send(cx)).await;
+                });
+            }
+            return;
+        }
+        if conn.0.read.is_empty() {
             self.pool.put_back(conn);
         }
     }
@@ -564,11 +578,11 @@ impl Body for UpstreamBody {
             return Poll::Ready(None);
         };
         let state = &mut *conn.0;
+        // A response that came before the request's body was sent whole: the rest of the body
+        // goes on as the response is read, unless the upstream stopped taking it.
         if state.sending()
-            && let Poll::Ready(result) = state.poll_send(cx)
-            && result.is_err()
+            && let Poll::Ready(Err(_)) = state.poll_send(cx)
         {
-            // The response is under way; the rest of the request can no longer matter to it.
             state.abandon_send();
         }
         loop {
@@ -1064,9 +1078,10 @@ mod tests {
         drop(body);
         let mut conn = pool.idle().expect("reused after a complete exchange");
 
-        // The upstream answers before the body is complete: the response is returned, and the
-        // connection, with a request it never finished, is not reused.
-        let (req, _client) =
+        // The upstream answers before the body is complete: the response is returned, the rest
+        // of the body still goes out (tests/gateway.rs checks the upstream gets it), and the
+        // connection, whose upstream answered before reading the whole request, is not reused.
+        let (req, mut client) =
             client_request("POST /early HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\nabc")
                 .await;
         let mut out = outgoing(&mut conn, req, true);
@@ -1078,6 +1093,7 @@ mod tests {
         let mut body = UpstreamBody::new(&head, conn, Arc::clone(&pool));
         assert_eq!(read_body(&mut body).await.unwrap(), b"big");
         drop(body);
+        client.write_all(&[b'x'; 97]).await.unwrap();
         assert!(pool.idle().is_none());
     }
 }

@@ -1204,3 +1204,130 @@ async fn idle_upstream_connections_closed_by_the_upstream_are_replaced() {
     assert_eq!(opened, 3.0, "each request needed a new connection");
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_upstream_that_answers_before_reading_the_body_still_gets_it_and_the_client_keeps_its_connection()
+ {
+    // Answers as soon as it has a request's head, then reads and discards the body (as nginx's
+    // `return` does) before the next request on the connection. Reports each body's length.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, mut bodies) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 65536];
+                loop {
+                    let end = loop {
+                        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break end + 4;
+                        }
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length: "))
+                        .map_or(0, |v| v.trim().parse().unwrap());
+                    buf.drain(..end);
+                    if stream
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    while buf.len() < length {
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    buf.drain(..length);
+                    let _ = tx.send(length);
+                }
+            });
+        }
+    });
+    let gw = Gateway::start(&format!("http://{addr}"), &[]).await;
+    let key = gw.create_key("k").await;
+    // One client connection carries all three uploads, written whole, one after the other; the
+    // three responses must come back on it. Had the gateway left a body unread, it would have
+    // to close the connection after that response.
+    use rustls_pki_types::pem::PemObject as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut roots = rustls::RootCertStore::empty();
+    let cert =
+        rustls_pki_types::CertificateDer::from_pem_file(gw.dir.path().join("cert.pem")).unwrap();
+    roots.add(cert).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(gw.https).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let (mut reader, mut writer) = tokio::io::split(tls);
+    const BODY: usize = 4 << 20;
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nHost: localhost\r\nX-API-Key: {key}\r\nContent-Length: {BODY}\r\n\r\n"
+    );
+    let uploads = tokio::spawn(async move {
+        for _ in 0..3 {
+            writer.write_all(head.as_bytes()).await?;
+            writer.write_all(&vec![b'x'; BODY]).await?;
+        }
+        writer.flush().await
+    });
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 65536];
+    for round in 0..3 {
+        let response = async {
+            loop {
+                if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length: "))
+                        .map_or(0, |v| v.trim().parse().unwrap());
+                    if buf.len() >= end + 4 + length {
+                        let body = buf[end + 4..end + 4 + length].to_vec();
+                        buf.drain(..end + 4 + length);
+                        return (head, body);
+                    }
+                }
+                let n = reader.read(&mut chunk).await.unwrap();
+                assert!(
+                    n > 0,
+                    "round {round}: the gateway closed the client's connection"
+                );
+                buf.extend_from_slice(&chunk[..n]);
+            }
+        };
+        let (head, body) = tokio::time::timeout(Duration::from_secs(20), response)
+            .await
+            .unwrap_or_else(|_| panic!("round {round}: no response"));
+        assert!(head.starts_with("http/1.1 200"), "round {round}: {head}");
+        assert_eq!(body, b"ok");
+        let got = tokio::time::timeout(Duration::from_secs(10), bodies.recv()).await;
+        assert_eq!(
+            got.unwrap(),
+            Some(BODY),
+            "round {round}: the upstream got the whole body"
+        );
+    }
+    uploads.await.unwrap().unwrap();
+    gw.shutdown().await;
+}
