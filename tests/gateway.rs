@@ -1260,25 +1260,8 @@ async fn an_upstream_that_answers_before_reading_the_body_still_gets_it_and_the_
     // One client connection carries all three uploads, written whole, one after the other; the
     // three responses must come back on it. Had the gateway left a body unread, it would have
     // to close the connection after that response.
-    use rustls_pki_types::pem::PemObject as _;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut roots = rustls::RootCertStore::empty();
-    let cert =
-        rustls_pki_types::CertificateDer::from_pem_file(gw.dir.path().join("cert.pem")).unwrap();
-    roots.add(cert).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(gw.https).await.unwrap();
-    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
-        .connect(name, tcp)
-        .await
-        .unwrap();
+    let tls = gw.raw_tls().await;
     let (mut reader, mut writer) = tokio::io::split(tls);
     const BODY: usize = 4 << 20;
     let head = format!(
@@ -1329,5 +1312,57 @@ async fn an_upstream_that_answers_before_reading_the_body_still_gets_it_and_the_
         );
     }
     uploads.await.unwrap().unwrap();
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_client_that_waits_for_100_continue_gets_it_and_its_upload_goes_through() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream.url(), &[]).await;
+    let key = gw.create_key("k").await;
+    let mut tls = gw.raw_tls().await;
+    tls.write_all(
+        format!(
+            "POST /expect HTTP/1.1\r\nHost: localhost\r\nX-API-Key: {key}\r\n\
+             Content-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let has = |buf: &[u8], pattern: &[u8]| buf.windows(pattern.len()).any(|w| w == pattern);
+    let waited = tokio::time::timeout(Duration::from_secs(5), async {
+        while !has(&buf, b"\r\n\r\n") {
+            let n = tls.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed before 100 Continue");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "no 100 Continue before the body was sent");
+    assert!(
+        buf.starts_with(b"HTTP/1.1 100 Continue\r\n"),
+        "{}",
+        String::from_utf8_lossy(&buf)
+    );
+    buf.clear();
+    tls.write_all(b"hello").await.unwrap();
+    let done = tokio::time::timeout(Duration::from_secs(5), async {
+        while !has(&buf, b"\"bytes\":5") {
+            let n = tls.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed before the response");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await;
+    let response = String::from_utf8_lossy(&buf);
+    assert!(done.is_ok(), "{response}");
+    assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+    // The upstream saw the body, and no interim response of its own reached the client.
+    assert_eq!(upstream.last().body_len, 5);
+    assert!(!response.contains("100 Continue"), "{response}");
     gw.shutdown().await;
 }

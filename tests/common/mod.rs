@@ -288,6 +288,31 @@ impl Gateway {
             .unwrap()
     }
 
+    /// A raw TLS connection to the HTTPS listener (ALPN `http/1.1`), for writing requests byte
+    /// by byte.
+    pub async fn raw_tls(&self) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+        use rustls_pki_types::pem::PemObject as _;
+        let mut roots = rustls::RootCertStore::empty();
+        let cert =
+            rustls_pki_types::CertificateDer::from_pem_file(self.dir.path().join("cert.pem"))
+                .unwrap();
+        roots.add(cert).unwrap();
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let tcp = tokio::net::TcpStream::connect(self.https).await.unwrap();
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .unwrap()
+    }
+
     /// The admin listener's Prometheus exposition.
     pub async fn metrics(&self) -> String {
         reqwest::get(format!("http://{}/metrics", self.admin))
