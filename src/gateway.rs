@@ -525,35 +525,33 @@ impl Gateway {
 
     async fn forward(
         &self,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
         client: &ClientInfo<'_>,
         authenticated: Option<Authenticated>,
         body_limit: Option<u64>,
     ) -> Handled {
         let upstream = &self.upstreams[client.worker % self.upstreams.len()];
-        upstream.prepare(&mut req, client);
-        let headers = req.headers_mut();
-        // Client-sent identity headers are never trusted, whatever the auth outcome: replaced
-        // (an insert drops every earlier value) or removed.
+        let mut edits = upstream.edits(req.headers(), req.uri(), client);
+        // Client-sent identity headers are never trusted, whatever the auth outcome: dropped,
+        // and replaced when a key authenticated the request.
+        edits.drop(&self.id_header);
+        edits.drop(&self.name_header);
         if let Some(a) = &authenticated {
             if !self.forward_credentials {
-                headers.remove(self.auth.key_header());
+                edits.drop(self.auth.key_header());
                 if a.source == CredentialSource::Bearer {
-                    headers.remove(header::AUTHORIZATION);
+                    edits.drop(&crate::proxy::AUTHORIZATION);
                 }
             }
-            headers.insert(self.id_header.clone(), a.key.id_header.clone());
-            headers.insert(self.name_header.clone(), a.key.name_header.clone());
-        } else {
-            headers.remove(&self.id_header);
-            headers.remove(&self.name_header);
+            edits.add(self.id_header.clone(), a.key.id_header.clone());
+            edits.add(self.name_header.clone(), a.key.name_header.clone());
         }
         let (auth, reason) = match &authenticated {
             Some(a) if a.in_grace => (Some(AuthReason::Ok), "ok_rotated_key_in_grace"),
             Some(_) => (Some(AuthReason::Ok), "ok"),
             None => (None, "public_path"),
         };
-        match upstream.send(req, body_limit, client.gate).await {
+        match upstream.send(req, &edits, body_limit, client.gate).await {
             Ok((resp, upstream_latency)) => {
                 self.metrics
                     .upstream_duration

@@ -85,29 +85,48 @@ impl RequestFraming {
     }
 }
 
-/// Appends the request head: request line, `headers` except the framing ones (which `framing`
-/// decides alone, so the upstream can never see two), the framing header, the blank line.
-/// `target` is the origin-form request target. Header names and values are valid by type: a
-/// `HeaderValue` cannot hold CR or LF.
-pub fn encode_request(
+/// A request head to write: the client's headers as the gateway forwards them.
+#[derive(Debug)]
+pub struct RequestHead<'a, K> {
+    /// The method.
+    pub method: &'a Method,
+    /// The origin-form request target.
+    pub target: &'a str,
+    /// A `Host` to write first (the client's own is then not kept).
+    pub host: Option<&'a HeaderValue>,
+    /// The client's headers.
+    pub headers: &'a HeaderMap,
+    /// Which of the client's headers are copied.
+    pub keep: K,
+    /// Headers written after the copied ones.
+    pub added: &'a [(HeaderName, HeaderValue)],
+}
+
+/// Appends the request head: request line, `Host`, the client's headers that `head.keep`
+/// keeps except the framing ones (which `framing` decides alone, so the upstream can never see
+/// two), the added headers, the framing header, the blank line. Header names and values are
+/// valid by type: a `HeaderValue` cannot hold CR or LF.
+pub fn encode_request<K: Fn(&HeaderName) -> bool>(
     out: &mut BytesMut,
-    method: &Method,
-    target: &str,
-    headers: &HeaderMap,
+    head: &RequestHead<'_, K>,
     framing: RequestFraming,
 ) {
-    out.extend_from_slice(method.as_str().as_bytes());
+    out.extend_from_slice(head.method.as_str().as_bytes());
     out.extend_from_slice(b" ");
-    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(head.target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in headers {
-        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+    if let Some(host) = head.host {
+        header_line(out, &header::HOST, host);
+    }
+    for (name, value) in head.headers {
+        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING || !(head.keep)(name)
+        {
             continue;
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        header_line(out, name, value);
+    }
+    for (name, value) in head.added {
+        header_line(out, name, value);
     }
     match framing {
         RequestFraming::None => {}
@@ -118,6 +137,13 @@ pub fn encode_request(
         }
         RequestFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn header_line(out: &mut BytesMut, name: &HeaderName, value: &HeaderValue) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value.as_bytes());
     out.extend_from_slice(b"\r\n");
 }
 
@@ -597,7 +623,7 @@ mod tests {
     #[test]
     fn a_request_head_has_one_framing_header_chosen_by_the_body() {
         let mut headers = HeaderMap::new();
-        headers.insert(header::HOST, HeaderValue::from_static("up"));
+        headers.insert(header::HOST, HeaderValue::from_static("client"));
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
         headers.insert(
             header::TRANSFER_ENCODING,
@@ -605,33 +631,48 @@ mod tests {
         );
         headers.append("x-a", HeaderValue::from_static("1"));
         headers.append("x-a", HeaderValue::from_static("2"));
+        headers.append("x-dropped", HeaderValue::from_static("3"));
+        let added = [(
+            HeaderName::from_static("x-added"),
+            HeaderValue::from_static("4"),
+        )];
+        let up = HeaderValue::from_static("up");
+        let head = |method, host: Option<&'static HeaderValue>| RequestHead {
+            method,
+            target: "/p?q=1",
+            host,
+            headers: &headers,
+            keep: move |name: &HeaderName| {
+                name != "x-dropped" && (host.is_none() || name != header::HOST)
+            },
+            added: &added,
+        };
+        let up: &'static HeaderValue = Box::leak(Box::new(up));
         let mut out = BytesMut::new();
         encode_request(
             &mut out,
-            &Method::POST,
-            "/p?q=1",
-            &headers,
+            &head(&Method::POST, Some(up)),
             RequestFraming::Length(7),
         );
         assert_eq!(
             &out[..],
-            b"POST /p?q=1 HTTP/1.1\r\nhost: up\r\nx-a: 1\r\nx-a: 2\r\ncontent-length: 7\r\n\r\n"
+            &b"POST /p?q=1 HTTP/1.1\r\nhost: up\r\nx-a: 1\r\nx-a: 2\r\nx-added: 4\r\n\
+               content-length: 7\r\n\r\n"[..]
+        );
+        out.clear();
+        encode_request(&mut out, &head(&Method::PUT, None), RequestFraming::Chunked);
+        assert_eq!(
+            &out[..],
+            &b"PUT /p?q=1 HTTP/1.1\r\nhost: client\r\nx-a: 1\r\nx-a: 2\r\nx-added: 4\r\n\
+               transfer-encoding: chunked\r\n\r\n"[..]
         );
         out.clear();
         encode_request(
             &mut out,
-            &Method::PUT,
-            "/",
-            &headers,
-            RequestFraming::Chunked,
+            &head(&Method::GET, Some(up)),
+            RequestFraming::None,
         );
-        assert!(out.ends_with(b"x-a: 2\r\ntransfer-encoding: chunked\r\n\r\n"));
-        out.clear();
-        encode_request(&mut out, &Method::GET, "/", &headers, RequestFraming::None);
-        assert_eq!(
-            &out[..],
-            b"GET / HTTP/1.1\r\nhost: up\r\nx-a: 1\r\nx-a: 2\r\n\r\n"
-        );
+        assert!(out.ends_with(b"x-added: 4\r\n\r\n"));
 
         assert_eq!(
             RequestFraming::for_body(&Method::GET, Some(0)),

@@ -23,7 +23,6 @@ use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::Method;
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
@@ -107,16 +106,14 @@ impl Conn {
     }
 
     /// Encodes a request head for this connection: see [`h1::encode_request`].
-    pub fn encode(
+    pub fn encode<K: Fn(&http::HeaderName) -> bool>(
         &mut self,
-        method: &Method,
-        target: &str,
-        headers: &http::HeaderMap,
+        head: &h1::RequestHead<'_, K>,
         framing: h1::RequestFraming,
     ) -> Bytes {
         let heads = &mut self.0.heads;
         heads.reserve(512);
-        h1::encode_request(heads, method, target, headers, framing);
+        h1::encode_request(heads, head, framing);
         heads.split().freeze()
     }
 }
@@ -641,7 +638,7 @@ mod tests {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::task::{Wake, Waker};
 
-    use http::{Request, Response};
+    use http::{Method, Request, Response};
     use hyper::body::Incoming;
     use hyper::service::service_fn;
     use hyper_util::rt::TokioIo;
@@ -796,8 +793,16 @@ mod tests {
             RequestFraming::for_body(&parts.method, body.size_hint().exact())
         };
         let body = (!body.is_end_stream()).then(|| RequestBody::new(body, None, None));
+        let head = h1::RequestHead {
+            method: &parts.method,
+            target: parts.uri.path(),
+            host: None,
+            headers: &parts.headers,
+            keep: |_: &http::HeaderName| true,
+            added: &[],
+        };
         Outgoing {
-            head: conn.encode(&parts.method, parts.uri.path(), &parts.headers, framing),
+            head: conn.encode(&head, framing),
             retryable: reused && body.is_none() && parts.method.is_idempotent(),
             body,
             chunked: framing == RequestFraming::Chunked,

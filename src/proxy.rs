@@ -13,15 +13,15 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery};
-use http::{Request, Response, Uri, Version};
+use http::{Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use ipnet::IpNet;
 
 use crate::config;
-use crate::h1::RequestFraming;
+use crate::h1::{self, RequestFraming};
 use crate::metrics::UpstreamErrorKind;
 use crate::pool::{self, ExchangeError, Outgoing, Pool, UpstreamBody, UpstreamError};
 use crate::server::TaskGate;
@@ -176,7 +176,7 @@ pub fn immortal_name(name: &HeaderName) -> HeaderName {
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1), and `Upgrade` (no protocol is tunnelled), never
 /// forwarded in either direction.
-const HOP_BY_HOP: [HeaderName; 9] = [
+static HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -249,6 +249,100 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     remove_present(headers, &HOP_BY_HOP, found);
 }
 
+/// How the client's request headers become the upstream's: which of them are not copied, and
+/// which headers are written instead. The client's header map is read, never changed: each
+/// change to a `HeaderMap` is a hash and a probe (and a regrowth when the map is full), while the
+/// request head is written from the map in one pass anyway ([`crate::h1::encode_request`]).
+/// Headers the gateway adds can never be removed by what the client sends: `Connection` naming
+/// only drops the client's own.
+#[derive(Debug)]
+pub struct HeaderEdits<'a> {
+    /// The upstream's `Host`, written first (the client's is then not copied), or `None` to
+    /// copy the client's.
+    host: Option<HeaderValue>,
+    dropped: [&'a HeaderName; MAX_DROPPED],
+    drops: usize,
+    /// The client's headers its `Connection` header names (rare).
+    named: Vec<HeaderName>,
+    added: Vec<(HeaderName, HeaderValue)>,
+}
+
+/// More than the most names ever dropped (hop-by-hop, Host, forwarding, credentials, identity).
+const MAX_DROPPED: usize = 24;
+
+impl<'a> HeaderEdits<'a> {
+    fn new() -> Self {
+        Self {
+            host: None,
+            dropped: [&HOP_BY_HOP[0]; MAX_DROPPED],
+            drops: 0,
+            named: Vec::new(),
+            added: Vec::with_capacity(6),
+        }
+    }
+
+    /// The client's `name` headers are not copied.
+    pub fn drop(&mut self, name: &'a HeaderName) {
+        assert!(
+            self.drops < MAX_DROPPED,
+            "more dropped header names than MAX_DROPPED"
+        );
+        self.dropped[self.drops] = name;
+        self.drops += 1;
+    }
+
+    /// `name: value` is written after the client's headers.
+    pub fn add(&mut self, name: HeaderName, value: HeaderValue) {
+        self.added.push((name, value));
+    }
+
+    /// Whether the client's header `name` is copied.
+    pub fn keeps(&self, name: &HeaderName) -> bool {
+        !self.dropped[..self.drops].contains(&name) && !self.named.contains(name)
+    }
+
+    /// The `Host` written first, if the client's is not copied.
+    pub fn host(&self) -> Option<&HeaderValue> {
+        self.host.as_ref()
+    }
+
+    /// The headers written after the client's.
+    pub fn added(&self) -> &[(HeaderName, HeaderValue)] {
+        &self.added
+    }
+
+    /// Whether the client's request carries `name` and it will be copied.
+    fn copies(&self, headers: &HeaderMap, name: &HeaderName) -> bool {
+        self.keeps(name) && headers.contains_key(name)
+    }
+}
+
+/// The headers the client's `Connection` headers name, besides `close`, `keep-alive`, the
+/// hop-by-hop headers (dropped anyway) and `Host` (which a request cannot go without).
+fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
+    let mut named = Vec::new();
+    for token in headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+    {
+        let token = token.trim_ascii();
+        if token.is_empty()
+            || token.eq_ignore_ascii_case(b"close")
+            || token.eq_ignore_ascii_case(b"keep-alive")
+        {
+            continue;
+        }
+        if let Ok(name) = HeaderName::from_bytes(token)
+            && name != header::HOST
+            && !HOP_BY_HOP.contains(&name)
+        {
+            named.push(name);
+        }
+    }
+    named
+}
+
 /// Everything about a request the forwarding headers need.
 #[derive(Debug, Clone, Copy)]
 pub struct ClientInfo<'a> {
@@ -271,6 +365,17 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+/// The names above, and `Host` and `Authorization`, where a reference that lives for the whole
+/// program is needed ([`HeaderEdits::drop`]).
+static FORWARDING: [HeaderName; 4] = [
+    X_FORWARDED_FOR,
+    X_FORWARDED_PROTO,
+    X_FORWARDED_HOST,
+    FORWARDED,
+];
+static HOST: HeaderName = header::HOST;
+/// `Authorization`, for [`HeaderEdits::drop`].
+pub static AUTHORIZATION: HeaderName = header::AUTHORIZATION;
 
 /// The client's address: the peer, unless the peer is a trusted proxy, in which case the
 /// rightmost X-Forwarded-For hop that is not itself a trusted proxy.
@@ -407,60 +512,70 @@ impl Upstream {
         Uri::from(pq.unwrap_or_else(|| PathAndQuery::from_static("/")))
     }
 
-    /// Rewrites `req` for the upstream: URI, Host, hop-by-hop and forwarding headers.
-    /// Credential and identity headers are the caller's (they depend on the auth result).
-    pub fn prepare(&self, req: &mut Request<Incoming>, client: &ClientInfo<'_>) {
-        // Each header-map operation is a hash and a probe, so none is done twice: unless it is
-        // preserved, the client's Host comes back from the insert that replaces it.
-        let mut original_host = if self.preserve_host {
-            req.headers().get(header::HOST).cloned()
-        } else {
-            req.headers_mut()
-                .insert(header::HOST, self.host_header.clone())
-        };
-        if original_host.is_none() {
-            // No Host header (an HTTP/2 request, or HTTP/1.0): the URI's authority, if any.
-            original_host = req
-                .uri()
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
-            if self.preserve_host {
-                let host = original_host.clone();
-                req.headers_mut().insert(
-                    header::HOST,
-                    host.unwrap_or_else(|| self.host_header.clone()),
-                );
-            }
+    /// The changes that make the client's headers the upstream's: Host, hop-by-hop and
+    /// forwarding headers. Credential and identity headers are the caller's (they depend on the
+    /// auth result).
+    pub fn edits(
+        &self,
+        headers: &HeaderMap,
+        uri: &Uri,
+        client: &ClientInfo<'_>,
+    ) -> HeaderEdits<'_> {
+        let mut edits = HeaderEdits::new();
+        for name in &HOP_BY_HOP {
+            edits.drop(name);
         }
-        *req.uri_mut() = self.uri(req.uri());
-        *req.version_mut() = Version::HTTP_11;
-        let headers = req.headers_mut();
-        strip_hop_by_hop(headers);
+        if headers.contains_key(header::CONNECTION) {
+            edits.named = connection_named(headers);
+        }
+        let client_host = headers.get(header::HOST);
+        // No Host header (an HTTP/2 request, or HTTP/1.0): the URI's authority, if any.
+        let original_host = client_host.cloned().or_else(|| {
+            uri.authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+        if !self.preserve_host {
+            edits.drop(&HOST);
+            edits.host = Some(self.host_header.clone());
+        } else if client_host.is_none() {
+            edits.host = Some(
+                original_host
+                    .clone()
+                    .unwrap_or_else(|| self.host_header.clone()),
+            );
+        }
+        let [xff, xfp, xfh, forwarded] = &FORWARDING;
         let proto = HeaderValue::from_static(if client.tls { "https" } else { "http" });
         if client.trusted {
             // A trusted proxy's word on earlier hops is kept, and extended.
-            append_forwarded_for(headers, client.peer);
-            if let Entry::Vacant(e) = headers.entry(X_FORWARDED_PROTO) {
-                e.insert(proto);
+            let earlier = if edits.keeps(xff) {
+                headers.get_all(xff).iter().collect::<Vec<_>>()
+            } else {
+                Vec::new()
+            };
+            edits.drop(xff);
+            edits.add(X_FORWARDED_FOR, forwarded_for(&earlier, client.peer));
+            if !edits.copies(headers, xfp) {
+                edits.add(X_FORWARDED_PROTO, proto);
             }
             if let Some(host) = original_host
-                && let Entry::Vacant(e) = headers.entry(X_FORWARDED_HOST)
+                && !edits.copies(headers, xfh)
             {
-                e.insert(host);
+                edits.add(X_FORWARDED_HOST, host);
             }
-            return;
+            return edits;
         }
-        // Nobody else may tell us about earlier hops: what the client sent is replaced (an
-        // insert drops every earlier value) or removed.
-        headers.insert(X_FORWARDED_FOR, client.peer.clone());
-        headers.insert(X_FORWARDED_PROTO, proto);
-        match original_host {
-            Some(host) => {
-                headers.insert(X_FORWARDED_HOST, host);
-                remove_all(headers, &[FORWARDED]);
-            }
-            None => remove_all(headers, &[FORWARDED, X_FORWARDED_HOST]),
+        // Nobody else may tell us about earlier hops: what the client sent is replaced or
+        // dropped.
+        for name in [xff, xfp, xfh, forwarded] {
+            edits.drop(name);
         }
+        edits.add(X_FORWARDED_FOR, client.peer.clone());
+        edits.add(X_FORWARDED_PROTO, proto);
+        if let Some(host) = original_host {
+            edits.add(X_FORWARDED_HOST, host);
+        }
+        edits
     }
 
     /// Sends the prepared request; returns the response with hop-by-hop headers removed.
@@ -471,6 +586,7 @@ impl Upstream {
     pub(crate) async fn send(
         &self,
         req: Request<Incoming>,
+        edits: &HeaderEdits<'_>,
         max_body: Option<u64>,
         gate: &Arc<TaskGate>,
     ) -> Result<(Response<UpstreamBody>, Duration), ForwardError> {
@@ -487,9 +603,17 @@ impl Upstream {
             Some(conn) => (conn, true),
             None => (self.connect().await?, false),
         };
-        let target = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
+        let uri = self.uri(&parts.uri);
+        let head = h1::RequestHead {
+            method: &parts.method,
+            target: uri.path_and_query().map_or("/", PathAndQuery::as_str),
+            host: edits.host(),
+            headers: &parts.headers,
+            keep: |name: &HeaderName| edits.keeps(name),
+            added: edits.added(),
+        };
         let mut outgoing = Outgoing {
-            head: conn.encode(&parts.method, target, &parts.headers, framing),
+            head: conn.encode(&head, framing),
             retryable: body.is_none() && parts.method.is_idempotent(),
             body,
             chunked: framing == RequestFraming::Chunked,
@@ -555,11 +679,10 @@ impl Upstream {
 }
 
 /// Appends `peer` to the request's `X-Forwarded-For` (all its values, joined), or sets it.
-fn append_forwarded_for(headers: &mut HeaderMap, peer: &HeaderValue) {
-    let mut earlier = headers.get_all(X_FORWARDED_FOR).iter().peekable();
-    if earlier.peek().is_none() {
-        headers.insert(X_FORWARDED_FOR, peer.clone());
-        return;
+/// A trusted proxy's `X-Forwarded-For` values, joined, with `peer` after them.
+fn forwarded_for(earlier: &[&HeaderValue], peer: &HeaderValue) -> HeaderValue {
+    if earlier.is_empty() {
+        return peer.clone();
     }
     let mut value = Vec::with_capacity(64);
     for v in earlier {
@@ -571,9 +694,7 @@ fn append_forwarded_for(headers: &mut HeaderMap, peer: &HeaderValue) {
     }
     value.extend_from_slice(peer.as_bytes());
     // Joined from valid header values with ", ": still a valid one.
-    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(value)) {
-        headers.insert(X_FORWARDED_FOR, v);
-    }
+    HeaderValue::from_maybe_shared(Bytes::from(value)).unwrap_or_else(|_| peer.clone())
 }
 
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
@@ -664,28 +785,137 @@ mod tests {
     #[test]
     fn forwarded_for_appends_the_peer() {
         let peer = HeaderValue::from_static("10.0.0.2");
-        let mut h = headers(&[("x-forwarded-for", "198.51.100.7")]);
-        append_forwarded_for(&mut h, &peer);
-        assert_eq!(h[X_FORWARDED_FOR], "198.51.100.7, 10.0.0.2");
-
+        let one = HeaderValue::from_static("198.51.100.7");
+        assert_eq!(forwarded_for(&[&one], &peer), "198.51.100.7, 10.0.0.2");
         // Several X-Forwarded-For lines are one list, in order; blank ones add nothing.
-        let mut h = headers(&[
-            ("x-forwarded-for", " 6.6.6.6, 198.51.100.7 "),
-            ("x-forwarded-for", ""),
-            ("x-forwarded-for", "192.0.2.1"),
-        ]);
-        append_forwarded_for(&mut h, &peer);
-        assert_eq!(h.get_all(X_FORWARDED_FOR).iter().count(), 1);
+        let lines = [
+            HeaderValue::from_static(" 6.6.6.6, 198.51.100.7 "),
+            HeaderValue::from_static(""),
+            HeaderValue::from_static("192.0.2.1"),
+        ];
         assert_eq!(
-            h[X_FORWARDED_FOR],
+            forwarded_for(&lines.iter().collect::<Vec<_>>(), &peer),
             "6.6.6.6, 198.51.100.7, 192.0.2.1, 10.0.0.2"
         );
+        assert_eq!(
+            forwarded_for(&[&HeaderValue::from_static("  ")], &peer),
+            "10.0.0.2"
+        );
+        assert_eq!(forwarded_for(&[], &peer), "10.0.0.2");
+    }
 
-        let mut h = headers(&[("x-forwarded-for", "  ")]);
-        append_forwarded_for(&mut h, &peer);
-        assert_eq!(h[X_FORWARDED_FOR], "10.0.0.2");
-        let mut h = HeaderMap::new();
-        append_forwarded_for(&mut h, &peer);
-        assert_eq!(h[X_FORWARDED_FOR], "10.0.0.2");
+    /// The head the upstream gets for a GET with `pairs` as its headers, from a client at
+    /// 203.0.113.9 over TLS (`trusted`: the peer is a trusted proxy), with or without
+    /// `preserve_host`.
+    fn upstream_head(pairs: &[(&str, &str)], trusted: bool, preserve_host: bool) -> String {
+        let upstream = Upstream::new(
+            &config::Upstream {
+                url: Uri::from_static("http://10.9.9.9:8000"),
+                connect_timeout: Duration::from_secs(1),
+                response_timeout: Duration::from_secs(1),
+                pool_max_idle: 0,
+                pool_idle_timeout: Duration::from_secs(1),
+                preserve_host,
+            },
+            metrics::Counter::noop(),
+        );
+        let gate = Arc::default();
+        let peer = HeaderValue::from_static("203.0.113.9");
+        let client = ClientInfo {
+            peer: &peer,
+            trusted,
+            client_ip: "203.0.113.9".parse().unwrap(),
+            tls: true,
+            worker: 0,
+            gate: &gate,
+        };
+        let h = headers(pairs);
+        let uri = Uri::from_static("/p");
+        let edits = upstream.edits(&h, &uri, &client);
+        let head = h1::RequestHead {
+            method: &http::Method::GET,
+            target: "/p",
+            host: edits.host(),
+            headers: &h,
+            keep: |name: &HeaderName| edits.keeps(name),
+            added: edits.added(),
+        };
+        let mut out = bytes::BytesMut::new();
+        h1::encode_request(&mut out, &head, RequestFraming::None);
+        String::from_utf8(out.to_vec()).unwrap()
+    }
+
+    #[test]
+    fn the_upstream_gets_the_clients_headers_with_forwarding_rewritten() {
+        let forged = [
+            ("host", "client.example"),
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-forwarded-proto", "http"),
+            ("x-forwarded-host", "evil.example"),
+            ("forwarded", "for=6.6.6.6"),
+            ("accept", "*/*"),
+        ];
+        // From an untrusted peer, every forwarding header is the gateway's own.
+        assert_eq!(
+            upstream_head(&forged, false, false),
+            "GET /p HTTP/1.1\r\nhost: 10.9.9.9:8000\r\naccept: */*\r\n\
+             x-forwarded-for: 203.0.113.9\r\nx-forwarded-proto: https\r\n\
+             x-forwarded-host: client.example\r\n\r\n"
+        );
+        // From a trusted proxy, its word on earlier hops is kept and extended.
+        assert_eq!(
+            upstream_head(&forged, true, false),
+            "GET /p HTTP/1.1\r\nhost: 10.9.9.9:8000\r\nx-forwarded-proto: http\r\n\
+             x-forwarded-host: evil.example\r\nforwarded: for=6.6.6.6\r\naccept: */*\r\n\
+             x-forwarded-for: 6.6.6.6, 203.0.113.9\r\n\r\n"
+        );
+        // ... and what it does not say is added.
+        assert_eq!(
+            upstream_head(&[("host", "client.example")], true, false),
+            "GET /p HTTP/1.1\r\nhost: 10.9.9.9:8000\r\nx-forwarded-for: 203.0.113.9\r\n\
+             x-forwarded-proto: https\r\nx-forwarded-host: client.example\r\n\r\n"
+        );
+        // preserve_host: the client's Host goes upstream.
+        assert!(
+            upstream_head(&[("host", "client.example")], false, true)
+                .starts_with("GET /p HTTP/1.1\r\nhost: client.example\r\n")
+        );
+        // Without a Host (HTTP/1.0, HTTP/2 without an authority): the upstream's.
+        assert!(
+            upstream_head(&[], false, true)
+                .starts_with("GET /p HTTP/1.1\r\nhost: 10.9.9.9:8000\r\n")
+        );
+    }
+
+    #[test]
+    fn connection_names_only_the_clients_own_headers() {
+        // Hop-by-hop headers and those Connection names are not copied; the gateway's own Host
+        // and forwarding headers are written whatever Connection says.
+        let head = upstream_head(
+            &[
+                (
+                    "connection",
+                    "keep-alive, X-Secret, host, x-forwarded-proto",
+                ),
+                ("connection", " X-Other\t"),
+                ("x-secret", "1"),
+                ("x-other", "1"),
+                ("keep-alive", "timeout=5"),
+                ("te", "trailers"),
+                ("upgrade", "websocket"),
+                ("proxy-authorization", "Basic eDp5"),
+                ("x-forwarded-proto", "http"),
+                ("host", "client.example"),
+                ("content-type", "application/json"),
+            ],
+            true,
+            true,
+        );
+        assert_eq!(
+            head,
+            "GET /p HTTP/1.1\r\nhost: client.example\r\ncontent-type: application/json\r\n\
+             x-forwarded-for: 203.0.113.9\r\nx-forwarded-proto: https\r\n\
+             x-forwarded-host: client.example\r\n\r\n"
+        );
     }
 }
