@@ -261,6 +261,11 @@ pub struct HeaderEdits<'a> {
     /// copy the client's.
     host: Option<HeaderValue>,
     dropped: [&'a HeaderName; MAX_DROPPED],
+    /// Each dropped name's [`signature`], and all of them as bits: most of a client's headers
+    /// are told apart from every dropped name by one test, and the rest compared only with the
+    /// names of the same signature.
+    signatures: [u8; MAX_DROPPED],
+    any: u64,
     drops: usize,
     /// The client's headers its `Connection` header names (rare).
     named: Vec<HeaderName>,
@@ -270,11 +275,21 @@ pub struct HeaderEdits<'a> {
 /// More than the most names ever dropped (hop-by-hop, Host, forwarding, credentials, identity).
 const MAX_DROPPED: usize = 24;
 
+/// Six bits from a header name's length and its first and last bytes (names are lower case).
+fn signature(name: &HeaderName) -> u8 {
+    let name = name.as_str().as_bytes();
+    let first = u32::from(name.first().copied().unwrap_or(0));
+    let last = u32::from(name.last().copied().unwrap_or(0));
+    ((name.len() as u32 * 7 + first + last * 3) & 63) as u8
+}
+
 impl<'a> HeaderEdits<'a> {
     fn new() -> Self {
         Self {
             host: None,
             dropped: [&HOP_BY_HOP[0]; MAX_DROPPED],
+            signatures: [0; MAX_DROPPED],
+            any: 0,
             drops: 0,
             named: Vec::new(),
             added: Vec::with_capacity(6),
@@ -287,7 +302,10 @@ impl<'a> HeaderEdits<'a> {
             self.drops < MAX_DROPPED,
             "more dropped header names than MAX_DROPPED"
         );
+        let signature = signature(name);
         self.dropped[self.drops] = name;
+        self.signatures[self.drops] = signature;
+        self.any |= 1 << signature;
         self.drops += 1;
     }
 
@@ -298,7 +316,13 @@ impl<'a> HeaderEdits<'a> {
 
     /// Whether the client's header `name` is copied.
     pub fn keeps(&self, name: &HeaderName) -> bool {
-        !self.dropped[..self.drops].contains(&name) && !self.named.contains(name)
+        let signature = signature(name);
+        let dropped = self.any & (1 << signature) != 0
+            && self.signatures[..self.drops]
+                .iter()
+                .zip(&self.dropped)
+                .any(|(&s, &d)| s == signature && d == name);
+        !dropped && (self.named.is_empty() || !self.named.contains(name))
     }
 
     /// The `Host` written first, if the client's is not copied.
