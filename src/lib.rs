@@ -15,7 +15,10 @@
 //! - [`key`]: the key format, checksum, digest and the redacting secret types.
 //! - [`cache`]: the in-process key cache, change-feed poller and usage flusher.
 //! - [`store`]: the [`store::KeyStore`] seam and its SQLite and Redis implementations.
-//! - [`proxy`]: the upstream client, header rewriting and the response body type.
+//! - [`proxy`]: what is forwarded (header edits, forwarding headers, request and response
+//!   bodies) and the upstream's error mapping; it sends through [`pool`] (keep-alive
+//!   connections, each exchange's I/O) and [`h1`] (the HTTP/1.1 messages to and from the
+//!   upstream).
 //! - [`error`]: the request path's error type and its one rendering.
 //! - [`policy`]: per-key scopes, client networks and rate, compiled once per cached key.
 //! - [`ratelimit`]: per-key and per-IP-failure limits (GCRA), shared through the store.

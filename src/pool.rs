@@ -398,7 +398,7 @@ impl Pool {
 pub enum ExchangeError {
     /// The connection turned out closed before any response, and the request may be sent again
     /// on another (see [`Outgoing::retryable`]): its body, untouched, is back in `Outgoing`.
-    NotSent(UpstreamError),
+    NotSent,
     /// The exchange failed.
     Failed(UpstreamError),
     /// No response head within the timeout after the request was sent completely.
@@ -487,7 +487,7 @@ pub async fn exchange(
                     };
                     let error = if !received && req.retryable && !state.body_started {
                         req.body = state.body.take();
-                        ExchangeError::NotSent(error)
+                        ExchangeError::NotSent
                     } else {
                         ExchangeError::Failed(error)
                     };
@@ -1021,7 +1021,7 @@ mod tests {
             let result = exchange(&mut conn, &mut out, Duration::from_secs(5)).await;
             seen.recv().await.unwrap();
             match (result, retryable) {
-                (Err(ExchangeError::NotSent(_)), true) => {}
+                (Err(ExchangeError::NotSent), true) => {}
                 (
                     Err(ExchangeError::Failed(UpstreamError::Closed | UpstreamError::Io(_))),
                     false,

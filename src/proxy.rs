@@ -216,33 +216,14 @@ pub fn remove_all(headers: &mut HeaderMap, names: &[HeaderName]) {
     remove_present(headers, names, found);
 }
 
-/// Removes hop-by-hop headers, including every header the `Connection` header names: most
-/// requests carry none, and a response usually only `Connection`.
+/// Removes hop-by-hop headers, including every header the `Connection` header names (the
+/// upstream's response; a request's are dropped as it is written, see [`HeaderEdits`]). A
+/// response usually carries only `Connection: keep-alive`, which names nothing more and costs no
+/// allocation.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let found = present(headers, &HOP_BY_HOP);
     if found & 1 != 0 {
-        // The usual `Connection: keep-alive` or `close` names nothing more to remove, and costs
-        // no allocation.
-        let mut named = Vec::new();
-        for token in headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        {
-            let token = token.trim_ascii();
-            if token.is_empty()
-                || token.eq_ignore_ascii_case(b"close")
-                || token.eq_ignore_ascii_case(b"keep-alive")
-            {
-                continue;
-            }
-            if let Ok(name) = HeaderName::from_bytes(token)
-                && !HOP_BY_HOP.contains(&name)
-            {
-                named.push(name);
-            }
-        }
-        for name in named {
+        for name in connection_named(headers) {
             headers.remove(name);
         }
     }
@@ -341,7 +322,7 @@ impl<'a> HeaderEdits<'a> {
     }
 }
 
-/// The headers the client's `Connection` headers name, besides `close`, `keep-alive`, the
+/// The headers a message's `Connection` headers name, besides `close`, `keep-alive`, the
 /// hop-by-hop headers (dropped anyway) and `Host` (which a request cannot go without).
 fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
     let mut named = Vec::new();
@@ -661,7 +642,7 @@ impl Upstream {
                     strip_hop_by_hop(resp.headers_mut());
                     return Ok((resp, started.elapsed()));
                 }
-                Err(ExchangeError::NotSent(_)) => {
+                Err(ExchangeError::NotSent) => {
                     conn = self.connect().await?;
                     reused = false;
                 }

@@ -1317,7 +1317,7 @@ async fn an_upstream_that_answers_before_reading_the_body_still_gets_it_and_the_
 
 #[tokio::test]
 async fn a_client_that_waits_for_100_continue_gets_it_and_its_upload_goes_through() {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::io::AsyncWriteExt as _;
     let upstream = Upstream::start().await;
     let gw = Gateway::start(&upstream.url(), &[]).await;
     let key = gw.create_key("k").await;
@@ -1331,38 +1331,47 @@ async fn a_client_that_waits_for_100_continue_gets_it_and_its_upload_goes_throug
     )
     .await
     .unwrap();
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let has = |buf: &[u8], pattern: &[u8]| buf.windows(pattern.len()).any(|w| w == pattern);
-    let waited = tokio::time::timeout(Duration::from_secs(5), async {
-        while !has(&buf, b"\r\n\r\n") {
-            let n = tls.read(&mut chunk).await.unwrap();
-            assert!(n > 0, "closed before 100 Continue");
-            buf.extend_from_slice(&chunk[..n]);
-        }
-    })
-    .await;
-    assert!(waited.is_ok(), "no 100 Continue before the body was sent");
+    let interim = read_until(&mut tls, b"\r\n\r\n").await;
     assert!(
-        buf.starts_with(b"HTTP/1.1 100 Continue\r\n"),
-        "{}",
-        String::from_utf8_lossy(&buf)
+        interim.starts_with("HTTP/1.1 100 Continue\r\n"),
+        "no 100 Continue before the body was sent: {interim}"
     );
-    buf.clear();
     tls.write_all(b"hello").await.unwrap();
-    let done = tokio::time::timeout(Duration::from_secs(5), async {
-        while !has(&buf, b"\"bytes\":5") {
-            let n = tls.read(&mut chunk).await.unwrap();
-            assert!(n > 0, "closed before the response");
-            buf.extend_from_slice(&chunk[..n]);
-        }
-    })
-    .await;
-    let response = String::from_utf8_lossy(&buf);
-    assert!(done.is_ok(), "{response}");
+    let response = read_until(&mut tls, b"\"bytes\":5").await;
     assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
     // The upstream saw the body, and no interim response of its own reached the client.
     assert_eq!(upstream.last().body_len, 5);
     assert!(!response.contains("100 Continue"), "{response}");
     gw.shutdown().await;
+}
+
+/// Reads from `stream` until what has come contains `pattern` (5 s at most), and returns it.
+async fn read_until(stream: &mut (impl tokio::io::AsyncRead + Unpin), pattern: &[u8]) -> String {
+    use tokio::io::AsyncReadExt as _;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let read = async {
+        while !buf.windows(pattern.len()).any(|w| w == pattern) {
+            let n = stream.read(&mut chunk).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    };
+    let timed_out = tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .is_err();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    assert!(
+        !timed_out,
+        "no {:?} within 5 s: {text}",
+        String::from_utf8_lossy(pattern)
+    );
+    assert!(
+        buf.windows(pattern.len()).any(|w| w == pattern),
+        "closed before {:?}: {text}",
+        String::from_utf8_lossy(pattern)
+    );
+    text
 }
