@@ -6,14 +6,16 @@
 //!
 //! Entries are keyed by digest. A known key (active or not) is fresh for `positive_ttl` (each
 //! entry for a random 75-100% of it, so entries made together do not expire together) and kept
-//! `stale_if_error` longer; an unknown key is cached for `negative_ttl` (likewise jittered). For the
-//! first 75-100% of that longer window (random per entry, so keys read together are not re-read
-//! together) a known key is served without a store read while the change feed is confirmed
-//! (polled successfully within the last two poll intervals): every change made through keygate
-//! reaches the cache on the feed, so the entry is as current as a re-read would make it. Without
-//! that confirmation, as while the store is failing, it is re-read, and served stale only if the
-//! store cannot answer. A request that finds a known key in the last quarter of that window has
-//! it re-read in the background. A cache hit touches no lock and no store: a probe of the worker
+//! `stale_if_error` longer; an unknown key is cached for `negative_ttl` (likewise jittered). For
+//! all of that longer window a known key is served without a store read while the change feed is
+//! confirmed (polled successfully within the last two poll intervals): every change made through
+//! keygate reaches the cache on the feed, so the entry is as current as a re-read would make it.
+//! Without that confirmation, as while the store is failing, it is re-read, and served stale only
+//! if the store cannot answer. A key in use is still re-read, in the background, to bound how long
+//! a change made behind keygate's back (in the database itself) goes unseen: a request that finds
+//! it in the last quarter of a random 75-100% of the window (random per entry, so keys read
+//! together are not re-read together), or later, has it re-read, and is served from the entry
+//! meanwhile. A cache hit touches no lock and no store: a probe of the worker
 //! thread's own copy of the entries it has used (emptied whenever the shared cache changes in a
 //! way the copy could outlive), else one concurrent-map read; and two atomic stores for usage.
 //! Misses for one digest are serialised through moka's per-key compute, so a burst of requests
@@ -52,13 +54,12 @@ pub struct KnownKey {
     /// When the record was read from the store.
     loaded_at: Instant,
     fresh_until: Instant,
-    /// Until when a confirmed change feed may stand in for a re-read: a random 75-100% of
-    /// `stale_if_error` past `fresh_until`, so keys read together are re-read over a spread
-    /// instead of in one wave. (They stay cached for all of `stale_if_error`, for store outages.)
-    confirmed_until: Instant,
-    /// From when a request that finds this entry has it re-read in the background (the last
-    /// quarter of its life): a key in use at least once in that time is re-read before it runs
-    /// out, never by a request waiting on the store.
+    /// From when a request that finds this entry has it re-read in the background: the last
+    /// quarter of the time to its `reread_by` (a random 75-100% of `stale_if_error` past
+    /// `fresh_until`, so keys read together are re-read over a spread, not in one wave). A key in
+    /// use at least once from then on is re-read while the entry stays usable (a confirmed
+    /// change feed keeps it for all of `stale_if_error`), never by a request waiting on the
+    /// store; the re-read is for changes the feed does not carry.
     refresh_at: Instant,
     /// The background re-read was asked for (once per entry). The workers' sweeps then drop
     /// their copies of this entry, so they take up the new one rather than keep the old one (and
@@ -78,12 +79,12 @@ struct Uses {
 
 impl KnownKey {
     /// `record`, read from the store at (or after) `loaded_at`, fresh until `fresh_until`, and
-    /// kept by a confirmed change feed until `confirmed_until`.
+    /// re-read in the background by `reread_by` if in use.
     pub(crate) fn new(
         record: KeyRecord,
         loaded_at: Instant,
         fresh_until: Instant,
-        confirmed_until: Instant,
+        reread_by: Instant,
     ) -> Self {
         let id_header = HeaderValue::from_str(&record.id)
             .unwrap_or_else(|_| HeaderValue::from_static("invalid-id"));
@@ -101,9 +102,8 @@ impl KnownKey {
             policy,
             loaded_at,
             fresh_until,
-            confirmed_until,
-            refresh_at: confirmed_until
-                .checked_sub(confirmed_until.saturating_duration_since(loaded_at) / 4)
+            refresh_at: reread_by
+                .checked_sub(reread_by.saturating_duration_since(loaded_at) / 4)
                 .unwrap_or(loaded_at),
             refresh_asked: AtomicBool::new(false),
             uses: Arc::default(),
@@ -462,14 +462,15 @@ impl KeyCache {
     }
 
     /// Whether `entry` may be served without a store read at `now`: it is fresh, or it is a
-    /// known key read while the feed has been followed and the feed is confirmed.
+    /// known key within `stale_if_error` of its freshness (as long as the shared cache keeps it),
+    /// read while the feed has been followed, and the feed is confirmed.
     fn usable(&self, entry: &Entry, now: Instant) -> bool {
         if entry.fresh_until() > now {
             return true;
         }
         match entry {
             Entry::Known(k) => {
-                now < k.confirmed_until
+                now < k.fresh_until + self.stale_if_error
                     && self.feed_confirmed(now)
                     && self.nanos_since_epoch(k.loaded_at)
                         >= self.feed_since.load(Ordering::Relaxed)
@@ -557,16 +558,18 @@ impl KeyCache {
         }
     }
 
-    /// Counts a hit on `entry` and, once a known key's entry is in the last part of its life,
-    /// asks (once) for its background re-read. A full queue only means the key is re-read by a
-    /// request later, as without refresh-ahead.
+    /// Counts a hit on `entry` and, once a known key's entry is due for a re-read
+    /// ([`KnownKey::refresh_at`]), asks (once) for it in the background. When the queue is full
+    /// the ask is left to a later request.
     fn hit(&self, entry: &Entry, now: Instant) {
         self.metrics.cache_hits.increment(1);
         if let Entry::Known(k) = entry
             && now >= k.refresh_at
             && !k.refresh_asked.swap(true, Ordering::Relaxed)
+            && let Err(mpsc::error::TrySendError::Full(_)) =
+                self.refresh_tx.try_send(k.record.digest)
         {
-            let _ = self.refresh_tx.try_send(k.record.digest);
+            k.refresh_asked.store(false, Ordering::Relaxed);
         }
     }
 
@@ -1023,26 +1026,26 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_confirmed_feed_keeps_a_key_only_until_its_confirmed_until() {
-        let (_dir, _store, cache) = setup_short_ttl();
-        let mut position = None;
-        cache.poll_once(&mut position).await.unwrap();
+    async fn a_confirmed_feed_keeps_a_known_key_for_all_of_stale_if_error() {
+        let (_dir, _store, cache) = setup_with(|cfg| cfg.stale_if_error = Duration::from_secs(2));
         let secret = crate::key::generate().unwrap();
         let now = Instant::now();
-        let entry = |confirmed_until| {
-            Entry::Known(Arc::new(KnownKey::new(
-                record(&secret),
-                now,
-                now,
-                confirmed_until,
-            )))
+        // Read `ago`, fresh and due for a re-read until then: being past its re-read time asks
+        // for a background re-read, it does not end the entry.
+        let read = |ago| {
+            let at = now - ago;
+            Entry::Known(Arc::new(KnownKey::new(record(&secret), at, at, at)))
         };
-        let later = now + Duration::from_millis(1);
-        assert!(cache.usable(&entry(now + Duration::from_secs(60)), later));
-        assert!(!cache.usable(&entry(now), later));
+        cache.follow_feed_from(now - Duration::from_secs(3));
+        cache.confirm_feed();
+        let ms = Duration::from_millis;
+        assert!(cache.usable(&read(ms(1)), now));
+        assert!(cache.usable(&read(ms(1_999)), now));
+        // Not once the shared cache drops it.
+        assert!(!cache.usable(&read(ms(2_000)), now));
         // And never without the feed's confirmation.
         cache.unconfirm_feed();
-        assert!(!cache.usable(&entry(now + Duration::from_secs(60)), later));
+        assert!(!cache.usable(&read(ms(1)), now));
     }
 
     #[tokio::test]
@@ -1192,9 +1195,18 @@ mod tests {
     }
 
     /// A stored key whose cached entry is due for a background re-read: read 80 s ago with the
-    /// feed followed since before then and confirmed, served for 5 s more, in the last quarter
-    /// of its life.
+    /// feed followed since before then and confirmed, to be re-read within 5 s.
     async fn due_for_refresh(store: &Counting, cache: &KeyCache) -> Arc<KnownKey> {
+        cached_for_80s(store, cache, Instant::now() + Duration::from_secs(5)).await
+    }
+
+    /// A stored key whose cached entry was read 80 s ago (fresh for 10 s, to be re-read by
+    /// `reread_by`) with the feed followed since before then and confirmed.
+    async fn cached_for_80s(
+        store: &Counting,
+        cache: &KeyCache,
+        reread_by: Instant,
+    ) -> Arc<KnownKey> {
         let rec = stored_key(store).await;
         let now = Instant::now();
         cache.follow_feed_from(now - Duration::from_secs(100));
@@ -1204,10 +1216,51 @@ mod tests {
             rec,
             now - Duration::from_secs(80),
             now - Duration::from_secs(70),
-            now + Duration::from_secs(5),
+            reread_by,
         ));
         cache.cache.insert(digest, Entry::Known(old.clone())).await;
         old
+    }
+
+    #[tokio::test]
+    async fn past_its_re_read_time_a_key_is_served_while_it_is_re_read() {
+        let (_dir, store, cache) = setup();
+        let mut queue = cache.refresh_rx.lock().unwrap().take().unwrap();
+        // Past the time to re-read it (no request came in the last quarter before it, as when
+        // the key was idle then), with the feed confirmed: no request waits on the store.
+        let old = cached_for_80s(&store, &cache, Instant::now() - Duration::from_secs(1)).await;
+        let digest = old.record.digest;
+        for _ in 0..3 {
+            assert_eq!(cache.resolve(digest).await.unwrap().1, Source::Hit);
+        }
+        assert_eq!(queue.try_recv(), Ok(digest));
+        assert!(queue.try_recv().is_err(), "asked for twice");
+        assert_eq!(store.lookups.load(Ordering::SeqCst), 0);
+
+        // Without the feed's confirmation the request reads the store itself.
+        cache.unconfirm_feed();
+        assert_eq!(cache.resolve(digest).await.unwrap().1, Source::Store);
+        assert_eq!(store.lookups.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_re_read_not_queued_is_asked_for_by_a_later_request() {
+        let (_dir, store, cache) = setup();
+        let mut queue = cache.refresh_rx.lock().unwrap().take().unwrap();
+        let old = due_for_refresh(&store, &cache).await;
+        let digest = old.record.digest;
+        let other = KeyDigest::of(b"sk_other");
+        while cache.refresh_tx.try_send(other).is_ok() {}
+
+        assert_eq!(cache.resolve(digest).await.unwrap().1, Source::Hit);
+        assert!(
+            !old.refresh_asked.load(Ordering::Relaxed),
+            "lost to a full queue"
+        );
+        while queue.try_recv() == Ok(other) {}
+        assert_eq!(cache.resolve(digest).await.unwrap().1, Source::Hit);
+        assert_eq!(queue.try_recv(), Ok(digest));
+        assert!(old.refresh_asked.load(Ordering::Relaxed));
     }
 
     #[tokio::test]
