@@ -12,7 +12,10 @@
 # check, headers, access log and upstream keep-alive; one worker process, no master) the same way.
 #
 # Environment: PROTOCOL (http or tls; default http), SECONDS_MEASURED (10), KEEP (a directory: the
-# callgrind profiles are copied there, for callgrind_annotate).
+# callgrind profiles are copied there, for callgrind_annotate), SIMULATE=1 (callgrind also
+# simulates the caches and branch predictors, and prints per request the instruction-cache misses
+# (I1), data-cache misses (D1), last-level misses (LL) and mispredicted branches: what instruction
+# counts leave out. Slower; the simulated caches are the host's sizes, the figures a model's).
 # Everything listens on 127.0.0.1; every process started here is stopped by PID on exit.
 set -euo pipefail
 
@@ -20,6 +23,8 @@ set -euo pipefail
 PROTOCOL=${PROTOCOL:-http}
 SECONDS_MEASURED=${SECONDS_MEASURED:-10}
 ORIGIN="https://app.example.com"
+SIM_OPTS=()
+[ "${SIMULATE:-0}" = 1 ] && SIM_OPTS=(--cache-sim=yes --branch-sim=yes)
 here=$(cd "$(dirname "$0")" && pwd)
 
 # shellcheck source=benches/load/common.sh
@@ -71,7 +76,7 @@ for bin in "$@"; do
         fi
         render nginx-gateway.conf.in nginx.conf
         sed -i 's/^worker_processes .*/worker_processes 1; master_process off;/' "$work/nginx.conf"
-        valgrind --tool=callgrind --callgrind-out-file="$work/cg.%p" \
+        valgrind --tool=callgrind --callgrind-out-file="$work/cg.%p" "${SIM_OPTS[@]}" \
             "$NGINX" -p "$work" -c "$work/nginx.conf" -g 'daemon off;' >"$work/nginx.log" 2>&1 &
         port_http=$NG_HTTP port_tls=$NG_TLS startup=600 # its big key map takes minutes here
     else
@@ -81,7 +86,7 @@ for bin in "$@"; do
         # default), which at valgrind's few thousand requests a second would be counted against
         # each request about forty times over.
         KEYGATE_STORE_USAGE_FLUSH_INTERVAL=1h valgrind --tool=callgrind \
-            --callgrind-out-file="$work/cg.%p" \
+            --callgrind-out-file="$work/cg.%p" "${SIM_OPTS[@]}" \
             "$bin" --config "$work/keygate.toml" serve >"$work/keygate.log" 2>&1 &
         port_http=$KG_HTTP port_tls=$KG_TLS startup=60 # valgrind starts slowly
     fi
@@ -101,6 +106,27 @@ for bin in "$@"; do
     instructions=$(grep -h '^summary:\|^totals:' "$work/cg.$vg".* | awk '{print $2}' | sort -n | tail -1)
     printf '%s (%s): %d requests, %d instructions per request%s\n' "$bin" "$PROTOCOL" "$requests" \
         "$((instructions / requests))" "$([ "$bad" -gt 0 ] && echo ", $bad errors: void")"
+    if [ ${#SIM_OPTS[@]} -gt 0 ]; then
+        # The events line names the columns of the totals line, in the profile's order.
+        python3 - "$requests" "$work/cg.$vg".* <<'PY'
+import sys
+requests, files = int(sys.argv[1]), sys.argv[2:]
+best = None
+for f in files:
+    events = totals = None
+    for line in open(f, errors="replace"):
+        if line.startswith("events:"):
+            events = line.split()[1:]
+        elif line.startswith(("summary:", "totals:")):
+            totals = [int(x) for x in line.split()[1:]]
+    if events and totals and (best is None or totals[0] > best[1][0]):
+        best = (events, totals)
+e = dict(zip(*best))
+per = lambda *names: sum(e.get(n, 0) for n in names) / requests
+print("  per request: I1 misses %.0f, D1 misses %.0f, LL misses %.0f, branches mispredicted %.0f of %.0f"
+      % (per("I1mr"), per("D1mr", "D1mw"), per("ILmr", "DLmr", "DLmw"), per("Bcm", "Bim"), per("Bc", "Bi")))
+PY
+    fi
     [ -n "${KEEP:-}" ] && mkdir -p "$KEEP" && cp "$work/cg.$vg".* "$KEEP/"
     kill "$vg"
     wait "$vg" 2>/dev/null || true
