@@ -13,6 +13,7 @@
 
 use std::cell::Cell;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -86,6 +87,14 @@ struct ThreadIds {
 
 thread_local! {
     static THREAD_IDS: Cell<Option<ThreadIds>> = const { Cell::new(None) };
+}
+
+/// `make()`'s future, boxed and pinned, built in its allocation: the allocation comes first, so
+/// the optimiser can write the future's fields straight into it. `Box::pin(make())` builds the
+/// value before the allocation exists and then copies all of it, at its largest state's size.
+#[inline(always)]
+fn boxed_in_place<F: Future>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
+    Box::into_pin(Box::write(Box::new_uninit(), make()))
 }
 
 /// `n` as 16 lowercase hex digits.
@@ -270,9 +279,12 @@ impl Gateway {
         self.upstreams[worker % self.upstreams.len()].close_idle();
     }
 
-    /// Handles one request from the HTTPS listener (or the HTTP one in `serve` mode).
+    /// Handles one request from the HTTPS listener (or the HTTP one in `serve` mode). Takes the
+    /// gateway by `Arc` so that the future it returns is the one hyper keeps for the request
+    /// (moved by value, once per request): a wrapping `async move` block would hold the captures
+    /// and the awaited future side by side, more than doubling what is moved.
     pub async fn handle(
-        &self,
+        self: Arc<Self>,
         mut req: Request<Incoming>,
         conn: ConnInfo,
     ) -> Response<GatewayBody> {
@@ -311,7 +323,10 @@ impl Gateway {
 
         // Boxed: the pipeline's future is several KiB, and hyper moves the request's future into
         // place by value; behind a pointer, that move is 8 bytes instead of a copy of all of it.
-        let mut handled = Box::pin(self.route(req, &client)).await;
+        // Built in place in its box: `Box::pin(future)` would build it first and then copy all
+        // of its bytes (its largest state's size, though only the arguments are set yet) into
+        // freshly allocated memory, a few KiB of cache misses per request.
+        let mut handled = boxed_in_place(|| self.route(req, &client)).await;
 
         let headers = handled.response.headers_mut();
         if handled.outcome != Outcome::Preflight {

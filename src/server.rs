@@ -356,10 +356,11 @@ impl Connection {
         F: Fn(hyper::Request<Incoming>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = hyper::Response<crate::proxy::GatewayBody>> + Send + 'static,
     {
-        let service = service_fn(move |req| {
-            let fut = handler(req);
-            async move { Ok::<_, Infallible>(fut.await) }
-        });
+        // `map`, not an `async move` block around the handler's future: hyper moves the future
+        // into place for every request, and such a block would be twice the handler's size
+        // (the captured future and the awaited one side by side).
+        let service =
+            service_fn(move |req| futures_util::FutureExt::map(handler(req), Ok::<_, Infallible>));
         let mut stop = self.stop.clone();
         let conn = self.builder.serve_connection(TokioIo::new(io), service);
         tokio::pin!(conn);
@@ -472,9 +473,7 @@ impl Worker {
                 };
                 let info = ConnInfo::new(peer, true, index, Arc::clone(&conn.gate));
                 conn.serve(tls, move |req| {
-                    let gateway = Arc::clone(&gateway);
-                    let info = info.clone();
-                    async move { gateway.handle(req, info).await }
+                    Arc::clone(&gateway).handle(req, info.clone())
                 })
                 .await;
             }
@@ -504,9 +503,7 @@ impl Worker {
                             let gateway = Arc::clone(gateway);
                             let info = ConnInfo::new(peer, false, index, Arc::clone(&conn.gate));
                             conn.serve(stream, move |req| {
-                                let gateway = Arc::clone(&gateway);
-                                let info = info.clone();
-                                async move { gateway.handle(req, info).await }
+                                Arc::clone(&gateway).handle(req, info.clone())
                             })
                         })
                         .await;
