@@ -85,10 +85,12 @@ const COLUMNS: &str = "id, name, digest, hint, created_at, last_used, use_count,
 /// SQLite-backed [`KeyStore`].
 #[derive(Clone)]
 pub struct SqliteStore {
-    // Two connections: one for writes and the background jobs, and one for the reads a request
-    // may wait on (lookups on a miss, the health check's count). In WAL mode a reader never waits
-    // for a writer, so a usage flush of 100,000 keys (a transaction of a few hundred ms) cannot
-    // stall requests; the load benchmark's 100,000-key store showed p99 of 300-540 ms before.
+    // Two connections: one for writes, and one for reads (lookups on a miss, the health check's
+    // count, the change feed's polls). In WAL mode a reader never waits for a writer, so a usage
+    // flush of 100,000 keys (a transaction of a few hundred ms) cannot stall requests; the load
+    // benchmark's 100,000-key store showed p99 of 300-540 ms before. Nor can it hold up the
+    // change feed's poll: a poll waiting on the flush for more than two intervals withdrew the
+    // feed's confirmation, and every request for a key past `positive_ttl` then read the store.
     // Calls run on tokio's blocking pool, and no mutex is held across an `.await`.
     conn: Arc<Mutex<Connection>>,
     reader: Arc<Mutex<Connection>>,
@@ -419,7 +421,7 @@ impl KeyStore for SqliteStore {
     }
 
     fn has_legacy(&self) -> StoreFuture<'_, bool> {
-        self.with_conn(|conn| {
+        self.with_reader(|conn| {
             conn.query_row(
                 "SELECT EXISTS (SELECT 1 FROM api_keys WHERE legacy)",
                 [],
@@ -458,7 +460,7 @@ impl KeyStore for SqliteStore {
     }
 
     fn change_position(&self) -> StoreFuture<'_, u64> {
-        self.with_conn(|conn| {
+        self.with_reader(|conn| {
             conn.query_row("SELECT coalesce(max(seq), 0) FROM changes", [], |r| {
                 r.get::<_, i64>(0)
             })
@@ -468,7 +470,7 @@ impl KeyStore for SqliteStore {
     }
 
     fn changes_since(&self, since: u64) -> StoreFuture<'_, Changes> {
-        self.with_conn(move |conn| {
+        self.with_reader(move |conn| {
             let since_i = i64::try_from(since).unwrap_or(i64::MAX);
             let mut stmt = conn
                 .prepare_cached("SELECT seq, digest FROM changes WHERE seq > ?1 ORDER BY seq")
@@ -510,5 +512,47 @@ impl KeyStore for SqliteStore {
                 .collect();
             Ok(Changes::Digests { digests, next })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A usage flush holds the write connection for its whole transaction (a few hundred ms with
+    /// 100,000 keys in use). The change feed's polls and the reads a request or the health check
+    /// waits on use the read connection, and finish while the write connection is held. (The
+    /// timeout only turns a wait that never ends into a failure.)
+    #[tokio::test]
+    async fn reads_and_the_change_feed_never_wait_for_the_write_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("k.db"), Duration::from_secs(5)).unwrap();
+        let writer = Arc::clone(&store.conn);
+        let (held_tx, held) = std::sync::mpsc::channel();
+        let (release, release_rx) = std::sync::mpsc::channel::<()>();
+        let holder = std::thread::spawn(move || {
+            let _flushing = writer.lock().unwrap();
+            held_tx.send(()).unwrap();
+            let _ = release_rx.recv();
+        });
+        held.recv().unwrap();
+
+        assert_eq!(unblocked(store.change_position()).await, 0);
+        let changes = unblocked(store.changes_since(0)).await;
+        assert!(matches!(changes, Changes::Digests { ref digests, next: 0 } if digests.is_empty()));
+        assert!(!unblocked(store.has_legacy()).await);
+        assert_eq!(unblocked(store.count_active()).await, 0);
+        let unknown = KeyDigest::of(b"sk_unknown");
+        assert!(unblocked(store.lookup(unknown)).await.is_none());
+
+        release.send(()).unwrap();
+        holder.join().unwrap();
+    }
+
+    async fn unblocked<T>(call: StoreFuture<'_, T>) -> T {
+        tokio::time::timeout(Duration::from_secs(10), call)
+            .await
+            .expect("waited for the write connection")
+            .unwrap()
     }
 }
