@@ -264,11 +264,13 @@ pub struct StoreSection {
     pub key_prefix: String,
     /// Maximum cached keys (valid and unknown together).
     pub cache_capacity: u64,
-    /// How long a valid key's decision is cached without re-reading the store.
+    /// How long a valid key's decision is cached without re-reading the store (while the change
+    /// feed is confirmed, `stale_if_error` longer, with keys in use re-read in the background).
     pub positive_ttl: String,
     /// How long an unknown key's rejection is cached.
     pub negative_ttl: String,
-    /// How long past `positive_ttl` a cached valid key keeps working while the store is failing.
+    /// How long past `positive_ttl` a cached valid key keeps working while the store is failing
+    /// (or while the change feed is confirmed).
     pub stale_if_error: String,
     /// How often the change feed is polled (revocations take effect within this).
     pub poll_interval: String,
