@@ -763,15 +763,24 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
-/// Parses "250ms", "30s", "5m", "7d".
+/// The longest duration any setting takes. Far past any sensible timeout, TTL or interval, and it
+/// keeps every deadline the gateway computes (`now + ttl + stale_if_error`, timers) far from the
+/// overflow that panics `Instant` arithmetic, which an unbounded value such as "300000000000y"
+/// would reach on the first request.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 86_400);
+
+/// Parses "250ms", "30s", "5m", "7d", at most [`MAX_DURATION`].
 pub fn parse_duration(key: &'static str, value: &str) -> Result<Duration, ConfigError> {
-    humantime::parse_duration(value.trim()).map_err(|_| {
-        invalid(
-            key,
-            value,
-            "a duration such as \"250ms\", \"30s\", \"5m\" or \"7d\"",
-        )
-    })
+    humantime::parse_duration(value.trim())
+        .ok()
+        .filter(|d| *d <= MAX_DURATION)
+        .ok_or_else(|| {
+            invalid(
+                key,
+                value,
+                "a duration such as \"250ms\", \"30s\", \"5m\" or \"7d\", at most 365d",
+            )
+        })
 }
 
 fn parse_addr(key: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
@@ -1288,6 +1297,17 @@ mod tests {
     }
 
     #[test]
+    fn durations_up_to_a_year_are_taken() {
+        let c = load(
+            "[store]\npositive_ttl = \"365d\"\nstale_if_error = \"365d\"\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.store.positive_ttl, MAX_DURATION);
+        assert_eq!(c.store.stale_if_error, MAX_DURATION);
+    }
+
+    #[test]
     fn invalid_values_name_key_value_and_expectation() {
         let cases = [
             (
@@ -1300,6 +1320,16 @@ mod tests {
                 "[store]\npositive_ttl = \"soon\"\n",
                 "store.positive_ttl",
                 "soon",
+            ),
+            (
+                "[store]\nstale_if_error = \"300000000000y\"\n",
+                "store.stale_if_error",
+                "300000000000y",
+            ),
+            (
+                "[server]\nheader_read_timeout = \"366d\"\n",
+                "server.header_read_timeout",
+                "366d",
             ),
             (
                 "[cors]\nallowed_origins = [\"*\"]\n",

@@ -57,6 +57,9 @@ impl Rate {
         if period.is_zero() || period / count < Duration::from_micros(1) {
             return Err("the rate is too high to enforce".into());
         }
+        if period > crate::config::MAX_DURATION {
+            return Err("PERIOD must be at most 365d".into());
+        }
         Ok(Self { count, period })
     }
 
@@ -425,7 +428,16 @@ mod tests {
             Rate::parse("20/30s").unwrap().period,
             Duration::from_secs(30)
         );
-        for bad in ["", "10", "0/min", "x/min", "10/fortnight", "-1/s"] {
+        for bad in [
+            "",
+            "10",
+            "0/min",
+            "x/min",
+            "10/fortnight",
+            "-1/s",
+            "1/366d",
+            "1/300000000000y",
+        ] {
             assert!(Rate::parse(bad).is_err(), "{bad}");
         }
     }
