@@ -442,16 +442,23 @@ impl KeyCache {
         self.nanos_since_epoch(now) < self.feed_confirmed_until.load(Ordering::Relaxed)
     }
 
-    /// Records a successful poll of the change feed.
+    /// Records a successful poll of the change feed, counting a lapse when the poll came after
+    /// the previous confirmation had run out.
     fn confirm_feed(&self) {
-        let until = Instant::now() + 2 * self.poll_interval;
-        self.feed_confirmed_until
-            .store(self.nanos_since_epoch(until), Ordering::Relaxed);
+        let now = Instant::now();
+        let until = self.nanos_since_epoch(now + 2 * self.poll_interval);
+        let before = self.feed_confirmed_until.swap(until, Ordering::Relaxed);
+        if before != 0 && before <= self.nanos_since_epoch(now) {
+            self.metrics.change_feed_lapses.increment(1);
+        }
     }
 
-    /// Withdraws the confirmation (a gap in the feed, a failed poll).
+    /// Withdraws the confirmation (a failed poll), counting a lapse unless it was already
+    /// withdrawn (or never given).
     fn unconfirm_feed(&self) {
-        self.feed_confirmed_until.store(0, Ordering::Relaxed);
+        if self.feed_confirmed_until.swap(0, Ordering::Relaxed) != 0 {
+            self.metrics.change_feed_lapses.increment(1);
+        }
     }
 
     /// Marks the start of an unbroken stretch of the feed: the first position read, or a gap.
@@ -1036,6 +1043,39 @@ mod tests {
         let (_, source) = cache.resolve(secret.digest()).await.unwrap();
         assert_eq!(source, Source::Store);
         assert_eq!(store.lookups.load(Ordering::SeqCst), 4);
+    }
+
+    /// `keygate_change_feed_lapses_total` as rendered for Prometheus.
+    fn lapses(cache: &KeyCache) -> u64 {
+        let text = cache.metrics.render();
+        text.lines()
+            .find_map(|l| l.strip_prefix("keygate_change_feed_lapses_total "))
+            .map_or(0, |v| v.trim().parse().unwrap())
+    }
+
+    #[tokio::test]
+    async fn each_lapse_of_the_feeds_confirmation_is_counted_once() {
+        let (_dir, _store, cache) = setup_short_ttl();
+        let mut position = None;
+        // The first confirmation, and polls on time, are no lapse.
+        cache.poll_once(&mut position).await.unwrap();
+        cache.poll_once(&mut position).await.unwrap();
+        assert_eq!(lapses(&cache), 0);
+        // A poll later than two intervals (600 ms) finds the confirmation run out.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        cache.poll_once(&mut position).await.unwrap();
+        assert_eq!(lapses(&cache), 1);
+        // A failed poll withdraws it: one lapse, however many polls fail in a row.
+        cache.unconfirm_feed();
+        cache.unconfirm_feed();
+        assert_eq!(lapses(&cache), 2);
+        cache.poll_once(&mut position).await.unwrap();
+        assert_eq!(lapses(&cache), 2);
+        // A confirmation that ran out and then a failed poll: one lapse, not two.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        cache.unconfirm_feed();
+        cache.poll_once(&mut position).await.unwrap();
+        assert_eq!(lapses(&cache), 3);
     }
 
     #[tokio::test]

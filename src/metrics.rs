@@ -149,6 +149,8 @@ pub struct Metrics {
     pub cache_refreshes: Counter,
     /// Cached entries.
     pub cache_entries: Gauge,
+    /// Lapses of the change feed's confirmation (late or failed polls).
+    pub change_feed_lapses: Counter,
     /// Failed store calls.
     pub store_errors: Counter,
     /// 1 when the last store call succeeded.
@@ -318,6 +320,11 @@ impl Metrics {
                 &[],
             ),
             cache_entries: r.gauge("keygate_cache_entries", "Entries in the key cache.", &[]),
+            change_feed_lapses: r.counter(
+                "keygate_change_feed_lapses_total",
+                "Times the change feed went unconfirmed: no successful poll within two poll intervals (late) or a failed poll. Until the next successful poll, revocations wait for positive_ttl and keys past it are re-read from the store.",
+                &[],
+            ),
             store_errors: r.counter(
                 "keygate_store_errors_total",
                 "Failed or timed-out key store calls.",
