@@ -189,6 +189,7 @@ print(int(sum(float(l.split()[-1]) for l in text.splitlines() if l.split("{")[0]
 PY
 }
 lookups() { metric "$1" keygate_cache_misses_total; } # store lookups so far
+lapses() { metric "$1" keygate_change_feed_lapses_total; } # change feed lapses so far
 cache_entries() { metric "$1" keygate_cache_entries; } # keys in keygate's cache
 
 
@@ -206,6 +207,9 @@ fi
 small_lookups_before=$(lookups "$KG_ADMIN")
 large_lookups_before=0
 [ "$LARGE_KEYS" -gt 0 ] && large_lookups_before=$(lookups "$KL_ADMIN")
+small_lapses_before=$(lapses "$KG_ADMIN")
+large_lapses_before=0
+[ "$LARGE_KEYS" -gt 0 ] && large_lapses_before=$(lapses "$KL_ADMIN")
 
 if [ -n "${PROFILE:-}" ]; then
     command -v perf >/dev/null || { [ "$(id -u)" -eq 0 ] && apt-get install -y -qq linux-perf >/dev/null 2>&1; } || true
@@ -250,6 +254,9 @@ tree_hwm() { # pid and its children, KiB
 small_lookups=$(( $(lookups "$KG_ADMIN") - small_lookups_before ))
 large_lookups=0
 [ "$LARGE_KEYS" -gt 0 ] && large_lookups=$(( $(lookups "$KL_ADMIN") - large_lookups_before ))
+small_lapses=$(( $(lapses "$KG_ADMIN") - small_lapses_before ))
+large_lapses=0
+[ "$LARGE_KEYS" -gt 0 ] && large_lapses=$(( $(lapses "$KL_ADMIN") - large_lapses_before ))
 
 python3 - "$results" "$small_idle_kib" "$(hwm "$small_pid")" "$(tree_hwm "$nginx_pid")" \
     "$small_lookups" "$large_lookups" "$( [ "$LARGE_KEYS" -gt 0 ] && hwm "$large_pid" || echo 0)" <<'PY'
@@ -289,3 +296,4 @@ bad = sum(v[3] for v in med.values())
 if bad:
     print(f"WARNING: {bad} errors or non-2xx responses: the affected figures are void")
 PY
+echo "change feed lapses while measuring: keygate $small_lapses, keygate100k $large_lapses"
