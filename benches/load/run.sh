@@ -286,6 +286,18 @@ for p in protos:
     if n and d: parts.append(f"nginx/direct {n[0]/d[0]:.2f}")
     if k and l: parts.append(f"100k-keys/1k-keys {l[0]/k[0]:.3f}")
     print(f"  {p:<5} " + "   ".join(parts))
+# Each round's ratio pairs two targets measured minutes apart on the same machine: their spread
+# shows how much of a median's distance from 1.0 this machine's noise can explain.
+by_round = {(r, t, p): float(rps) for r, t, p, rps, *_ in (l.split() for l in open(path))}
+rounds = sorted({r for r, _, _ in by_round}, key=int)
+print("\nper-round req/s ratios (min / median / max, rounds at or above 1.0):")
+for num, den in (("keygate", "nginx"), ("keygate", "base"), ("keygate100k", "keygate")):
+    for p in protos:
+        rs = [by_round[(r, num, p)] / by_round[(r, den, p)] for r in rounds
+              if (r, num, p) in by_round and (r, den, p) in by_round and by_round[(r, den, p)] > 0]
+        if rs:
+            print(f"  {num}/{den} {p:<5} {min(rs):.2f} / {statistics.median(rs):.2f} / {max(rs):.2f}"
+                  f"   {sum(x >= 1.0 for x in rs)} of {len(rs)}")
 total = sum(x[0] for (t, _), v in runs.items() if t == "keygate" for x in v)
 print("\nmemory: keygate idle RSS %.1f MiB, keygate peak RSS %.1f MiB, nginx peak RSS (master+workers) %.1f MiB"
       % (int(idle)/1024, int(kg_hwm)/1024, int(ng_hwm)/1024))
