@@ -647,7 +647,17 @@ impl FileConfig {
                 cert: PathBuf::from(&self.tls.cert),
                 key: PathBuf::from(&self.tls.key),
                 generate_dev_cert: self.tls.generate_dev_cert,
-                watch_interval: parse_duration("tls.watch_interval", &self.tls.watch_interval)?,
+                watch_interval: {
+                    let every = parse_duration("tls.watch_interval", &self.tls.watch_interval)?;
+                    if !every.is_zero() && every < Duration::from_millis(100) {
+                        return Err(invalid(
+                            "tls.watch_interval",
+                            &self.tls.watch_interval,
+                            "\"0s\" (off) or at least \"100ms\"",
+                        ));
+                    }
+                    every
+                },
             },
             upstream: self.upstream.validate()?,
             auth: self.auth.validate()?,
@@ -783,6 +793,16 @@ pub fn parse_duration(key: &'static str, value: &str) -> Result<Duration, Config
         })
 }
 
+/// [`parse_duration`], refusing zero: for timeouts and intervals where no time at all would fail
+/// every request (a 0 s handshake timeout refuses every TLS client) or spin.
+fn positive_duration(key: &'static str, value: &str) -> Result<Duration, ConfigError> {
+    let d = parse_duration(key, value)?;
+    if d.is_zero() {
+        return Err(invalid(key, value, "a duration above 0"));
+    }
+    Ok(d)
+}
+
 fn parse_addr(key: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
     value.parse().map_err(|_| {
         invalid(
@@ -870,8 +890,11 @@ impl ServerSection {
             } else {
                 self.public_port
             },
-            handshake_timeout: parse_duration("server.handshake_timeout", &self.handshake_timeout)?,
-            header_read_timeout: parse_duration(
+            handshake_timeout: positive_duration(
+                "server.handshake_timeout",
+                &self.handshake_timeout,
+            )?,
+            header_read_timeout: positive_duration(
                 "server.header_read_timeout",
                 &self.header_read_timeout,
             )?,
@@ -922,8 +945,11 @@ impl UpstreamSection {
         }
         Ok(Upstream {
             url,
-            connect_timeout: parse_duration("upstream.connect_timeout", &self.connect_timeout)?,
-            response_timeout: parse_duration("upstream.response_timeout", &self.response_timeout)?,
+            connect_timeout: positive_duration("upstream.connect_timeout", &self.connect_timeout)?,
+            response_timeout: positive_duration(
+                "upstream.response_timeout",
+                &self.response_timeout,
+            )?,
             pool_max_idle: self.pool_max_idle,
             pool_idle_timeout: parse_duration(
                 "upstream.pool_idle_timeout",
@@ -1038,22 +1064,8 @@ impl StoreSection {
             ));
         }
         let usage_flush_interval =
-            parse_duration("store.usage_flush_interval", &self.usage_flush_interval)?;
-        if usage_flush_interval.is_zero() {
-            return Err(invalid(
-                "store.usage_flush_interval",
-                &self.usage_flush_interval,
-                "a duration above 0",
-            ));
-        }
-        let timeout = parse_duration("store.timeout", &self.timeout)?;
-        if timeout.is_zero() {
-            return Err(invalid(
-                "store.timeout",
-                &self.timeout,
-                "a duration above 0",
-            ));
-        }
+            positive_duration("store.usage_flush_interval", &self.usage_flush_interval)?;
+        let timeout = positive_duration("store.timeout", &self.timeout)?;
         Ok(Store {
             backend,
             cache_capacity: self.cache_capacity,
@@ -1202,7 +1214,7 @@ impl RateLimitSection {
         Ok(RateLimit {
             per_key: rate("rate_limit.per_key", &self.per_key)?,
             failures_per_ip: rate("rate_limit.failures_per_ip", &self.failures_per_ip)?,
-            shared_timeout: parse_duration("rate_limit.shared_timeout", &self.shared_timeout)?,
+            shared_timeout: positive_duration("rate_limit.shared_timeout", &self.shared_timeout)?,
         })
     }
 }
@@ -1330,6 +1342,26 @@ mod tests {
                 "[server]\nheader_read_timeout = \"366d\"\n",
                 "server.header_read_timeout",
                 "366d",
+            ),
+            (
+                "[server]\nhandshake_timeout = \"0s\"\n",
+                "server.handshake_timeout",
+                "0s",
+            ),
+            (
+                "[upstream]\nresponse_timeout = \"0ms\"\n",
+                "upstream.response_timeout",
+                "0ms",
+            ),
+            (
+                "[rate_limit]\nshared_timeout = \"0s\"\n",
+                "rate_limit.shared_timeout",
+                "0s",
+            ),
+            (
+                "[tls]\nwatch_interval = \"1ms\"\n",
+                "tls.watch_interval",
+                "1ms",
             ),
             (
                 "[cors]\nallowed_origins = [\"*\"]\n",
