@@ -647,17 +647,7 @@ impl FileConfig {
                 cert: PathBuf::from(&self.tls.cert),
                 key: PathBuf::from(&self.tls.key),
                 generate_dev_cert: self.tls.generate_dev_cert,
-                watch_interval: {
-                    let every = parse_duration("tls.watch_interval", &self.tls.watch_interval)?;
-                    if !every.is_zero() && every < Duration::from_millis(100) {
-                        return Err(invalid(
-                            "tls.watch_interval",
-                            &self.tls.watch_interval,
-                            "\"0s\" (off) or at least \"100ms\"",
-                        ));
-                    }
-                    every
-                },
+                watch_interval: watch_interval(&self.tls.watch_interval)?,
             },
             upstream: self.upstream.validate()?,
             auth: self.auth.validate()?,
@@ -775,8 +765,8 @@ pub fn redact_url(url: &str) -> String {
 
 /// The longest duration any setting takes. Far past any sensible timeout, TTL or interval, and it
 /// keeps every deadline the gateway computes (`now + ttl + stale_if_error`, timers) far from the
-/// overflow that panics `Instant` arithmetic, which an unbounded value such as "300000000000y"
-/// would reach on the first request.
+/// overflow that panics `Instant` arithmetic: an unbounded value such as "300000000000y" parses,
+/// and adding it to an `Instant` panics.
 pub const MAX_DURATION: Duration = Duration::from_secs(365 * 86_400);
 
 /// Parses "250ms", "30s", "5m", "7d", at most [`MAX_DURATION`].
@@ -801,6 +791,19 @@ fn positive_duration(key: &'static str, value: &str) -> Result<Duration, ConfigE
         return Err(invalid(key, value, "a duration above 0"));
     }
     Ok(d)
+}
+
+/// `tls.watch_interval`: 0 (SIGHUP only) or at least 100 ms, not a busy loop over the files.
+fn watch_interval(value: &str) -> Result<Duration, ConfigError> {
+    let every = parse_duration("tls.watch_interval", value)?;
+    if !every.is_zero() && every < Duration::from_millis(100) {
+        return Err(invalid(
+            "tls.watch_interval",
+            value,
+            "\"0s\" (off) or at least \"100ms\"",
+        ));
+    }
+    Ok(every)
 }
 
 fn parse_addr(key: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
