@@ -20,7 +20,6 @@ use std::time::{Instant, SystemTime};
 use bytes::Bytes;
 use http::header::{self, Entry, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use ipnet::IpNet;
 
 use crate::auth::{Authenticated, Authenticator, CredentialSource};
@@ -30,8 +29,8 @@ use crate::cors::{CorsPolicy, Preflight};
 use crate::error::{ErrorHeaders, GatewayError, RATELIMIT, RATELIMIT_POLICY};
 use crate::metrics::{AuthReason, Metrics, Outcome};
 use crate::proxy::{
-    ClientInfo, ForwardError, GatewayBody, Upstream, X_FORWARDED_PROTO, client_ip, immortal_name,
-    immortal_value,
+    ClientBody, ClientInfo, ForwardError, GatewayBody, Upstream, X_FORWARDED_PROTO, client_ip,
+    immortal_name, immortal_value,
 };
 use crate::ratelimit::RateLimits;
 use crate::server::TaskGate;
@@ -285,7 +284,7 @@ impl Gateway {
     /// and the awaited future side by side, more than doubling what is moved.
     pub async fn handle(
         self: Arc<Self>,
-        mut req: Request<Incoming>,
+        mut req: Request<ClientBody>,
         conn: ConnInfo,
     ) -> Response<GatewayBody> {
         let started = Instant::now();
@@ -377,7 +376,7 @@ impl Gateway {
         handled.response
     }
 
-    async fn route(&self, req: Request<Incoming>, client: &ClientInfo<'_>) -> Handled {
+    async fn route(&self, req: Request<ClientBody>, client: &ClientInfo<'_>) -> Handled {
         if req.uri().path_and_query().map_or(0, |pq| pq.as_str().len()) > self.max_uri_bytes {
             return self.reject(GatewayError::UriTooLong, None);
         }
@@ -421,7 +420,7 @@ impl Gateway {
     /// A valid key's policy (networks, scopes), its rate limit, then the forward.
     async fn authorize_and_forward(
         &self,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
         client: &ClientInfo<'_>,
         authenticated: Authenticated,
         body_limit: Option<u64>,
@@ -540,7 +539,7 @@ impl Gateway {
 
     async fn forward(
         &self,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
         client: &ClientInfo<'_>,
         authenticated: Option<Authenticated>,
         body_limit: Option<u64>,

@@ -7,6 +7,9 @@
 //! - [`server`]: listeners, TLS accept, connection limits, graceful shutdown; [`server::run`]
 //!   takes bound listeners and a shutdown future.
 //! - [`tls`]: rustls configuration, the reloadable served certificate, the development one.
+//! - [`front`]: keygate's own HTTP/1.1 server for the plain requests of the pipeline's
+//!   listeners; everything else (HTTP/2, chunked uploads, `Expect`, odd or malformed heads) is
+//!   handed to hyper.
 //! - [`redirect`]: the plain-HTTP listener's 308 to HTTPS.
 //! - [`gateway`]: the HTTPS pipeline's stages (request id, limits, health, preflight, auth,
 //!   policy and rate, forward, decorate, log).
@@ -36,6 +39,7 @@ pub mod cli;
 pub mod config;
 pub mod cors;
 pub mod error;
+pub mod front;
 pub mod gateway;
 pub mod h1;
 pub mod key;

@@ -792,7 +792,8 @@ mod tests {
         } else {
             RequestFraming::for_body(&parts.method, body.size_hint().exact())
         };
-        let body = (!body.is_end_stream()).then(|| RequestBody::new(body, None, None));
+        let body = (!body.is_end_stream())
+            .then(|| RequestBody::new(crate::proxy::ClientBody::Hyper(body), None, None));
         let head = h1::RequestHead {
             method: &parts.method,
             target: parts.uri.path(),

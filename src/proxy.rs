@@ -78,10 +78,47 @@ impl Body for GatewayBody {
     }
 }
 
+/// A client's request body, as the server that read its head gives it: keygate's own HTTP/1.1
+/// server ([`crate::front`]) or hyper (HTTP/2, and HTTP/1.1 requests `front` hands over).
+#[derive(Debug)]
+pub enum ClientBody {
+    Own(crate::front::Body),
+    Hyper(Incoming),
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            ClientBody::Own(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            ClientBody::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Own(body) => body.is_end_stream(),
+            ClientBody::Hyper(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Own(body) => body.size_hint(),
+            ClientBody::Hyper(body) => body.size_hint(),
+        }
+    }
+}
+
 /// The client's request body on its way upstream, held to `server.max_body_bytes`.
 #[derive(Debug)]
 pub struct RequestBody {
-    inner: Incoming,
+    inner: ClientBody,
     /// The client connection's task gate: taking the body's last bytes need not wake the task.
     gate: Option<Arc<TaskGate>>,
     /// `server.max_body_bytes`, for bodies without (or lying about) Content-Length.
@@ -98,12 +135,12 @@ pub struct BodyTooLarge;
 /// fault, not the upstream's.
 #[derive(Debug, thiserror::Error)]
 #[error("client request body: {0}")]
-pub struct ClientBodyError(#[source] hyper::Error);
+pub struct ClientBodyError(#[source] Box<dyn std::error::Error + Send + Sync>);
 
 impl RequestBody {
     /// `inner`, at most `limit` bytes of it, taken within the task that polls its client
     /// connection through `gate`.
-    pub(crate) fn new(inner: Incoming, limit: Option<u64>, gate: Option<&Arc<TaskGate>>) -> Self {
+    pub(crate) fn new(inner: ClientBody, limit: Option<u64>, gate: Option<&Arc<TaskGate>>) -> Self {
         Self {
             inner,
             gate: gate.cloned(),
@@ -590,7 +627,7 @@ impl Upstream {
     /// new connection.
     pub(crate) async fn send(
         &self,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
         edits: &HeaderEdits<'_>,
         max_body: Option<u64>,
         gate: &Arc<TaskGate>,

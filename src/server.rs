@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -37,8 +38,10 @@ use tokio_rustls::TlsAcceptor;
 use crate::admin::Admin;
 use crate::cache::KeyCache;
 use crate::config::{self, Config};
+use crate::front;
 use crate::gateway::{ConnInfo, Gateway};
 use crate::metrics::Metrics;
+use crate::proxy::ClientBody;
 use crate::redirect::Redirect;
 use crate::store::SharedStore;
 use crate::tls;
@@ -147,40 +150,68 @@ async fn stopped(flag: &mut watch::Receiver<bool>) {
     let _ = flag.wait_for(|set| *set).await;
 }
 
-/// Runs `conn` to its end, or until `stop` resolves first (`None`). A connection's future is
-/// polled several times per request and its stop signal almost never fires, so `stop` is polled
-/// only on the first poll and when it woke the task itself (polling a watch receiver takes its
-/// lock; `tokio::select!` would poll it on every wake-up).
+/// Runs `conn` to its end, or until `stop` fires first (`None`).
 ///
 /// `conn` is polled with `gate`'s waker ([`TaskGate`]).
 async fn until_stopped<C: Future>(
     mut conn: Pin<&mut C>,
-    stop: impl Future<Output = ()>,
+    stop: &mut StopWatch,
     gate: &Arc<TaskGate>,
 ) -> Option<C::Output> {
-    let mut stop = std::pin::pin!(stop);
     let gate_waker = Waker::from(Arc::clone(gate));
-    let signal = Arc::new(StopSignal {
-        woken: AtomicBool::new(true),
-        task: AtomicWaker::new(),
-    });
-    let signal_waker = Waker::from(Arc::clone(&signal));
     std::future::poll_fn(|cx| {
         if let Poll::Ready(r) = gate.polled(cx, &gate_waker, |gated| conn.as_mut().poll(gated)) {
             return Poll::Ready(Some(r));
         }
-        signal.task.register(cx.waker());
-        if signal.woken.swap(false, Ordering::AcqRel)
-            && stop
-                .as_mut()
-                .poll(&mut Context::from_waker(&signal_waker))
-                .is_ready()
-        {
+        if stop.poll_stopped(cx) {
             return Poll::Ready(None);
         }
         Poll::Pending
     })
     .await
+}
+
+/// A connection's view of the shutdown signal. A connection's future is polled several times per
+/// request and the signal almost never fires, so the signal is polled only on the first check and
+/// when it woke the task itself (polling a watch receiver takes its lock; `tokio::select!` would
+/// poll it on every wake-up).
+pub(crate) struct StopWatch {
+    stop: Pin<Box<dyn Future<Output = ()> + Send>>,
+    signal: Arc<StopSignal>,
+    waker: Waker,
+    stopped: bool,
+}
+
+impl StopWatch {
+    pub(crate) fn new(mut flag: watch::Receiver<bool>) -> Self {
+        let signal = Arc::new(StopSignal {
+            woken: AtomicBool::new(true),
+            task: AtomicWaker::new(),
+        });
+        Self {
+            stop: Box::pin(async move { stopped(&mut flag).await }),
+            waker: Waker::from(Arc::clone(&signal)),
+            signal,
+            stopped: false,
+        }
+    }
+
+    /// Whether the gateway is shutting down; if not, the task of `cx` is woken when it does.
+    pub(crate) fn poll_stopped(&mut self, cx: &Context<'_>) -> bool {
+        if !self.stopped {
+            self.signal.task.register(cx.waker());
+            if self.signal.woken.swap(false, Ordering::AcqRel)
+                && self
+                    .stop
+                    .as_mut()
+                    .poll(&mut Context::from_waker(&self.waker))
+                    .is_ready()
+            {
+                self.stopped = true;
+            }
+        }
+        self.stopped
+    }
 }
 
 /// The waker a connection's task polls its connection with. It passes every wake-up on to the task,
@@ -286,6 +317,7 @@ struct Accepting {
     limit: Arc<Semaphore>,
     metrics: Arc<Metrics>,
     builder: auto::Builder<TokioExecutor>,
+    limits: front::Limits,
 }
 
 impl Accepting {
@@ -321,6 +353,7 @@ impl Accepting {
                 metrics: Arc::clone(&self.metrics),
                 stop: self.stop.clone(),
                 builder: self.builder.clone(),
+                limits: self.limits,
             };
             conn.metrics.connections_open.increment(1.0);
             // On the runtime of the calling thread: a worker's own, for the pipeline.
@@ -339,6 +372,7 @@ struct Connection {
     metrics: Arc<Metrics>,
     stop: watch::Receiver<bool>,
     builder: auto::Builder<TokioExecutor>,
+    limits: front::Limits,
 }
 
 impl Drop for Connection {
@@ -348,9 +382,19 @@ impl Drop for Connection {
 }
 
 impl Connection {
-    /// Serves HTTP on `io` until the peer closes; on shutdown, finishes the requests in flight
-    /// and closes the connection.
+    /// Serves HTTP on `io` with hyper until the peer closes; on shutdown, finishes the requests
+    /// in flight and closes the connection.
     async fn serve<I, F, Fut>(self, io: I, handler: F)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        F: Fn(hyper::Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = hyper::Response<crate::proxy::GatewayBody>> + Send + 'static,
+    {
+        let mut stop = StopWatch::new(self.stop.clone());
+        self.serve_hyper(io, handler, &mut stop).await;
+    }
+
+    async fn serve_hyper<I, F, Fut>(&self, io: I, handler: F, stop: &mut StopWatch)
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
         F: Fn(hyper::Request<Incoming>) -> Fut + Send + Sync + 'static,
@@ -361,10 +405,9 @@ impl Connection {
         // (the captured future and the awaited one side by side).
         let service =
             service_fn(move |req| futures_util::FutureExt::map(handler(req), Ok::<_, Infallible>));
-        let mut stop = self.stop.clone();
         let conn = self.builder.serve_connection(TokioIo::new(io), service);
         tokio::pin!(conn);
-        let result = match until_stopped(conn.as_mut(), stopped(&mut stop), &self.gate).await {
+        let result = match until_stopped(conn.as_mut(), stop, &self.gate).await {
             Some(r) => r,
             None => {
                 conn.as_mut().graceful_shutdown();
@@ -374,6 +417,33 @@ impl Connection {
         if let Err(e) = result {
             tracing::debug!(error = %e, "connection ended with an error");
         }
+    }
+
+    /// Serves the pipeline on `io`: HTTP/1.1 with keygate's own server ([`front`]) while the
+    /// requests are ones it serves, then (from the first that is not, or for HTTP/2 negotiated
+    /// by ALPN, `h2`) with hyper.
+    async fn serve_gateway<I>(self, io: I, h2: bool, gateway: Arc<Gateway>, info: ConnInfo)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let mut stop = StopWatch::new(self.stop.clone());
+        let (io, read) = if h2 {
+            (io, Bytes::new())
+        } else {
+            let ended = front::serve(io, self.limits, &mut stop, |req| {
+                Arc::clone(&gateway).handle(req, info.clone())
+            })
+            .await;
+            match ended {
+                front::Ended::Closed => return,
+                front::Ended::HandOver(io, read) => (io, read),
+            }
+        };
+        let handler = move |req: hyper::Request<Incoming>| {
+            Arc::clone(&gateway).handle(req.map(ClientBody::Hyper), info.clone())
+        };
+        self.serve_hyper(front::Rewind::new(io, read), handler, &mut stop)
+            .await;
     }
 }
 
@@ -472,10 +542,8 @@ impl Worker {
                     }
                 };
                 let info = ConnInfo::new(peer, true, index, Arc::clone(&conn.gate));
-                conn.serve(tls, move |req| {
-                    Arc::clone(&gateway).handle(req, info.clone())
-                })
-                .await;
+                let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                conn.serve_gateway(tls, h2, gateway, info).await;
             }
         });
         let plain_loop = async {
@@ -502,9 +570,7 @@ impl Worker {
                         .run(listener, "http", |stream, peer, conn| {
                             let gateway = Arc::clone(gateway);
                             let info = ConnInfo::new(peer, false, index, Arc::clone(&conn.gate));
-                            conn.serve(stream, move |req| {
-                                Arc::clone(&gateway).handle(req, info.clone())
-                            })
+                            conn.serve_gateway(stream, false, gateway, info)
                         })
                         .await;
                 }
@@ -583,6 +649,11 @@ pub async fn run(
         limit: Arc::clone(&limit),
         metrics: Arc::clone(&metrics),
         builder: builder(&config.server, false),
+        limits: front::Limits {
+            header_read_timeout: config.server.header_read_timeout,
+            max_headers: config.server.max_headers,
+            max_head_bytes: config.server.max_header_bytes,
+        },
     };
     let plain = Accepting {
         builder: builder(&config.server, true),
@@ -786,7 +857,11 @@ mod tests {
             let gate = Arc::clone(&service_gate);
             async move {
                 let body = req.into_body();
-                let body = RequestBody::new(body, None, gated.then_some(&gate));
+                let body = RequestBody::new(
+                    crate::proxy::ClientBody::Hyper(body),
+                    None,
+                    gated.then_some(&gate),
+                );
                 let bytes = body.collect().await.unwrap().to_bytes();
                 Ok::<_, Infallible>(hyper::Response::new(http_body_util::Full::new(bytes)))
             }
@@ -798,7 +873,8 @@ mod tests {
                 let conn = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(server), service);
                 tokio::pin!(conn);
-                until_stopped(conn.as_mut(), std::future::pending::<()>(), &gate).await;
+                let (_tx, rx) = watch::channel(false);
+                until_stopped(conn.as_mut(), &mut StopWatch::new(rx), &gate).await;
             }),
         });
         let mut request =

@@ -435,3 +435,51 @@ async fn upgrade_requests_are_not_tunnelled() {
     assert_eq!(upstream.count(), 1);
     gw.shutdown().await;
 }
+
+/// keygate's own HTTP/1.1 server serves the plain requests of a connection and hands the
+/// connection to hyper at the first it does not serve (here a chunked upload); pipelined requests
+/// on both sides of that hand-over are answered once each, in order, with their own bodies.
+#[tokio::test]
+async fn pipelined_requests_across_the_hand_over_to_hyper_are_answered_in_order() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream.url(), &[]).await;
+    let key = gw.create_key("k").await;
+    let head = |method: &str, path: &str, more: &str| {
+        format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nX-API-Key: {key}\r\n{more}\r\n")
+    };
+    let request = [
+        head("GET", "/one", ""),
+        head("POST", "/two", "Content-Length: 5\r\n") + "hello",
+        head("POST", "/three", "Transfer-Encoding: chunked\r\n") + "3\r\nabc\r\n0\r\n\r\n",
+        head("GET", "/four", ""),
+        head("GET", "/five", "Connection: close\r\n"),
+    ]
+    .concat();
+    let response = raw(&gw, request.as_bytes()).await;
+    assert_eq!(
+        response.matches("HTTP/1.1 200 OK\r\n").count(),
+        5,
+        "{response}"
+    );
+    let mut at = 0;
+    for path in ["/one", "/two", "/three", "/four", "/five"] {
+        let found = response[at..]
+            .find(&format!("\"path\":\"{path}\""))
+            .unwrap_or_else(|| panic!("{path} not answered in order: {response}"));
+        at += found;
+    }
+    let seen = upstream.seen.lock().unwrap().clone();
+    let got: Vec<(&str, u64)> = seen.iter().map(|s| (s.uri.as_str(), s.body_len)).collect();
+    assert_eq!(
+        got,
+        [
+            ("/one", 0),
+            ("/two", 5),
+            ("/three", 3),
+            ("/four", 0),
+            ("/five", 0)
+        ]
+    );
+    assert!(seen.iter().all(|s| s.body_complete));
+    gw.shutdown().await;
+}

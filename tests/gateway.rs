@@ -1375,3 +1375,48 @@ async fn read_until(stream: &mut (impl tokio::io::AsyncRead + Unpin), pattern: &
     );
     text
 }
+
+/// Over HTTP/1.1 a response is framed by its length when it is known and in chunks when it is
+/// not, a HEAD's response says the GET's length and carries no body, and every response has a
+/// `Date`, the gateway's own included.
+#[tokio::test]
+async fn http1_responses_are_framed_by_length_or_chunks_and_heads_carry_no_body() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream.url(), &[]).await;
+    let key = gw.create_key("k").await;
+    let client = gw.h1_client();
+    let get = |path: &str| client.get(gw.url(path)).header("X-API-Key", &key);
+
+    let resp = get("/chunked").send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["transfer-encoding"], "chunked");
+    assert!(!resp.headers().contains_key("content-length"));
+    assert_eq!(resp.text().await.unwrap(), "one two three");
+
+    let resp = get("/x").send().await.unwrap();
+    assert!(resp.headers().contains_key("date"));
+    let length = resp.headers()["content-length"].clone();
+    assert_eq!(
+        resp.bytes().await.unwrap().len().to_string(),
+        length.to_str().unwrap()
+    );
+    let resp = client
+        .head(gw.url("/x"))
+        .header("X-API-Key", &key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["content-length"], length);
+    assert!(resp.bytes().await.unwrap().is_empty());
+
+    let resp = client.get(gw.url("/x")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    assert!(resp.headers().contains_key("date"));
+    // The connection carried all of them.
+    assert_eq!(
+        gw.get_with_key_on(&client, "/x", &key).await.status(),
+        StatusCode::OK
+    );
+    gw.shutdown().await;
+}

@@ -44,7 +44,8 @@ pub struct Seen {
 
 /// A real HTTP/1.1 upstream on 127.0.0.1:0 that records what reaches it.
 ///
-/// Routes: `/slow` answers after 3 s; `/hold` after 700 ms; anything else at once. Every request
+/// Routes: `/slow` answers after 3 s; `/hold` after 700 ms; `/chunked` answers `one two three`
+/// in chunks; `/truncated` breaks off its body; anything else at once. Every request
 /// body is read to the end (hashed, not stored) and the answer is JSON with its length and digest.
 pub struct Upstream {
     pub addr: SocketAddr,
@@ -153,6 +154,16 @@ async fn handle(
         resp.headers_mut()
             .insert("content-length", "1000".parse().unwrap());
         return Ok(resp);
+    }
+    if parts.uri.path() == "/chunked" {
+        // No length: hyper sends it in chunks.
+        let frames = ["one ", "two ", "three"].map(|s| {
+            Ok::<_, std::io::Error>(http_body::Frame::data(Bytes::from_static(s.as_bytes())))
+        });
+        let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+        return Ok(Response::new(http_body_util::BodyExt::boxed_unsync(
+            body.map_err(|e| e.into()),
+        )));
     }
     let body = serde_json::json!({"path": parts.uri.path(), "bytes": len, "sha256": digest});
     let mut resp = Response::new(
