@@ -5,9 +5,9 @@
 //! response and encodes every request through its general dispatch machinery (a request channel,
 //! a response one-shot, a body channel): about 15,000 instructions per request, a third of what
 //! nginx spends on the whole exchange. What keygate needs from the upstream side is narrower: it
-//! sends requests it has already parsed and rewritten (hyper's server side keeps parsing what
-//! clients send), and reads responses from one configured upstream. This module is that narrow
-//! part; [`crate::pool`] does the I/O.
+//! sends requests it has already parsed and rewritten (the server side, [`crate::front`] or
+//! hyper's, parsed what clients sent), and reads responses from one configured upstream. This
+//! module is that narrow part; [`crate::pool`] does the I/O.
 //!
 //! It is strict where a proxy must be: a request carries exactly one framing header, chosen
 //! here; a response whose framing is ambiguous or malformed is an error, and a connection is
@@ -24,6 +24,8 @@ use http::{Method, StatusCode, Version};
 pub const MAX_HEADERS: usize = 100;
 /// At most this many bytes of response head, interim responses included.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// Header fields a response head's map has room for beyond its own.
+const RESPONSE_HEADER_ROOM: usize = 12;
 /// At most this many bytes of chunk extensions on one chunk-size line, or of trailer section.
 const MAX_CHUNK_META: usize = 16 * 1024;
 
@@ -259,7 +261,9 @@ pub fn parse_response(
             continue;
         }
         let span = |at: u16, len: u16| usize::from(at)..usize::from(at) + usize::from(len);
-        let mut headers = HeaderMap::with_capacity(count);
+        // With room for what the gateway adds to a response (CORS, security headers, HSTS,
+        // request id, rate limit): filling the map past its capacity rebuilds it.
+        let mut headers = HeaderMap::with_capacity(count + RESPONSE_HEADER_ROOM);
         // The framing headers are looked at as the map is built, rather than looked up after.
         let mut framing = FramingHeaders::default();
         for &(name_at, name_len, value_at, value_len) in &spans[..count] {
