@@ -490,16 +490,27 @@ async fn next_request<I: AsyncRead + Unpin + Send + 'static>(
     spans: &mut Vec<(Span, Span)>,
 ) -> Next {
     let mut armed = false;
+    // The buffer's length when it last held no whole head: a head can only be completed by a
+    // line's end, so it is parsed again only once a newline has come after that (a client
+    // trickling its head a byte at a time costs a parse per line, not per byte).
+    let mut incomplete: Option<usize> = None;
     poll_fn(|cx| {
         if stop.poll_stopped(cx) {
             return Poll::Ready(Next::Closed);
         }
         let mut c = lock(shared);
         loop {
-            if !c.buf.is_empty()
-                && let Some(next) = parse(shared, &mut c, limits, spans)
-            {
-                return Poll::Ready(next);
+            let worth_parsing = match incomplete {
+                None => !c.buf.is_empty(),
+                Some(len) => c.buf.get(len..).is_some_and(|new| new.contains(&b'\n')),
+            };
+            if worth_parsing {
+                if let Some(next) = parse(shared, &mut c, limits, spans) {
+                    return Poll::Ready(next);
+                }
+                incomplete = Some(c.buf.len());
+            } else if incomplete.is_some_and(|_| c.buf.len() > limits.max_head_bytes) {
+                return Poll::Ready(Next::HandOver);
             }
             match c.poll_fill(cx, READ_SIZE) {
                 Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(Next::Closed),
@@ -596,9 +607,10 @@ async fn write_response<I: AsyncWrite + Unpin>(
     }
     out.extend_from_slice(b"\r\n");
     for (name, value) in &parts.headers {
-        // The framing is this writer's to say; a bodiless response keeps the length the
-        // upstream gave (a HEAD's is the GET's).
-        if (!bodiless && *name == header::CONTENT_LENGTH)
+        // The framing is this writer's to say. Only a response to HEAD and a 304 keep the
+        // length they were given (the GET's), and a 204 or 1xx has none.
+        if (*name == header::CONTENT_LENGTH
+            && !(head_request || status == StatusCode::NOT_MODIFIED))
             || *name == header::TRANSFER_ENCODING
             || *name == header::CONNECTION
         {
@@ -1063,6 +1075,35 @@ mod tests {
         assert!(handed.is_none());
         assert_eq!(bodies(&out), ["GET /a 0"], "{out}");
         assert!(out.contains("connection: close\r\n"), "{out}");
+    }
+
+    #[tokio::test]
+    async fn a_head_trickled_a_byte_at_a_time_is_served() {
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let (_tx, rx) = tokio::sync::watch::channel(false);
+        let serving = tokio::spawn(async move {
+            let mut stop = StopWatch::new(rx);
+            serve(
+                server,
+                LIMITS,
+                &mut stop,
+                |req: Request<ClientBody>| async move {
+                    Response::new(GatewayBody::full(Bytes::from(req.uri().path().to_owned())))
+                },
+            )
+            .await;
+        });
+        let input = format!("{GET}{}", GET.replace("/a", "/b"));
+        for byte in input.as_bytes() {
+            client.write_all(&[*byte]).await.unwrap();
+            tokio::task::yield_now().await;
+        }
+        client.shutdown().await.unwrap();
+        let mut out = Vec::new();
+        client.read_to_end(&mut out).await.unwrap();
+        serving.await.unwrap();
+        let out = String::from_utf8(out).unwrap();
+        assert_eq!(bodies(&out), ["/a", "/b"], "{out}");
     }
 
     #[tokio::test]
