@@ -127,6 +127,9 @@ pub struct ServerSection {
     pub max_body_bytes_by_prefix: std::collections::BTreeMap<String, u64>,
     /// HTTP/2: most concurrent streams per connection.
     pub h2_max_concurrent_streams: u32,
+    /// Which server reads the pipeline's plain HTTP/1.1 requests: "keygate" (its own; a
+    /// connection goes to hyper at its first request that is anything else) or "hyper" (all).
+    pub http1_server: String,
     /// Worker threads serving the pipeline, each with its own runtime, listening sockets and
     /// upstream pool; 0: one per CPU.
     pub workers: usize,
@@ -152,6 +155,7 @@ impl Default for ServerSection {
             max_body_bytes: 0,
             max_body_bytes_by_prefix: std::collections::BTreeMap::new(),
             h2_max_concurrent_streams: 256,
+            http1_server: "keygate".into(),
             workers: 0,
         }
     }
@@ -478,6 +482,7 @@ pub struct Server {
     /// `(prefix, limit)`, longest prefix first.
     pub max_body_bytes_by_prefix: Vec<(String, Option<u64>)>,
     pub h2_max_concurrent_streams: u32,
+    pub http1_server: Http1Server,
     pub workers: usize,
 }
 
@@ -488,6 +493,16 @@ pub enum HttpMode {
     Redirect,
     /// Run the authenticated pipeline over plain HTTP (TLS terminated by a load balancer).
     Serve,
+}
+
+/// Which server reads the pipeline's plain HTTP/1.1 requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Http1Server {
+    /// keygate's own ([`crate::front`]); hyper serves a connection from its first request that
+    /// is not a plain one.
+    Keygate,
+    /// hyper, for every request.
+    Hyper,
 }
 
 /// Validated `[tls]`.
@@ -925,6 +940,17 @@ impl ServerSection {
                 routes
             },
             h2_max_concurrent_streams: self.h2_max_concurrent_streams.max(1),
+            http1_server: match self.http1_server.trim() {
+                "keygate" => Http1Server::Keygate,
+                "hyper" => Http1Server::Hyper,
+                other => {
+                    return Err(invalid(
+                        "server.http1_server",
+                        other,
+                        "\"keygate\" (its own HTTP/1.1 server) or \"hyper\"",
+                    ));
+                }
+            },
             workers: match self.workers {
                 0 => std::thread::available_parallelism().map_or(1, usize::from),
                 n => n.min(1024),
@@ -1340,6 +1366,11 @@ mod tests {
                 "[store]\nstale_if_error = \"300000000000y\"\n",
                 "store.stale_if_error",
                 "300000000000y",
+            ),
+            (
+                "[server]\nhttp1_server = \"nginx\"\n",
+                "server.http1_server",
+                "nginx",
             ),
             (
                 "[server]\nheader_read_timeout = \"366d\"\n",

@@ -67,6 +67,8 @@ pub(crate) struct Limits {
     pub header_read_timeout: Duration,
     pub max_headers: usize,
     pub max_head_bytes: usize,
+    /// `server.http1_server = "hyper"`: hyper serves every request.
+    pub hyper_only: bool,
 }
 
 /// How a connection served here ended.
@@ -892,6 +894,7 @@ mod tests {
         header_read_timeout: Duration::from_secs(5),
         max_headers: 20,
         max_head_bytes: 8 * 1024,
+        hyper_only: false,
     };
 
     /// How a connection fed `input` (then closed by the client) went: what the client received,

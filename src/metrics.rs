@@ -161,6 +161,8 @@ pub struct Metrics {
     pub tls_handshake_failures: Counter,
     /// Connections refused because `max_connections` was reached.
     pub connections_refused: Counter,
+    /// Client connections keygate's own HTTP/1.1 server handed to hyper.
+    pub http1_handovers: Counter,
     /// Client connections open now.
     pub connections_open: Gauge,
     /// Plain-HTTP requests redirected to HTTPS.
@@ -344,6 +346,13 @@ impl Metrics {
             connections_refused: r.counter(
                 "keygate_connections_refused_total",
                 "Connections closed at once because server.max_connections was reached.",
+                &[],
+            ),
+            http1_handovers: r.counter(
+                "keygate_http1_handovers_total",
+                "Client connections keygate's own HTTP/1.1 server handed to hyper at a request it \
+                 does not serve (h2c, chunked upload, Expect, upgrade, HTTP/1.0, a malformed or \
+                 oversized head); HTTP/2 negotiated by ALPN goes to hyper directly, uncounted.",
                 &[],
             ),
             connections_open: r.gauge(

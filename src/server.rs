@@ -427,7 +427,7 @@ impl Connection {
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let mut stop = StopWatch::new(self.stop.clone());
-        let (io, read) = if h2 {
+        let (io, read) = if h2 || self.limits.hyper_only {
             (io, Bytes::new())
         } else {
             let ended = front::serve(io, self.limits, &mut stop, |req| {
@@ -436,7 +436,10 @@ impl Connection {
             .await;
             match ended {
                 front::Ended::Closed => return,
-                front::Ended::HandOver(io, read) => (io, read),
+                front::Ended::HandOver(io, read) => {
+                    self.metrics.http1_handovers.increment(1);
+                    (io, read)
+                }
             }
         };
         let handler = move |req: hyper::Request<Incoming>| {
@@ -653,6 +656,7 @@ pub async fn run(
             header_read_timeout: config.server.header_read_timeout,
             max_headers: config.server.max_headers,
             max_head_bytes: config.server.max_header_bytes,
+            hyper_only: config.server.http1_server == config::Http1Server::Hyper,
         },
     };
     let plain = Accepting {

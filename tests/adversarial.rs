@@ -468,6 +468,12 @@ async fn pipelined_requests_across_the_hand_over_to_hyper_are_answered_in_order(
             .unwrap_or_else(|| panic!("{path} not answered in order: {response}"));
         at += found;
     }
+    // The chunked upload was the hand-over: one connection.
+    assert!(
+        gw.metrics()
+            .await
+            .contains("keygate_http1_handovers_total 1\n")
+    );
     let seen = upstream.seen.lock().unwrap().clone();
     let got: Vec<(&str, u64)> = seen.iter().map(|s| (s.uri.as_str(), s.body_len)).collect();
     assert_eq!(
@@ -481,5 +487,30 @@ async fn pipelined_requests_across_the_hand_over_to_hyper_are_answered_in_order(
         ]
     );
     assert!(seen.iter().all(|s| s.body_complete));
+    gw.shutdown().await;
+}
+
+/// `server.http1_server = "hyper"`: hyper reads every request, and serves the same pipelined
+/// requests the same way; nothing is handed over.
+#[tokio::test]
+async fn with_http1_server_hyper_every_request_is_hypers() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream.url(), &[("KEYGATE_SERVER_HTTP1_SERVER", "hyper")]).await;
+    let key = gw.create_key("k").await;
+    let request = format!(
+        "POST /one HTTP/1.1\r\nHost: localhost\r\nX-API-Key: {key}\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\nGET /two HTTP/1.1\r\nHost: localhost\r\nX-API-Key: {key}\r\nConnection: close\r\n\r\n"
+    );
+    let response = raw(&gw, request.as_bytes()).await;
+    assert_eq!(
+        response.matches("HTTP/1.1 200 OK\r\n").count(),
+        2,
+        "{response}"
+    );
+    assert_eq!(upstream.count(), 2);
+    assert!(
+        gw.metrics()
+            .await
+            .contains("keygate_http1_handovers_total 0\n")
+    );
     gw.shutdown().await;
 }
