@@ -1062,22 +1062,29 @@ mod tests {
         assert!(handed.is_none());
         assert_eq!(bodies(&out), ["POST /ignore 0", "GET /a 0"], "{out}");
         // Not all of it came: the connection ends with the response, which says so.
-        let input =
-            format!("POST /ignore HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\n{smuggled}");
+        answered_then_closed(
+            &format!("POST /ignore HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\n{smuggled}"),
+            "POST /ignore 0",
+        )
+        .await;
+    }
+
+    /// `input`'s first request is answered with `body` and `Connection: close`, and nothing
+    /// after it is served.
+    async fn answered_then_closed(input: &str, body: &str) {
         let (out, handed) = run(input.as_bytes(), LIMITS).await;
         assert!(handed.is_none());
-        assert_eq!(bodies(&out), ["POST /ignore 0"], "{out}");
+        assert_eq!(bodies(&out), [body], "{out}");
         assert!(out.contains("connection: close\r\n"), "{out}");
     }
 
     #[tokio::test]
     async fn connection_close_is_honoured_and_what_follows_is_not_served() {
-        let input =
-            format!("GET /a HTTP/1.1\r\nhost: x\r\nconnection: keep-alive, close\r\n\r\n{GET}");
-        let (out, handed) = run(input.as_bytes(), LIMITS).await;
-        assert!(handed.is_none());
-        assert_eq!(bodies(&out), ["GET /a 0"], "{out}");
-        assert!(out.contains("connection: close\r\n"), "{out}");
+        answered_then_closed(
+            &format!("GET /a HTTP/1.1\r\nhost: x\r\nconnection: keep-alive, close\r\n\r\n{GET}"),
+            "GET /a 0",
+        )
+        .await;
     }
 
     #[tokio::test]
