@@ -919,7 +919,17 @@ impl ServerSection {
             shutdown_grace: parse_duration("server.shutdown_grace", &self.shutdown_grace)?,
             max_connections: self.max_connections,
             trusted_proxies,
-            max_headers: self.max_headers.max(1),
+            max_headers: match self.max_headers {
+                // An `http::HeaderMap` holds at most 32,768 fields (more is a panic).
+                n @ 0..=10_000 => n.max(1),
+                n => {
+                    return Err(invalid(
+                        "server.max_headers",
+                        n,
+                        "at most 10000 header fields",
+                    ));
+                }
+            },
             // hyper's HTTP/1 read buffer cannot be smaller than 8 KiB.
             max_header_bytes: self.max_header_bytes.max(8 * 1024),
             max_uri_bytes: self.max_uri_bytes.max(1),
@@ -1366,6 +1376,11 @@ mod tests {
                 "[store]\nstale_if_error = \"300000000000y\"\n",
                 "store.stale_if_error",
                 "300000000000y",
+            ),
+            (
+                "[server]\nmax_headers = 40000\n",
+                "server.max_headers",
+                "40000",
             ),
             (
                 "[server]\nhttp1_server = \"nginx\"\n",

@@ -44,6 +44,9 @@ use crate::server::StopWatch;
 /// Header fields parsed into an array on the stack; a larger `server.max_headers` takes a
 /// vector per request.
 const STACK_HEADERS: usize = 128;
+/// More header fields than a `HeaderMap` takes (it panics past 32,768): hyper's, whatever
+/// `server.max_headers` allows.
+const MAX_MAP_HEADERS: usize = 1 << 14;
 /// Bytes read from the client at a time for a request head.
 const READ_SIZE: usize = 8 * 1024;
 /// At most this many bytes read at a time for a request body.
@@ -357,6 +360,9 @@ fn parse_head<'b>(
         close: false,
         count: req.headers.len(),
     };
+    if req.headers.len() >= MAX_MAP_HEADERS {
+        return Err(());
+    }
     let mut host = false;
     spans.reserve(req.headers.len());
     for h in req.headers.iter() {
