@@ -35,9 +35,11 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body as _, Frame, SizeHint};
+use http_body_util::Either;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+use crate::h1;
 use crate::proxy::{ClientBody, GatewayBody};
 use crate::server::StopWatch;
 
@@ -70,8 +72,6 @@ pub(crate) struct Limits {
     pub header_read_timeout: Duration,
     pub max_headers: usize,
     pub max_head_bytes: usize,
-    /// `server.http1_server = "hyper"`: hyper serves every request.
-    pub hyper_only: bool,
 }
 
 /// How a connection served here ended.
@@ -309,7 +309,7 @@ fn parse<I: AsyncRead + Unpin + Send + 'static>(
             left: length,
         }
     };
-    let mut req = Request::new(ClientBody::Own(body));
+    let mut req = Request::new(Either::Left(body));
     *req.method_mut() = method;
     *req.uri_mut() = uri;
     *req.version_mut() = Version::HTTP_11;
@@ -371,7 +371,7 @@ fn parse_head<'b>(
             if head.content_length.is_some() {
                 return Err(());
             }
-            head.content_length = Some(parse_length(h.value).ok_or(())?);
+            head.content_length = Some(h1::parse_length(h.value).ok_or(())?);
         } else if name.eq_ignore_ascii_case(b"host") {
             host = true;
         } else if name.eq_ignore_ascii_case(b"connection") {
@@ -396,15 +396,6 @@ fn parse_head<'b>(
     Ok(Some(head))
 }
 
-/// A `Content-Length` value: 1 to 19 decimal digits, nothing else (no sign, no list, no
-/// whitespace inside).
-fn parse_length(value: &[u8]) -> Option<u64> {
-    if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    std::str::from_utf8(value).ok()?.parse().ok()
-}
-
 /// Serves `io` until it closes or a request is one for hyper. `handler` answers each request,
 /// inline in this task.
 pub(crate) async fn serve<I, F, Fut>(
@@ -427,11 +418,11 @@ where
     let mut out = BytesMut::with_capacity(READ_SIZE);
     let mut timer: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep(limits.header_read_timeout));
     let mut spans = Vec::new();
-    loop {
+    let unread = loop {
         let next = next_request(&shared, &limits, stop, timer.as_mut(), &mut spans).await;
         let (req, asked_close) = match next {
             Next::Request(req, close) => (req, close),
-            Next::Closed => break,
+            Next::Closed => break false,
             Next::HandOver => {
                 return match Arc::try_unwrap(shared) {
                     Ok(m) => {
@@ -461,17 +452,17 @@ where
         }
         let unread = unread && !body_taken(&shared, stop).await;
         if close || unread {
-            if unread {
-                linger(&shared).await;
-            }
-            break;
+            break unread;
         }
-    }
-    let _ = tokio::time::timeout(
+    };
+    let shut = tokio::time::timeout(
         LINGER,
         poll_fn(|cx| Pin::new(&mut lock(&shared).io).poll_shutdown(cx)),
     )
     .await;
+    if unread && matches!(shut, Ok(Ok(()))) {
+        linger(&shared).await;
+    }
     Ended::Closed
 }
 
@@ -624,41 +615,26 @@ async fn write_response<I: AsyncWrite + Unpin>(
         {
             continue;
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        h1::header_line(out, name, value);
     }
     if !parts.headers.contains_key(header::DATE) {
         out.extend_from_slice(b"date: ");
         out.extend_from_slice(&http_date());
         out.extend_from_slice(b"\r\n");
     }
-    let length = if bodiless {
-        None
-    } else {
-        body.size_hint().exact()
-    };
-    if bodiless {
-        // A HEAD answered by the gateway itself (health) says how long the GET's body is, as
-        // an upstream's does.
-        if head_request
-            && !parts.headers.contains_key(header::CONTENT_LENGTH)
-            && let Some(n) = body.size_hint().exact().filter(|&n| n > 0)
-        {
-            out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
-            out.extend_from_slice(b"\r\n");
-        }
-    } else {
+    let length = body.size_hint().exact();
+    if !bodiless {
         match length {
-            Some(n) => {
-                out.extend_from_slice(b"content-length: ");
-                out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
-                out.extend_from_slice(b"\r\n");
-            }
+            Some(n) => h1::content_length_line(out, n),
             None => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         }
+    } else if head_request
+        && !parts.headers.contains_key(header::CONTENT_LENGTH)
+        && let Some(n) = length.filter(|&n| n > 0)
+    {
+        // A HEAD answered by the gateway itself (health) says how long the GET's body is, as
+        // an upstream's does.
+        h1::content_length_line(out, n);
     }
     if close {
         out.extend_from_slice(b"connection: close\r\n");
@@ -695,7 +671,7 @@ async fn write_response<I: AsyncWrite + Unpin>(
                 return Err(broken("the response body is longer than its length"));
             }
             if length.is_none() {
-                chunk_size_line(out, data.len());
+                h1::chunk_size_line(out, data.len());
             }
             if data.len() <= COPY_LIMIT {
                 out.extend_from_slice(&data);
@@ -715,7 +691,7 @@ async fn write_response<I: AsyncWrite + Unpin>(
                 return Err(broken("the response body is shorter than its length"));
             }
             Some(_) => {}
-            None => out.extend_from_slice(b"0\r\n\r\n"),
+            None => out.extend_from_slice(&h1::LAST_CHUNK),
         }
     }
     drop(body);
@@ -728,37 +704,17 @@ async fn flush<I: AsyncWrite + Unpin>(shared: &Mutex<ConnIo<I>>) -> io::Result<(
     poll_fn(|cx| Pin::new(&mut lock(shared).io).poll_flush(cx)).await
 }
 
-/// Appends the line that starts a chunk of `len` bytes: its size in hex, CRLF.
-fn chunk_size_line(out: &mut BytesMut, len: usize) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut line = [0u8; 18];
-    let mut at = 16;
-    let mut n = len;
-    loop {
-        at -= 1;
-        line[at] = DIGITS[n & 0xf];
-        n >>= 4;
-        if n == 0 {
-            break;
-        }
-    }
-    line[16..].copy_from_slice(b"\r\n");
-    out.extend_from_slice(&line[at..]);
-}
-
-/// After a response with the request's body unread: the write side is shut, then what the client
-/// still sends is read and dropped, for at most [`LINGER`] and [`LINGER_BYTES`], so the close does
-/// not reset the connection before the client has read the response.
-async fn linger<I: AsyncRead + AsyncWrite + Unpin>(shared: &Mutex<ConnIo<I>>) {
-    let shut = poll_fn(|cx| Pin::new(&mut lock(shared).io).poll_shutdown(cx));
-    let read = async {
+/// After a response with the request's body unread, once the write side is shut: what the
+/// client still sends is read and dropped, for at most [`LINGER`] and [`LINGER_BYTES`], so the
+/// close does not reset the connection before the client has read the response.
+async fn linger<I: AsyncRead + Unpin>(shared: &Mutex<ConnIo<I>>) {
+    let drop_input = async {
         let mut dropped = 0;
         let mut scratch = [0u8; 4096];
         while dropped < LINGER_BYTES {
             let n = poll_fn(|cx| {
                 let mut buf = ReadBuf::new(&mut scratch);
-                let mut c = lock(shared);
-                ready!(Pin::new(&mut c.io).poll_read(cx, &mut buf))?;
+                ready!(Pin::new(&mut lock(shared).io).poll_read(cx, &mut buf))?;
                 Poll::Ready(io::Result::Ok(buf.filled().len()))
             })
             .await;
@@ -768,67 +724,31 @@ async fn linger<I: AsyncRead + AsyncWrite + Unpin>(shared: &Mutex<ConnIo<I>>) {
             }
         }
     };
-    let _ = tokio::time::timeout(LINGER, async {
-        if shut.await.is_ok() {
-            read.await;
-        }
-    })
-    .await;
+    let _ = tokio::time::timeout(LINGER, drop_input).await;
 }
 
 /// The current time as an HTTP date (IMF-fixdate, RFC 9110 §5.6.7), formatted once a second per
 /// thread.
 fn http_date() -> [u8; 29] {
     thread_local! {
-        static CACHED: std::cell::Cell<(u64, [u8; 29])> = const { std::cell::Cell::new((u64::MAX, [0; 29])) };
+        static CACHED: std::cell::Cell<(u64, [u8; 29])> =
+            const { std::cell::Cell::new((u64::MAX, [0; 29])) };
     }
-    let now = SystemTime::now()
+    let now = SystemTime::now();
+    let secs = now
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let (at, date) = CACHED.get();
-    if at == now {
+    if at == secs {
         return date;
     }
-    let date = format_http_date(now);
-    CACHED.set((now, date));
+    let mut date = *b"Thu, 01 Jan 1970 00:00:00 GMT";
+    let text = httpdate::fmt_http_date(now);
+    if text.len() == date.len() {
+        date.copy_from_slice(text.as_bytes());
+    }
+    CACHED.set((secs, date));
     date
-}
-
-/// `secs` since the Unix epoch as an IMF-fixdate: `Sun, 06 Nov 1994 08:49:37 GMT`.
-fn format_http_date(secs: u64) -> [u8; 29] {
-    const DAYS: [&[u8; 3]; 7] = [b"Thu", b"Fri", b"Sat", b"Sun", b"Mon", b"Tue", b"Wed"];
-    const MONTHS: [&[u8; 3]; 12] = [
-        b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov",
-        b"Dec",
-    ];
-    let days = secs / 86_400;
-    let rem = secs % 86_400;
-    let (hour, minute, second) = (rem / 3600, rem / 60 % 60, rem % 60);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z % 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + u64::from(month <= 2);
-    let mut out = *b"Thu, 01 Jan 1970 00:00:00 GMT";
-    out[..3].copy_from_slice(DAYS[(days % 7) as usize]);
-    let two = |out: &mut [u8], n: u64| {
-        out[0] = b'0' + (n / 10) as u8;
-        out[1] = b'0' + (n % 10) as u8;
-    };
-    two(&mut out[5..7], day);
-    out[8..11].copy_from_slice(MONTHS[(month - 1) as usize]);
-    let year = year.min(9999);
-    two(&mut out[12..14], year / 100);
-    two(&mut out[14..16], year % 100);
-    two(&mut out[17..19], hour);
-    two(&mut out[20..22], minute);
-    two(&mut out[23..25], second);
-    out
 }
 
 /// A connection's I/O with bytes already read from it put back in front: what hyper serves a
@@ -894,44 +814,41 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
 mod tests {
     use super::*;
     use http_body_util::BodyExt as _;
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, DuplexStream};
+    use tokio::task::JoinHandle;
 
     const LIMITS: Limits = Limits {
         header_read_timeout: Duration::from_secs(5),
         max_headers: 20,
         max_head_bytes: 8 * 1024,
-        hyper_only: false,
     };
 
-    /// How a connection fed `input` (then closed by the client) went: what the client received,
-    /// and, if the connection was handed over, the bytes handed over with it. The handler answers
-    /// `METHOD PATH BODY-LENGTH`, reading the body, except on `/ignore`.
-    async fn run(input: &[u8], limits: Limits) -> (String, Option<Bytes>) {
-        let (mut client, server) = tokio::io::duplex(1 << 20);
-        client.write_all(input).await.unwrap();
+    /// Serves one end of an in-memory pipe with `handler` on a task of its own; the other end
+    /// is the client's.
+    fn spawn_serve<F, Fut>(
+        limits: Limits,
+        handler: F,
+    ) -> (DuplexStream, JoinHandle<Ended<DuplexStream>>)
+    where
+        F: FnMut(Request<ClientBody>) -> Fut + Send + 'static,
+        Fut: Future<Output = Response<GatewayBody>> + Send + 'static,
+    {
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let task = tokio::spawn(async move {
+            let (_tx, rx) = tokio::sync::watch::channel(false);
+            serve(server, limits, &mut StopWatch::new(rx), handler).await
+        });
+        (client, task)
+    }
+
+    /// Ends the client's side for writing and waits for the server: what the client received,
+    /// and, if the connection was handed over, the bytes handed over with it.
+    async fn finish(
+        mut client: DuplexStream,
+        task: JoinHandle<Ended<DuplexStream>>,
+    ) -> (String, Option<Bytes>) {
         client.shutdown().await.unwrap();
-        let (_tx, rx) = tokio::sync::watch::channel(false);
-        let mut stop = StopWatch::new(rx);
-        let ended = serve(
-            server,
-            limits,
-            &mut stop,
-            |req: Request<ClientBody>| async move {
-                let (parts, body) = req.into_parts();
-                let len = if parts.uri.path() == "/ignore" {
-                    0
-                } else {
-                    body.collect().await.unwrap().to_bytes().len()
-                };
-                Response::new(GatewayBody::full(Bytes::from(format!(
-                    "{} {} {len}",
-                    parts.method,
-                    parts.uri.path()
-                ))))
-            },
-        )
-        .await;
-        let handed = match ended {
+        let handed = match task.await.unwrap() {
             Ended::Closed => None,
             Ended::HandOver(io, rest) => {
                 drop(io);
@@ -941,6 +858,29 @@ mod tests {
         let mut out = Vec::new();
         client.read_to_end(&mut out).await.unwrap();
         (String::from_utf8(out).unwrap(), handed)
+    }
+
+    /// Answers `METHOD PATH BODY-LENGTH`, reading the body, except on `/ignore`.
+    async fn echo(req: Request<ClientBody>) -> Response<GatewayBody> {
+        let (parts, body) = req.into_parts();
+        let len = if parts.uri.path() == "/ignore" {
+            0
+        } else {
+            body.collect().await.unwrap().to_bytes().len()
+        };
+        Response::new(GatewayBody::full(Bytes::from(format!(
+            "{} {} {len}",
+            parts.method,
+            parts.uri.path()
+        ))))
+    }
+
+    /// How a connection fed `input`, then closed by the client, went ([`finish`]), answered by
+    /// [`echo`].
+    async fn run(input: &[u8], limits: Limits) -> (String, Option<Bytes>) {
+        let (mut client, task) = spawn_serve(limits, echo);
+        client.write_all(input).await.unwrap();
+        finish(client, task).await
     }
 
     /// The bodies of the responses in `out`, in order.
@@ -980,21 +920,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_that_arrives_after_its_head_is_read_from_the_connection() {
-        let (mut client, server) = tokio::io::duplex(1 << 20);
-        let (_tx, rx) = tokio::sync::watch::channel(false);
-        let serving = tokio::spawn(async move {
-            let mut stop = StopWatch::new(rx);
-            let ended = serve(
-                server,
-                LIMITS,
-                &mut stop,
-                |req: Request<ClientBody>| async move {
-                    let body = req.into_body().collect().await.unwrap().to_bytes();
-                    Response::new(GatewayBody::full(body))
-                },
-            )
-            .await;
-            matches!(ended, Ended::Closed)
+        // The body comes back whole.
+        let (mut client, task) = spawn_serve(LIMITS, |req: Request<ClientBody>| async move {
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            Response::new(GatewayBody::full(body))
         });
         client
             .write_all(b"PUT /a HTTP/1.1\r\nhost: x\r\ncontent-length: 100000\r\n\r\nxyz")
@@ -1006,15 +935,10 @@ mod tests {
         }
         client.write_all(&[b'z'; 7]).await.unwrap();
         client.write_all(GET.as_bytes()).await.unwrap();
-        client.shutdown().await.unwrap();
-        let mut out = Vec::new();
-        client.read_to_end(&mut out).await.unwrap();
-        assert!(serving.await.unwrap());
-        let out = String::from_utf8(out).unwrap();
-        let first = bodies(&out)[0];
-        assert_eq!(first.len(), 100_000);
-        assert!(first.starts_with("xyzy") && first.ends_with("yzzzzzzz"));
-        assert_eq!(out.matches("HTTP/1.1 200 OK").count(), 2, "{out:.200}");
+        let (out, handed) = finish(client, task).await;
+        assert!(handed.is_none());
+        let expected = format!("xyz{}{}", "y".repeat(99_990), "z".repeat(7));
+        assert_eq!(bodies(&out), [expected.as_str(), ""], "{out:.200}");
     }
 
     #[tokio::test]
@@ -1095,52 +1019,27 @@ mod tests {
 
     #[tokio::test]
     async fn a_head_trickled_a_byte_at_a_time_is_served() {
-        let (mut client, server) = tokio::io::duplex(1 << 16);
-        let (_tx, rx) = tokio::sync::watch::channel(false);
-        let serving = tokio::spawn(async move {
-            let mut stop = StopWatch::new(rx);
-            serve(
-                server,
-                LIMITS,
-                &mut stop,
-                |req: Request<ClientBody>| async move {
-                    Response::new(GatewayBody::full(Bytes::from(req.uri().path().to_owned())))
-                },
-            )
-            .await;
-        });
+        let (mut client, task) = spawn_serve(LIMITS, echo);
         let input = format!("{GET}{}", GET.replace("/a", "/b"));
         for byte in input.as_bytes() {
             client.write_all(&[*byte]).await.unwrap();
             tokio::task::yield_now().await;
         }
-        client.shutdown().await.unwrap();
-        let mut out = Vec::new();
-        client.read_to_end(&mut out).await.unwrap();
-        serving.await.unwrap();
-        let out = String::from_utf8(out).unwrap();
-        assert_eq!(bodies(&out), ["/a", "/b"], "{out}");
+        let (out, _) = finish(client, task).await;
+        assert_eq!(bodies(&out), ["GET /a 0", "GET /b 0"], "{out}");
     }
 
     #[tokio::test]
     async fn a_partial_head_is_closed_at_the_header_read_timeout() {
-        let (mut client, server) = tokio::io::duplex(1 << 16);
-        client.write_all(b"GET /a HTTP/1.1\r\nhost").await.unwrap();
-        let (_tx, rx) = tokio::sync::watch::channel(false);
-        let mut stop = StopWatch::new(rx);
         let limits = Limits {
             header_read_timeout: Duration::from_millis(100),
             ..LIMITS
         };
         let started = std::time::Instant::now();
-        let ended = serve(
-            server,
-            limits,
-            &mut stop,
-            |_req: Request<ClientBody>| async { Response::new(GatewayBody::empty()) },
-        )
-        .await;
-        assert!(matches!(ended, Ended::Closed));
+        let (mut client, task) = spawn_serve(limits, echo);
+        client.write_all(b"GET /a HTTP/1.1\r\nhost").await.unwrap();
+        // The client never ends its head, nor closes: the server does.
+        assert!(matches!(task.await.unwrap(), Ended::Closed));
         assert!(started.elapsed() >= Duration::from_millis(100));
         let mut out = Vec::new();
         client.read_to_end(&mut out).await.unwrap();
@@ -1149,33 +1048,21 @@ mod tests {
 
     #[tokio::test]
     async fn bodiless_responses_keep_their_length_header_and_send_no_body() {
-        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let (mut client, task) = spawn_serve(LIMITS, |req: Request<ClientBody>| async move {
+            let mut resp = Response::new(GatewayBody::empty());
+            if req.uri().path() == "/none" {
+                *resp.status_mut() = StatusCode::NO_CONTENT;
+            } else {
+                resp.headers_mut()
+                    .insert(header::CONTENT_LENGTH, HeaderValue::from_static("42"));
+            }
+            resp
+        });
         client
             .write_all(b"HEAD /a HTTP/1.1\r\nhost: x\r\n\r\nGET /none HTTP/1.1\r\nhost: x\r\n\r\n")
             .await
             .unwrap();
-        client.shutdown().await.unwrap();
-        let (_tx, rx) = tokio::sync::watch::channel(false);
-        let mut stop = StopWatch::new(rx);
-        serve(
-            server,
-            LIMITS,
-            &mut stop,
-            |req: Request<ClientBody>| async move {
-                let mut resp = Response::new(GatewayBody::empty());
-                if req.uri().path() == "/none" {
-                    *resp.status_mut() = StatusCode::NO_CONTENT;
-                } else {
-                    resp.headers_mut()
-                        .insert(header::CONTENT_LENGTH, HeaderValue::from_static("42"));
-                }
-                resp
-            },
-        )
-        .await;
-        let mut out = Vec::new();
-        client.read_to_end(&mut out).await.unwrap();
-        let out = String::from_utf8(out).unwrap();
+        let (out, _) = finish(client, task).await;
         let (head, rest) = out.split_once("\r\n\r\n").unwrap();
         assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
         assert!(head.contains("content-length: 42"), "{out}");
@@ -1185,57 +1072,5 @@ mod tests {
             "{out}"
         );
         assert!(rest.ends_with("\r\n\r\n"), "{out}");
-    }
-
-    #[test]
-    fn http_dates_are_imf_fixdates() {
-        assert_eq!(&format_http_date(0), b"Thu, 01 Jan 1970 00:00:00 GMT");
-        assert_eq!(
-            &format_http_date(784_111_777),
-            b"Sun, 06 Nov 1994 08:49:37 GMT"
-        );
-        assert_eq!(
-            &format_http_date(951_782_400),
-            b"Tue, 29 Feb 2000 00:00:00 GMT"
-        );
-        assert_eq!(
-            &format_http_date(1_795_996_800),
-            b"Mon, 30 Nov 2026 00:00:00 GMT"
-        );
-    }
-
-    #[test]
-    fn chunk_size_lines_are_hex() {
-        for (len, line) in [
-            (1, "1\r\n"),
-            (15, "f\r\n"),
-            (16, "10\r\n"),
-            (65_535, "ffff\r\n"),
-        ] {
-            let mut out = BytesMut::new();
-            chunk_size_line(&mut out, len);
-            assert_eq!(&out[..], line.as_bytes());
-        }
-        let mut out = BytesMut::new();
-        chunk_size_line(&mut out, usize::MAX);
-        assert_eq!(&out[..], b"ffffffffffffffff\r\n");
-    }
-
-    #[test]
-    fn content_lengths_are_plain_digits() {
-        assert_eq!(parse_length(b"0"), Some(0));
-        assert_eq!(parse_length(b"1234"), Some(1234));
-        for bad in [
-            &b""[..],
-            b"+5",
-            b"-1",
-            b"5 ",
-            b" 5",
-            b"5,5",
-            b"0x10",
-            b"99999999999999999999",
-        ] {
-            assert_eq!(parse_length(bad), None, "{bad:?}");
-        }
     }
 }

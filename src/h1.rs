@@ -1,5 +1,7 @@
 //! HTTP/1.1 messages to and from the upstream: the request head written, the response head
-//! parsed, and the response body's framing decoded (RFC 9112).
+//! parsed, and the response body's framing decoded (RFC 9112); and the lines both sides write
+//! (header, `Content-Length`, chunk size), which keygate's server side ([`crate::front`]) uses
+//! too.
 //!
 //! The client side of a forward used to be hyper's client connection, which parses every
 //! response and encodes every request through its general dispatch machinery (a request channel,
@@ -132,31 +134,55 @@ pub fn encode_request<K: Fn(&HeaderName) -> bool>(
     }
     match framing {
         RequestFraming::None => {}
-        RequestFraming::Length(n) => {
-            out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
-            out.extend_from_slice(b"\r\n");
-        }
+        RequestFraming::Length(n) => content_length_line(out, n),
         RequestFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
     out.extend_from_slice(b"\r\n");
 }
 
-fn header_line(out: &mut BytesMut, name: &HeaderName, value: &HeaderValue) {
+/// Appends `name: value` and CRLF.
+pub fn header_line(out: &mut BytesMut, name: &HeaderName, value: &HeaderValue) {
     out.extend_from_slice(name.as_str().as_bytes());
     out.extend_from_slice(b": ");
     out.extend_from_slice(value.as_bytes());
     out.extend_from_slice(b"\r\n");
 }
 
-/// The line that starts a chunk of `len` bytes, and the CRLF that ends it.
+/// Appends `content-length: n` and CRLF.
+pub fn content_length_line(out: &mut BytesMut, n: u64) {
+    out.extend_from_slice(b"content-length: ");
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends the line that starts a chunk of `len` bytes: its size in hex, CRLF.
+pub fn chunk_size_line(out: &mut BytesMut, len: usize) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut line = [0u8; 18];
+    let mut at = 16;
+    let mut n = len;
+    loop {
+        at -= 1;
+        line[at] = DIGITS[n & 0xf];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    line[16..].copy_from_slice(b"\r\n");
+    out.extend_from_slice(&line[at..]);
+}
+
+/// The line that starts a chunk of `len` bytes, on its own.
 pub fn chunk_header(len: usize) -> Bytes {
-    Bytes::from(format!("{len:x}\r\n"))
+    let mut line = BytesMut::with_capacity(18);
+    chunk_size_line(&mut line, len);
+    line.freeze()
 }
 
 /// The CRLF after a chunk's data.
 pub const CHUNK_END: Bytes = Bytes::from_static(b"\r\n");
-/// The last chunk of a chunked request body, with no trailers.
+/// The last chunk of a chunked body, with no trailers.
 pub const LAST_CHUNK: Bytes = Bytes::from_static(b"0\r\n\r\n");
 
 /// A parsed final response head.
@@ -369,8 +395,9 @@ impl FramingHeaders {
     }
 }
 
-/// A `Content-Length` value: 1 to 19 decimal digits (so it fits a `u64`), nothing else.
-fn parse_length(digits: &[u8]) -> Option<u64> {
+/// A `Content-Length` value: 1 to 19 decimal digits (so it fits a `u64`), nothing else (no sign,
+/// no list, no whitespace).
+pub fn parse_length(digits: &[u8]) -> Option<u64> {
     if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
         return None;
     }
@@ -577,6 +604,41 @@ impl BodyDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chunk_size_lines_are_hex() {
+        for (len, line) in [
+            (1, "1\r\n"),
+            (15, "f\r\n"),
+            (16, "10\r\n"),
+            (65_535, "ffff\r\n"),
+        ] {
+            assert_eq!(&chunk_header(len)[..], line.as_bytes());
+        }
+        assert_eq!(&chunk_header(usize::MAX)[..], b"ffffffffffffffff\r\n");
+    }
+
+    #[test]
+    fn content_lengths_are_plain_digits() {
+        assert_eq!(parse_length(b"0"), Some(0));
+        assert_eq!(parse_length(b"1234"), Some(1234));
+        assert_eq!(
+            parse_length(b"9999999999999999999"),
+            Some(9_999_999_999_999_999_999)
+        );
+        for bad in [
+            &b""[..],
+            b"+5",
+            b"-1",
+            b"5 ",
+            b" 5",
+            b"5,5",
+            b"0x10",
+            b"99999999999999999999",
+        ] {
+            assert_eq!(parse_length(bad), None, "{bad:?}");
+        }
+    }
 
     fn parse(bytes: &[u8]) -> Result<Option<ResponseHead>, ProtocolError> {
         parse_response(&mut BytesMut::from(bytes), false)

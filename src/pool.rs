@@ -793,7 +793,7 @@ mod tests {
             RequestFraming::for_body(&parts.method, body.size_hint().exact())
         };
         let body = (!body.is_end_stream())
-            .then(|| RequestBody::new(crate::proxy::ClientBody::Hyper(body), None, None));
+            .then(|| RequestBody::new(http_body_util::Either::Right(body), None, None));
         let head = h1::RequestHead {
             method: &parts.method,
             target: parts.uri.path(),

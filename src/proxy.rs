@@ -17,6 +17,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery};
 use http::{Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::Either;
 use hyper::body::Incoming;
 use ipnet::IpNet;
 
@@ -79,41 +80,9 @@ impl Body for GatewayBody {
 }
 
 /// A client's request body, as the server that read its head gives it: keygate's own HTTP/1.1
-/// server ([`crate::front`]) or hyper (HTTP/2, and HTTP/1.1 requests `front` hands over).
-#[derive(Debug)]
-pub enum ClientBody {
-    Own(crate::front::Body),
-    Hyper(Incoming),
-}
-
-impl Body for ClientBody {
-    type Data = Bytes;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        match self.get_mut() {
-            ClientBody::Own(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
-            ClientBody::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            ClientBody::Own(body) => body.is_end_stream(),
-            ClientBody::Hyper(body) => body.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            ClientBody::Own(body) => body.size_hint(),
-            ClientBody::Hyper(body) => body.size_hint(),
-        }
-    }
-}
+/// server ([`crate::front`], `Left`) or hyper (HTTP/2, and HTTP/1.1 requests `front` hands over;
+/// `Right`).
+pub type ClientBody = Either<crate::front::Body, Incoming>;
 
 /// The client's request body on its way upstream, held to `server.max_body_bytes`.
 #[derive(Debug)]

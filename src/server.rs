@@ -27,6 +27,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
+use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -41,7 +42,6 @@ use crate::config::{self, Config};
 use crate::front;
 use crate::gateway::{ConnInfo, Gateway};
 use crate::metrics::Metrics;
-use crate::proxy::ClientBody;
 use crate::redirect::Redirect;
 use crate::store::SharedStore;
 use crate::tls;
@@ -317,7 +317,9 @@ struct Accepting {
     limit: Arc<Semaphore>,
     metrics: Arc<Metrics>,
     builder: auto::Builder<TokioExecutor>,
-    limits: front::Limits,
+    /// keygate's own HTTP/1.1 server and its limits; `None`: hyper reads every request
+    /// (`server.http1_server = "hyper"`).
+    own_http1: Option<front::Limits>,
 }
 
 impl Accepting {
@@ -353,7 +355,7 @@ impl Accepting {
                 metrics: Arc::clone(&self.metrics),
                 stop: self.stop.clone(),
                 builder: self.builder.clone(),
-                limits: self.limits,
+                own_http1: self.own_http1,
             };
             conn.metrics.connections_open.increment(1.0);
             // On the runtime of the calling thread: a worker's own, for the pipeline.
@@ -372,7 +374,7 @@ struct Connection {
     metrics: Arc<Metrics>,
     stop: watch::Receiver<bool>,
     builder: auto::Builder<TokioExecutor>,
-    limits: front::Limits,
+    own_http1: Option<front::Limits>,
 }
 
 impl Drop for Connection {
@@ -427,23 +429,24 @@ impl Connection {
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let mut stop = StopWatch::new(self.stop.clone());
-        let (io, read) = if h2 || self.limits.hyper_only {
-            (io, Bytes::new())
-        } else {
-            let ended = front::serve(io, self.limits, &mut stop, |req| {
-                Arc::clone(&gateway).handle(req, info.clone())
-            })
-            .await;
-            match ended {
-                front::Ended::Closed => return,
-                front::Ended::HandOver(io, read) => {
-                    self.metrics.http1_handovers.increment(1);
-                    (io, read)
+        let (io, read) = match self.own_http1 {
+            Some(limits) if !h2 => {
+                let ended = front::serve(io, limits, &mut stop, |req| {
+                    Arc::clone(&gateway).handle(req, info.clone())
+                })
+                .await;
+                match ended {
+                    front::Ended::Closed => return,
+                    front::Ended::HandOver(io, read) => {
+                        self.metrics.http1_handovers.increment(1);
+                        (io, read)
+                    }
                 }
             }
+            _ => (io, Bytes::new()),
         };
         let handler = move |req: hyper::Request<Incoming>| {
-            Arc::clone(&gateway).handle(req.map(ClientBody::Hyper), info.clone())
+            Arc::clone(&gateway).handle(req.map(Either::Right), info.clone())
         };
         self.serve_hyper(front::Rewind::new(io, read), handler, &mut stop)
             .await;
@@ -652,12 +655,13 @@ pub async fn run(
         limit: Arc::clone(&limit),
         metrics: Arc::clone(&metrics),
         builder: builder(&config.server, false),
-        limits: front::Limits {
-            header_read_timeout: config.server.header_read_timeout,
-            max_headers: config.server.max_headers,
-            max_head_bytes: config.server.max_header_bytes,
-            hyper_only: config.server.http1_server == config::Http1Server::Hyper,
-        },
+        own_http1: (config.server.http1_server == config::Http1Server::Keygate).then_some(
+            front::Limits {
+                header_read_timeout: config.server.header_read_timeout,
+                max_headers: config.server.max_headers,
+                max_head_bytes: config.server.max_header_bytes,
+            },
+        ),
     };
     let plain = Accepting {
         builder: builder(&config.server, true),
@@ -862,7 +866,7 @@ mod tests {
             async move {
                 let body = req.into_body();
                 let body = RequestBody::new(
-                    crate::proxy::ClientBody::Hyper(body),
+                    http_body_util::Either::Right(body),
                     None,
                     gated.then_some(&gate),
                 );
