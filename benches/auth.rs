@@ -1,5 +1,7 @@
 //! Authentication hot path: the offline format check, a cache hit (with one key in use, and with
-//! 90,000), a malformed-key rejection and a cache miss that reads SQLite. `baseline/sha256` (one
+//! 90,000), a malformed-key rejection and a cache miss that reads SQLite; and, off the hot path,
+//! one usage flush after each of the 90,000 keys was used (what a busy gateway's background does
+//! every `usage_flush_interval`). `baseline/sha256` (one
 //! SHA-256 of a key, which every lookup needs) is the yardstick: report the others as ratios to it
 //! from the same run.
 //!
@@ -58,6 +60,22 @@ fn bench(c: &mut Criterion) {
             async move { auth.authenticate(black_box(h), cache).await.is_ok() }
         })
     });
+    // Each of the 90,000 keys used once (untimed), then one flush: gathering the usage and
+    // writing it to SQLite in one transaction.
+    let mut group = c.benchmark_group("usage_flush");
+    group.sample_size(10);
+    group.bench_function("90k_keys", |b| {
+        b.to_async(&rt).iter_batched(
+            || {
+                for h in &many {
+                    rt.block_on(auth.authenticate(h, cache)).unwrap();
+                }
+            },
+            |()| async { cache.flush_usage().await.unwrap() },
+            BatchSize::PerIteration,
+        )
+    });
+    group.finish();
     let malformed = headers(typo);
     c.bench_function("authenticate/reject_malformed", |b| {
         b.to_async(&rt).iter(|| async {

@@ -19,7 +19,7 @@ use keygate::store::{KeyRecord, KeyStore as _};
 pub struct AuthFixture {
     /// Keeps the SQLite file alive.
     _dir: tempfile::TempDir,
-    pub cache: KeyCache,
+    pub cache: Arc<KeyCache>,
     pub auth: Authenticator,
     /// The stored key.
     pub valid: String,
@@ -45,7 +45,7 @@ impl AuthFixture {
         typo[10] = if typo[10] == b'a' { b'b' } else { b'a' };
         Self {
             _dir: dir,
-            cache: KeyCache::new(store.clone(), &config.store, metrics),
+            cache: Arc::new(KeyCache::new(store.clone(), &config.store, metrics)),
             auth: Authenticator::new(&config.auth),
             valid,
             typo: String::from_utf8(typo).unwrap(),
