@@ -124,7 +124,7 @@ impl Authenticator {
             });
         }
         let in_grace = key.record.rotated_to.is_some();
-        key.touch(now);
+        cache.touch(&key, now);
         Ok(Authenticated {
             key,
             source,

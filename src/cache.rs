@@ -17,7 +17,9 @@
 //! together are not re-read together), or later, has it re-read, and is served from the entry
 //! meanwhile. A cache hit touches no lock and no store: a probe of the worker
 //! thread's own copy of the entries it has used (emptied whenever the shared cache changes in a
-//! way the copy could outlive), else one concurrent-map read; and two atomic stores for usage.
+//! way the copy could outlive), else one concurrent-map read; and two atomic updates for usage
+//! (the first use after a flush also queues the key, lock-free, so a flush reads only the keys
+//! used since the last one).
 //! Misses for one digest are serialised through moka's per-key compute, so a burst of requests
 //! with the same unknown key costs one store lookup.
 
@@ -70,11 +72,37 @@ pub struct KnownKey {
     uses: Arc<Uses>,
 }
 
-/// Usage of a key not yet flushed.
-#[derive(Debug, Default)]
+/// Usage of a key not yet flushed. Queued for the flusher by the first use after a flush
+/// ([`KeyCache::touch`]), so a flush reads only the keys used since the last one, and a use
+/// counted in an entry that was evicted or replaced meanwhile is flushed all the same.
+#[derive(Debug)]
 struct Uses {
+    id: String,
+    digest: KeyDigest,
     last_used: AtomicI64,
     pending: AtomicU64,
+}
+
+impl Uses {
+    fn new(record: &KeyRecord) -> Self {
+        Self {
+            id: record.id.clone(),
+            digest: record.digest,
+            last_used: AtomicI64::new(0),
+            pending: AtomicU64::new(0),
+        }
+    }
+
+    /// The uses counted since the last take, if any.
+    fn take(&self) -> Option<Usage> {
+        let count = self.pending.swap(0, Ordering::Relaxed);
+        (count > 0).then(|| Usage {
+            id: self.id.clone(),
+            digest: self.digest,
+            last_used: self.last_used.load(Ordering::Relaxed),
+            count,
+        })
+    }
 }
 
 impl KnownKey {
@@ -95,6 +123,7 @@ impl KnownKey {
             tracing::error!(key_id = %record.id, error = %e, "stored policy is invalid; the key is refused");
             Compiled::deny_all()
         });
+        let uses = Arc::new(Uses::new(&record));
         Self {
             record,
             id_header,
@@ -106,24 +135,8 @@ impl KnownKey {
                 .checked_sub(reread_by.saturating_duration_since(loaded_at) / 4)
                 .unwrap_or(loaded_at),
             refresh_asked: AtomicBool::new(false),
-            uses: Arc::default(),
+            uses,
         }
-    }
-
-    /// Records one authenticated use. Lock-free; flushed later by [`KeyCache::flush_usage`].
-    pub fn touch(&self, now_unix: i64) {
-        self.uses.last_used.fetch_max(now_unix, Ordering::Relaxed);
-        self.uses.pending.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn take_usage(&self) -> Option<Usage> {
-        let count = self.uses.pending.swap(0, Ordering::Relaxed);
-        (count > 0).then(|| Usage {
-            id: self.record.id.clone(),
-            digest: self.record.digest,
-            last_used: self.uses.last_used.load(Ordering::Relaxed),
-            count,
-        })
     }
 
     /// Whether `record` decides requests exactly as this entry's record does: it differs at most
@@ -244,8 +257,13 @@ pub struct KeyCache {
     negative_ttl: Duration,
     stale_if_error: Duration,
     store_timeout: Duration,
-    /// Usage of entries evicted before their usage was flushed.
-    spilled: Arc<Mutex<UsageBatch>>,
+    /// The keys used since the last flush, each queued by its first use after it
+    /// ([`KeyCache::touch`]); the flusher drains the receiver.
+    used_tx: mpsc::UnboundedSender<Arc<Uses>>,
+    used_rx: Mutex<mpsc::UnboundedReceiver<Arc<Uses>>>,
+    /// Usage a failed flush left behind, merged by key id (so it stays one record per key
+    /// however long the store is down), for the next flush.
+    spilled: Mutex<UsageBatch>,
     legacy_present: AtomicBool,
     store_up: AtomicBool,
     /// Until when (nanoseconds after `epoch`) the change feed counts as confirmed: two poll
@@ -319,8 +337,7 @@ static NEXT_CACHE_ID: AtomicU64 = AtomicU64::new(1);
 impl KeyCache {
     /// A cache in front of `store`, sized and timed by `[store]`.
     pub fn new(store: SharedStore, cfg: &config::Store, metrics: Arc<Metrics>) -> Self {
-        let spilled: Arc<Mutex<UsageBatch>> = Arc::default();
-        let spill = Arc::clone(&spilled);
+        let (used_tx, used_rx) = mpsc::unbounded_channel();
         let generation = Arc::new(AtomicU64::new(0));
         let moved = Arc::clone(&generation);
         let (refresh_tx, refresh_rx) = mpsc::channel(REFRESH_QUEUE);
@@ -329,19 +346,13 @@ impl KeyCache {
             .expire_after(EntryExpiry {
                 stale_if_error: cfg.stale_if_error,
             })
-            .eviction_listener(move |_, entry: Entry, cause: RemovalCause| {
+            .eviction_listener(move |_, _: Entry, cause: RemovalCause| {
                 // Expired entries are unusable anyway, and `resolve` moves the generation itself
-                // for a replacement that matters. A capacity eviction does move it: a worker's
-                // copy would otherwise go on counting uses that nobody flushes.
+                // for a replacement that matters. A capacity eviction does move it, so the
+                // workers' copies do not keep what the shared cache let go. (Usage not flushed
+                // yet is not lost with the entry: the key is queued for the next flush.)
                 if !matches!(cause, RemovalCause::Expired | RemovalCause::Replaced) {
                     moved.fetch_add(1, Ordering::Release);
-                }
-                // Replaced or evicted entries must not lose usage that was not flushed yet.
-                if let Entry::Known(k) = entry
-                    && let Some(u) = k.take_usage()
-                    && let Ok(mut map) = spill.lock()
-                {
-                    merge(&mut map, u);
                 }
             })
             .build();
@@ -352,7 +363,9 @@ impl KeyCache {
             negative_ttl: cfg.negative_ttl,
             stale_if_error: cfg.stale_if_error,
             store_timeout: cfg.timeout,
-            spilled,
+            used_tx,
+            used_rx: Mutex::new(used_rx),
+            spilled: Mutex::default(),
             legacy_present: AtomicBool::new(false),
             store_up: AtomicBool::new(true),
             feed_confirmed_until: AtomicU64::new(0),
@@ -562,6 +575,17 @@ impl KeyCache {
                 Ok((e, Source::Stale))
             }
             (Some(Entry::Unknown { .. }) | None, _) => Err(Unavailable),
+        }
+    }
+
+    /// Records one authenticated use of `key`, for the next [`KeyCache::flush_usage`]. Lock-free:
+    /// two atomic updates, and the first use after a flush queues the key for it.
+    pub fn touch(&self, key: &KnownKey, now_unix: i64) {
+        let uses = &key.uses;
+        uses.last_used.fetch_max(now_unix, Ordering::Relaxed);
+        if uses.pending.fetch_add(1, Ordering::Relaxed) == 0 {
+            // Cannot fail: the receiver lives as long as `self`.
+            let _ = self.used_tx.send(Arc::clone(uses));
         }
     }
 
@@ -788,21 +812,33 @@ impl KeyCache {
         }
     }
 
-    /// Takes the unflushed usage of cached entries, with what evicted entries and failed
-    /// flushes left behind.
-    fn gather_usage(&self) -> UsageBatch {
-        let mut merged: UsageBatch = match self.spilled.lock() {
-            Ok(mut spilled) => std::mem::take(&mut *spilled),
-            Err(_) => HashMap::new(),
+    /// Takes the usage of the keys queued since the last flush, after what failed flushes left
+    /// behind. A key can appear twice (used again while this runs, or re-read as changed with
+    /// uses on both entries): the stores add usage up, so that is harmless.
+    fn gather_usage(&self) -> Vec<Usage> {
+        let mut batch: Vec<Usage> = match self.spilled.lock() {
+            Ok(mut spilled) => std::mem::take(&mut *spilled)
+                .into_iter()
+                .map(|(id, (digest, last_used, count))| Usage {
+                    id,
+                    digest,
+                    last_used,
+                    count,
+                })
+                .collect(),
+            Err(_) => Vec::new(),
         };
-        for (_, entry) in self.cache.iter() {
-            if let Entry::Known(k) = entry
-                && let Some(u) = k.take_usage()
-            {
-                merge(&mut merged, u);
-            }
+        let Ok(mut queue) = self.used_rx.lock() else {
+            return batch;
+        };
+        // Only what was queued before this flush: a key used again meanwhile waits for the next.
+        let queued = queue.len();
+        batch.reserve(queued);
+        for _ in 0..queued {
+            let Ok(uses) = queue.try_recv() else { break };
+            batch.extend(uses.take());
         }
-        merged
+        batch
     }
 
     /// Collects unflushed usage from cached and evicted entries and writes it in one batch.
@@ -812,36 +848,21 @@ impl KeyCache {
         // that never yields, and on a runtime thread it held up the change feed's poller past
         // two poll intervals (withdrawing the feed's confirmation) at every flush.
         let this = Arc::clone(self);
-        let merged = tokio::task::spawn_blocking(move || this.gather_usage())
+        let batch = tokio::task::spawn_blocking(move || this.gather_usage())
             .await
             .map_err(|e| StoreError::Unavailable(format!("usage gathering failed: {e}")))?;
-        if merged.is_empty() {
+        if batch.is_empty() {
             return Ok(0);
         }
-        let batch: Vec<Usage> = merged
-            .iter()
-            .map(|(id, &(digest, last_used, count))| Usage {
-                id: id.clone(),
-                digest,
-                last_used,
-                count,
-            })
-            .collect();
         let n = batch.len();
+        // Kept for the case the store fails: a batch handed to it is gone.
+        let retry = batch.clone();
         match self.call(self.store.record_usage(batch)).await {
             Ok(()) => Ok(n),
             Err(e) => {
                 if let Ok(mut spilled) = self.spilled.lock() {
-                    for (id, (digest, last_used, count)) in merged {
-                        merge(
-                            &mut spilled,
-                            Usage {
-                                id,
-                                digest,
-                                last_used,
-                                count,
-                            },
-                        );
+                    for u in retry {
+                        merge(&mut spilled, u);
                     }
                 }
                 Err(e)
@@ -1138,6 +1159,47 @@ mod tests {
         assert_eq!(store.lookups.load(Ordering::SeqCst), 2);
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn uses_counted_while_flushes_run_are_each_flushed_once() {
+        let (_dir, store, cache) = setup();
+        let secret = crate::key::generate().unwrap();
+        store.insert(record(&secret)).await.unwrap();
+        let (Entry::Known(key), _) = cache.resolve(secret.digest()).await.unwrap() else {
+            panic!("not known");
+        };
+        const THREADS: u64 = 4;
+        const USES: u64 = 20_000;
+        let done = Arc::new(AtomicBool::new(false));
+        let users: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let (cache, key, done) = (Arc::clone(&cache), Arc::clone(&key), done.clone());
+                std::thread::spawn(move || {
+                    for i in 0..USES {
+                        cache.touch(&key, i64::try_from(t * USES + i).unwrap());
+                    }
+                    done.store(true, Ordering::Relaxed);
+                })
+            })
+            .collect();
+        // Flushes race the uses: each 0 -> 1 of the pending count queues the key again.
+        let mut flushes = 0;
+        while !done.load(Ordering::Relaxed) || flushes < 3 {
+            cache.flush_usage().await.unwrap();
+            flushes += 1;
+        }
+        for u in users {
+            u.join().unwrap();
+        }
+        cache.flush_usage().await.unwrap();
+        assert_eq!(cache.flush_usage().await.unwrap(), 0, "flushed twice");
+        let r = store.find("cache-test").await.unwrap();
+        assert_eq!(r.use_count, THREADS * USES);
+        assert_eq!(
+            r.last_used,
+            Some(i64::try_from(THREADS * USES - 1).unwrap())
+        );
+    }
+
     #[tokio::test]
     async fn usage_survives_eviction_and_is_flushed_once() {
         let (_dir, store, cache) = setup();
@@ -1147,8 +1209,8 @@ mod tests {
         let (Entry::Known(key), _) = cache.resolve(digest).await.unwrap() else {
             panic!("not known");
         };
-        key.touch(1_000);
-        key.touch(2_000);
+        cache.touch(&key, 1_000);
+        cache.touch(&key, 2_000);
         cache.evict(digest).await;
         cache.cache.run_pending_tasks().await;
         assert_eq!(cache.flush_usage().await.unwrap(), 1);
@@ -1204,7 +1266,7 @@ mod tests {
         let ttl_passes = || tokio::time::sleep(Duration::from_millis(150));
 
         let first = known(cache.resolve(digest).await.unwrap().0);
-        first.touch(1_000);
+        cache.touch(&first, 1_000);
         assert_eq!(cache.flush_usage().await.unwrap(), 1);
         ttl_passes().await;
         // The re-read finds the flushed usage, nothing else changed: the copies stay, and a use
@@ -1220,7 +1282,7 @@ mod tests {
             "a re-read of an unchanged key emptied the copies"
         );
         assert!(Arc::ptr_eq(&first.uses, &second.uses));
-        first.touch(3_000);
+        cache.touch(&first, 3_000);
         cache.cache.run_pending_tasks().await;
         assert_eq!(cache.flush_usage().await.unwrap(), 1);
         let r = store.find("cache-test").await.unwrap();
@@ -1237,6 +1299,14 @@ mod tests {
         );
         assert!(!Arc::ptr_eq(&second.uses, &third.uses));
         assert_eq!(store.lookups.load(Ordering::SeqCst), 3);
+        // Uses counted through the old entry and the new one are both flushed: one key twice in
+        // a batch, which the store adds up.
+        cache.touch(&second, 4_000);
+        cache.touch(&third, 5_000);
+        cache.touch(&third, 5_000);
+        assert_eq!(cache.flush_usage().await.unwrap(), 2);
+        let r = store.find("cache-test").await.unwrap();
+        assert_eq!((r.use_count, r.last_used), (5, Some(5_000)));
     }
 
     /// The known entry in this thread's copy.
