@@ -31,7 +31,6 @@ use std::time::{Duration, Instant};
 
 use http::HeaderValue;
 use moka::future::Cache;
-use moka::notification::RemovalCause;
 use moka::ops::compute::{CompResult, Op};
 use tokio::sync::mpsc;
 
@@ -279,7 +278,7 @@ pub struct KeyCache {
     id: u64,
     /// Bumped after a change to the shared cache that a thread's [`Local`] copy could otherwise
     /// outlive: a copy made under an older generation is dropped whole.
-    generation: Arc<AtomicU64>,
+    generation: AtomicU64,
     /// The most entries a thread's [`Local`] copy holds: the shared cache's capacity.
     local_capacity: usize,
     /// Digests of known keys due for a background re-read ([`KeyCache::refresh_ahead`]).
@@ -306,12 +305,16 @@ enum Load {
 /// A worker thread's own copy of the entries it found in the shared cache, looked at first. A
 /// hit here is one probe of a map no other thread touches; the shared (moka) cache's read costs
 /// several times that, and its read bookkeeping is shared by every worker. The copy never serves
-/// what the shared cache would not: it is emptied whenever the cache's generation moves (an
-/// eviction for a change, a gap in the feed, a re-read that found the key changed, a capacity
-/// eviction), and each entry passes the same [`KeyCache::usable`] test. The generation stays put
-/// when an entry leaves by expiry (it is unusable by then) or is replaced by a re-read that
-/// decides the same way (the copy's entry shares its usage counters with the new one, and
-/// serving it is what serving the new one would do).
+/// a decision the gateway knows to be out of date: it is emptied whenever the cache's generation
+/// moves (an eviction for a change, a gap in the feed, a re-read that found the key changed), and
+/// each entry passes the same [`KeyCache::usable`] test as in the shared cache. The generation
+/// stays put when an entry leaves by expiry (it is unusable by then), is replaced by a re-read
+/// that decides the same way (the copy's entry shares its usage counters with the new one, and
+/// serving it is what serving the new one would do), or is evicted to make room: the copy may go
+/// on serving that entry as the shared cache would have, had it had the room. Emptying every
+/// copy at each capacity eviction made a store as large as the cache (100,000 keys in use with
+/// the default capacity) read each key from the shared cache again, on each worker, after every
+/// store read that pushed another key out.
 struct Local {
     cache: u64,
     generation: u64,
@@ -338,22 +341,12 @@ impl KeyCache {
     /// A cache in front of `store`, sized and timed by `[store]`.
     pub fn new(store: SharedStore, cfg: &config::Store, metrics: Arc<Metrics>) -> Self {
         let (used_tx, used_rx) = mpsc::unbounded_channel();
-        let generation = Arc::new(AtomicU64::new(0));
-        let moved = Arc::clone(&generation);
+        let generation = AtomicU64::new(0);
         let (refresh_tx, refresh_rx) = mpsc::channel(REFRESH_QUEUE);
         let cache = Cache::builder()
             .max_capacity(cfg.cache_capacity)
             .expire_after(EntryExpiry {
                 stale_if_error: cfg.stale_if_error,
-            })
-            .eviction_listener(move |_, _: Entry, cause: RemovalCause| {
-                // Expired entries are unusable anyway, and `resolve` moves the generation itself
-                // for a replacement that matters. A capacity eviction does move it, so the
-                // workers' copies do not keep what the shared cache let go. (Usage not flushed
-                // yet is not lost with the entry: the key is queued for the next flush.)
-                if !matches!(cause, RemovalCause::Expired | RemovalCause::Replaced) {
-                    moved.fetch_add(1, Ordering::Release);
-                }
             })
             .build();
         Self {
@@ -439,10 +432,17 @@ impl KeyCache {
                 // Moved since it was read (or another cache's copy): not kept.
                 return;
             }
-            if local.entries.len() >= self.local_capacity {
-                local.entries.clear();
+            // Full: a new key stays in the shared cache only, until a sweep makes room.
+            let room = local.entries.len() < self.local_capacity;
+            match local.entries.entry(digest) {
+                std::collections::hash_map::Entry::Occupied(mut kept) => {
+                    *kept.get_mut() = entry.clone();
+                }
+                std::collections::hash_map::Entry::Vacant(slot) if room => {
+                    slot.insert(entry.clone());
+                }
+                std::collections::hash_map::Entry::Vacant(_) => {}
             }
-            local.entries.insert(digest, entry.clone());
         });
     }
 
@@ -1254,6 +1254,38 @@ mod tests {
             Entry::Known(_)
         ));
         assert_eq!(store.lookups.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_capacity_eviction_leaves_the_copies_serving() {
+        // A current-thread runtime: every resolve below runs on this thread, so uses its copy.
+        let (_dir, store, cache) = setup_with(|s| s.cache_capacity = 2);
+        let mut digests = Vec::new();
+        for _ in 0..3 {
+            let secret = crate::key::generate().unwrap();
+            let mut r = record(&secret);
+            r.name = format!("capacity-{}", digests.len());
+            r.id = format!("id-{}", digests.len());
+            store.insert(r).await.unwrap();
+            digests.push(secret.digest());
+        }
+        let source = |r: Result<(Entry, Source), Unavailable>| r.unwrap().1;
+        for d in &digests[..2] {
+            assert_eq!(source(cache.resolve(*d).await), Source::Store);
+            assert_eq!(source(cache.resolve(*d).await), Source::Hit); // now in the copy
+        }
+        let before = cache.generation.load(Ordering::Acquire);
+        // A third key: the shared cache holds two, so one of the three is evicted.
+        assert_eq!(source(cache.resolve(digests[2]).await), Source::Store);
+        cache.cache.run_pending_tasks().await;
+        assert!(cache.entry_count() <= 2);
+        assert_eq!(cache.generation.load(Ordering::Acquire), before);
+        // The copy (full at two) still serves the first two keys, with no store read.
+        for d in &digests[..2] {
+            assert!(cache.local(d, Instant::now()).is_some());
+            assert_eq!(source(cache.resolve(*d).await), Source::Hit);
+        }
+        assert_eq!(store.lookups.load(Ordering::SeqCst), 3);
     }
 
     #[tokio::test]
