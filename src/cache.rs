@@ -52,22 +52,24 @@ pub struct KnownKey {
     pub name_header: HeaderValue,
     /// `record.policy`, compiled once.
     pub policy: Compiled,
-    /// When the record was read from the store.
-    loaded_at: Instant,
-    fresh_until: Instant,
+    /// When the record was first read from the store. The times below are kept as nanoseconds
+    /// after it, so that a re-read that finds the key unchanged can move them on in place
+    /// ([`KnownKey::extend`]): the entry, and every worker's copy of it, stays as it is.
+    origin: Instant,
+    /// When the record was last read from the store (found unchanged since `origin`).
+    loaded_at: AtomicU64,
+    fresh_until: AtomicU64,
     /// From when a request that finds this entry has it re-read in the background: the last
     /// quarter of the time to its `reread_by` (a random 75-100% of `stale_if_error` past
     /// `fresh_until`, so keys read together are re-read over a spread, not in one wave). A key in
     /// use at least once from then on is re-read while the entry stays usable (a confirmed
     /// change feed keeps it for all of `stale_if_error`), never by a request waiting on the
     /// store; the re-read is for changes the feed does not carry.
-    refresh_at: Instant,
-    /// The background re-read was asked for (once per entry). The workers' sweeps then drop
-    /// their copies of this entry, so they take up the new one rather than keep the old one (and
-    /// its memory) to its end.
+    refresh_at: AtomicU64,
+    /// The background re-read was asked for (once per re-read).
     refresh_asked: AtomicBool,
-    /// Shared with the entries that replace this one while the key stays the same (a re-read),
-    /// so a use counted through a worker's older copy is still flushed.
+    /// Uses not flushed yet; queued for the flusher apart from the entry, so uses counted
+    /// through an entry that was evicted or replaced meanwhile are flushed all the same.
     uses: Arc<Uses>,
 }
 
@@ -123,24 +125,64 @@ impl KnownKey {
             Compiled::deny_all()
         });
         let uses = Arc::new(Uses::new(&record));
-        Self {
+        let key = Self {
             record,
             id_header,
             name_header,
             policy,
-            loaded_at,
-            fresh_until,
-            refresh_at: reread_by
-                .checked_sub(reread_by.saturating_duration_since(loaded_at) / 4)
-                .unwrap_or(loaded_at),
+            origin: loaded_at,
+            loaded_at: AtomicU64::new(0),
+            fresh_until: AtomicU64::new(0),
+            refresh_at: AtomicU64::new(0),
             refresh_asked: AtomicBool::new(false),
             uses,
-        }
+        };
+        key.extend(loaded_at, fresh_until, reread_by);
+        key
+    }
+
+    /// Records a re-read at `loaded_at` that found the key deciding as before: fresh until
+    /// `fresh_until`, re-read in the background by `reread_by` if in use. Times only move on.
+    /// (The record's usage fields stay as first read: requests are decided without them.)
+    fn extend(&self, loaded_at: Instant, fresh_until: Instant, reread_by: Instant) {
+        let refresh_at = reread_by
+            .checked_sub(reread_by.saturating_duration_since(loaded_at) / 4)
+            .unwrap_or(loaded_at);
+        self.loaded_at
+            .fetch_max(self.offset(loaded_at), Ordering::Relaxed);
+        self.fresh_until
+            .fetch_max(self.offset(fresh_until), Ordering::Relaxed);
+        self.refresh_at
+            .fetch_max(self.offset(refresh_at), Ordering::Relaxed);
+        // After the new re-read time: a request that sees the ask cleared and an older time
+        // asks again, and the re-read finds it not needed yet.
+        self.refresh_asked.store(false, Ordering::Release);
+    }
+
+    fn offset(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.origin).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn at(&self, offset: &AtomicU64) -> Instant {
+        self.origin + Duration::from_nanos(offset.load(Ordering::Relaxed))
+    }
+
+    /// When the record was last read from the store.
+    fn loaded_at(&self) -> Instant {
+        self.at(&self.loaded_at)
+    }
+
+    fn fresh_until(&self) -> Instant {
+        self.at(&self.fresh_until)
+    }
+
+    fn refresh_at(&self) -> Instant {
+        self.at(&self.refresh_at)
     }
 
     /// Whether `record` decides requests exactly as this entry's record does: it differs at most
-    /// in the usage the flusher writes. Such a re-read replaces the entry without emptying the
-    /// workers' copies, and carries its usage over.
+    /// in the usage the flusher writes. Such a re-read moves the entry on in place
+    /// ([`KnownKey::extend`]): the entry and the workers' copies of it stay.
     fn same_decision(&self, record: &KeyRecord) -> bool {
         // Destructured, so that a field added to the record must be placed on one side or the
         // other here.
@@ -184,17 +226,9 @@ pub enum Entry {
 }
 
 impl Entry {
-    /// A known key's background re-read was asked for.
-    fn refresh_asked(&self) -> bool {
-        match self {
-            Entry::Known(k) => k.refresh_asked.load(Ordering::Relaxed),
-            Entry::Unknown { .. } => false,
-        }
-    }
-
     fn fresh_until(&self) -> Instant {
         match self {
-            Entry::Known(k) => k.fresh_until,
+            Entry::Known(k) => k.fresh_until(),
             Entry::Unknown { fresh_until } => *fresh_until,
         }
     }
@@ -224,7 +258,7 @@ impl moka::Expiry<KeyDigest, Entry> for EntryExpiry {
     /// A known key stays `stale_if_error` past its (jittered) freshness, an unknown one not at all.
     fn expire_after_create(&self, _: &KeyDigest, v: &Entry, at: Instant) -> Option<Duration> {
         Some(match v {
-            Entry::Known(k) => k.fresh_until.saturating_duration_since(at) + self.stale_if_error,
+            Entry::Known(k) => k.fresh_until().saturating_duration_since(at) + self.stale_if_error,
             Entry::Unknown { fresh_until } => fresh_until.saturating_duration_since(at),
         })
     }
@@ -308,13 +342,12 @@ enum Load {
 /// a decision the gateway knows to be out of date: it is emptied whenever the cache's generation
 /// moves (an eviction for a change, a gap in the feed, a re-read that found the key changed), and
 /// each entry passes the same [`KeyCache::usable`] test as in the shared cache. The generation
-/// stays put when an entry leaves by expiry (it is unusable by then), is replaced by a re-read
-/// that decides the same way (the copy's entry shares its usage counters with the new one, and
-/// serving it is what serving the new one would do), or is evicted to make room: the copy may go
-/// on serving that entry as the shared cache would have, had it had the room. Emptying every
-/// copy at each capacity eviction made a store as large as the cache (100,000 keys in use with
-/// the default capacity) read each key from the shared cache again, on each worker, after every
-/// store read that pushed another key out.
+/// stays put when an entry leaves by expiry (it is unusable by then), is re-read and found
+/// unchanged (the entry moves on in place, so the copy's entry is the current one), or is
+/// evicted to make room: the copy may go on serving that entry as the shared cache would have,
+/// had it had the room. Emptying every copy at each capacity eviction made a store as large as
+/// the cache (100,000 keys in use with the default capacity) read each key from the shared cache
+/// again, on each worker, after every store read that pushed another key out.
 struct Local {
     cache: u64,
     generation: u64,
@@ -412,9 +445,7 @@ impl KeyCache {
             if local.cache != self.id {
                 return;
             }
-            local
-                .entries
-                .retain(|_, e| self.usable(e, now) && !e.refresh_asked());
+            local.entries.retain(|_, e| self.usable(e, now));
             let len = local.entries.len();
             if local.entries.capacity() > 4 * len.max(1024) {
                 local.entries.shrink_to(2 * len);
@@ -490,9 +521,9 @@ impl KeyCache {
         }
         match entry {
             Entry::Known(k) => {
-                now < k.fresh_until + self.stale_if_error
+                now < k.fresh_until() + self.stale_if_error
                     && self.feed_confirmed(now)
-                    && self.nanos_since_epoch(k.loaded_at)
+                    && self.nanos_since_epoch(k.loaded_at())
                         >= self.feed_since.load(Ordering::Relaxed)
             }
             Entry::Unknown { .. } => false,
@@ -595,7 +626,7 @@ impl KeyCache {
     fn hit(&self, entry: &Entry, now: Instant) {
         self.metrics.cache_hits.increment(1);
         if let Entry::Known(k) = entry
-            && now >= k.refresh_at
+            && now >= k.refresh_at()
             && !k.refresh_asked.swap(true, Ordering::Relaxed)
             && let Err(mpsc::error::TrySendError::Full(_)) =
                 self.refresh_tx.try_send(k.record.digest)
@@ -623,7 +654,7 @@ impl KeyCache {
                     let needed = match (why, &current) {
                         (Load::Miss, Some(e)) => !self.usable(e, now),
                         (Load::Miss, None) => true,
-                        (Load::Refresh, Some(Entry::Known(k))) => now >= k.refresh_at,
+                        (Load::Refresh, Some(Entry::Known(k))) => now >= k.refresh_at(),
                         (Load::Refresh, Some(Entry::Unknown { .. }) | None) => false,
                     };
                     if !needed {
@@ -638,22 +669,26 @@ impl KeyCache {
                         // than the data in it.
                         Ok(Some(record)) => {
                             let fresh_until = now + jittered(self.positive_ttl);
-                            let mut known = KnownKey::new(
-                                record,
-                                now,
-                                fresh_until,
-                                fresh_until + jittered(self.stale_if_error),
-                            );
+                            let reread_by = fresh_until + jittered(self.stale_if_error);
                             match &current {
-                                Some(Entry::Known(old)) if old.same_decision(&known.record) => {
-                                    known.uses = Arc::clone(&old.uses);
+                                Some(Entry::Known(old)) if old.same_decision(&record) => {
+                                    // Unchanged: the entry (and every worker's copy of it)
+                                    // is kept and moves on; put back so that the shared
+                                    // cache takes its new expiry.
+                                    old.extend(now, fresh_until, reread_by);
+                                    return Op::Put(Entry::Known(Arc::clone(old)));
                                 }
                                 Some(Entry::Known(_)) => *changed_flag = true,
                                 // An unknown entry is served only while fresh, and it is
                                 // replaced only once it is not: no copy can serve it again.
                                 Some(Entry::Unknown { .. }) | None => {}
                             }
-                            Op::Put(Entry::Known(Arc::new(known)))
+                            Op::Put(Entry::Known(Arc::new(KnownKey::new(
+                                record,
+                                now,
+                                fresh_until,
+                                reread_by,
+                            ))))
                         }
                         Ok(None) => {
                             // Deleted behind keygate's back (the feed shows keygate's changes).
@@ -1301,19 +1336,21 @@ mod tests {
         cache.touch(&first, 1_000);
         assert_eq!(cache.flush_usage().await.unwrap(), 1);
         ttl_passes().await;
-        // The re-read finds the flushed usage, nothing else changed: the copies stay, and a use
-        // counted through one of them after the re-read is still flushed.
+        // The re-read finds the flushed usage, nothing else changed: the entry moves on in
+        // place, the copies stay, and a use counted through one of them is still flushed.
         let before = generation();
         let (entry, source) = cache.resolve(digest).await.unwrap();
         assert_eq!(source, Source::Store);
         let second = known(entry);
-        assert_eq!(second.record.use_count, 1);
+        assert!(
+            Arc::ptr_eq(&first, &second)
+                && cache.usable(&Entry::Known(first.clone()), Instant::now())
+        );
         assert_eq!(
             generation(),
             before,
             "a re-read of an unchanged key emptied the copies"
         );
-        assert!(Arc::ptr_eq(&first.uses, &second.uses));
         cache.touch(&first, 3_000);
         cache.cache.run_pending_tasks().await;
         assert_eq!(cache.flush_usage().await.unwrap(), 1);
@@ -1431,21 +1468,26 @@ mod tests {
         }
         assert_eq!(queue.try_recv(), Ok(digest));
         assert!(queue.try_recv().is_err(), "asked for twice");
-        // The thread's copy of an entry whose re-read was asked for is swept out.
+        // The thread's copy stays while the re-read is pending: it is still the current entry.
         let in_copy = || LOCAL.with(|l| l.borrow().entries.contains_key(&digest));
         assert!(in_copy());
         cache.sweep_local(Instant::now());
-        assert!(!in_copy());
+        assert!(in_copy());
         assert_eq!(store.lookups.load(Ordering::SeqCst), 0);
+        let (loaded_before, fresh_before) = (old.loaded_at(), old.fresh_until());
+        let generation = cache.generation.load(Ordering::Acquire);
         cache.load(digest, Load::Refresh).await;
         assert_eq!(store.lookups.load(Ordering::SeqCst), 1);
 
-        // The new entry replaces the old one in the thread's copy too, and asks for nothing.
+        // Found unchanged: the same entry moves on in place, in the shared cache and in the
+        // thread's copy (which is not emptied), and asks for nothing.
         let (entry, source) = cache.resolve(digest).await.unwrap();
         let new = known(entry);
         assert_eq!(source, Source::Hit);
-        assert!(new.loaded_at > old.loaded_at && Arc::ptr_eq(&new.uses, &old.uses));
-        assert!(Arc::ptr_eq(&new, &known_local(&cache, &digest)));
+        assert!(Arc::ptr_eq(&new, &old) && Arc::ptr_eq(&new, &known_local(&cache, &digest)));
+        assert!(new.loaded_at() > loaded_before && new.fresh_until() > fresh_before);
+        assert!(Instant::now() < new.refresh_at() && !new.refresh_asked.load(Ordering::Relaxed));
+        assert_eq!(cache.generation.load(Ordering::Acquire), generation);
         assert!(queue.try_recv().is_err(), "asked for again");
         // A second refresh of the same digest finds it done.
         cache.load(digest, Load::Refresh).await;
@@ -1459,13 +1501,14 @@ mod tests {
         let refresher = tokio::spawn(Arc::clone(&cache).refresh_ahead(stopped));
         let old = due_for_refresh(&store, &cache).await;
         let digest = old.record.digest;
+        let loaded_before = old.loaded_at();
         assert_eq!(cache.resolve(digest).await.unwrap().1, Source::Hit);
 
-        // The re-read replaces the entry without another request (waited for, not timed).
+        // The re-read moves the entry on without another request (waited for, not timed).
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let current = known(cache.cache.get(&digest).await.expect("cached"));
-            if current.loaded_at > old.loaded_at {
+            if current.loaded_at() > loaded_before {
                 break;
             }
             assert!(Instant::now() < deadline, "no background re-read");
