@@ -433,10 +433,10 @@ impl KeyCache {
         })
     }
 
-    /// Drops from this thread's copy the entries it can no longer serve (run out, or superseded
-    /// by a background re-read), and gives back the memory of a copy that has shrunk: entries in
-    /// a copy keep their records alive after the shared cache has let go of them. Each worker
-    /// runs it every [`LOCAL_SWEEP_INTERVAL`].
+    /// Drops from this thread's copy the entries it can no longer serve (run out), which makes
+    /// room for new keys in a full copy, and gives back the memory of a copy that has shrunk:
+    /// entries in a copy keep their records alive after the shared cache has let go of them.
+    /// Each worker runs it every [`LOCAL_SWEEP_INTERVAL`].
     pub fn sweep_local(&self, now: Instant) {
         LOCAL.with(|local| {
             let Ok(mut local) = local.try_borrow_mut() else {
