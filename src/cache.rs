@@ -324,17 +324,8 @@ pub struct KeyCache {
 /// its entry run out, as without refresh-ahead.
 const REFRESH_QUEUE: usize = 4096;
 
-/// Background re-reads in flight at once.
-const REFRESH_CONCURRENCY: usize = 8;
-
-/// Why the store is read for a digest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Load {
-    /// No usable entry: a request waits for the read.
-    Miss,
-    /// A known key's entry nears its end: re-read in the background while it is still served.
-    Refresh,
-}
+/// Keys re-read in one store call at most ([`KeyStore::lookup_many`]).
+const REFRESH_BATCH: usize = 256;
 
 /// A worker thread's own copy of the entries it found in the shared cache, looked at first. A
 /// hit here is one probe of a map no other thread touches; the shared (moka) cache's read costs
@@ -597,7 +588,7 @@ impl KeyCache {
             return Ok((entry, Source::Hit));
         }
         self.metrics.cache_misses.increment(1);
-        let (entry, failed) = self.load(digest, Load::Miss).await;
+        let (entry, failed) = self.load(digest).await;
         match (entry, failed) {
             (Some(e), false) => Ok((e, Source::Store)),
             // Only a known key may outlive its TTL; moka drops it after `stale_if_error`.
@@ -635,11 +626,11 @@ impl KeyCache {
         }
     }
 
-    /// Reads `digest` from the store into the cache, serialised with every other read of it
-    /// (moka's per-key compute), unless the entry the read would replace no longer needs it:
-    /// usable for a miss, re-read already (or gone) for a refresh. Returns the entry after it,
-    /// and whether the store failed.
-    async fn load(&self, digest: KeyDigest, why: Load) -> (Option<Entry>, bool) {
+    /// Reads `digest` from the store into the cache for a request that found no usable entry,
+    /// serialised with every other read of it (moka's per-key compute), unless a read ahead of
+    /// it in that queue made the entry usable. Returns the entry after it, and whether the store
+    /// failed.
+    async fn load(&self, digest: KeyDigest) -> (Option<Entry>, bool) {
         let mut failed = false;
         let failed_flag = &mut failed;
         let mut changed = false;
@@ -651,51 +642,15 @@ impl KeyCache {
                 let current = current.map(|e| e.into_value());
                 async move {
                     let now = Instant::now();
-                    let needed = match (why, &current) {
-                        (Load::Miss, Some(e)) => !self.usable(e, now),
-                        (Load::Miss, None) => true,
-                        (Load::Refresh, Some(Entry::Known(k))) => now >= k.refresh_at(),
-                        (Load::Refresh, Some(Entry::Unknown { .. }) | None) => false,
-                    };
-                    if !needed {
+                    if current.as_ref().is_some_and(|e| self.usable(e, now)) {
                         // A request ahead of us in this digest's queue read it.
                         return Op::Nop;
                     }
-                    if why == Load::Refresh {
-                        self.metrics.cache_refreshes.increment(1);
-                    }
                     match self.call(self.store.lookup(digest)).await {
-                        // `now` was taken before the read: an entry is never thought newer
-                        // than the data in it.
-                        Ok(Some(record)) => {
-                            let fresh_until = now + jittered(self.positive_ttl);
-                            let reread_by = fresh_until + jittered(self.stale_if_error);
-                            match &current {
-                                Some(Entry::Known(old)) if old.same_decision(&record) => {
-                                    // Unchanged: the entry (and every worker's copy of it)
-                                    // is kept and moves on; put back so that the shared
-                                    // cache takes its new expiry.
-                                    old.extend(now, fresh_until, reread_by);
-                                    return Op::Put(Entry::Known(Arc::clone(old)));
-                                }
-                                Some(Entry::Known(_)) => *changed_flag = true,
-                                // An unknown entry is served only while fresh, and it is
-                                // replaced only once it is not: no copy can serve it again.
-                                Some(Entry::Unknown { .. }) | None => {}
-                            }
-                            Op::Put(Entry::Known(Arc::new(KnownKey::new(
-                                record,
-                                now,
-                                fresh_until,
-                                reread_by,
-                            ))))
-                        }
-                        Ok(None) => {
-                            // Deleted behind keygate's back (the feed shows keygate's changes).
-                            *changed_flag = matches!(current, Some(Entry::Known(_)));
-                            Op::Put(Entry::Unknown {
-                                fresh_until: now + jittered(self.negative_ttl),
-                            })
+                        Ok(record) => {
+                            let (entry, changed) = self.after_read(current.as_ref(), record, now);
+                            *changed_flag = changed;
+                            Op::Put(entry)
                         }
                         Err(_) => {
                             *failed_flag = true;
@@ -707,7 +662,7 @@ impl KeyCache {
             .await;
         if changed {
             // A known entry can become usable again in a copy (when the feed is confirmed
-            // again), so copies must not keep what this re-read found changed.
+            // again), so copies must not keep what this read found changed.
             self.moved();
         }
         let entry = match result {
@@ -719,27 +674,102 @@ impl KeyCache {
         (entry, failed)
     }
 
+    /// The entry a store read begun at `read_at` makes of `current`, having found `record`, and
+    /// whether the workers' copies must be emptied. A key found deciding as before keeps its
+    /// entry, moved on in place (and put back, so that the shared cache takes its new expiry).
+    fn after_read(
+        &self,
+        current: Option<&Entry>,
+        record: Option<KeyRecord>,
+        read_at: Instant,
+    ) -> (Entry, bool) {
+        // `read_at` was taken before the read: an entry is never thought newer than its data.
+        let was_known = matches!(current, Some(Entry::Known(_)));
+        let Some(record) = record else {
+            // Deleted behind keygate's back (the feed shows keygate's changes).
+            let fresh_until = read_at + jittered(self.negative_ttl);
+            return (Entry::Unknown { fresh_until }, was_known);
+        };
+        let fresh_until = read_at + jittered(self.positive_ttl);
+        let reread_by = fresh_until + jittered(self.stale_if_error);
+        if let Some(Entry::Known(old)) = current
+            && old.same_decision(&record)
+        {
+            old.extend(read_at, fresh_until, reread_by);
+            return (Entry::Known(Arc::clone(old)), false);
+        }
+        // A changed known key empties the copies. An unknown entry is served only while fresh,
+        // and it is replaced only once it is not: no copy can serve it again.
+        let known = KnownKey::new(record, read_at, fresh_until, reread_by);
+        (Entry::Known(Arc::new(known)), was_known)
+    }
+
     /// Re-reads, in the background, the known keys that requests found near the end of their
-    /// entries ([`KnownKey::refresh_at`]), a few at a time, until `shutdown`. The requests go on
-    /// being served from the entry meanwhile; a failed re-read leaves it as it was.
+    /// entries ([`KnownKey::refresh_at`]), up to [`REFRESH_BATCH`] in one store call, until
+    /// `shutdown`. The requests go on being served from the entries meanwhile.
     pub async fn refresh_ahead(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
-        let Some(rx) = self.refresh_rx.lock().ok().and_then(|mut rx| rx.take()) else {
+        let Some(mut rx) = self.refresh_rx.lock().ok().and_then(|mut rx| rx.take()) else {
             return; // another refresher has it
         };
-        let digests = futures_util::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|digest| (digest, rx))
-        });
-        let this = &self;
-        let refresh = futures_util::StreamExt::for_each_concurrent(
-            digests,
-            REFRESH_CONCURRENCY,
-            |digest| async move {
-                this.load(digest, Load::Refresh).await;
-            },
-        );
-        tokio::select! {
-            () = refresh => {}
-            _ = shutdown.changed() => {}
+        let mut batch = Vec::with_capacity(REFRESH_BATCH);
+        loop {
+            tokio::select! {
+                n = rx.recv_many(&mut batch, REFRESH_BATCH) => if n == 0 { return },
+                _ = shutdown.changed() => return,
+            }
+            tokio::select! {
+                () = self.refresh(&batch) => {}
+                _ = shutdown.changed() => return,
+            }
+            batch.clear();
+        }
+    }
+
+    /// Re-reads the keys of `digests` whose entries are still due in one store call, then
+    /// applies what it found to each entry, serialised with every other read of the key (moka's
+    /// per-key compute): only to an entry that was not read again since this read began (by a
+    /// request's miss), and not to a key evicted meanwhile (a change on the feed, or for room;
+    /// its next request reads it). A failed read leaves the entries as they were.
+    async fn refresh(&self, digests: &[KeyDigest]) {
+        let read_at = Instant::now();
+        let mut due = Vec::with_capacity(digests.len());
+        for digest in digests {
+            if let Some(Entry::Known(k)) = self.cache.get(digest).await
+                && read_at >= k.refresh_at()
+            {
+                due.push(*digest);
+            }
+        }
+        if due.is_empty() {
+            return;
+        }
+        self.metrics.cache_refreshes.increment(due.len() as u64);
+        let Ok(records) = self.call(self.store.lookup_many(due.clone())).await else {
+            return;
+        };
+        for (digest, record) in due.into_iter().zip(records) {
+            let mut changed = false;
+            let changed_flag = &mut changed;
+            self.cache
+                .entry(digest)
+                .and_compute_with(|current| {
+                    let current = current.map(|e| e.into_value());
+                    async move {
+                        match &current {
+                            Some(Entry::Known(k)) if k.loaded_at() < read_at => {
+                                let (entry, changed) =
+                                    self.after_read(current.as_ref(), record, read_at);
+                                *changed_flag = changed;
+                                Op::Put(entry)
+                            }
+                            _ => Op::Nop,
+                        }
+                    }
+                })
+                .await;
+            if changed {
+                self.moved();
+            }
         }
     }
 
@@ -1476,7 +1506,7 @@ mod tests {
         assert_eq!(store.lookups.load(Ordering::SeqCst), 0);
         let (loaded_before, fresh_before) = (old.loaded_at(), old.fresh_until());
         let generation = cache.generation.load(Ordering::Acquire);
-        cache.load(digest, Load::Refresh).await;
+        cache.refresh(&[digest]).await;
         assert_eq!(store.lookups.load(Ordering::SeqCst), 1);
 
         // Found unchanged: the same entry moves on in place, in the shared cache and in the
@@ -1490,8 +1520,29 @@ mod tests {
         assert_eq!(cache.generation.load(Ordering::Acquire), generation);
         assert!(queue.try_recv().is_err(), "asked for again");
         // A second refresh of the same digest finds it done.
-        cache.load(digest, Load::Refresh).await;
+        cache.refresh(&[digest]).await;
         assert_eq!(store.lookups.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_key_evicted_while_its_re_read_is_in_flight_stays_out() {
+        let (_dir, store, cache) = setup();
+        let old = due_for_refresh(&store, &cache).await;
+        let digest = old.record.digest;
+        // The counting store answers after 50 ms; the eviction (a change on the feed) comes
+        // while the re-read waits for it.
+        let evict = async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            cache.evict(digest).await;
+        };
+        let batch = [digest];
+        tokio::join!(cache.refresh(&batch), evict);
+        cache.cache.run_pending_tasks().await;
+        assert_eq!(store.lookups.load(Ordering::SeqCst), 1);
+        assert!(
+            cache.cache.get(&digest).await.is_none(),
+            "the re-read put back an evicted key"
+        );
     }
 
     #[tokio::test]

@@ -53,6 +53,16 @@ async fn conformance(store: Arc<dyn KeyStore>) {
         store.find("nope").await,
         Err(StoreError::NotFound(_))
     ));
+    // Many lookups in one call: in order, an unknown digest as `None`.
+    let unknown = key::generate().unwrap().digest();
+    assert_eq!(
+        store
+            .lookup_many(vec![unknown, secret_a.digest(), unknown])
+            .await
+            .unwrap(),
+        vec![None, Some(a.clone()), None]
+    );
+    assert!(store.lookup_many(Vec::new()).await.unwrap().is_empty());
 
     // Names are unique.
     let (_, dup) = record("alpha");

@@ -143,6 +143,17 @@ pub enum StoreError {
 pub trait KeyStore: Send + Sync + 'static {
     /// The record with this digest, if any. The gateway's only call on a cache miss.
     fn lookup(&self, digest: KeyDigest) -> StoreFuture<'_, Option<KeyRecord>>;
+    /// What [`KeyStore::lookup`] gives for each digest, in order, in one call (the cache's
+    /// background re-reads). By default, one lookup after another.
+    fn lookup_many(&self, digests: Vec<KeyDigest>) -> StoreFuture<'_, Vec<Option<KeyRecord>>> {
+        Box::pin(async move {
+            let mut records = Vec::with_capacity(digests.len());
+            for digest in digests {
+                records.push(self.lookup(digest).await?);
+            }
+            Ok(records)
+        })
+    }
     /// Adds a new key; `Conflict` if the name or digest exists.
     fn insert(&self, record: KeyRecord) -> StoreFuture<'_, ()>;
     /// Every record, oldest first.

@@ -55,6 +55,9 @@ impl KeyStore for Pinned {
     fn lookup(&self, digest: KeyDigest) -> StoreFuture<'_, Option<KeyRecord>> {
         self.run(move |s| async move { s.lookup(digest).await })
     }
+    fn lookup_many(&self, digests: Vec<KeyDigest>) -> StoreFuture<'_, Vec<Option<KeyRecord>>> {
+        self.run(move |s| async move { s.lookup_many(digests).await })
+    }
     fn insert(&self, record: KeyRecord) -> StoreFuture<'_, ()> {
         self.run(move |s| async move { s.insert(record).await })
     }

@@ -554,6 +554,27 @@ impl KeyStore for RedisStore {
         Box::pin(self.record(digest))
     }
 
+    fn lookup_many(&self, digests: Vec<KeyDigest>) -> StoreFuture<'_, Vec<Option<KeyRecord>>> {
+        Box::pin(async move {
+            if digests.is_empty() {
+                return Ok(Vec::new());
+            }
+            // One round trip for the lot.
+            let mut pipe = redis::pipe();
+            for digest in &digests {
+                pipe.cmd("HGETALL").arg(self.rec_key(digest));
+            }
+            let mut conn = self.conn().await?;
+            let all: Vec<Vec<(String, String)>> =
+                pipe.query_async(&mut conn).await.map_err(unavailable)?;
+            digests
+                .into_iter()
+                .zip(all)
+                .map(|(digest, fields)| parse_record(digest, fields))
+                .collect()
+        })
+    }
+
     fn insert(&self, record: KeyRecord) -> StoreFuture<'_, ()> {
         Box::pin(async move {
             let mut invocation = self.scripts.insert.prepare_invoke();

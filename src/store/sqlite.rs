@@ -297,6 +297,23 @@ impl KeyStore for SqliteStore {
         })
     }
 
+    fn lookup_many(&self, digests: Vec<KeyDigest>) -> StoreFuture<'_, Vec<Option<KeyRecord>>> {
+        // One blocking task and one prepared statement for the lot.
+        self.with_reader(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(&format!("SELECT {COLUMNS} FROM api_keys WHERE digest = ?1"))
+                .map_err(unavailable)?;
+            digests
+                .iter()
+                .map(|digest| {
+                    stmt.query_row(params![&digest.0[..]], row_to_record)
+                        .optional()
+                        .map_err(unavailable)
+                })
+                .collect()
+        })
+    }
+
     fn insert(&self, record: KeyRecord) -> StoreFuture<'_, ()> {
         self.with_conn(move |conn| {
             let tx = conn.transaction().map_err(unavailable)?;
