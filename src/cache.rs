@@ -68,42 +68,12 @@ pub struct KnownKey {
     refresh_at: AtomicU64,
     /// The background re-read was asked for (once per re-read).
     refresh_asked: AtomicBool,
-    /// Uses not flushed yet; queued for the flusher apart from the entry, so uses counted
-    /// through an entry that was evicted or replaced meanwhile are flushed all the same.
-    uses: Arc<Uses>,
-}
-
-/// Usage of a key not yet flushed. Queued for the flusher by the first use after a flush
-/// ([`KeyCache::touch`]), so a flush reads only the keys used since the last one, and a use
-/// counted in an entry that was evicted or replaced meanwhile is flushed all the same.
-#[derive(Debug)]
-struct Uses {
-    id: String,
-    digest: KeyDigest,
-    last_used: AtomicI64,
-    pending: AtomicU64,
-}
-
-impl Uses {
-    fn new(record: &KeyRecord) -> Self {
-        Self {
-            id: record.id.clone(),
-            digest: record.digest,
-            last_used: AtomicI64::new(0),
-            pending: AtomicU64::new(0),
-        }
-    }
-
-    /// The uses counted since the last take, if any.
-    fn take(&self) -> Option<Usage> {
-        let count = self.pending.swap(0, Ordering::Relaxed);
-        (count > 0).then(|| Usage {
-            id: self.id.clone(),
-            digest: self.digest,
-            last_used: self.last_used.load(Ordering::Relaxed),
-            count,
-        })
-    }
+    /// Uses not flushed yet, and the latest (Unix seconds). The first use after a flush queues
+    /// the entry for the next one ([`KeyCache::touch`]), so a flush reads only the keys used
+    /// since the last one, and uses counted in an entry evicted or replaced meanwhile are
+    /// flushed all the same.
+    uses_pending: AtomicU64,
+    used_last: AtomicI64,
 }
 
 impl KnownKey {
@@ -124,7 +94,6 @@ impl KnownKey {
             tracing::error!(key_id = %record.id, error = %e, "stored policy is invalid; the key is refused");
             Compiled::deny_all()
         });
-        let uses = Arc::new(Uses::new(&record));
         let key = Self {
             record,
             id_header,
@@ -135,7 +104,8 @@ impl KnownKey {
             fresh_until: AtomicU64::new(0),
             refresh_at: AtomicU64::new(0),
             refresh_asked: AtomicBool::new(false),
-            uses,
+            uses_pending: AtomicU64::new(0),
+            used_last: AtomicI64::new(0),
         };
         key.extend(loaded_at, fresh_until, reread_by);
         key
@@ -213,9 +183,6 @@ impl KnownKey {
     }
 }
 
-/// Unflushed usage by key id: digest, latest use, count.
-type UsageBatch = HashMap<String, (KeyDigest, i64, u64)>;
-
 /// A cached decision.
 #[derive(Debug, Clone)]
 pub enum Entry {
@@ -292,11 +259,8 @@ pub struct KeyCache {
     store_timeout: Duration,
     /// The keys used since the last flush, each queued by its first use after it
     /// ([`KeyCache::touch`]); the flusher drains the receiver.
-    used_tx: mpsc::UnboundedSender<Arc<Uses>>,
-    used_rx: Mutex<mpsc::UnboundedReceiver<Arc<Uses>>>,
-    /// Usage a failed flush left behind, merged by key id (so it stays one record per key
-    /// however long the store is down), for the next flush.
-    spilled: Mutex<UsageBatch>,
+    used_tx: mpsc::UnboundedSender<Arc<KnownKey>>,
+    used_rx: Mutex<mpsc::UnboundedReceiver<Arc<KnownKey>>>,
     legacy_present: AtomicBool,
     store_up: AtomicBool,
     /// Until when (nanoseconds after `epoch`) the change feed counts as confirmed: two poll
@@ -382,7 +346,6 @@ impl KeyCache {
             store_timeout: cfg.timeout,
             used_tx,
             used_rx: Mutex::new(used_rx),
-            spilled: Mutex::default(),
             legacy_present: AtomicBool::new(false),
             store_up: AtomicBool::new(true),
             feed_confirmed_until: AtomicU64::new(0),
@@ -455,15 +418,8 @@ impl KeyCache {
                 return;
             }
             // Full: a new key stays in the shared cache only, until a sweep makes room.
-            let room = local.entries.len() < self.local_capacity;
-            match local.entries.entry(digest) {
-                std::collections::hash_map::Entry::Occupied(mut kept) => {
-                    *kept.get_mut() = entry.clone();
-                }
-                std::collections::hash_map::Entry::Vacant(slot) if room => {
-                    slot.insert(entry.clone());
-                }
-                std::collections::hash_map::Entry::Vacant(_) => {}
+            if local.entries.len() < self.local_capacity || local.entries.contains_key(&digest) {
+                local.entries.insert(digest, entry.clone());
             }
         });
     }
@@ -602,12 +558,17 @@ impl KeyCache {
 
     /// Records one authenticated use of `key`, for the next [`KeyCache::flush_usage`]. Lock-free:
     /// two atomic updates, and the first use after a flush queues the key for it.
-    pub fn touch(&self, key: &KnownKey, now_unix: i64) {
-        let uses = &key.uses;
-        uses.last_used.fetch_max(now_unix, Ordering::Relaxed);
-        if uses.pending.fetch_add(1, Ordering::Relaxed) == 0 {
+    pub fn touch(&self, key: &Arc<KnownKey>, now_unix: i64) {
+        self.add_uses(key, 1, now_unix);
+    }
+
+    /// Adds `count` uses, the latest at `last_used`, to `key`'s unflushed usage, queueing the
+    /// key for the next flush when it had none.
+    fn add_uses(&self, key: &Arc<KnownKey>, count: u64, last_used: i64) {
+        key.used_last.fetch_max(last_used, Ordering::Relaxed);
+        if key.uses_pending.fetch_add(count, Ordering::Relaxed) == 0 {
             // Cannot fail: the receiver lives as long as `self`.
-            let _ = self.used_tx.send(Arc::clone(uses));
+            let _ = self.used_tx.send(Arc::clone(key));
         }
     }
 
@@ -877,58 +838,54 @@ impl KeyCache {
         }
     }
 
-    /// Takes the usage of the keys queued since the last flush, after what failed flushes left
-    /// behind. A key can appear twice (used again while this runs, or re-read as changed with
-    /// uses on both entries): the stores add usage up, so that is harmless.
-    fn gather_usage(&self) -> Vec<Usage> {
-        let mut batch: Vec<Usage> = match self.spilled.lock() {
-            Ok(mut spilled) => std::mem::take(&mut *spilled)
-                .into_iter()
-                .map(|(id, (digest, last_used, count))| Usage {
-                    id,
-                    digest,
-                    last_used,
-                    count,
-                })
-                .collect(),
-            Err(_) => Vec::new(),
-        };
+    /// Takes the usage of the keys queued before this call: each key with its uses (count and
+    /// latest), and the batch to write. A key can appear twice (used again while this runs, or
+    /// re-read as changed with uses on both entries): the stores add usage up.
+    fn take_usage(&self) -> (Vec<Taken>, Vec<Usage>) {
         let Ok(mut queue) = self.used_rx.lock() else {
-            return batch;
+            return (Vec::new(), Vec::new());
         };
-        // Only what was queued before this flush: a key used again meanwhile waits for the next.
+        // A key used again meanwhile is queued again, for the next flush.
         let queued = queue.len();
-        batch.reserve(queued);
+        let mut taken = Vec::with_capacity(queued);
         for _ in 0..queued {
-            let Ok(uses) = queue.try_recv() else { break };
-            batch.extend(uses.take());
+            let Ok(key) = queue.try_recv() else { break };
+            let count = key.uses_pending.swap(0, Ordering::Relaxed);
+            if count > 0 {
+                let last_used = key.used_last.load(Ordering::Relaxed);
+                taken.push((key, count, last_used));
+            }
         }
-        batch
+        let batch = taken
+            .iter()
+            .map(|(key, count, last_used)| Usage {
+                id: key.record.id.clone(),
+                digest: key.record.digest,
+                last_used: *last_used,
+                count: *count,
+            })
+            .collect();
+        (taken, batch)
     }
 
-    /// Collects unflushed usage from cached and evicted entries and writes it in one batch.
-    /// On failure the usage is kept for the next flush.
+    /// Writes the usage of the keys used since the last flush in one batch. On failure the
+    /// usage is given back to the keys, for the next flush.
     pub async fn flush_usage(self: &Arc<Self>) -> Result<usize, StoreError> {
-        // Gathered on the blocking pool: with 100,000 keys in use this is tens of ms of work
-        // that never yields, and on a runtime thread it held up the change feed's poller past
-        // two poll intervals (withdrawing the feed's confirmation) at every flush.
+        // Taken on the blocking pool: with 100,000 keys in use this is milliseconds of work
+        // that never yields, and on a runtime thread such work held up the change feed's poller
+        // past two poll intervals (withdrawing the feed's confirmation).
         let this = Arc::clone(self);
-        let batch = tokio::task::spawn_blocking(move || this.gather_usage())
+        let (taken, batch) = tokio::task::spawn_blocking(move || this.take_usage())
             .await
             .map_err(|e| StoreError::Unavailable(format!("usage gathering failed: {e}")))?;
-        if batch.is_empty() {
+        if taken.is_empty() {
             return Ok(0);
         }
-        let n = batch.len();
-        // Kept for the case the store fails: a batch handed to it is gone.
-        let retry = batch.clone();
         match self.call(self.store.record_usage(batch)).await {
-            Ok(()) => Ok(n),
+            Ok(()) => Ok(taken.len()),
             Err(e) => {
-                if let Ok(mut spilled) = self.spilled.lock() {
-                    for u in retry {
-                        merge(&mut spilled, u);
-                    }
+                for (key, count, last_used) in &taken {
+                    self.add_uses(key, *count, *last_used);
                 }
                 Err(e)
             }
@@ -964,12 +921,8 @@ async fn wait(signal: Option<&tokio::sync::Notify>) {
     }
 }
 
-/// Adds one key's usage to a batch keyed by id.
-fn merge(batch: &mut UsageBatch, u: Usage) {
-    let slot = batch.entry(u.id).or_insert((u.digest, 0, 0));
-    slot.1 = slot.1.max(u.last_used);
-    slot.2 += u.count;
-}
+/// A key's uses taken for a flush: the key, how many, the latest (Unix seconds).
+type Taken = (Arc<KnownKey>, u64, i64);
 
 #[cfg(test)]
 mod tests {
@@ -983,6 +936,8 @@ mod tests {
     struct Counting {
         inner: SqliteStore,
         lookups: AtomicUsize,
+        /// Usage writes fail while set.
+        usage_fails: AtomicBool,
     }
 
     impl KeyStore for Counting {
@@ -1021,6 +976,9 @@ mod tests {
             self.inner.has_legacy()
         }
         fn record_usage(&self, b: Vec<Usage>) -> StoreFuture<'_, ()> {
+            if self.usage_fails.load(Ordering::SeqCst) {
+                return Box::pin(async { Err(StoreError::Unavailable("down".into())) });
+            }
             self.inner.record_usage(b)
         }
         fn change_position(&self) -> StoreFuture<'_, u64> {
@@ -1045,6 +1003,7 @@ mod tests {
         let store = Arc::new(Counting {
             inner,
             lookups: AtomicUsize::new(0),
+            usage_fails: AtomicBool::new(false),
         });
         let mut cfg = crate::config::FileConfig::default()
             .validate()
@@ -1266,6 +1225,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn usage_a_failed_flush_took_is_flushed_by_the_next() {
+        let (_dir, store, cache) = setup();
+        let secret = crate::key::generate().unwrap();
+        store.insert(record(&secret)).await.unwrap();
+        let (Entry::Known(key), _) = cache.resolve(secret.digest()).await.unwrap() else {
+            panic!("not known");
+        };
+        cache.touch(&key, 1_000);
+        store.usage_fails.store(true, Ordering::SeqCst);
+        assert!(cache.flush_usage().await.is_err());
+        cache.touch(&key, 2_000);
+        assert!(cache.flush_usage().await.is_err());
+        store.usage_fails.store(false, Ordering::SeqCst);
+        // Given back to the key each time: one record, both uses, the latest time.
+        assert_eq!(cache.flush_usage().await.unwrap(), 1);
+        assert_eq!(cache.flush_usage().await.unwrap(), 0, "flushed twice");
+        let r = store.find("cache-test").await.unwrap();
+        assert_eq!((r.use_count, r.last_used), (2, Some(2_000)));
+    }
+
+    #[tokio::test]
     async fn usage_survives_eviction_and_is_flushed_once() {
         let (_dir, store, cache) = setup();
         let secret = crate::key::generate().unwrap();
@@ -1396,7 +1376,7 @@ mod tests {
             generation() > before,
             "a changed key left the copies in place"
         );
-        assert!(!Arc::ptr_eq(&second.uses, &third.uses));
+        assert!(!Arc::ptr_eq(&second, &third));
         assert_eq!(store.lookups.load(Ordering::SeqCst), 3);
         // Uses counted through the old entry and the new one are both flushed: one key twice in
         // a batch, which the store adds up.

@@ -196,6 +196,24 @@ impl SqliteStore {
     }
 }
 
+/// The record with each digest, in order.
+fn lookup_in(
+    conn: &Connection,
+    digests: &[KeyDigest],
+) -> Result<Vec<Option<KeyRecord>>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(&format!("SELECT {COLUMNS} FROM api_keys WHERE digest = ?1"))
+        .map_err(unavailable)?;
+    digests
+        .iter()
+        .map(|digest| {
+            stmt.query_row(params![&digest.0[..]], row_to_record)
+                .optional()
+                .map_err(unavailable)
+        })
+        .collect()
+}
+
 fn row_to_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRecord> {
     let digest: Vec<u8> = row.get(2)?;
     let digest: [u8; 32] = digest.try_into().map_err(|_| {
@@ -287,31 +305,12 @@ fn trim_changes(tx: &rusqlite::Transaction<'_>) -> Result<(), StoreError> {
 
 impl KeyStore for SqliteStore {
     fn lookup(&self, digest: KeyDigest) -> StoreFuture<'_, Option<KeyRecord>> {
-        self.with_reader(move |conn| {
-            conn.prepare_cached(&format!("SELECT {COLUMNS} FROM api_keys WHERE digest = ?1"))
-                .and_then(|mut stmt| {
-                    stmt.query_row(params![&digest.0[..]], row_to_record)
-                        .optional()
-                })
-                .map_err(unavailable)
-        })
+        self.with_reader(move |conn| Ok(lookup_in(conn, &[digest])?.pop().flatten()))
     }
 
     fn lookup_many(&self, digests: Vec<KeyDigest>) -> StoreFuture<'_, Vec<Option<KeyRecord>>> {
         // One blocking task and one prepared statement for the lot.
-        self.with_reader(move |conn| {
-            let mut stmt = conn
-                .prepare_cached(&format!("SELECT {COLUMNS} FROM api_keys WHERE digest = ?1"))
-                .map_err(unavailable)?;
-            digests
-                .iter()
-                .map(|digest| {
-                    stmt.query_row(params![&digest.0[..]], row_to_record)
-                        .optional()
-                        .map_err(unavailable)
-                })
-                .collect()
-        })
+        self.with_reader(move |conn| lookup_in(conn, &digests))
     }
 
     fn insert(&self, record: KeyRecord) -> StoreFuture<'_, ()> {
