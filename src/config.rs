@@ -108,6 +108,9 @@ pub struct ServerSection {
     pub handshake_timeout: String,
     /// Time allowed for a client to send a request's headers.
     pub header_read_timeout: String,
+    /// Longest pause allowed between the bytes of a request body being forwarded (longer: 408
+    /// and the forward is aborted), like nginx's `client_body_timeout`.
+    pub body_read_timeout: String,
     /// How long in-flight requests may run after SIGTERM/SIGINT before connections are closed.
     pub shutdown_grace: String,
     /// Maximum simultaneous client connections across listeners; excess connections are closed at once.
@@ -127,9 +130,6 @@ pub struct ServerSection {
     pub max_body_bytes_by_prefix: std::collections::BTreeMap<String, u64>,
     /// HTTP/2: most concurrent streams per connection.
     pub h2_max_concurrent_streams: u32,
-    /// Which server reads the pipeline's plain HTTP/1.1 requests: "keygate" (its own; a
-    /// connection goes to hyper at its first request that is anything else) or "hyper" (all).
-    pub http1_server: String,
     /// Worker threads serving the pipeline, each with its own runtime, listening sockets and
     /// upstream pool; 0: one per CPU.
     pub workers: usize,
@@ -146,6 +146,7 @@ impl Default for ServerSection {
             public_port: 0,
             handshake_timeout: "10s".into(),
             header_read_timeout: "10s".into(),
+            body_read_timeout: "60s".into(),
             shutdown_grace: "30s".into(),
             max_connections: 10_000,
             trusted_proxies: Vec::new(),
@@ -155,7 +156,6 @@ impl Default for ServerSection {
             max_body_bytes: 0,
             max_body_bytes_by_prefix: std::collections::BTreeMap::new(),
             h2_max_concurrent_streams: 256,
-            http1_server: "keygate".into(),
             workers: 0,
         }
     }
@@ -472,6 +472,7 @@ pub struct Server {
     pub public_port: u16,
     pub handshake_timeout: Duration,
     pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
     pub shutdown_grace: Duration,
     pub max_connections: usize,
     pub trusted_proxies: Vec<IpNet>,
@@ -482,7 +483,6 @@ pub struct Server {
     /// `(prefix, limit)`, longest prefix first.
     pub max_body_bytes_by_prefix: Vec<(String, Option<u64>)>,
     pub h2_max_concurrent_streams: u32,
-    pub http1_server: Http1Server,
     pub workers: usize,
 }
 
@@ -493,16 +493,6 @@ pub enum HttpMode {
     Redirect,
     /// Run the authenticated pipeline over plain HTTP (TLS terminated by a load balancer).
     Serve,
-}
-
-/// Which server reads the pipeline's plain HTTP/1.1 requests.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Http1Server {
-    /// keygate's own ([`crate::front`]); hyper serves a connection from its first request that
-    /// is not a plain one.
-    Keygate,
-    /// hyper, for every request.
-    Hyper,
 }
 
 /// Validated `[tls]`.
@@ -916,6 +906,10 @@ impl ServerSection {
                 "server.header_read_timeout",
                 &self.header_read_timeout,
             )?,
+            body_read_timeout: positive_duration(
+                "server.body_read_timeout",
+                &self.body_read_timeout,
+            )?,
             shutdown_grace: parse_duration("server.shutdown_grace", &self.shutdown_grace)?,
             max_connections: self.max_connections,
             trusted_proxies,
@@ -950,17 +944,6 @@ impl ServerSection {
                 routes
             },
             h2_max_concurrent_streams: self.h2_max_concurrent_streams.max(1),
-            http1_server: match self.http1_server.trim() {
-                "keygate" => Http1Server::Keygate,
-                "hyper" => Http1Server::Hyper,
-                other => {
-                    return Err(invalid(
-                        "server.http1_server",
-                        other,
-                        "\"keygate\" (its own HTTP/1.1 server) or \"hyper\"",
-                    ));
-                }
-            },
             workers: match self.workers {
                 0 => std::thread::available_parallelism().map_or(1, usize::from),
                 n => n.min(1024),
@@ -1381,11 +1364,6 @@ mod tests {
                 "[server]\nmax_headers = 40000\n",
                 "server.max_headers",
                 "40000",
-            ),
-            (
-                "[server]\nhttp1_server = \"nginx\"\n",
-                "server.http1_server",
-                "nginx",
             ),
             (
                 "[server]\nheader_read_timeout = \"366d\"\n",

@@ -149,7 +149,7 @@ impl Compiled {
 /// (the last for backends that decode twice) that a backend could resolve into another path
 /// (`/api/v1/video/../admin/` must not pass a `/api/v1/video/` scope). Scoped keys are refused
 /// such paths; browsers and HTTP clients never send them.
-fn is_plain_path(path: &str) -> bool {
+pub(crate) fn is_plain_path(path: &str) -> bool {
     let lower = path.to_ascii_lowercase();
     let encoded = ["%2e", "%2f", "%5c", "%25"]
         .iter()

@@ -7,7 +7,7 @@ use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
 
 use crate::config;
-use crate::proxy::GatewayBody;
+use crate::gateway::GatewayBody;
 
 /// The prepared redirect target.
 #[derive(Debug, Clone)]

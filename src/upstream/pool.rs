@@ -3,8 +3,8 @@
 //! A connection is a socket with its read buffer, owned by one request at a time. The request's
 //! task does the connection's I/O itself: it writes the request head and streams the body
 //! ([`exchange`]), reads the response head, and then reads the response body as the client takes
-//! it ([`UpstreamBody`] carries the connection). The messages are encoded and parsed by
-//! [`crate::h1`]. When the body has been read to its end, and both sides allow it, the
+//! it ([`ResponseBody`] carries the connection). The messages are encoded and parsed by
+//! [`h1`]. When the body has been read to its end, and both sides allow it, the
 //! connection goes back to its worker's idle list; a connection dropped mid-response, or whose
 //! response was not framed to be followed by another, is closed.
 //!
@@ -27,8 +27,10 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
-use crate::h1::{self, BodyDecoder, Decoded, ProtocolError, ResponseHead};
-use crate::proxy::RequestBody;
+use super::body::RequestBody;
+use super::error::{Error, ErrorKind};
+use super::h1::{self, BodyDecoder, Decoded, ProtocolError, ResponseHead, ResponseTo};
+use crate::http::drain_unread;
 
 /// Read buffer space made available before each read, at first: a connection's reads grow to
 /// [`MAX_READ_CHUNK`] while they keep filling all of it (a large response body), and the buffer
@@ -73,27 +75,10 @@ impl std::fmt::Debug for Conn {
     }
 }
 
-/// How an exchange with the upstream failed.
-#[derive(Debug, thiserror::Error)]
-pub enum UpstreamError {
-    /// Reading or writing the connection failed.
-    #[error("upstream connection: {0}")]
-    Io(#[from] io::Error),
-    /// The upstream closed the connection before any response.
-    #[error("the upstream closed the connection before responding")]
-    Closed,
-    /// The response broke HTTP/1.1.
-    #[error(transparent)]
-    Protocol(#[from] ProtocolError),
-    /// The client's request body failed (the proxy tells which way from the source).
-    #[error("request body")]
-    RequestBody(#[source] Box<dyn std::error::Error + Send + Sync>),
-}
-
 /// Why sending stopped.
 enum SendError {
     Io(io::Error),
-    Body(Box<dyn std::error::Error + Send + Sync>),
+    Body(Error),
 }
 
 impl Conn {
@@ -203,8 +188,12 @@ impl ConnState {
     }
 
     /// Stops sending (the request can no longer be completed): the connection is not reused.
+    /// What the client still sends of its body is read and dropped, so it gets the answer
+    /// whole.
     fn abandon_send(&mut self) {
-        self.body = None;
+        if let Some(body) = self.body.take() {
+            drain_unread(body);
+        }
         self.out.clear();
         self.queued = 0;
         self.reusable = false;
@@ -230,9 +219,9 @@ impl ConnState {
 
 /// Why no connection could be had.
 #[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
+enum ConnectError {
     /// The TCP connect failed.
-    #[error("connect to {target}: {source}")]
+    #[error("connect to {target}")]
     Io {
         /// `host:port`.
         target: String,
@@ -249,6 +238,7 @@ pub enum ConnectError {
         timeout: Duration,
     },
 }
+
 struct Idle {
     conn: Conn,
     since: Instant,
@@ -328,8 +318,15 @@ impl Pool {
         conn
     }
 
-    /// Opens a new connection.
-    pub async fn connect(&self) -> Result<Conn, ConnectError> {
+    /// Opens a new connection. Nothing has been sent when this fails: the error says the
+    /// request may be sent again.
+    pub async fn connect(&self) -> Result<Conn, Error> {
+        self.open()
+            .await
+            .map_err(|e| Error::new(ErrorKind::Connect, e).retryable())
+    }
+
+    async fn open(&self) -> Result<Conn, ConnectError> {
         let target = || format!("{}:{}", self.host, self.port);
         let stream = tokio::time::timeout(
             self.connect_timeout,
@@ -393,17 +390,15 @@ impl Pool {
     }
 }
 
-/// How one exchange on a connection failed.
-#[derive(Debug)]
-pub enum ExchangeError {
-    /// The connection turned out closed before any response, and the request may be sent again
-    /// on another (see [`Outgoing::retryable`]): its body, untouched, is back in `Outgoing`.
-    NotSent,
-    /// The exchange failed.
-    Failed(UpstreamError),
-    /// No response head within the timeout after the request was sent completely.
-    TimedOut,
-}
+/// The upstream closed the connection before responding.
+#[derive(Debug, thiserror::Error)]
+#[error("the upstream closed the connection before responding")]
+struct Closed;
+
+/// No response head within the response timeout of the request's end.
+#[derive(Debug, thiserror::Error)]
+#[error("no response headers within {0:?} of the request's end")]
+struct NoResponse(Duration);
 
 /// A request on its way to the upstream: its encoded head and its body.
 #[derive(Debug)]
@@ -414,8 +409,8 @@ pub struct Outgoing {
     pub body: Option<RequestBody>,
     /// The body goes in chunks.
     pub chunked: bool,
-    /// A HEAD request: the response has no body.
-    pub head_request: bool,
+    /// What the request asks of the response (HEAD: no body; CONNECT: no tunnel).
+    pub responds_to: ResponseTo,
     /// It may be sent again if a reused connection turns out closed before any response
     /// (RFC 9110 §9.2.2: an idempotent method, and no body sent yet).
     pub retryable: bool,
@@ -425,14 +420,18 @@ pub struct Outgoing {
 /// `timeout` has passed since the request was written completely (a large upload may take as
 /// long as it takes; an upstream that then stays silent may not). A response that comes before
 /// the request's body has gone out whole is returned as it is; the rest of the body goes on
-/// being sent while the response body is read and after it ([`UpstreamBody`]), and the
+/// being sent while the response body is read and after it ([`ResponseBody`]), and the
 /// connection is not reused: an upstream that answered early may not have read the body as part
 /// of the request.
+///
+/// When a reused connection turns out closed before any response and the request may be sent
+/// again ([`Outgoing::retryable`]), the error says so ([`Error::may_retry`]) and the body,
+/// untouched, is back in `req`.
 pub async fn exchange(
     conn: &mut Conn,
     req: &mut Outgoing,
     timeout: Duration,
-) -> Result<ResponseHead, ExchangeError> {
+) -> Result<ResponseHead, Error> {
     let state = &mut *conn.0;
     state.queue(req.head.clone());
     state.body = req.body.take();
@@ -454,7 +453,7 @@ pub async fn exchange(
                 Poll::Ready(Ok(())) => sent = true,
                 Poll::Ready(Err(SendError::Body(e))) => {
                     state.abandon_send();
-                    return Poll::Ready(Err(ExchangeError::Failed(UpstreamError::RequestBody(e))));
+                    return Poll::Ready(Err(e));
                 }
                 Poll::Ready(Err(SendError::Io(e))) => {
                     // The upstream may still have answered (an early error, then a close):
@@ -472,24 +471,26 @@ pub async fn exchange(
             }
         }
         loop {
-            match h1::parse_response(&mut state.read, req.head_request) {
+            match h1::parse_response(&mut state.read, req.responds_to) {
                 Ok(Some(head)) => return Poll::Ready(Ok(head)),
                 Ok(None) => {}
-                Err(e) => return Poll::Ready(Err(ExchangeError::Failed(e.into()))),
+                Err(e) => return Poll::Ready(Err(Error::new(ErrorKind::Protocol, e))),
             }
             match state.poll_read(cx) {
                 Poll::Ready(Ok(n)) if n > 0 => received = true,
                 Poll::Ready(result) => {
                     let error = match (result, write_error.take()) {
-                        (Err(e), _) | (Ok(_), Some(e)) => UpstreamError::Io(e),
-                        (Ok(_), None) if received => ProtocolError::IncompleteHead.into(),
-                        (Ok(_), None) => UpstreamError::Closed,
+                        (Err(e), _) | (Ok(_), Some(e)) => Error::new(ErrorKind::Protocol, e),
+                        (Ok(_), None) if received => {
+                            Error::new(ErrorKind::Protocol, ProtocolError::IncompleteHead)
+                        }
+                        (Ok(_), None) => Error::new(ErrorKind::Protocol, Closed),
                     };
                     let error = if !received && req.retryable && !state.body_started {
                         req.body = state.body.take();
-                        ExchangeError::NotSent
+                        error.retryable()
                     } else {
-                        ExchangeError::Failed(error)
+                        error
                     };
                     state.abandon_send();
                     return Poll::Ready(Err(error));
@@ -498,7 +499,7 @@ pub async fn exchange(
             }
         }
         if sent && deadline.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Err(ExchangeError::TimedOut));
+            return Poll::Ready(Err(Error::new(ErrorKind::Timeout, NoResponse(timeout))));
         }
         Poll::Pending
     })
@@ -515,21 +516,21 @@ pub async fn exchange(
 /// The upstream's response body on its way to the client, with the connection it arrives on:
 /// reading the body reads the connection (and sends what is left of the request, if the
 /// response came early), and a body read to its end gives the connection back to the pool.
-pub struct UpstreamBody {
+pub struct ResponseBody {
     conn: Option<Conn>,
     decoder: BodyDecoder,
     pool: Arc<Pool>,
 }
 
-impl std::fmt::Debug for UpstreamBody {
+impl std::fmt::Debug for ResponseBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UpstreamBody")
+        f.debug_struct("ResponseBody")
             .field("decoder", &self.decoder)
             .finish_non_exhaustive()
     }
 }
 
-impl UpstreamBody {
+impl ResponseBody {
     /// The body of the response `head` arriving on `conn`, from `pool`.
     pub fn new(head: &ResponseHead, conn: Conn, pool: Arc<Pool>) -> Self {
         Self {
@@ -551,7 +552,9 @@ impl UpstreamBody {
         if conn.0.sending() {
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                 runtime.spawn(async move {
-                    let _ = poll_fn(|cx| conn.0.poll_send(cx)).await;
+                    if poll_fn(|cx| conn.0.poll_send(cx)).await.is_err() {
+                        conn.0.abandon_send();
+                    }
                 });
             }
             return;
@@ -562,14 +565,14 @@ impl UpstreamBody {
     }
 }
 
-impl Body for UpstreamBody {
+impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = UpstreamError;
+    type Error = Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, UpstreamError>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
         let this = self.get_mut();
         let Some(conn) = this.conn.as_mut() else {
             return Poll::Ready(None);
@@ -592,20 +595,20 @@ impl Body for UpstreamBody {
                 Ok(Decoded::NeedMore) => {}
                 Err(e) => {
                     this.conn = None;
-                    return Poll::Ready(Some(Err(e.into())));
+                    return Poll::Ready(Some(Err(Error::new(ErrorKind::Protocol, e))));
                 }
             }
             match ready!(state.poll_read(cx)) {
                 Ok(0) => {
                     if let Err(e) = this.decoder.eof() {
                         this.conn = None;
-                        return Poll::Ready(Some(Err(e.into())));
+                        return Poll::Ready(Some(Err(Error::new(ErrorKind::Protocol, e))));
                     }
                 }
                 Ok(_) => {}
                 Err(e) => {
                     this.conn = None;
-                    return Poll::Ready(Some(Err(e.into())));
+                    return Poll::Ready(Some(Err(Error::new(ErrorKind::Protocol, e))));
                 }
             }
         }
@@ -623,7 +626,7 @@ impl Body for UpstreamBody {
     }
 }
 
-impl Drop for UpstreamBody {
+impl Drop for ResponseBody {
     fn drop(&mut self) {
         // A body with nothing in it (or read to its end but not yet past it) is complete.
         if self.decoder.is_done() {
@@ -638,7 +641,7 @@ mod tests {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::task::{Wake, Waker};
 
-    use http::{Method, Request, Response};
+    use http::{Request, Response};
     use hyper::body::Incoming;
     use hyper::service::service_fn;
     use hyper_util::rt::TokioIo;
@@ -646,8 +649,7 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
-    use crate::h1::RequestFraming;
-    use crate::server::TaskGate;
+    use crate::upstream::h1::RequestFraming;
 
     /// Counts wake-ups, and those that came while the task was being polled: those only make
     /// the task run once more for nothing.
@@ -672,20 +674,15 @@ mod tests {
     }
 
     impl Wakes {
-        /// Polls `poll` until it is ready, as a client connection's task polls through `gate`,
-        /// waiting for a wake-up between polls (as an executor would); fails if none comes.
-        async fn run<T>(
-            self: &Arc<Self>,
-            gate: &Arc<TaskGate>,
-            mut poll: impl FnMut(&mut Context<'_>) -> Poll<T>,
-        ) -> T {
+        /// Polls `poll` until it is ready, waiting for a wake-up between polls (as an executor
+        /// would); fails if none comes.
+        async fn run<T>(self: &Arc<Self>, mut poll: impl FnMut(&mut Context<'_>) -> Poll<T>) -> T {
             let waker = Waker::from(Arc::clone(self));
-            let cx = Context::from_waker(&waker);
-            let gate_waker = Waker::from(Arc::clone(gate));
+            let mut cx = Context::from_waker(&waker);
             loop {
                 let before = self.total.load(Ordering::SeqCst);
                 self.polling.store(true, Ordering::SeqCst);
-                let polled = gate.polled(&cx, &gate_waker, &mut poll);
+                let polled = poll(&mut cx);
                 self.polling.store(false, Ordering::SeqCst);
                 if let Poll::Ready(v) = polled {
                     return v;
@@ -792,8 +789,8 @@ mod tests {
         } else {
             RequestFraming::for_body(&parts.method, body.size_hint().exact())
         };
-        let body = (!body.is_end_stream())
-            .then(|| RequestBody::new(http_body_util::Either::Right(body), None, None));
+        let body =
+            (!body.is_end_stream()).then(|| RequestBody::new(body, None, Duration::from_secs(60)));
         let head = h1::RequestHead {
             method: &parts.method,
             target: parts.uri.path(),
@@ -807,13 +804,13 @@ mod tests {
             retryable: reused && body.is_none() && parts.method.is_idempotent(),
             body,
             chunked: framing == RequestFraming::Chunked,
-            head_request: parts.method == Method::HEAD,
+            responds_to: ResponseTo::method(&parts.method),
         }
     }
 
     /// Reads `body` as hyper's server does: until it says it has ended, or, for a body of known
     /// length, until that many bytes have come (then it is dropped without a further poll).
-    async fn read_body(body: &mut UpstreamBody) -> Result<Vec<u8>, UpstreamError> {
+    async fn read_body(body: &mut ResponseBody) -> Result<Vec<u8>, Error> {
         let mut data = Vec::new();
         let length = body.size_hint().exact();
         while !body.is_end_stream() && length.is_none_or(|n| (data.len() as u64) < n) {
@@ -835,7 +832,7 @@ mod tests {
         let head = exchange(&mut conn, &mut out, Duration::from_secs(5))
             .await
             .unwrap();
-        let mut body = UpstreamBody::new(&head, conn, Arc::clone(pool));
+        let mut body = ResponseBody::new(&head, conn, Arc::clone(pool));
         let data = read_body(&mut body).await.unwrap();
         drop(body);
         (head.status.as_u16(), data, pool.idle())
@@ -856,7 +853,6 @@ mod tests {
         .await;
         let pool = pool(port);
         let mut conn = pool.connect().await.unwrap();
-        let gate: Arc<TaskGate> = Arc::default();
         for round in 0..3 {
             let wakes = Arc::new(Wakes::default());
             let (req, _client) = client_request("GET /x HTTP/1.1\r\nhost: x\r\n\r\n").await;
@@ -864,17 +860,11 @@ mod tests {
             let head = {
                 let exchange = exchange(&mut conn, &mut out, Duration::from_secs(5));
                 tokio::pin!(exchange);
-                wakes
-                    .run(&gate, |cx| exchange.as_mut().poll(cx))
-                    .await
-                    .unwrap()
+                wakes.run(|cx| exchange.as_mut().poll(cx)).await.unwrap()
             };
-            let mut body = UpstreamBody::new(&head, conn, Arc::clone(&pool));
+            let mut body = ResponseBody::new(&head, conn, Arc::clone(&pool));
             let mut data = Vec::new();
-            while let Some(frame) = wakes
-                .run(&gate, |cx| Pin::new(&mut body).poll_frame(cx))
-                .await
-            {
+            while let Some(frame) = wakes.run(|cx| Pin::new(&mut body).poll_frame(cx)).await {
                 data.extend_from_slice(&frame.unwrap().into_data().unwrap());
             }
             assert_eq!(data, b"hello");
@@ -895,7 +885,10 @@ mod tests {
         let mut out = outgoing(&mut conn, req, true);
         let started = Instant::now();
         let result = exchange(&mut conn, &mut out, Duration::from_millis(200)).await;
-        assert!(matches!(result, Err(ExchangeError::TimedOut)), "{result:?}");
+        assert!(
+            matches!(&result, Err(e) if e.kind() == ErrorKind::Timeout),
+            "{result:?}"
+        );
         assert!(started.elapsed() < Duration::from_secs(4));
     }
 
@@ -976,10 +969,7 @@ mod tests {
             let mut out = outgoing(&mut conn, req, false);
             let result = exchange(&mut conn, &mut out, Duration::from_secs(5)).await;
             assert!(
-                matches!(
-                    result,
-                    Err(ExchangeError::Failed(UpstreamError::Protocol(_)))
-                ),
+                matches!(&result, Err(e) if e.kind() == ErrorKind::Protocol && !e.may_retry()),
                 "{path}: {result:?}"
             );
         }
@@ -991,10 +981,10 @@ mod tests {
             let head = exchange(&mut conn, &mut out, Duration::from_secs(5))
                 .await
                 .unwrap();
-            let mut body = UpstreamBody::new(&head, conn, Arc::clone(&pool));
+            let mut body = ResponseBody::new(&head, conn, Arc::clone(&pool));
             let result = read_body(&mut body).await;
             assert!(
-                matches!(result, Err(UpstreamError::Protocol(_))),
+                matches!(&result, Err(e) if e.kind() == ErrorKind::Protocol),
                 "{path}: {result:?}"
             );
             drop(body);
@@ -1022,11 +1012,8 @@ mod tests {
             let result = exchange(&mut conn, &mut out, Duration::from_secs(5)).await;
             seen.recv().await.unwrap();
             match (result, retryable) {
-                (Err(ExchangeError::NotSent), true) => {}
-                (
-                    Err(ExchangeError::Failed(UpstreamError::Closed | UpstreamError::Io(_))),
-                    false,
-                ) => {}
+                (Err(e), true) if e.may_retry() => {}
+                (Err(e), false) if e.kind() == ErrorKind::Protocol && !e.may_retry() => {}
                 (other, _) => panic!("{head:?}: {other:?}"),
             }
         }
@@ -1079,7 +1066,7 @@ mod tests {
             decoded.extend_from_slice(&d);
         }
         assert_eq!(decoded, b"hello world");
-        let mut body = UpstreamBody::new(&head, conn, Arc::clone(&pool));
+        let mut body = ResponseBody::new(&head, conn, Arc::clone(&pool));
         assert_eq!(read_body(&mut body).await.unwrap(), b"ok");
         drop(body);
         let mut conn = pool.idle().expect("reused after a complete exchange");
@@ -1096,7 +1083,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(head.status, 413);
-        let mut body = UpstreamBody::new(&head, conn, Arc::clone(&pool));
+        let mut body = ResponseBody::new(&head, conn, Arc::clone(&pool));
         assert_eq!(read_body(&mut body).await.unwrap(), b"big");
         drop(body);
         client.write_all(&[b'x'; 97]).await.unwrap();
