@@ -639,6 +639,9 @@ impl Gateway {
     /// A path that could resolve into another one (dot segments, encoded separators) gets the
     /// smallest limit of all: it cannot be told which prefix the upstream will see it under.
     fn body_limit(&self, path: &str) -> Option<u64> {
+        if self.max_body_bytes_by_prefix.is_empty() {
+            return self.max_body_bytes;
+        }
         if !is_plain_path(path) {
             return self
                 .max_body_bytes_by_prefix
