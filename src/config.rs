@@ -191,7 +191,7 @@ impl Default for TlsSection {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct UpstreamSection {
-    /// Base URL (`http://host:port[/prefix]`).
+    /// Base URL (`http://host:port[/prefix]`, or `https://` for TLS to the upstream).
     pub url: String,
     /// TCP connect timeout.
     pub connect_timeout: String,
@@ -203,6 +203,14 @@ pub struct UpstreamSection {
     pub pool_idle_timeout: String,
     /// Send the client's Host header upstream instead of the upstream's own authority.
     pub preserve_host: bool,
+    /// `https://` upstreams: PEM file of the CA certificates the upstream's certificate must
+    /// chain to; empty: the system's roots.
+    pub tls_ca_file: String,
+    /// `https://` upstreams: PEM certificate chain presented to an upstream that asks for a
+    /// client certificate (with `tls_key_file`); empty: none.
+    pub tls_cert_file: String,
+    /// The private key of `tls_cert_file` (PEM).
+    pub tls_key_file: String,
 }
 
 impl Default for UpstreamSection {
@@ -214,6 +222,9 @@ impl Default for UpstreamSection {
             pool_max_idle: 256,
             pool_idle_timeout: "90s".into(),
             preserve_host: false,
+            tls_ca_file: String::new(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
         }
     }
 }
@@ -513,6 +524,17 @@ pub struct Upstream {
     pub pool_max_idle: usize,
     pub pool_idle_timeout: Duration,
     pub preserve_host: bool,
+    /// TLS to the upstream (`https://` URLs).
+    pub tls: Option<UpstreamTls>,
+}
+
+/// How the upstream's TLS is checked, and what keygate presents to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamTls {
+    /// CA certificates to trust instead of the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate chain and key.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
 }
 
 /// Validated `[auth]`.
@@ -954,14 +976,56 @@ impl ServerSection {
 
 impl UpstreamSection {
     fn validate(&self) -> Result<Upstream, ConfigError> {
-        const EXPECTED: &str = "an http:// URL with a host, e.g. \"http://127.0.0.1:8000\"";
+        const EXPECTED: &str =
+            "an http:// or https:// URL with a host, e.g. \"http://127.0.0.1:8000\"";
         let url: Uri = self
             .url
             .parse()
             .map_err(|_| invalid("upstream.url", &self.url, EXPECTED))?;
-        if url.scheme_str() != Some("http") || url.host().is_none() || url.query().is_some() {
+        let https = match url.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => return Err(invalid("upstream.url", &self.url, EXPECTED)),
+        };
+        if url.host().is_none() || url.query().is_some() {
             return Err(invalid("upstream.url", &self.url, EXPECTED));
         }
+        let file = |value: &str| (!value.trim().is_empty()).then(|| PathBuf::from(value.trim()));
+        let ca_file = file(&self.tls_ca_file);
+        let client_cert = match (file(&self.tls_cert_file), file(&self.tls_key_file)) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(invalid(
+                    "upstream.tls_key_file",
+                    "",
+                    "the private key of upstream.tls_cert_file",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "upstream.tls_cert_file",
+                    "",
+                    "the certificate chain for upstream.tls_key_file",
+                ));
+            }
+        };
+        let tls = if https {
+            Some(UpstreamTls {
+                ca_file,
+                client_cert,
+            })
+        } else {
+            if ca_file.is_some() || client_cert.is_some() {
+                return Err(invalid(
+                    "upstream.url",
+                    &self.url,
+                    "an https:// URL: upstream.tls_ca_file, tls_cert_file and tls_key_file are \
+                     for TLS to the upstream",
+                ));
+            }
+            None
+        };
         if self.pool_max_idle == 0 {
             return Err(invalid("upstream.pool_max_idle", 0, "a number above 0"));
         }
@@ -978,6 +1042,7 @@ impl UpstreamSection {
                 &self.pool_idle_timeout,
             )?,
             preserve_host: self.preserve_host,
+            tls,
         })
     }
 }

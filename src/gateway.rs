@@ -39,6 +39,7 @@ use crate::metrics::{AuthReason, Metrics, Outcome, UpstreamErrorKind};
 use crate::policy::is_plain_path;
 use crate::proxy::{ClientInfo, X_FORWARDED_PROTO, client_ip};
 use crate::ratelimit::{Allowance, RateLimits};
+use crate::tls::TlsError;
 use crate::upstream::{self, ErrorKind, RequestBody, Upstream};
 
 /// The gateway's response body: its own small body, or the upstream's stream.
@@ -350,13 +351,20 @@ impl std::fmt::Debug for Gateway {
 }
 
 impl Gateway {
-    /// Prepares the pipeline from validated configuration, for `workers` workers.
+    /// Prepares the pipeline from validated configuration, for `workers` workers. Fails when
+    /// an `https://` upstream's TLS files cannot be loaded.
     pub fn new(
         config: &Config,
         cache: Arc<KeyCache>,
         metrics: Arc<Metrics>,
         workers: usize,
-    ) -> Self {
+    ) -> Result<Self, TlsError> {
+        let upstream_tls = config
+            .upstream
+            .tls
+            .as_ref()
+            .map(crate::tls::upstream_client_config)
+            .transpose()?;
         let limits = RateLimits::new(
             config.rate_limit.per_key,
             config.rate_limit.failures_per_ip,
@@ -373,7 +381,7 @@ impl Gateway {
         .into_iter()
         .filter_map(|(name, value)| value.as_ref().map(|v| (name, immortal_value(v))))
         .collect();
-        Self {
+        Ok(Self {
             cache,
             auth: Authenticator::new(&config.auth),
             cors: CorsPolicy::new(
@@ -385,6 +393,7 @@ impl Gateway {
                 .map(|_| {
                     Upstream::new(
                         &config.upstream,
+                        upstream_tls.clone(),
                         metrics.upstream_connections_opened.clone(),
                     )
                 })
@@ -404,7 +413,7 @@ impl Gateway {
             max_body_bytes: config.server.max_body_bytes,
             max_body_bytes_by_prefix: config.server.max_body_bytes_by_prefix.clone(),
             body_read_timeout: config.server.body_read_timeout,
-        }
+        })
     }
 
     /// The rate limits (for their housekeeping task).

@@ -559,7 +559,7 @@ pub async fn run(
         Arc::clone(&cache),
         Arc::clone(&metrics),
         workers,
-    ));
+    )?);
     let redirect = Arc::new(Redirect::new(&config.server));
     let admin = Arc::new(Admin::new(Arc::clone(&gateway), Arc::clone(&metrics)));
 

@@ -61,8 +61,14 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// A pool for `[upstream]`; `opened` counts the connections it opens.
-    pub fn new(cfg: &config::Upstream, opened: metrics::Counter) -> Self {
+    /// A pool for `[upstream]`, over TLS with `tls` (the client configuration of an `https://`
+    /// upstream, [`crate::tls::upstream_client_config`]); `opened` counts the connections it
+    /// opens.
+    pub fn new(
+        cfg: &config::Upstream,
+        tls: Option<Arc<rustls::ClientConfig>>,
+        opened: metrics::Counter,
+    ) -> Self {
         let authority = cfg
             .url
             .authority()
@@ -70,17 +76,28 @@ impl Upstream {
             .unwrap_or_else(|| Authority::from_static("127.0.0.1"));
         let host_header = HeaderValue::from_str(authority.as_str())
             .unwrap_or_else(|_| HeaderValue::from_static("localhost"));
-        // The config loader accepts http:// URLs with a host only; IPv6 literals lose brackets.
+        // The config loader accepts URLs with a host only; IPv6 literals lose brackets.
         let host = authority
             .host()
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_owned();
-        let port = authority.port_u16().unwrap_or(80);
+        let port = authority
+            .port_u16()
+            .unwrap_or(if tls.is_some() { 443 } else { 80 });
+        // The certificate must be for the URL's host, which is also sent as SNI (an IP address
+        // is checked against the certificate's IP addresses, and sends none).
+        let tls = tls.and_then(|config| {
+            Some(pool::Tls {
+                connector: tokio_rustls::TlsConnector::from(config),
+                server_name: rustls_pki_types::ServerName::try_from(host.clone()).ok()?,
+            })
+        });
         Self {
             pool: Arc::new(Pool::new(
                 host,
                 port,
+                tls,
                 cfg.connect_timeout,
                 cfg.pool_max_idle,
                 cfg.pool_idle_timeout,

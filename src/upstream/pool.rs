@@ -24,8 +24,11 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
-use tokio::io::AsyncWrite;
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
 
 use super::body::RequestBody;
 use super::error::{Error, ErrorKind};
@@ -45,7 +48,7 @@ const MAX_QUEUED: usize = 64 * 1024;
 pub struct Conn(Box<ConnState>);
 
 struct ConnState {
-    io: TcpStream,
+    io: Stream,
     /// What has been read and not yet parsed or passed on.
     read: BytesMut,
     /// How much space is made available for the next read.
@@ -86,8 +89,22 @@ impl Conn {
     /// anything unasked) while it sat idle. A socket with nothing to read answers without a
     /// system call.
     fn ready(&mut self) -> bool {
-        let mut probe = [0u8; 1];
-        matches!(self.0.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+        match &mut self.0.io {
+            Stream::Plain(tcp) => {
+                let mut probe = [0u8; 1];
+                matches!(tcp.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+            // What arrived on an idle TLS connection goes through TLS: session tickets are
+            // taken in and leave nothing to read; a close or stray data does.
+            Stream::Tls(tls) => {
+                let mut probe = [0u8; 1];
+                let mut buf = ReadBuf::new(&mut probe);
+                let mut cx = Context::from_waker(std::task::Waker::noop());
+                Pin::new(tls.as_mut())
+                    .poll_read(&mut cx, &mut buf)
+                    .is_pending()
+            }
+        }
     }
 
     /// Encodes a request head for this connection: see [`h1::encode_request`].
@@ -217,6 +234,78 @@ impl ConnState {
     }
 }
 
+/// An upstream connection's byte stream: plain TCP, or TLS over it (`https://` upstreams).
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(tcp) => Pin::new(tcp).poll_read(cx, buf),
+            Stream::Tls(tls) => Pin::new(tls.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(tcp) => Pin::new(tcp).poll_write(cx, buf),
+            Stream::Tls(tls) => Pin::new(tls.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(tcp) => Pin::new(tcp).poll_write_vectored(cx, bufs),
+            Stream::Tls(tls) => Pin::new(tls.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(tcp) => tcp.is_write_vectored(),
+            Stream::Tls(tls) => tls.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(tcp) => Pin::new(tcp).poll_flush(cx),
+            Stream::Tls(tls) => Pin::new(tls.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(tcp) => Pin::new(tcp).poll_shutdown(cx),
+            Stream::Tls(tls) => Pin::new(tls.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// TLS to the upstream: the client configuration and the name its certificate must carry (the
+/// URL's host, also sent as SNI).
+#[derive(Clone)]
+pub struct Tls {
+    pub connector: TlsConnector,
+    pub server_name: ServerName<'static>,
+}
+
 /// Why no connection could be had.
 #[derive(Debug, thiserror::Error)]
 enum ConnectError {
@@ -229,7 +318,16 @@ enum ConnectError {
         #[source]
         source: io::Error,
     },
-    /// The TCP connect took longer than `upstream.connect_timeout`.
+    /// The TLS handshake failed: most often a certificate that does not verify.
+    #[error("TLS handshake with {target}")]
+    Tls {
+        /// `host:port`.
+        target: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The connect (and TLS handshake) took longer than `upstream.connect_timeout`.
     #[error("connect to {target}: no answer within {timeout:?}")]
     Timeout {
         /// `host:port`.
@@ -248,6 +346,7 @@ struct Idle {
 pub struct Pool {
     host: String,
     port: u16,
+    tls: Option<Tls>,
     connect_timeout: Duration,
     max_idle: usize,
     idle_timeout: Duration,
@@ -262,6 +361,7 @@ impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pool")
             .field("target", &format_args!("{}:{}", self.host, self.port))
+            .field("tls", &self.tls.is_some())
             .field("max_idle", &self.max_idle)
             .field("idle_timeout", &self.idle_timeout)
             .finish_non_exhaustive()
@@ -269,11 +369,12 @@ impl std::fmt::Debug for Pool {
 }
 
 impl Pool {
-    /// A pool for `host:port`, keeping up to `max_idle` connections for up to `idle_timeout`,
-    /// counting the connections it opens in `opened`.
+    /// A pool for `host:port` (over TLS when `tls` is given), keeping up to `max_idle`
+    /// connections for up to `idle_timeout`, counting the connections it opens in `opened`.
     pub fn new(
         host: String,
         port: u16,
+        tls: Option<Tls>,
         connect_timeout: Duration,
         max_idle: usize,
         idle_timeout: Duration,
@@ -282,6 +383,7 @@ impl Pool {
         Self {
             host,
             port,
+            tls,
             connect_timeout,
             max_idle,
             idle_timeout,
@@ -328,26 +430,38 @@ impl Pool {
 
     async fn open(&self) -> Result<Conn, ConnectError> {
         let target = || format!("{}:{}", self.host, self.port);
-        let stream = tokio::time::timeout(
-            self.connect_timeout,
-            TcpStream::connect((self.host.as_str(), self.port)),
-        )
+        let io = tokio::time::timeout(self.connect_timeout, async {
+            let stream = TcpStream::connect((self.host.as_str(), self.port))
+                .await
+                .map_err(|source| ConnectError::Io {
+                    target: target(),
+                    source,
+                })?;
+            // Requests are written whole; don't let Nagle hold their last segment back.
+            let _ = stream.set_nodelay(true);
+            let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
+            let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
+            let Some(tls) = &self.tls else {
+                return Ok(Stream::Plain(stream));
+            };
+            let tls = tls
+                .connector
+                .connect(tls.server_name.clone(), stream)
+                .await
+                .map_err(|source| ConnectError::Tls {
+                    target: target(),
+                    source,
+                })?;
+            Ok(Stream::Tls(Box::new(tls)))
+        })
         .await
         .map_err(|_| ConnectError::Timeout {
             target: target(),
             timeout: self.connect_timeout,
-        })?
-        .map_err(|source| ConnectError::Io {
-            target: target(),
-            source,
-        })?;
-        // Requests are written whole; don't let Nagle hold their last segment back.
-        let _ = stream.set_nodelay(true);
-        let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
-        let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
+        })??;
         self.opened.increment(1);
         Ok(Conn(Box::new(ConnState {
-            io: stream,
+            io,
             read: BytesMut::with_capacity(READ_CHUNK),
             read_size: READ_CHUNK,
             heads: BytesMut::new(),
@@ -753,6 +867,7 @@ mod tests {
         Arc::new(Pool::new(
             "127.0.0.1".into(),
             port,
+            None,
             Duration::from_secs(5),
             4,
             Duration::from_secs(60),
