@@ -203,6 +203,12 @@ pub struct UpstreamSection {
     pub pool_idle_timeout: String,
     /// Send the client's Host header upstream instead of the upstream's own authority.
     pub preserve_host: bool,
+    /// Secret(s) signing each forwarded request's identity (`auth.signature_header`): one, or two
+    /// separated by a comma while rotating. Better set through the environment
+    /// (`KEYGATE_UPSTREAM_IDENTITY_SECRET`) or `identity_secret_file` than written here.
+    pub identity_secret: String,
+    /// File holding the identity secret(s), one per line; empty: `identity_secret`.
+    pub identity_secret_file: String,
 }
 
 impl Default for UpstreamSection {
@@ -214,6 +220,8 @@ impl Default for UpstreamSection {
             pool_max_idle: 256,
             pool_idle_timeout: "90s".into(),
             preserve_host: false,
+            identity_secret: String::new(),
+            identity_secret_file: String::new(),
         }
     }
 }
@@ -234,6 +242,10 @@ pub struct AuthSection {
     pub id_header: String,
     /// Header that tells the upstream the key's name.
     pub name_header: String,
+    /// Header that tells the upstream the key's owner (only for keys that have one).
+    pub owner_header: String,
+    /// Header carrying the signature over the identity (with `upstream.identity_secret`).
+    pub signature_header: String,
     /// `realm` of the WWW-Authenticate challenge.
     pub realm: String,
 }
@@ -247,6 +259,8 @@ impl Default for AuthSection {
             public_paths: Vec::new(),
             id_header: "X-Api-Key-Id".into(),
             name_header: "X-Api-Key-Name".into(),
+            owner_header: "X-Api-Key-Owner".into(),
+            signature_header: "X-Keygate-Signature".into(),
             realm: "keygate".into(),
         }
     }
@@ -523,6 +537,8 @@ pub struct Upstream {
     pub pool_max_idle: usize,
     pub pool_idle_timeout: Duration,
     pub preserve_host: bool,
+    /// Empty: forwarded requests are not signed.
+    pub identity_secrets: Vec<crate::identity::IdentitySecret>,
 }
 
 /// Validated `[auth]`.
@@ -534,6 +550,8 @@ pub struct Auth {
     pub public_paths: Vec<String>,
     pub id_header: HeaderName,
     pub name_header: HeaderName,
+    pub owner_header: HeaderName,
+    pub signature_header: HeaderName,
     pub realm: String,
 }
 
@@ -679,6 +697,9 @@ impl FileConfig {
     /// replaced by `***`.
     pub fn to_toml(&self) -> String {
         let mut shown = self.clone();
+        if !shown.upstream.identity_secret.is_empty() {
+            shown.upstream.identity_secret = "***".into();
+        }
         shown.store.url = redact_url(&shown.store.url);
         for node in &mut shown.store.cluster_nodes {
             *node = redact_url(node);
@@ -995,7 +1016,44 @@ impl UpstreamSection {
                 &self.pool_idle_timeout,
             )?,
             preserve_host: self.preserve_host,
+            identity_secrets: self.identity_secrets()?,
         })
+    }
+
+    /// The identity secrets from `identity_secret` or `identity_secret_file` (not both). Errors
+    /// name the setting and what is wrong, never a secret.
+    fn identity_secrets(&self) -> Result<Vec<crate::identity::IdentitySecret>, ConfigError> {
+        const EXPECTED: &str = "one or two secrets of at least 32 bytes, separated by a comma \
+             or newline (e.g. the output of `openssl rand -hex 32`)";
+        let file = self.identity_secret_file.trim();
+        match (self.identity_secret.is_empty(), file.is_empty()) {
+            (true, true) => Ok(Vec::new()),
+            (false, false) => Err(invalid(
+                "upstream.identity_secret_file",
+                file,
+                "either upstream.identity_secret or upstream.identity_secret_file, not both",
+            )),
+            (false, true) => crate::identity::IdentitySecret::parse_list(&self.identity_secret)
+                .map_err(|why| ConfigError::Invalid {
+                    key: "upstream.identity_secret",
+                    value: format!("*** ({why})"),
+                    expected: EXPECTED,
+                }),
+            (true, false) => {
+                let text = std::fs::read_to_string(file).map_err(|e| ConfigError::Invalid {
+                    key: "upstream.identity_secret_file",
+                    value: format!("{file} ({e})"),
+                    expected: "a readable file holding the identity secret(s)",
+                })?;
+                crate::identity::IdentitySecret::parse_list(&text).map_err(|why| {
+                    ConfigError::Invalid {
+                        key: "upstream.identity_secret_file",
+                        value: format!("{file} ({why})"),
+                        expected: EXPECTED,
+                    }
+                })
+            }
+        }
     }
 }
 
@@ -1025,13 +1083,35 @@ impl AuthSection {
                 "printable ASCII without quotes",
             ));
         }
+        let identity = [
+            ("auth.id_header", &self.id_header),
+            ("auth.name_header", &self.name_header),
+            ("auth.owner_header", &self.owner_header),
+            ("auth.signature_header", &self.signature_header),
+        ];
+        let mut names: Vec<HeaderName> = Vec::with_capacity(identity.len());
+        for (key, value) in identity {
+            let name = header_name(key, value)?;
+            if name == key_header || name == http::header::AUTHORIZATION || names.contains(&name) {
+                return Err(invalid(
+                    key,
+                    value,
+                    "a header name of its own, not the key header nor another identity header",
+                ));
+            }
+            names.push(name);
+        }
+        let [id_header, name_header, owner_header, signature_header] =
+            <[HeaderName; 4]>::try_from(names).expect("four identity headers");
         Ok(Auth {
             key_header,
             bearer_fallback: self.bearer_fallback,
             forward_credentials: self.forward_credentials,
             public_paths: self.public_paths.clone(),
-            id_header: header_name("auth.id_header", &self.id_header)?,
-            name_header: header_name("auth.name_header", &self.name_header)?,
+            id_header,
+            name_header,
+            owner_header,
+            signature_header,
             realm: self.realm.clone(),
         })
     }
@@ -1333,6 +1413,72 @@ mod tests {
             c.cors.allowed_origins,
             ["https://a.example", "https://b.example"]
         );
+    }
+
+    #[test]
+    fn identity_secrets_come_from_the_environment_or_a_file() {
+        let secret = "0123456789abcdef0123456789abcdef";
+        let c = load("", &[("KEYGATE_UPSTREAM_IDENTITY_SECRET", secret)]).unwrap();
+        assert_eq!(c.upstream.identity_secrets.len(), 1);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("identity.secret");
+        std::fs::write(&file, format!("{secret}\n{}\n", secret.to_uppercase())).unwrap();
+        let text = format!("[upstream]\nidentity_secret_file = {:?}\n", file.display());
+        assert_eq!(load(&text, &[]).unwrap().upstream.identity_secrets.len(), 2);
+        assert!(load("", &[]).unwrap().upstream.identity_secrets.is_empty());
+
+        let cases = [
+            (
+                text.clone(),
+                vec![("KEYGATE_UPSTREAM_IDENTITY_SECRET", secret)],
+                "not both",
+            ),
+            (
+                String::new(),
+                vec![("KEYGATE_UPSTREAM_IDENTITY_SECRET", "too-short")],
+                "fewer than 32",
+            ),
+            (
+                "[upstream]\nidentity_secret_file = \"/nonexistent/identity.secret\"\n".into(),
+                vec![],
+                "/nonexistent/identity.secret",
+            ),
+        ];
+        for (text, env, needle) in cases {
+            let err = load(&text, &env).unwrap_err().to_string();
+            assert!(
+                err.contains("upstream.identity_secret") && err.contains(needle),
+                "{err}"
+            );
+            assert!(!err.contains(secret) && !err.contains("too-short"), "{err}");
+        }
+        // check-config never prints it.
+        let file_config = FileConfig::from_toml(
+            "",
+            "test",
+            &env(&[("KEYGATE_UPSTREAM_IDENTITY_SECRET", secret)]),
+        )
+        .unwrap();
+        let shown = file_config.to_toml();
+        assert!(
+            !shown.contains(secret) && shown.contains("identity_secret = \"***\""),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn identity_headers_are_distinct() {
+        let c = load("", &[]).unwrap();
+        assert_eq!(c.auth.owner_header, "x-api-key-owner");
+        assert_eq!(c.auth.signature_header, "x-keygate-signature");
+        for text in [
+            "[auth]\nowner_header = \"X-Api-Key-Id\"\n",
+            "[auth]\nsignature_header = \"X-API-Key\"\n",
+            "[auth]\nname_header = \"Authorization\"\n",
+        ] {
+            let err = load(text, &[]).unwrap_err().to_string();
+            assert!(err.contains("auth.") && err.contains("of its own"), "{err}");
+        }
     }
 
     #[test]

@@ -188,6 +188,10 @@ pub struct Gateway {
     forward_credentials: bool,
     id_header: HeaderName,
     name_header: HeaderName,
+    owner_header: HeaderName,
+    signature_header: HeaderName,
+    /// Signs the identity forwarded upstream, when `upstream.identity_secret` is set.
+    signer: Option<crate::identity::Signer>,
     public_paths: Vec<String>,
     limits: RateLimits,
     max_uri_bytes: usize,
@@ -249,6 +253,14 @@ impl Gateway {
             forward_credentials: config.auth.forward_credentials,
             id_header: immortal_name(&config.auth.id_header),
             name_header: immortal_name(&config.auth.name_header),
+            owner_header: immortal_name(&config.auth.owner_header),
+            signature_header: immortal_name(&config.auth.signature_header),
+            signer: (!config.upstream.identity_secrets.is_empty()).then(|| {
+                crate::identity::Signer::new(
+                    &config.upstream.identity_secrets,
+                    config.upstream.url.path(),
+                )
+            }),
             public_paths: config.auth.public_paths.clone(),
             limits,
             max_uri_bytes: config.server.max_uri_bytes,
@@ -550,6 +562,8 @@ impl Gateway {
         // and replaced when a key authenticated the request.
         edits.drop(&self.id_header);
         edits.drop(&self.name_header);
+        edits.drop(&self.owner_header);
+        edits.drop(&self.signature_header);
         if let Some(a) = &authenticated {
             if !self.forward_credentials {
                 edits.drop(self.auth.key_header());
@@ -559,6 +573,18 @@ impl Gateway {
             }
             edits.add(self.id_header.clone(), a.key.id_header.clone());
             edits.add(self.name_header.clone(), a.key.name_header.clone());
+            if let Some(owner) = &a.key.owner_header {
+                edits.add(self.owner_header.clone(), owner.clone());
+            }
+        }
+        if let Some(signer) = &self.signer {
+            let request_id = req
+                .headers()
+                .get(X_REQUEST_ID)
+                .map_or(&b""[..], |v| v.as_bytes());
+            let key = authenticated.as_ref().map(|a| &*a.key);
+            let signature = signer.sign(req.method(), req.uri(), request_id, key);
+            edits.add(self.signature_header.clone(), signature);
         }
         let (auth, reason) = match &authenticated {
             Some(a) if a.in_grace => (Some(AuthReason::Ok), "ok_rotated_key_in_grace"),

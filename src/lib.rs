@@ -18,6 +18,8 @@
 //! - [`key`]: the key format, checksum, digest and the redacting secret types.
 //! - [`cache`]: the in-process key cache, change-feed poller and usage flusher.
 //! - [`store`]: the [`store::KeyStore`] seam and its SQLite and Redis implementations.
+//! - [`identity`]: the signature over the identity forwarded upstream, which the backend can
+//!   verify.
 //! - [`proxy`]: what is forwarded (header edits, forwarding headers, request and response
 //!   bodies) and the upstream's error mapping; it sends through [`pool`] (keep-alive
 //!   connections, each exchange's I/O) and [`h1`] (the HTTP/1.1 messages to and from the
@@ -42,6 +44,7 @@ pub mod error;
 pub mod front;
 pub mod gateway;
 pub mod h1;
+pub mod identity;
 pub mod key;
 pub mod logging;
 pub mod metrics;

@@ -827,6 +827,7 @@ mod tests {
                 pool_max_idle: 0,
                 pool_idle_timeout: Duration::from_secs(1),
                 preserve_host,
+                identity_secrets: Vec::new(),
             },
             metrics::Counter::noop(),
         );
