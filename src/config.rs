@@ -2,7 +2,10 @@
 //! (serde, unknown keys refused); [`Config`] is the validated, typed form the gateway runs on.
 //!
 //! Environment overrides are `KEYGATE_<SECTION>_<FIELD>` (e.g. `KEYGATE_UPSTREAM_URL`), plus the
-//! old deployment's `CORS_ALLOWED_ORIGINS` (comma-separated). They are read through [`EnvSource`]
+//! names a Django deployment with django-cors-headers already sets: `CORS_ALLOWED_ORIGINS`
+//! (comma-separated), `CORS_ALLOWED_ORIGIN_REGEXES` (comma-separated; a comma inside a
+//! `{m,n}` or `[...]` stays in its pattern) and `CORS_ALLOW_CREDENTIALS` (`true`/`false`, as
+//! django-environ reads booleans). They are read through [`EnvSource`]
 //! so tests pass a map instead of mutating the process environment. Every validation error names
 //! the key, the value and what is expected.
 
@@ -323,6 +326,10 @@ impl Default for StoreSection {
 pub struct CorsSection {
     /// Exact origins (scheme://host[:port]) allowed; env `CORS_ALLOWED_ORIGINS` overrides.
     pub allowed_origins: Vec<String>,
+    /// Origins allowed by regular expression, matched as django-cors-headers'
+    /// `CORS_ALLOWED_ORIGIN_REGEXES` are (`re.match`: anchored at the start only, so end a
+    /// pattern with `$`); env `CORS_ALLOWED_ORIGIN_REGEXES` overrides.
+    pub allowed_origin_patterns: Vec<String>,
     /// Methods allowed in preflights.
     pub allowed_methods: Vec<String>,
     /// Request headers allowed besides the key headers (which are always allowed).
@@ -339,12 +346,22 @@ impl Default for CorsSection {
     fn default() -> Self {
         Self {
             allowed_origins: Vec::new(),
+            allowed_origin_patterns: Vec::new(),
             allowed_methods: ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
                 .map(String::from)
                 .into(),
-            allowed_headers: ["Accept", "Content-Type", "X-Request-Id"]
-                .map(String::from)
-                .into(),
+            // django-cors-headers' default_headers, and keygate's request id.
+            allowed_headers: [
+                "Accept",
+                "Authorization",
+                "Content-Type",
+                "User-Agent",
+                "X-CSRFToken",
+                "X-Requested-With",
+                "X-Request-Id",
+            ]
+            .map(String::from)
+            .into(),
             expose_headers: vec!["X-Request-Id".into()],
             allow_credentials: false,
             max_age: 86_400,
@@ -584,6 +601,11 @@ pub struct Store {
 #[derive(Debug, Clone)]
 pub struct Cors {
     pub allowed_origins: Vec<HeaderValue>,
+    /// `allowed_origin_patterns`, each anchored at the start, in one set; `None` when empty.
+    pub allowed_origin_patterns: Option<regex::RegexSet>,
+    /// Patterns that a match need not reach the end of (no `$`): they allow look-alikes such as
+    /// `https://app.example.com.evil.net`, in keygate as in django-cors-headers.
+    pub unanchored_origin_patterns: Vec<String>,
     pub allowed_methods: Vec<http::Method>,
     pub allowed_headers: Vec<HeaderName>,
     pub expose_headers: Vec<HeaderName>,
@@ -725,6 +747,33 @@ fn apply_env(table: &mut toml::Table, env: &dyn EnvSource) -> Result<(), ConfigE
                 "allowed_origins".to_owned(),
                 toml::Value::Array(origins),
             )
+        } else if name == "CORS_ALLOWED_ORIGIN_REGEXES" {
+            let patterns = split_patterns(&value)
+                .into_iter()
+                .map(toml::Value::String)
+                .collect();
+            (
+                "cors".to_owned(),
+                "allowed_origin_patterns".to_owned(),
+                toml::Value::Array(patterns),
+            )
+        } else if name == "CORS_ALLOW_CREDENTIALS" {
+            let allow = match value.trim().to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" | "y" | "on" | "ok" => true,
+                "false" | "0" | "no" | "n" | "off" | "" => false,
+                _ => {
+                    return Err(invalid(
+                        "CORS_ALLOW_CREDENTIALS",
+                        value,
+                        "true or false (also 1/0, yes/no, on/off)",
+                    ));
+                }
+            };
+            (
+                "cors".to_owned(),
+                "allow_credentials".to_owned(),
+                toml::Value::Boolean(allow),
+            )
         } else if let Some(rest) = name.strip_prefix("KEYGATE_") {
             let lower = rest.to_ascii_lowercase();
             // Section names may contain '_' (rate_limit): match them whole.
@@ -750,6 +799,36 @@ fn apply_env(table: &mut toml::Table, env: &dyn EnvSource) -> Result<(), ConfigE
         section_table.insert(field, value);
     }
     Ok(())
+}
+
+/// `CORS_ALLOWED_ORIGIN_REGEXES`: patterns separated by commas, except those inside a group,
+/// a `{m,n}` repetition or a `[...]` class, or escaped.
+fn split_patterns(value: &str) -> Vec<String> {
+    let mut patterns = Vec::new();
+    let mut current = String::new();
+    let (mut depth, mut in_class, mut escaped) = (0usize, false, false);
+    for c in value.chars() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' => escaped = true,
+            '[' if !in_class => in_class = true,
+            ']' if in_class => in_class = false,
+            '(' | '{' if !in_class => depth += 1,
+            ')' | '}' if !in_class => depth = depth.saturating_sub(1),
+            ',' if depth == 0 && !in_class => {
+                patterns.push(std::mem::take(&mut current));
+                continue;
+            }
+            _ => {}
+        }
+        current.push(c);
+    }
+    patterns.push(current);
+    patterns
+        .into_iter()
+        .map(|p| p.trim().to_owned())
+        .filter(|p| !p.is_empty())
+        .collect()
 }
 
 /// An environment value is TOML when it parses as a TOML value (`true`, `8443`, `["a", "b"]`),
@@ -1220,6 +1299,7 @@ impl CorsSection {
                 HeaderValue::from_str(o).map_err(|_| invalid("cors.allowed_origins", o, ORIGIN))
             })
             .collect::<Result<_, _>>()?;
+        let (allowed_origin_patterns, unanchored_origin_patterns) = self.origin_patterns()?;
         let allowed_methods = self
             .allowed_methods
             .iter()
@@ -1241,12 +1321,83 @@ impl CorsSection {
             .collect::<Result<_, _>>()?;
         Ok(Cors {
             allowed_origins,
+            allowed_origin_patterns,
+            unanchored_origin_patterns,
             allowed_methods,
             allowed_headers,
             expose_headers,
             allow_credentials: self.allow_credentials,
             max_age: self.max_age,
         })
+    }
+}
+
+impl CorsSection {
+    /// The origin patterns as one set, each anchored at the start as Python's `re.match` does,
+    /// and those a match need not reach the end of.
+    fn origin_patterns(&self) -> Result<(Option<regex::RegexSet>, Vec<String>), ConfigError> {
+        const EXPECTED: &str = "regular expressions such as \"^https://[a-z0-9-]+\\.vercel\\.app$\" \
+             (Rust regex syntax: no look-around or back-references)";
+        let mut anchored = Vec::with_capacity(self.allowed_origin_patterns.len());
+        let mut unanchored = Vec::new();
+        for pattern in &self.allowed_origin_patterns {
+            let rust = python_to_rust_regex(pattern);
+            let hir = regex_syntax::Parser::new()
+                .parse(&rust)
+                .map_err(|_| invalid("cors.allowed_origin_patterns", pattern, EXPECTED))?;
+            // Python's `$` also matches before a final newline; an origin holds none.
+            if !hir
+                .properties()
+                .look_set_suffix()
+                .contains(regex_syntax::hir::Look::End)
+            {
+                unanchored.push(pattern.clone());
+            }
+            anchored.push(format!("\\A(?:{rust})"));
+        }
+        if anchored.is_empty() {
+            return Ok((None, unanchored));
+        }
+        let set = regex::RegexSet::new(&anchored).map_err(|e| {
+            let pattern = match &e {
+                regex::Error::CompiledTooBig(_) => "(all of them together)",
+                _ => "(one of them)",
+            };
+            invalid("cors.allowed_origin_patterns", pattern, EXPECTED)
+        })?;
+        Ok((Some(set), unanchored))
+    }
+}
+
+/// Python's `\Z` (end of text) in Rust's spelling, `\z`; the rest of the syntax the two share.
+fn python_to_rust_regex(pattern: &str) -> String {
+    let mut out = String::with_capacity(pattern.len());
+    let mut escaped = false;
+    for c in pattern.chars() {
+        if escaped {
+            out.push(if c == 'Z' { 'z' } else { c });
+            escaped = false;
+        } else {
+            escaped = c == '\\';
+            out.push(c);
+        }
+    }
+    out
+}
+
+impl Cors {
+    /// What the operator should hear about this policy: patterns that allow look-alike origins.
+    pub fn warnings(&self) -> Vec<String> {
+        self.unanchored_origin_patterns
+            .iter()
+            .map(|p| {
+                format!(
+                    "cors.allowed_origin_patterns: {p:?} does not end with '$', so it also allows \
+                     any origin that merely starts like one it allows (e.g. \
+                     https://app.example.com.evil.net); django-cors-headers matches it the same way"
+                )
+            })
+            .collect()
     }
 }
 
@@ -1478,6 +1629,73 @@ mod tests {
         ] {
             let err = load(text, &[]).unwrap_err().to_string();
             assert!(err.contains("auth.") && err.contains("of its own"), "{err}");
+        }
+    }
+
+    #[test]
+    fn django_cors_environment_names_are_read() {
+        let c = load(
+            "",
+            &[
+                (
+                    "CORS_ALLOWED_ORIGIN_REGEXES",
+                    r"^https://[a-z0-9-]{1,63}\.vercel\.app$, ^https://(a|b)\.example\.com$,^http://[0-9,]+$",
+                ),
+                ("CORS_ALLOW_CREDENTIALS", "True"),
+                ("CORS_ALLOWED_ORIGINS", "https://app.example"),
+            ],
+        )
+        .unwrap();
+        let set = c.cors.allowed_origin_patterns.as_ref().unwrap();
+        assert_eq!(
+            set.patterns(),
+            [
+                r"\A(?:^https://[a-z0-9-]{1,63}\.vercel\.app$)",
+                r"\A(?:^https://(a|b)\.example\.com$)",
+                r"\A(?:^http://[0-9,]+$)",
+            ]
+        );
+        assert!(c.cors.allow_credentials);
+        assert!(c.cors.warnings().is_empty());
+        for off in ["false", "0", "no", "False"] {
+            let c = load(
+                "[cors]\nallow_credentials = true\n",
+                &[("CORS_ALLOW_CREDENTIALS", off)],
+            )
+            .unwrap();
+            assert!(!c.cors.allow_credentials, "{off}");
+        }
+        let err = load("", &[("CORS_ALLOW_CREDENTIALS", "maybe")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("CORS_ALLOW_CREDENTIALS")
+                && err.contains("maybe")
+                && err.contains("expected"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn origin_patterns_are_checked_and_unanchored_ones_named() {
+        let c = load(
+            "[cors]\nallowed_origin_patterns = ['https://.*\\.example\\.com', '^https://a\\.example\\Z', '(^https://b\\.example$)']\n",
+            &[],
+        )
+        .unwrap();
+        let warnings = c.cors.warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains(r"https://.*\\.example\\.com"),
+            "{warnings:?}"
+        );
+        for bad in [r"^https://(?=a)", r"^(a)\1$", r"^https://[a-"] {
+            let text = format!("[cors]\nallowed_origin_patterns = ['{bad}']\n");
+            let err = load(&text, &[]).unwrap_err().to_string();
+            assert!(
+                err.contains("cors.allowed_origin_patterns") && err.contains("expected"),
+                "{err}"
+            );
         }
     }
 

@@ -202,6 +202,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve => serve(config),
         Command::CheckConfig => {
             print!("{}", file.to_toml());
+            for warning in config.cors.warnings() {
+                eprintln!("keygate: warning: {warning}");
+            }
             eprintln!("configuration {} is valid", cli.config.display());
             Ok(())
         }
