@@ -301,7 +301,14 @@ impl Gateway {
     ) -> Response<GatewayBody> {
         let started = Instant::now();
         let request_id = match req.headers_mut().entry(X_REQUEST_ID) {
-            Entry::Occupied(e) if RequestIds::accept(e.get()) => e.get().clone(),
+            Entry::Occupied(mut e) if RequestIds::accept(e.get()) => {
+                // One value upstream: the one logged, answered and signed.
+                let id = e.get().clone();
+                if e.iter().nth(1).is_some() {
+                    e.insert(id.clone());
+                }
+                id
+            }
             Entry::Occupied(mut e) => {
                 let id = RequestIds::next();
                 e.insert(id.clone());

@@ -1481,6 +1481,8 @@ async fn forwarded_identity_is_signed_for_the_backend_to_verify() {
         .post(gw.url("/api/a%20b/?x=1&y=%41"))
         .header("X-API-Key", secret.expose())
         .header("X-Request-Id", "client-req-1")
+        // A second request id is dropped: the backend sees the one that is signed.
+        .header("X-Request-Id", "client-req-2")
         // A client's own signature and identity are dropped, never forwarded.
         .header("X-Keygate-Signature", "t=1,v1=00")
         .header("X-Api-Key-Owner", "1")
@@ -1497,7 +1499,14 @@ async fn forwarded_identity_is_signed_for_the_backend_to_verify() {
     );
     assert_eq!(seen.headers["x-api-key-owner"], "42");
     assert_eq!(seen.headers["x-api-key-id"], record.id.as_str());
-    assert_eq!(seen.headers["x-request-id"], "client-req-1");
+    assert_eq!(
+        seen.headers
+            .get_all("x-request-id")
+            .iter()
+            .collect::<Vec<_>>(),
+        ["client-req-1"]
+    );
+    assert_eq!(resp.headers()["x-request-id"], "client-req-1");
     let header = seen.headers["x-keygate-signature"].to_str().unwrap();
     let t: u64 = header
         .split(',')

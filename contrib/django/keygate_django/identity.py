@@ -9,6 +9,7 @@ from urllib.parse import unquote_to_bytes
 
 from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
+from django.db.models.manager import EmptyManager
 
 from keygate_django import conf
 from keygate_django.signature import SignatureError, verify
@@ -64,6 +65,18 @@ class KeygateClient:
 
     def get_username(self) -> str:
         return self.username
+
+    @property
+    def groups(self):
+        from django.contrib.auth.models import Group
+
+        return EmptyManager(Group)
+
+    @property
+    def user_permissions(self):
+        from django.contrib.auth.models import Permission
+
+        return EmptyManager(Permission)
 
     def has_perm(self, perm, obj=None) -> bool:
         return False

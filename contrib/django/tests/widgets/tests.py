@@ -298,4 +298,5 @@ class KeygateClientTests(TestCase):
         self.assertTrue(client.is_authenticated and client.is_active)
         self.assertFalse(client.is_anonymous or client.is_staff or client.is_superuser)
         self.assertFalse(client.has_perm("widgets.view_widget"))
+        self.assertEqual((client.groups.count(), client.user_permissions.count()), (0, 0))
         self.assertEqual(client, KeygateClient(Identity("key_x", "other", "1", True)))
