@@ -2,7 +2,10 @@
 //! (serde, unknown keys refused); [`Config`] is the validated, typed form the gateway runs on.
 //!
 //! Environment overrides are `KEYGATE_<SECTION>_<FIELD>` (e.g. `KEYGATE_UPSTREAM_URL`), plus the
-//! old deployment's `CORS_ALLOWED_ORIGINS` (comma-separated). They are read through [`EnvSource`]
+//! names a Django deployment with django-cors-headers already sets: `CORS_ALLOWED_ORIGINS`
+//! (comma-separated), `CORS_ALLOWED_ORIGIN_REGEXES` (comma-separated; a comma inside a
+//! `{m,n}` or `[...]` stays in its pattern) and `CORS_ALLOW_CREDENTIALS` (`true`/`false`, as
+//! django-environ reads booleans). They are read through [`EnvSource`]
 //! so tests pass a map instead of mutating the process environment. Every validation error names
 //! the key, the value and what is expected.
 
@@ -211,6 +214,12 @@ pub struct UpstreamSection {
     pub tls_cert_file: String,
     /// The private key of `tls_cert_file` (PEM).
     pub tls_key_file: String,
+    /// Secret(s) signing each forwarded request's identity (`auth.signature_header`): one, or two
+    /// separated by a comma while rotating. Better set through the environment
+    /// (`KEYGATE_UPSTREAM_IDENTITY_SECRET`) or `identity_secret_file` than written here.
+    pub identity_secret: String,
+    /// File holding the identity secret(s), one per line; empty: `identity_secret`.
+    pub identity_secret_file: String,
 }
 
 impl Default for UpstreamSection {
@@ -225,6 +234,8 @@ impl Default for UpstreamSection {
             tls_ca_file: String::new(),
             tls_cert_file: String::new(),
             tls_key_file: String::new(),
+            identity_secret: String::new(),
+            identity_secret_file: String::new(),
         }
     }
 }
@@ -245,6 +256,10 @@ pub struct AuthSection {
     pub id_header: String,
     /// Header that tells the upstream the key's name.
     pub name_header: String,
+    /// Header that tells the upstream the key's owner (only for keys that have one).
+    pub owner_header: String,
+    /// Header carrying the signature over the identity (with `upstream.identity_secret`).
+    pub signature_header: String,
     /// `realm` of the WWW-Authenticate challenge.
     pub realm: String,
 }
@@ -258,6 +273,8 @@ impl Default for AuthSection {
             public_paths: Vec::new(),
             id_header: "X-Api-Key-Id".into(),
             name_header: "X-Api-Key-Name".into(),
+            owner_header: "X-Api-Key-Owner".into(),
+            signature_header: "X-Keygate-Signature".into(),
             realm: "keygate".into(),
         }
     }
@@ -320,6 +337,10 @@ impl Default for StoreSection {
 pub struct CorsSection {
     /// Exact origins (scheme://host[:port]) allowed; env `CORS_ALLOWED_ORIGINS` overrides.
     pub allowed_origins: Vec<String>,
+    /// Origins allowed by regular expression, matched as django-cors-headers'
+    /// `CORS_ALLOWED_ORIGIN_REGEXES` are (`re.match`: anchored at the start only, so end a
+    /// pattern with `$`); env `CORS_ALLOWED_ORIGIN_REGEXES` overrides.
+    pub allowed_origin_patterns: Vec<String>,
     /// Methods allowed in preflights.
     pub allowed_methods: Vec<String>,
     /// Request headers allowed besides the key headers (which are always allowed).
@@ -336,12 +357,22 @@ impl Default for CorsSection {
     fn default() -> Self {
         Self {
             allowed_origins: Vec::new(),
+            allowed_origin_patterns: Vec::new(),
             allowed_methods: ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
                 .map(String::from)
                 .into(),
-            allowed_headers: ["Accept", "Content-Type", "X-Request-Id"]
-                .map(String::from)
-                .into(),
+            // django-cors-headers' default_headers, and keygate's request id.
+            allowed_headers: [
+                "Accept",
+                "Authorization",
+                "Content-Type",
+                "User-Agent",
+                "X-CSRFToken",
+                "X-Requested-With",
+                "X-Request-Id",
+            ]
+            .map(String::from)
+            .into(),
             expose_headers: vec!["X-Request-Id".into()],
             allow_credentials: false,
             max_age: 86_400,
@@ -526,6 +557,8 @@ pub struct Upstream {
     pub preserve_host: bool,
     /// TLS to the upstream (`https://` URLs).
     pub tls: Option<UpstreamTls>,
+    /// Empty: forwarded requests are not signed.
+    pub identity_secrets: Vec<crate::identity::IdentitySecret>,
 }
 
 /// How the upstream's TLS is checked, and what keygate presents to it.
@@ -546,6 +579,8 @@ pub struct Auth {
     pub public_paths: Vec<String>,
     pub id_header: HeaderName,
     pub name_header: HeaderName,
+    pub owner_header: HeaderName,
+    pub signature_header: HeaderName,
     pub realm: String,
 }
 
@@ -578,6 +613,11 @@ pub struct Store {
 #[derive(Debug, Clone)]
 pub struct Cors {
     pub allowed_origins: Vec<HeaderValue>,
+    /// `allowed_origin_patterns`, each anchored at the start, in one set; `None` when empty.
+    pub allowed_origin_patterns: Option<regex::RegexSet>,
+    /// Patterns that a match need not reach the end of (no `$`): they allow look-alikes such as
+    /// `https://app.example.com.evil.net`, in keygate as in django-cors-headers.
+    pub unanchored_origin_patterns: Vec<String>,
     pub allowed_methods: Vec<http::Method>,
     pub allowed_headers: Vec<HeaderName>,
     pub expose_headers: Vec<HeaderName>,
@@ -691,6 +731,9 @@ impl FileConfig {
     /// replaced by `***`.
     pub fn to_toml(&self) -> String {
         let mut shown = self.clone();
+        if !shown.upstream.identity_secret.is_empty() {
+            shown.upstream.identity_secret = "***".into();
+        }
         shown.store.url = redact_url(&shown.store.url);
         for node in &mut shown.store.cluster_nodes {
             *node = redact_url(node);
@@ -715,6 +758,33 @@ fn apply_env(table: &mut toml::Table, env: &dyn EnvSource) -> Result<(), ConfigE
                 "cors".to_owned(),
                 "allowed_origins".to_owned(),
                 toml::Value::Array(origins),
+            )
+        } else if name == "CORS_ALLOWED_ORIGIN_REGEXES" {
+            let patterns = split_patterns(&value)
+                .into_iter()
+                .map(toml::Value::String)
+                .collect();
+            (
+                "cors".to_owned(),
+                "allowed_origin_patterns".to_owned(),
+                toml::Value::Array(patterns),
+            )
+        } else if name == "CORS_ALLOW_CREDENTIALS" {
+            let allow = match value.trim().to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" | "y" | "on" | "ok" => true,
+                "false" | "0" | "no" | "n" | "off" | "" => false,
+                _ => {
+                    return Err(invalid(
+                        "CORS_ALLOW_CREDENTIALS",
+                        value,
+                        "true or false (also 1/0, yes/no, on/off)",
+                    ));
+                }
+            };
+            (
+                "cors".to_owned(),
+                "allow_credentials".to_owned(),
+                toml::Value::Boolean(allow),
             )
         } else if let Some(rest) = name.strip_prefix("KEYGATE_") {
             let lower = rest.to_ascii_lowercase();
@@ -741,6 +811,36 @@ fn apply_env(table: &mut toml::Table, env: &dyn EnvSource) -> Result<(), ConfigE
         section_table.insert(field, value);
     }
     Ok(())
+}
+
+/// `CORS_ALLOWED_ORIGIN_REGEXES`: patterns separated by commas, except those inside a group,
+/// a `{m,n}` repetition or a `[...]` class, or escaped.
+fn split_patterns(value: &str) -> Vec<String> {
+    let mut patterns = Vec::new();
+    let mut current = String::new();
+    let (mut depth, mut in_class, mut escaped) = (0usize, false, false);
+    for c in value.chars() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' => escaped = true,
+            '[' if !in_class => in_class = true,
+            ']' if in_class => in_class = false,
+            '(' | '{' if !in_class => depth += 1,
+            ')' | '}' if !in_class => depth = depth.saturating_sub(1),
+            ',' if depth == 0 && !in_class => {
+                patterns.push(std::mem::take(&mut current));
+                continue;
+            }
+            _ => {}
+        }
+        current.push(c);
+    }
+    patterns.push(current);
+    patterns
+        .into_iter()
+        .map(|p| p.trim().to_owned())
+        .filter(|p| !p.is_empty())
+        .collect()
 }
 
 /// An environment value is TOML when it parses as a TOML value (`true`, `8443`, `["a", "b"]`),
@@ -1043,7 +1143,44 @@ impl UpstreamSection {
             )?,
             preserve_host: self.preserve_host,
             tls,
+            identity_secrets: self.identity_secrets()?,
         })
+    }
+
+    /// The identity secrets from `identity_secret` or `identity_secret_file` (not both). Errors
+    /// name the setting and what is wrong, never a secret.
+    fn identity_secrets(&self) -> Result<Vec<crate::identity::IdentitySecret>, ConfigError> {
+        const EXPECTED: &str = "one or two secrets of at least 32 bytes, separated by a comma \
+             or newline (e.g. the output of `openssl rand -hex 32`)";
+        let file = self.identity_secret_file.trim();
+        match (self.identity_secret.is_empty(), file.is_empty()) {
+            (true, true) => Ok(Vec::new()),
+            (false, false) => Err(invalid(
+                "upstream.identity_secret_file",
+                file,
+                "either upstream.identity_secret or upstream.identity_secret_file, not both",
+            )),
+            (false, true) => crate::identity::IdentitySecret::parse_list(&self.identity_secret)
+                .map_err(|why| ConfigError::Invalid {
+                    key: "upstream.identity_secret",
+                    value: format!("*** ({why})"),
+                    expected: EXPECTED,
+                }),
+            (true, false) => {
+                let text = std::fs::read_to_string(file).map_err(|e| ConfigError::Invalid {
+                    key: "upstream.identity_secret_file",
+                    value: format!("{file} ({e})"),
+                    expected: "a readable file holding the identity secret(s)",
+                })?;
+                crate::identity::IdentitySecret::parse_list(&text).map_err(|why| {
+                    ConfigError::Invalid {
+                        key: "upstream.identity_secret_file",
+                        value: format!("{file} ({why})"),
+                        expected: EXPECTED,
+                    }
+                })
+            }
+        }
     }
 }
 
@@ -1073,13 +1210,35 @@ impl AuthSection {
                 "printable ASCII without quotes",
             ));
         }
+        let identity = [
+            ("auth.id_header", &self.id_header),
+            ("auth.name_header", &self.name_header),
+            ("auth.owner_header", &self.owner_header),
+            ("auth.signature_header", &self.signature_header),
+        ];
+        let mut names: Vec<HeaderName> = Vec::with_capacity(identity.len());
+        for (key, value) in identity {
+            let name = header_name(key, value)?;
+            if name == key_header || name == http::header::AUTHORIZATION || names.contains(&name) {
+                return Err(invalid(
+                    key,
+                    value,
+                    "a header name of its own, not the key header nor another identity header",
+                ));
+            }
+            names.push(name);
+        }
+        let [id_header, name_header, owner_header, signature_header] =
+            <[HeaderName; 4]>::try_from(names).expect("four identity headers");
         Ok(Auth {
             key_header,
             bearer_fallback: self.bearer_fallback,
             forward_credentials: self.forward_credentials,
             public_paths: self.public_paths.clone(),
-            id_header: header_name("auth.id_header", &self.id_header)?,
-            name_header: header_name("auth.name_header", &self.name_header)?,
+            id_header,
+            name_header,
+            owner_header,
+            signature_header,
             realm: self.realm.clone(),
         })
     }
@@ -1188,6 +1347,7 @@ impl CorsSection {
                 HeaderValue::from_str(o).map_err(|_| invalid("cors.allowed_origins", o, ORIGIN))
             })
             .collect::<Result<_, _>>()?;
+        let (allowed_origin_patterns, unanchored_origin_patterns) = self.origin_patterns()?;
         let allowed_methods = self
             .allowed_methods
             .iter()
@@ -1209,12 +1369,83 @@ impl CorsSection {
             .collect::<Result<_, _>>()?;
         Ok(Cors {
             allowed_origins,
+            allowed_origin_patterns,
+            unanchored_origin_patterns,
             allowed_methods,
             allowed_headers,
             expose_headers,
             allow_credentials: self.allow_credentials,
             max_age: self.max_age,
         })
+    }
+}
+
+impl CorsSection {
+    /// The origin patterns as one set, each anchored at the start as Python's `re.match` does,
+    /// and those a match need not reach the end of.
+    fn origin_patterns(&self) -> Result<(Option<regex::RegexSet>, Vec<String>), ConfigError> {
+        const EXPECTED: &str = "regular expressions such as \"^https://[a-z0-9-]+\\.vercel\\.app$\" \
+             (Rust regex syntax: no look-around or back-references)";
+        let mut anchored = Vec::with_capacity(self.allowed_origin_patterns.len());
+        let mut unanchored = Vec::new();
+        for pattern in &self.allowed_origin_patterns {
+            let rust = python_to_rust_regex(pattern);
+            let hir = regex_syntax::Parser::new()
+                .parse(&rust)
+                .map_err(|_| invalid("cors.allowed_origin_patterns", pattern, EXPECTED))?;
+            // Python's `$` also matches before a final newline; an origin holds none.
+            if !hir
+                .properties()
+                .look_set_suffix()
+                .contains(regex_syntax::hir::Look::End)
+            {
+                unanchored.push(pattern.clone());
+            }
+            anchored.push(format!("\\A(?:{rust})"));
+        }
+        if anchored.is_empty() {
+            return Ok((None, unanchored));
+        }
+        let set = regex::RegexSet::new(&anchored).map_err(|e| {
+            let pattern = match &e {
+                regex::Error::CompiledTooBig(_) => "(all of them together)",
+                _ => "(one of them)",
+            };
+            invalid("cors.allowed_origin_patterns", pattern, EXPECTED)
+        })?;
+        Ok((Some(set), unanchored))
+    }
+}
+
+/// Python's `\Z` (end of text) in Rust's spelling, `\z`; the rest of the syntax the two share.
+fn python_to_rust_regex(pattern: &str) -> String {
+    let mut out = String::with_capacity(pattern.len());
+    let mut escaped = false;
+    for c in pattern.chars() {
+        if escaped {
+            out.push(if c == 'Z' { 'z' } else { c });
+            escaped = false;
+        } else {
+            escaped = c == '\\';
+            out.push(c);
+        }
+    }
+    out
+}
+
+impl Cors {
+    /// What the operator should hear about this policy: patterns that allow look-alike origins.
+    pub fn warnings(&self) -> Vec<String> {
+        self.unanchored_origin_patterns
+            .iter()
+            .map(|p| {
+                format!(
+                    "cors.allowed_origin_patterns: {p:?} does not end with '$', so it also allows \
+                     any origin that merely starts like one it allows (e.g. \
+                     https://app.example.com.evil.net); django-cors-headers matches it the same way"
+                )
+            })
+            .collect()
     }
 }
 
@@ -1381,6 +1612,139 @@ mod tests {
             c.cors.allowed_origins,
             ["https://a.example", "https://b.example"]
         );
+    }
+
+    #[test]
+    fn identity_secrets_come_from_the_environment_or_a_file() {
+        let secret = "0123456789abcdef0123456789abcdef";
+        let c = load("", &[("KEYGATE_UPSTREAM_IDENTITY_SECRET", secret)]).unwrap();
+        assert_eq!(c.upstream.identity_secrets.len(), 1);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("identity.secret");
+        std::fs::write(&file, format!("{secret}\n{}\n", secret.to_uppercase())).unwrap();
+        let text = format!("[upstream]\nidentity_secret_file = {:?}\n", file.display());
+        assert_eq!(load(&text, &[]).unwrap().upstream.identity_secrets.len(), 2);
+        assert!(load("", &[]).unwrap().upstream.identity_secrets.is_empty());
+
+        let cases = [
+            (
+                text.clone(),
+                vec![("KEYGATE_UPSTREAM_IDENTITY_SECRET", secret)],
+                "not both",
+            ),
+            (
+                String::new(),
+                vec![("KEYGATE_UPSTREAM_IDENTITY_SECRET", "too-short")],
+                "fewer than 32",
+            ),
+            (
+                "[upstream]\nidentity_secret_file = \"/nonexistent/identity.secret\"\n".into(),
+                vec![],
+                "/nonexistent/identity.secret",
+            ),
+        ];
+        for (text, env, needle) in cases {
+            let err = load(&text, &env).unwrap_err().to_string();
+            assert!(
+                err.contains("upstream.identity_secret") && err.contains(needle),
+                "{err}"
+            );
+            assert!(!err.contains(secret) && !err.contains("too-short"), "{err}");
+        }
+        // check-config never prints it.
+        let file_config = FileConfig::from_toml(
+            "",
+            "test",
+            &env(&[("KEYGATE_UPSTREAM_IDENTITY_SECRET", secret)]),
+        )
+        .unwrap();
+        let shown = file_config.to_toml();
+        assert!(
+            !shown.contains(secret) && shown.contains("identity_secret = \"***\""),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn identity_headers_are_distinct() {
+        let c = load("", &[]).unwrap();
+        assert_eq!(c.auth.owner_header, "x-api-key-owner");
+        assert_eq!(c.auth.signature_header, "x-keygate-signature");
+        for text in [
+            "[auth]\nowner_header = \"X-Api-Key-Id\"\n",
+            "[auth]\nsignature_header = \"X-API-Key\"\n",
+            "[auth]\nname_header = \"Authorization\"\n",
+        ] {
+            let err = load(text, &[]).unwrap_err().to_string();
+            assert!(err.contains("auth.") && err.contains("of its own"), "{err}");
+        }
+    }
+
+    #[test]
+    fn django_cors_environment_names_are_read() {
+        let c = load(
+            "",
+            &[
+                (
+                    "CORS_ALLOWED_ORIGIN_REGEXES",
+                    r"^https://[a-z0-9-]{1,63}\.vercel\.app$, ^https://(a|b)\.example\.com$,^http://[0-9,]+$",
+                ),
+                ("CORS_ALLOW_CREDENTIALS", "True"),
+                ("CORS_ALLOWED_ORIGINS", "https://app.example"),
+            ],
+        )
+        .unwrap();
+        let set = c.cors.allowed_origin_patterns.as_ref().unwrap();
+        assert_eq!(
+            set.patterns(),
+            [
+                r"\A(?:^https://[a-z0-9-]{1,63}\.vercel\.app$)",
+                r"\A(?:^https://(a|b)\.example\.com$)",
+                r"\A(?:^http://[0-9,]+$)",
+            ]
+        );
+        assert!(c.cors.allow_credentials);
+        assert!(c.cors.warnings().is_empty());
+        for off in ["false", "0", "no", "False"] {
+            let c = load(
+                "[cors]\nallow_credentials = true\n",
+                &[("CORS_ALLOW_CREDENTIALS", off)],
+            )
+            .unwrap();
+            assert!(!c.cors.allow_credentials, "{off}");
+        }
+        let err = load("", &[("CORS_ALLOW_CREDENTIALS", "maybe")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("CORS_ALLOW_CREDENTIALS")
+                && err.contains("maybe")
+                && err.contains("expected"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn origin_patterns_are_checked_and_unanchored_ones_named() {
+        let c = load(
+            "[cors]\nallowed_origin_patterns = ['https://.*\\.example\\.com', '^https://a\\.example\\Z', '(^https://b\\.example$)']\n",
+            &[],
+        )
+        .unwrap();
+        let warnings = c.cors.warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains(r"https://.*\\.example\\.com"),
+            "{warnings:?}"
+        );
+        for bad in [r"^https://(?=a)", r"^(a)\1$", r"^https://[a-"] {
+            let text = format!("[cors]\nallowed_origin_patterns = ['{bad}']\n");
+            let err = load(&text, &[]).unwrap_err().to_string();
+            assert!(
+                err.contains("cors.allowed_origin_patterns") && err.contains("expected"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

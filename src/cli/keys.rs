@@ -53,6 +53,7 @@ struct KeyView<'a> {
     legacy: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     rotated_to: Option<&'a str>,
+    owner: Option<&'a str>,
     #[serde(skip_serializing_if = "Policy::is_empty")]
     policy: &'a Policy,
 }
@@ -70,6 +71,7 @@ impl<'a> KeyView<'a> {
             expires_at: r.expires_at.map(timestamp),
             legacy: r.legacy,
             rotated_to: r.rotated_to.as_deref(),
+            owner: r.owner.as_deref(),
             policy: &r.policy,
         }
     }
@@ -93,14 +95,14 @@ pub(super) async fn run(
             }
             writeln!(
                 out,
-                "{:<16} {:<24} {:<10} {:<8} {:<20} {:<20} EXPIRES",
-                "ID", "NAME", "HINT", "STATUS", "CREATED", "LAST USED"
+                "{:<16} {:<24} {:<10} {:<8} {:<20} {:<20} {:<20} OWNER",
+                "ID", "NAME", "HINT", "STATUS", "CREATED", "LAST USED", "EXPIRES"
             )?;
             for r in &records {
                 let v = KeyView::of(r, now);
                 writeln!(
                     out,
-                    "{:<16} {:<24} {:<10} {:<8} {:<20} {:<20} {}",
+                    "{:<16} {:<24} {:<10} {:<8} {:<20} {:<20} {:<20} {}",
                     v.id,
                     v.name,
                     v.hint,
@@ -108,6 +110,7 @@ pub(super) async fn run(
                     v.created_at,
                     v.last_used.as_deref().unwrap_or("never"),
                     v.expires_at.as_deref().unwrap_or("-"),
+                    v.owner.unwrap_or("-"),
                 )?;
             }
             Ok(())
@@ -149,7 +152,9 @@ pub(super) async fn run(
         KeysCommand::Usage(args) => usage(store, &mut out, now, &args).await,
         KeysCommand::Rotate(args) => rotate(args, store, &mut out, audit_log).await,
         KeysCommand::Export(args) => backup::export(store, args.out.as_deref(), &mut out).await,
-        KeysCommand::Import(args) => backup::import(store, &args.file, audit_log).await,
+        KeysCommand::Import(args) => {
+            backup::import(store, &args.file, args.map.as_deref(), &mut out, audit_log).await
+        }
     }
 }
 
@@ -192,6 +197,7 @@ async fn create(
     };
     let record = KeyRecord {
         policy,
+        owner: args.owner,
         ..KeyRecord::new(args.name, &secret, now, expires_at)?
     };
     store.insert(record.clone()).await?;
@@ -237,12 +243,13 @@ async fn rotate(
     }
     let now = unix_now();
     let secret = key::generate()?;
-    // Same name and policy; an expiring key keeps its lifetime, counted from now.
+    // Same name, policy and owner; an expiring key keeps its lifetime, counted from now.
     let expires_at = old
         .expires_at
         .map(|at| now.saturating_add(at - old.created_at));
     let successor = KeyRecord {
         policy: old.policy.clone(),
+        owner: old.owner.clone(),
         ..KeyRecord::new(old.name.clone(), &secret, now, expires_at)?
     };
     let grace_until =
@@ -303,6 +310,9 @@ fn print_one(
     writeln!(out, "name:       {}", v.name)?;
     writeln!(out, "hint:       {}", v.hint)?;
     writeln!(out, "status:     {}", v.status)?;
+    if let Some(owner) = v.owner {
+        writeln!(out, "owner:      {owner}")?;
+    }
     writeln!(out, "created:    {}", v.created_at)?;
     writeln!(
         out,

@@ -97,6 +97,10 @@ pub struct ExportArgs {
 pub struct ImportArgs {
     /// A keygate export, or a Django dumpdata JSON file.
     pub file: PathBuf,
+    /// Django dumps: write the map from each record's Django pk to its keygate id to this file
+    /// (JSON, mode 0600) instead of printing it on stdout.
+    #[arg(long, value_name = "FILE")]
+    pub map: Option<PathBuf>,
 }
 
 /// `keys create` options.
@@ -120,6 +124,10 @@ pub struct CreateArgs {
     /// This key's rate limit, e.g. 600/min (overrides [rate_limit] per_key).
     #[arg(long)]
     pub rate: Option<String>,
+    /// Who the key belongs to, e.g. the Django user's id or username; sent upstream as
+    /// X-Api-Key-Owner.
+    #[arg(long, value_parser = parse_owner)]
+    pub owner: Option<String>,
     /// Print the key and its details as one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
@@ -152,6 +160,10 @@ pub struct UsageArgs {
     /// JSON output.
     #[arg(long)]
     pub json: bool,
+}
+
+fn parse_owner(s: &str) -> Result<String, String> {
+    crate::store::check_owner(s).map(|()| s.to_owned())
 }
 
 fn parse_time(s: &str) -> Result<i64, String> {
@@ -190,6 +202,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve => serve(config),
         Command::CheckConfig => {
             print!("{}", file.to_toml());
+            for warning in config.cors.warnings() {
+                eprintln!("keygate: warning: {warning}");
+            }
             eprintln!("configuration {} is valid", cli.config.display());
             Ok(())
         }
