@@ -3,7 +3,8 @@
 //! look-alikes (`https://evil-vercel.app`, `https://x.vercel.app.evil.com`), each served on
 //! loopback by this test (Chromium's `--host-resolver-rules` maps the names), and each page calls
 //! the real gateway with `fetch`: a preflighted POST with a key and django-cors-headers' default
-//! headers, and a simple GET. The pages report what their script could read to the test.
+//! headers, a simple GET, a 2 MB upload with a wrong key (refused before it is read) and a HEAD.
+//! The pages report what their script could read to the test.
 //!
 //! Needs `chromium` (`scripts/install-test-deps.sh` installs it, or `$KEYGATE_TEST_CHROMIUM`
 //! names another); without it the test fails, saying so.
@@ -52,6 +53,7 @@ fn chromium() -> PathBuf {
 /// that one browser run covers all three origins.
 fn page(gateway: &str, key: &str) -> String {
     let frames = LOOK_ALIKES.map(|o| format!("\"{o}/\"")).join(", ");
+    let zeros = "0".repeat(46);
     format!(
         r#"<!doctype html><meta charset="utf-8"><title>keygate CORS</title>
 <body>
@@ -81,6 +83,10 @@ async function run(test, init) {{
     "X-API-Key": "{key}", "Content-Type": "application/json",
     "X-CSRFToken": "token", "X-Requested-With": "XMLHttpRequest"}}}});
   await run("simple", {{method: "GET"}});
+  // Answered before the upload arrives: the browser still gets the whole answer.
+  await run("rejected_upload", {{method: "POST", body: "v".repeat(2000000), headers: {{
+    "X-API-Key": "sk_{zeros}", "Content-Type": "application/octet-stream"}}}});
+  await run("head", {{method: "HEAD"}});
 }})();
 </script>
 </body>"#
@@ -222,7 +228,7 @@ async fn chromium_reads_an_allowed_pattern_origin_and_blocks_look_alikes() {
 
     let mut results = std::collections::BTreeMap::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while results.len() < 6 {
+    while results.len() < 12 {
         match tokio::time::timeout_at(deadline, rx.recv()).await {
             Ok(Some(r)) => {
                 let origin = r["origin"].as_str().unwrap().to_owned();
@@ -230,7 +236,7 @@ async fn chromium_reads_an_allowed_pattern_origin_and_blocks_look_alikes() {
                 results.insert((origin, test), r);
             }
             _ => panic!(
-                "Chromium reported {} of 6 results in 60 s: {results:#?}\nits log:\n{}",
+                "Chromium reported {} of 12 results in 60 s: {results:#?}\nits log:\n{}",
                 results.len(),
                 browser.log()
             ),
@@ -254,10 +260,26 @@ async fn chromium_reads_an_allowed_pattern_origin_and_blocks_look_alikes() {
         (&true.into(), &401.into()),
         "{simple}"
     );
+    // An upload the gateway refuses before reading it is answered whole, and HEAD gets the head
+    // alone.
+    let rejected = &results[&(ALLOWED.to_owned(), "rejected_upload".to_owned())];
+    assert_eq!(
+        (&rejected["read"], &rejected["status"]),
+        (&true.into(), &401.into()),
+        "{rejected}"
+    );
+    let detail: Value = serde_json::from_str(rejected["body"].as_str().unwrap()).unwrap();
+    assert_eq!(detail["detail"], "Invalid API key");
+    let head = &results[&(ALLOWED.to_owned(), "head".to_owned())];
+    assert_eq!(
+        (&head["read"], &head["status"], &head["body"]),
+        (&true.into(), &401.into(), &"".into()),
+        "{head}"
+    );
     // The look-alikes read nothing: the preflight gets no Allow-Origin, so the POST is never
     // sent, and the GET's answer is withheld from the script.
     for origin in LOOK_ALIKES {
-        for test in ["preflighted", "simple"] {
+        for test in ["preflighted", "simple", "rejected_upload", "head"] {
             let r = &results[&(origin.to_owned(), test.to_owned())];
             assert_eq!(r["read"], false, "{origin} {test}: {r}");
             assert!(r["error"].as_str().unwrap().contains("TypeError"), "{r}");
