@@ -23,6 +23,7 @@ async fn digests_since(store: &dyn KeyStore, pos: u64) -> (Vec<key::KeyDigest>, 
     match store.changes_since(pos).await.unwrap() {
         Changes::Digests { digests, next } => (digests, next),
         Changes::Gap { next } => panic!("unexpected gap (next {next})"),
+        Changes::Lost { reason } => panic!("unexpectedly lost: {reason}"),
     }
 }
 
@@ -229,10 +230,11 @@ async fn conformance(store: Arc<dyn KeyStore>) {
     assert_eq!(store.lookup(fresh.digest).await.unwrap().unwrap(), fresh);
     let pos = store.change_position().await.unwrap();
 
-    // A position from the future (the store was replaced) is a gap, never silence.
+    // A position from the future (the store was replaced, or rolled back) is never silence: a
+    // gap (drop the cache), or, where the store keeps an identity marker, lost data.
     assert!(matches!(
         store.changes_since(pos + 1_000).await.unwrap(),
-        Changes::Gap { .. }
+        Changes::Gap { .. } | Changes::Lost { .. }
     ));
 }
 
@@ -292,6 +294,87 @@ async fn redis_trimmed_change_stream_is_a_gap() {
     assert!(matches!(
         store.changes_since(pos).await.unwrap(),
         Changes::Gap { next: 3 }
+    ));
+}
+
+/// A Redis store that lost its data is reported lost, never read as empty: its identity marker
+/// gone (a restart without persistence), or its change counter gone back (a rollback). A new
+/// marker (the first change written after the loss) or a new generation (`keygate store accept`)
+/// is adopted as a gap: the gateway drops its cache and reads the store as it is.
+#[tokio::test]
+async fn redis_store_reports_lost_data_until_a_new_identity_is_adopted() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = Redis::start(dir.path());
+    let open = || {
+        RedisStore::new(
+            Target::Single(redis.url()),
+            "keygate",
+            Duration::from_secs(2),
+        )
+    };
+    // `gateway` reads the change feed; `cli` writes, as the keygate CLI would.
+    let (gateway, cli) = (open().unwrap(), open().unwrap());
+    assert_eq!(
+        gateway.identity().await.unwrap(),
+        None,
+        "a new store has no marker"
+    );
+    let mut pos = gateway.change_position().await.unwrap();
+    cli.insert(record("first").1).await.unwrap();
+    let marker = cli
+        .identity()
+        .await
+        .unwrap()
+        .expect("the first change writes the marker");
+    assert_eq!(marker.generation, 1);
+    (_, pos) = digests_since(&gateway, pos).await;
+
+    // Restarted empty (FLUSHALL does the same to the data): lost, poll after poll.
+    redis.cli(&["FLUSHALL"]).unwrap();
+    for _ in 0..2 {
+        let changes = gateway.changes_since(pos).await.unwrap();
+        assert!(
+            matches!(&changes, Changes::Lost { reason } if reason.contains("marker")),
+            "{changes:?}"
+        );
+    }
+    // The first change written after the loss (the restore) writes a new marker: adopted.
+    cli.insert(record("restored").1).await.unwrap();
+    let restored = cli.identity().await.unwrap().unwrap();
+    assert_ne!(restored.id, marker.id);
+    let Changes::Gap { next } = gateway.changes_since(pos).await.unwrap() else {
+        panic!("a new marker is not adopted as a gap");
+    };
+    pos = next;
+    assert!(digests_since(&gateway, pos).await.0.is_empty());
+
+    // Rolled back: the counter goes back under the same marker. Lost, and it stays lost when
+    // new changes take the counter past where it was.
+    cli.insert(record("second").1).await.unwrap();
+    (_, pos) = digests_since(&gateway, pos).await;
+    // (The counter and the stream go back together, as in a restored snapshot.)
+    redis.cli(&["SET", "{keygate}:seq", "0"]).unwrap();
+    redis.cli(&["DEL", "{keygate}:changes"]).unwrap();
+    assert!(matches!(
+        gateway.changes_since(pos).await.unwrap(),
+        Changes::Lost { reason } if reason.contains("went back")
+    ));
+    for i in 0..3 {
+        cli.insert(record(&format!("after-{i}")).1).await.unwrap();
+    }
+    assert!(matches!(
+        gateway.changes_since(pos).await.unwrap(),
+        Changes::Lost { .. }
+    ));
+    // Accepted by the operator: a new generation of the same marker, adopted as a gap.
+    let accepted = cli.accept_identity().await.unwrap().unwrap();
+    assert_eq!(
+        (accepted.id.as_str(), accepted.generation),
+        (restored.id.as_str(), 2)
+    );
+    assert!(matches!(
+        gateway.changes_since(pos).await.unwrap(),
+        Changes::Gap { .. }
     ));
 }
 
