@@ -101,8 +101,9 @@ impl Admin {
             body["problems"] = report.problems.iter().map(|p| p.as_str()).collect();
             body["error"] = report.error.as_str().into();
         }
-        if let Some(node) = &report.node {
-            body["store_node"] = node.as_str().into();
+        // As of now, not of the last health computation: a failover shows at once.
+        if let Some(node) = cache.store().node() {
+            body["store_node"] = node.into();
         }
         respond(status, "application/json", body.to_string())
     }

@@ -242,6 +242,11 @@ pub trait KeyStore: Send + Sync + 'static {
     fn runtime_bound(&self) -> bool {
         false
     }
+    /// The node keygate talks to, when the store finds it by itself (the Sentinel primary), as
+    /// last found: no round trip.
+    fn node(&self) -> Option<String> {
+        None
+    }
     /// Whether the node answering takes writes, and which node it is. By default: writable.
     fn status(&self) -> StoreFuture<'_, Status> {
         Box::pin(async { Ok(Status::default()) })

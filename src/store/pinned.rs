@@ -120,6 +120,9 @@ impl KeyStore for Pinned {
     fn runtime_bound(&self) -> bool {
         false
     }
+    fn node(&self) -> Option<String> {
+        self.inner.node()
+    }
     fn status(&self) -> StoreFuture<'_, Status> {
         self.run(|s| async move { s.status().await })
     }

@@ -180,12 +180,13 @@ impl ConnectionLike for Conn {
     }
 }
 
-/// How a connection manager to one node reconnects: bounded by the store timeout, a few quick
-/// retries, then the caller's error.
-fn manager_config(timeout: Duration) -> ConnectionManagerConfig {
+/// How a connection manager to one node reconnects: connecting bounded by the store timeout, a
+/// few quick retries, then the caller's error. An answer may take `wait` longer (a `WAIT` for
+/// replicas); every round trip is bounded by the caller too ([`RedisStore::within`]).
+fn manager_config(timeout: Duration, wait: Duration) -> ConnectionManagerConfig {
     ConnectionManagerConfig::new()
         .set_connection_timeout(Some(timeout))
-        .set_response_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout + wait))
         .set_min_delay(Duration::from_millis(50))
         .set_max_delay(Duration::from_millis(500))
         .set_number_of_retries(2)
@@ -220,6 +221,8 @@ pub struct Failover {
     /// it, and the `+switch-master` watcher ends when this sender is dropped with the store.
     moved: watch::Sender<u64>,
     timeout: Duration,
+    /// How much longer than `timeout` an answer may take (a `WAIT`).
+    wait: Duration,
     db: i64,
 }
 
@@ -238,6 +241,7 @@ impl Failover {
         node: &str,
         tls: &Tls,
         timeout: Duration,
+        wait: Duration,
     ) -> RedisResult<Self> {
         let mut addrs = Vec::with_capacity(sentinels.len());
         let mut auth = None;
@@ -291,6 +295,7 @@ impl Failover {
             current: ArcSwapOption::empty(),
             moved,
             timeout,
+            wait,
             db: node.redis_settings().db(),
         })
     }
@@ -344,8 +349,10 @@ impl Failover {
         {
             return Ok(Arc::clone(p));
         }
-        let manager =
-            ConnectionManager::new_lazy_with_config(client.clone(), manager_config(self.timeout))?;
+        let manager = ConnectionManager::new_lazy_with_config(
+            client.clone(),
+            manager_config(self.timeout, self.wait),
+        )?;
         let generation = current.as_ref().map_or(1, |p| p.generation + 1);
         let primary = Arc::new(Primary {
             addr: addr.clone(),
@@ -509,6 +516,8 @@ struct Seen {
     marker: Option<Identity>,
     /// Why the store is lost, until a new marker (or generation) is adopted.
     lost: Option<String>,
+    /// The Sentinel primary's generation at the last read of the feed (0: not Sentinel).
+    primary: u64,
 }
 
 /// Redis-backed [`KeyStore`].
@@ -913,8 +922,15 @@ impl RedisStore {
                 node,
             } => {
                 failover = Some(Arc::new(
-                    Failover::new(sentinels, master, node, &settings.tls, timeout)
-                        .map_err(invalid)?,
+                    Failover::new(
+                        sentinels,
+                        master,
+                        node,
+                        &settings.tls,
+                        timeout,
+                        settings.confirm_timeout,
+                    )
+                    .map_err(invalid)?,
                 ));
                 format!("the Redis primary of {master:?}")
             }
@@ -937,15 +953,17 @@ impl RedisStore {
         match &self.settings.target {
             Target::Single(url) => {
                 let client = self.settings.tls.client(url).map_err(|e| self.error(e))?;
-                let manager =
-                    ConnectionManager::new_lazy_with_config(client, manager_config(self.timeout))
-                        .map_err(|e| self.error(e))?;
+                let manager = ConnectionManager::new_lazy_with_config(
+                    client,
+                    manager_config(self.timeout, self.settings.confirm_timeout),
+                )
+                .map_err(|e| self.error(e))?;
                 Ok(Conn::Single(manager))
             }
             Target::Cluster(nodes) => {
                 let mut builder = redis::cluster::ClusterClient::builder(nodes.clone())
                     .connection_timeout(self.timeout)
-                    .response_timeout(self.timeout)
+                    .response_timeout(self.timeout + self.settings.confirm_timeout)
                     .retries(2);
                 if let Some(certs) = self.settings.tls.certificates() {
                     builder = builder.certs(certs);
@@ -985,8 +1003,13 @@ impl RedisStore {
     }
 
     fn no_answer(&self, extra: Duration) -> StoreError {
+        let setting = if extra.is_zero() {
+            "store.timeout"
+        } else {
+            "store.timeout + store.confirm_timeout"
+        };
         StoreError::Unavailable(format!(
-            "no answer from {} within {:?} (store.timeout)",
+            "no answer from {} within {:?} ({setting})",
             self.display,
             self.timeout + extra
         ))
@@ -1042,13 +1065,63 @@ impl RedisStore {
         .await
     }
 
-    /// Runs a pipeline (reads, or writes that need no confirmation).
+    /// Runs a pipeline of reads, retried once like [`RedisStore::query`].
     async fn pipe<T: redis::FromRedisValue>(&self, pipe: &Pipeline) -> Result<T, StoreError> {
         let mut conn = self.conn().await?;
         self.within(Duration::ZERO, async {
-            pipe.query_async(&mut conn).await.map_err(|e| self.error(e))
+            match pipe.query_async(&mut conn).await {
+                Err(e) if e.is_connection_dropped() || e.is_io_error() => {
+                    pipe.query_async(&mut conn).await.map_err(|e| self.error(e))
+                }
+                other => other.map_err(|e| self.error(e)),
+            }
         })
         .await
+    }
+
+    /// Reads records for the gateway's cache, with the identity marker in the same round trip
+    /// once the change feed has seen one: a store whose marker is gone (or another) since the
+    /// feed last read it answers nothing, so a key is never found missing in a store that lost
+    /// its data between two polls of the feed.
+    async fn lookup_records(
+        &self,
+        digests: &[KeyDigest],
+    ) -> Result<Vec<Option<KeyRecord>>, StoreError> {
+        let expected = self
+            .seen
+            .lock()
+            .ok()
+            .and_then(|s| s.marker.as_ref().map(|m| m.id.clone()));
+        let mut pipe = redis::pipe();
+        for digest in digests {
+            pipe.cmd("HGETALL").arg(self.rec_key(digest));
+        }
+        if expected.is_some() {
+            pipe.cmd("HGET").arg(self.named("store")).arg("id");
+        }
+        let mut values: Vec<Value> = self.pipe(&pipe).await?;
+        if let Some(expected) = expected {
+            let marker: Option<String> = values
+                .pop()
+                .and_then(|v| redis::from_redis_value(v).ok())
+                .flatten();
+            if marker.as_deref() != Some(expected.as_str()) {
+                return Err(StoreError::Unavailable(format!(
+                    "the store's identity marker {} is gone or replaced: {} lost its data",
+                    self.named("store"),
+                    self.display
+                )));
+            }
+        }
+        digests
+            .iter()
+            .zip(values)
+            .map(|(digest, value)| {
+                let fields: Vec<(String, String)> = redis::from_redis_value(value)
+                    .map_err(|e| StoreError::Corrupt(format!("record {}: {e}", digest.to_hex())))?;
+                parse_record(*digest, fields)
+            })
+            .collect()
     }
 
     /// A record's own keys, in script order: record, id index, name index.
@@ -1392,13 +1465,33 @@ impl RedisStore {
         ))
     }
 
+    /// The Sentinel primary's generation (0: not Sentinel, or none found yet).
+    fn primary_generation(&self) -> u64 {
+        self.failover
+            .as_ref()
+            .and_then(|f| f.current.load().as_ref().map(|p| p.generation))
+            .unwrap_or(0)
+    }
+
     /// The marker and the change counter, as the change feed reads them from position `since`:
     /// what the feed must report instead of changes, if anything (the store is lost, or a new
     /// marker is adopted: a gap).
-    fn judge(&self, marker: Option<Identity>, current: u64, since: u64) -> Option<Changes> {
+    ///
+    /// `primary` is the Sentinel primary's generation when the feed was read: a counter that
+    /// went back across a failover is the new primary missing changes written to the old one
+    /// after its replica was promoted. With confirmed writes those were never confirmed (the CLI
+    /// said so), so the store is read as it is (a gap), not reported lost.
+    fn judge(
+        &self,
+        marker: Option<Identity>,
+        current: u64,
+        since: u64,
+        primary: u64,
+    ) -> Option<Changes> {
         let Ok(mut seen) = self.seen.lock() else {
             return None;
         };
+        let failed_over = std::mem::replace(&mut seen.primary, primary) != primary;
         match (&seen.marker, marker) {
             (Some(_), None) => {
                 let reason = format!(
@@ -1429,6 +1522,16 @@ impl RedisStore {
                     return Some(Changes::Lost {
                         reason: reason.clone(),
                     });
+                }
+                if current < since && failed_over && self.settings.confirm_replicas > 0 {
+                    tracing::warn!(
+                        from = since,
+                        to = current,
+                        "the new Redis primary misses the last changes made on the old one \
+                         (written after its replica was promoted, and never confirmed): dropping \
+                         every cached key decision"
+                    );
+                    return Some(Changes::Gap { next: current });
                 }
                 if current < since {
                     let reason = format!(
@@ -1516,7 +1619,10 @@ fn parse_record(
 
 impl KeyStore for RedisStore {
     fn lookup(&self, digest: KeyDigest) -> StoreFuture<'_, Option<KeyRecord>> {
-        Box::pin(self.record(digest))
+        Box::pin(async move {
+            let mut records = self.lookup_records(&[digest]).await?;
+            Ok(records.pop().flatten())
+        })
     }
 
     fn lookup_many(&self, digests: Vec<KeyDigest>) -> StoreFuture<'_, Vec<Option<KeyRecord>>> {
@@ -1525,16 +1631,7 @@ impl KeyStore for RedisStore {
                 return Ok(Vec::new());
             }
             // One round trip for the lot.
-            let mut pipe = redis::pipe();
-            for digest in &digests {
-                pipe.cmd("HGETALL").arg(self.rec_key(digest));
-            }
-            let all: Vec<Vec<(String, String)>> = self.pipe(&pipe).await?;
-            digests
-                .into_iter()
-                .zip(all)
-                .map(|(digest, fields)| parse_record(digest, fields))
-                .collect()
+            self.lookup_records(&digests).await
         })
     }
 
@@ -1771,7 +1868,11 @@ impl KeyStore for RedisStore {
             }
             if let Ok(mut seen) = self.seen.lock() {
                 // The feed starts here: whatever the store holds now is what it is trusted as.
-                *seen = Seen { marker, lost: None };
+                *seen = Seen {
+                    marker,
+                    lost: None,
+                    primary: self.primary_generation(),
+                };
             }
             Ok(seq)
         })
@@ -1789,10 +1890,11 @@ impl KeyStore for RedisStore {
                 .arg(self.named("store"))
                 .arg("id")
                 .arg("generation");
+            let primary = self.primary_generation();
             let (seq, entries, marker): (Option<u64>, Vec<StreamEntry>, Vec<Option<String>>) =
                 self.pipe(&pipe).await?;
             let current = seq.unwrap_or(0);
-            if let Some(verdict) = self.judge(parse_marker(&marker), current, since) {
+            if let Some(verdict) = self.judge(parse_marker(&marker), current, since, primary) {
                 return Ok(verdict);
             }
             if current < since {
@@ -1881,6 +1983,10 @@ impl KeyStore for RedisStore {
             Arc::downgrade(&notify),
         ));
         Some(notify)
+    }
+
+    fn node(&self) -> Option<String> {
+        self.failover.as_ref().and_then(|f| f.addr())
     }
 
     fn status(&self) -> StoreFuture<'_, Status> {
