@@ -780,7 +780,7 @@ local function try(...)
   local r = redis.pcall(...)
   if type(r) == 'table' and r.err and (string.find(r.err, "can't", 1, true)
       or string.find(r.err, 'NOPERM', 1, true)) then
-    table.insert(denied, (select(1, ...)))
+    table.insert(denied, (select(1, ...)) .. '\t' .. r.err)
   end
 end
 "#,
@@ -1442,27 +1442,22 @@ impl RedisStore {
     }
 
     fn denied(&self, command: &str, grant: &str, redis_says: &str) -> StoreError {
-        let grant = grant.replace("{prefix}", &self.prefix);
-        let text = if redis_says.contains("key") {
+        let who = format!("{} refuses keygate's Redis user", self.display);
+        let text = if redis_says.contains("access a key") || redis_says.contains("of the keys") {
             format!(
-                "the ACL refuses keygate's Redis user access to its keys for {command} ({redis_says}): grant the key pattern ~{}* ",
+                "{who} its keys ({command}: {redis_says}): grant the key pattern ~{}*",
                 &self.prefix[..self.prefix.len() - 1]
             )
         } else if redis_says.contains("channel") {
             format!(
-                "the ACL refuses keygate's Redis user the channel {} for {command} ({redis_says}): grant &{}:*",
+                "{who} the channel {} ({command}: {redis_says}): grant &{}:*",
                 self.channel, self.prefix
             )
         } else {
-            format!(
-                "the ACL refuses keygate's Redis user the command {command} ({redis_says}): grant {grant}"
-            )
+            let grant = grant.replace("{prefix}", &self.prefix);
+            format!("{who} the command {command} ({redis_says}): grant {grant}")
         };
-        StoreError::Denied(format!(
-            "{} on {}; docs/fleet.md has the complete ACL",
-            text.trim_end(),
-            self.display
-        ))
+        StoreError::Denied(format!("{text}; docs/fleet.md has the complete ACL"))
     }
 
     /// The Sentinel primary's generation (0: not Sentinel, or none found yet).
@@ -2025,11 +2020,14 @@ impl KeyStore for RedisStore {
                 )
                 .await?;
             if let Some(first) = denied.first() {
+                // "<command>\t<what Redis said>"
+                let (name, says) = first.split_once('\t').unwrap_or((first, ""));
                 let grant = SCRIPT_COMMANDS
                     .iter()
-                    .find(|(name, _)| name == first)
+                    .find(|(command, _)| *command == name)
                     .map_or("it", |(_, grant)| grant);
-                return Err(self.denied(first, grant, "refused inside keygate's scripts"));
+                let says = says.split(" script:").next().unwrap_or(says).trim();
+                return Err(self.denied(name, grant, &format!("inside a script: {says}")));
             }
             // The rate limiter's buckets are keys of their own: `{prefix:rl:...}`.
             let bucket = format!("{{{}:rl:probe}}", &self.prefix[1..self.prefix.len() - 1]);
