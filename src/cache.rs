@@ -999,7 +999,10 @@ impl KeyCache {
             if let Err(e) = self.poll_once(&mut position).await {
                 if was_open {
                     self.health.probe_failed(&e.to_string());
-                } else if let Some(suppressed) = POLL_FAILED.allow() {
+                } else if !self.health.breaker_open()
+                    && let Some(suppressed) = POLL_FAILED.allow()
+                {
+                    // (A failure that opened the breaker was logged as that.)
                     tracing::warn!(error = %e, suppressed, "change feed poll failed");
                 }
             }

@@ -542,6 +542,14 @@ impl Throttle {
         }
     }
 
+    /// A line about the condition was just logged elsewhere: the next one is let through one
+    /// interval from now.
+    pub fn hold(&self) {
+        if let Ok(mut state) = self.state.lock() {
+            *state = (Some(std::time::Instant::now()), 0);
+        }
+    }
+
     /// The condition ended: its next occurrence is logged at once. Returns the repeats held back
     /// since the last line.
     pub fn reset(&self) -> u64 {

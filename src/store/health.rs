@@ -194,7 +194,8 @@ impl StoreHealth {
         {
             self.metrics.store_breaker_open.set(1.0);
             self.failed_probes.store(0, Ordering::Relaxed);
-            self.still_down.reset();
+            // This line says it; "still unavailable" follows only if it lasts.
+            self.still_down.hold();
             if let Ok(mut last) = self.last_error.lock() {
                 error.clone_into(&mut last);
             }
