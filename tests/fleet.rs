@@ -524,13 +524,23 @@ async fn a_sentinel_failover_moves_every_gateway_and_loses_no_revocation() {
     let mut replica = Redis::start_replica(&dir.path().join("replica"), &primary);
     let sentinels = Sentinels::start(&dir.path().join("sentinels"), "keygate-ha", &primary, 3);
     let urls = sentinels.urls_toml();
+    // keygate's user as docs/fleet.md defines it for Sentinel, on each node (ACLs are not
+    // replicated).
+    let acl = documented_acl("+role");
+    let acl: Vec<&str> = acl.iter().map(String::as_str).collect();
+    for node in [&primary, &replica] {
+        assert_eq!(node.cli(&acl).as_deref(), Some("OK"));
+    }
     let upstream = Upstream::start().await;
     let o = [
         ("KEYGATE_STORE_BACKEND", "redis-sentinel"),
         ("KEYGATE_STORE_SENTINELS", urls.as_str()),
         ("KEYGATE_STORE_MASTER_NAME", "keygate-ha"),
         // The primary's credentials and database; the sentinels name its address.
-        ("KEYGATE_STORE_URL", "redis://keygate-ha/0"),
+        (
+            "KEYGATE_STORE_URL",
+            "redis://keygate:CHANGE-ME@keygate-ha/0",
+        ),
         ("KEYGATE_STORE_TIMEOUT", "500ms"),
         ("KEYGATE_STORE_CONFIRM_TIMEOUT", "1s"),
         ("KEYGATE_RATE_LIMIT_SHARED_TIMEOUT", "2s"),
@@ -712,6 +722,7 @@ async fn a_sentinel_failover_moves_every_gateway_and_loses_no_revocation() {
     );
     // The killed node comes back as a replica: changes are confirmed again.
     replica.restart();
+    assert_eq!(replica.cli(&acl).as_deref(), Some("OK"));
     let back = Instant::now();
     while !replica
         .cli(&["INFO", "replication"])
@@ -994,4 +1005,408 @@ fn the_cli_against_a_paused_redis_fails_within_the_store_timeout() {
         );
     }
     // Dropped with the test: the server is killed, paused or not.
+}
+
+/// The `ACL SETUSER keygate ...` line of docs/fleet.md whose last rule is `last`, split into
+/// arguments: the tests use the documented ACL verbatim, so the two cannot drift apart.
+fn documented_acl(last: &str) -> Vec<String> {
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/fleet.md")).unwrap();
+    let line = doc
+        .lines()
+        .find(|l| l.starts_with("ACL SETUSER keygate ") && l.ends_with(&format!(" {last}")))
+        .unwrap_or_else(|| panic!("docs/fleet.md has no ACL line ending in {last}"));
+    line.split_whitespace().map(str::to_owned).collect()
+}
+
+/// `keygate serve` with `env`: its exit status and stderr, once it exits (within 20 s).
+fn serve_until_exit(config: &std::path::Path, env: &[(&str, &str)]) -> (bool, String) {
+    let mut child = common::keygate()
+        .arg("--config")
+        .arg(config)
+        .arg("serve")
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("keygate serve did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    (status.success(), stderr)
+}
+
+/// The ACL of docs/fleet.md, used verbatim, is all keygate needs: the gateway starts (its
+/// permission check passes), the CLI creates and revokes, the shared rate limits stay shared
+/// (the limiter's TIME is granted), usage is written. A user without TIME (the ACL the docs
+/// used to give) makes `keygate serve` refuse to start with one line naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documented_acl_is_enough_and_a_missing_permission_stops_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = Redis::start(dir.path());
+    let acl = documented_acl("+time");
+    let args: Vec<&str> = acl.iter().map(String::as_str).collect();
+    assert_eq!(redis.cli(&args).as_deref(), Some("OK"), "{acl:?}");
+    let url = format!("redis://keygate:CHANGE-ME@127.0.0.1:{}/0", redis.port);
+    let upstream = Upstream::start().await;
+    let o = redis_overrides(
+        &url,
+        &[
+            ("KEYGATE_RATE_LIMIT_PER_KEY", "5/min"),
+            ("KEYGATE_RATE_LIMIT_SHARED_TIMEOUT", "2s"),
+            ("KEYGATE_STORE_USAGE_FLUSH_INTERVAL", "200ms"),
+        ],
+    );
+    let gw = Gateway::start(&upstream.url(), &o).await;
+    let key = cli(&gw, &url, &["create", "--name", "acl"]);
+    let mut admitted = 0;
+    for _ in 0..8 {
+        match status(&gw, &key).await {
+            StatusCode::OK => admitted += 1,
+            StatusCode::TOO_MANY_REQUESTS => {}
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(
+        admitted, 5,
+        "limits are not shared under the documented ACL"
+    );
+    let metrics = gw.metrics().await;
+    assert!(
+        metrics.contains("keygate_rate_limit_degraded 0"),
+        "{metrics}"
+    );
+    let (code, body) = gw.health().await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    // Usage is written (a script), and the revocation reaches the gateway (pub/sub).
+    let written = Instant::now();
+    loop {
+        let list = cli(&gw, &url, &["list", "--json"]);
+        let keys: serde_json::Value = serde_json::from_str(&list).unwrap();
+        if keys[0]["use_count"].as_u64() >= Some(5) {
+            break;
+        }
+        assert!(
+            written.elapsed() < Duration::from_secs(5),
+            "no usage: {list}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cli(&gw, &url, &["revoke", "acl"]);
+    all_within(
+        &[&gw],
+        &key,
+        StatusCode::UNAUTHORIZED,
+        Duration::from_secs(1),
+    )
+    .await;
+    gw.shutdown().await;
+
+    // The ACL without +time: refused at start, in one line that names the command and the fix.
+    let mut without_time = args.clone();
+    without_time[2] = "notime";
+    assert_eq!(without_time.pop(), Some("+time"));
+    assert_eq!(redis.cli(&without_time).as_deref(), Some("OK"));
+    let url = format!("redis://notime:CHANGE-ME@127.0.0.1:{}/0", redis.port);
+    let config = common::write_config(dir.path(), &upstream.url());
+    let (ok, stderr) = serve_until_exit(
+        &config,
+        &[
+            ("KEYGATE_STORE_BACKEND", "redis"),
+            ("KEYGATE_STORE_URL", url.as_str()),
+            ("KEYGATE_LOGGING_LEVEL", "error"),
+        ],
+    );
+    assert!(!ok, "keygate started without TIME: {stderr}");
+    let line = stderr.trim();
+    eprintln!("refused start: {line}");
+    assert!(
+        line.starts_with("keygate: error: key store permission missing:")
+            && line.contains("TIME")
+            && line.contains("grant +time")
+            && !line.contains('\n')
+            && !line.contains("CHANGE-ME"),
+        "{line}"
+    );
+}
+
+/// A Redis that speaks TLS only, with a certificate from a private CA (made by the test) and
+/// client certificates required: `store.tls_ca_file` trusts the CA (not the system roots),
+/// `store.tls_cert_file`/`tls_key_file` present keygate's certificate, and gateway and CLI work
+/// (lookups, changes, the subscription). Without the client certificate the CLI fails in one
+/// line; `check-config` refuses `#insecure` unless `store.tls_allow_insecure` allows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_redis_with_a_private_ca_and_a_client_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = common::redis::TlsFiles::generate(&dir.path().join("tls"));
+    let redis = Redis::start_tls(&dir.path().join("redis"), &tls);
+    let url = redis.url();
+    assert!(url.starts_with("rediss://"));
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_owned();
+    let (ca, cert, key) = (path(&tls.ca), path(&tls.client_cert), path(&tls.client_key));
+    let o = redis_overrides(
+        &url,
+        &[
+            ("KEYGATE_STORE_TLS_CA_FILE", ca.as_str()),
+            ("KEYGATE_STORE_TLS_CERT_FILE", cert.as_str()),
+            ("KEYGATE_STORE_TLS_KEY_FILE", key.as_str()),
+            ("KEYGATE_STORE_POLL_INTERVAL", "30s"),
+        ],
+    );
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream.url(), &o).await;
+    let config = gw.config_path.clone();
+    let key_one = common::keys_cli(&config, &o, &["create", "--name", "over-tls"]);
+    all_within(&[&gw], &key_one, StatusCode::OK, Duration::from_secs(2)).await;
+    // Polling every 30 s: the revocation arrives on the subscription, over TLS too.
+    common::keys_cli(&config, &o, &["revoke", "over-tls"]);
+    all_within(
+        &[&gw],
+        &key_one,
+        StatusCode::UNAUTHORIZED,
+        Duration::from_secs(1),
+    )
+    .await;
+    assert_eq!(gw.health().await.0, StatusCode::OK);
+
+    // No client certificate: refused by the server, said in one line.
+    let err = common::keys_cli_result(&config, &o[..3], &["list"])
+        .expect_err("listed without a certificate");
+    eprintln!("without a client certificate: {err}");
+    assert!(
+        err.starts_with("keygate: error: key store unavailable:") && !err.contains('\n'),
+        "{err}"
+    );
+    // Trusting the system roots instead of the private CA: the server's certificate is refused.
+    let no_ca: Vec<(&str, &str)> = o
+        .iter()
+        .copied()
+        .filter(|(k, _)| *k != "KEYGATE_STORE_TLS_CA_FILE")
+        .collect();
+    let err = common::keys_cli_result(&config, &no_ca, &["list"]).expect_err("an unknown CA");
+    eprintln!("without the private CA: {err}");
+    assert!(
+        err.starts_with("keygate: error: key store unavailable:"),
+        "{err}"
+    );
+
+    // `#insecure` turns verification off: check-config refuses it, unless allowed explicitly.
+    let insecure = format!("{url}#insecure");
+    let mut env = o.clone();
+    env[1] = ("KEYGATE_STORE_URL", insecure.as_str());
+    let err = common::cli_result(&config, &env, &["check-config"]).unwrap_err();
+    assert!(
+        err.contains("store.url") && err.contains("tls_allow_insecure"),
+        "{err}"
+    );
+    env.push(("KEYGATE_STORE_TLS_ALLOW_INSECURE", "true"));
+    common::cli_result(&config, &env, &["check-config"]).unwrap();
+    // And, allowed, it works: any certificate is accepted.
+    let listed = common::keys_cli_result(&config, &env, &["list"]).unwrap();
+    assert!(listed.contains("over-tls"), "{listed}");
+    gw.shutdown().await;
+}
+
+/// Redis Cluster: the change subscription is not tied to the first seed node (killed here, with
+/// polling slowed to 30 s, a revocation still arrives within a second through another node), and
+/// with the node that holds keygate's slot down, requests are answered within the store timeout
+/// (cached keys 200, unseen keys 503) and health says 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_gateway_follows_any_node_and_answers_outages_within_the_store_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = common::redis::Cluster::start_with(
+        dir.path(),
+        &[
+            "--cluster-require-full-coverage",
+            "no",
+            "--cluster-node-timeout",
+            "1000",
+        ],
+    );
+    // The node that holds keygate's slot answers a write to it; the others redirect.
+    let owner = cluster
+        .nodes
+        .iter()
+        .position(|n| n.cli(&["SET", "{keygate}:owner", "1"]).as_deref() == Some("OK"))
+        .expect("a node holds the {keygate} slot");
+    // Seed nodes with another node first: the one the subscription used to be tied to.
+    let first = (owner + 1) % 3;
+    let order = [first, owner, (owner + 2) % 3];
+    let nodes = format!(
+        "[{}]",
+        order
+            .iter()
+            .map(|&i| format!("\"redis://127.0.0.1:{}\"", cluster.nodes[i].port))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let upstream = Upstream::start().await;
+    let o = [
+        ("KEYGATE_STORE_BACKEND", "redis-cluster"),
+        ("KEYGATE_STORE_CLUSTER_NODES", nodes.as_str()),
+        ("KEYGATE_STORE_POLL_INTERVAL", "30s"),
+        ("KEYGATE_STORE_TIMEOUT", "500ms"),
+        ("KEYGATE_STORE_POSITIVE_TTL", "100ms"),
+        ("KEYGATE_STORE_STALE_IF_ERROR", "1m"),
+        ("KEYGATE_RATE_LIMIT_FAILURES_PER_IP", ""),
+    ];
+    let gw = Gateway::start(&upstream.url(), &o).await;
+    let key = gw.create_key("clustered").await;
+    let unseen: Vec<String> = futures_util::future::join_all((0..8).map(|i| {
+        let store = Arc::clone(&gw.store);
+        async move { common::create_key(store.as_ref(), &format!("unseen-{i}")).await }
+    }))
+    .await;
+    all_within(&[&gw], &key, StatusCode::OK, Duration::from_secs(2)).await;
+
+    // The first seed node dies: the subscription moves on, and a revocation still arrives.
+    cluster.nodes[first].kill();
+    let killed = Instant::now();
+    loop {
+        gw.store.set_active("clustered", false).await.unwrap();
+        if status(&gw, &key).await == StatusCode::UNAUTHORIZED {
+            break;
+        }
+        // Not yet resubscribed: try the change again (each one is published again).
+        gw.store.set_active("clustered", true).await.unwrap();
+        all_within(&[&gw], &key, StatusCode::OK, Duration::from_secs(60)).await;
+        assert!(
+            killed.elapsed() < Duration::from_secs(10),
+            "the subscription did not move to another node"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "first seed node killed: a revocation arrived through another node {:?} later",
+        killed.elapsed()
+    );
+    gw.store.set_active("clustered", true).await.unwrap();
+    all_within(&[&gw], &key, StatusCode::OK, Duration::from_secs(1)).await;
+
+    // The node holding keygate's slot dies: answers within the store timeout, health 503.
+    cluster.nodes[owner].kill();
+    tokio::time::sleep(Duration::from_millis(150)).await; // past positive_ttl
+    for wave in ["first", "breaker open"] {
+        let results = burst(&gw, &key, &unseen).await;
+        let mut latencies: Vec<f64> = Vec::new();
+        for (is_known, code, took) in &results {
+            let want = if *is_known {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            assert_eq!(*code, want, "{wave} wave: {results:?}");
+            assert!(
+                *took < Duration::from_millis(900),
+                "{wave} wave: a request took {took:?}: {results:?}"
+            );
+            latencies.push(took.as_secs_f64() * 1000.0);
+        }
+        latencies.sort_by(f64::total_cmp);
+        eprintln!("cluster slot owner down, {wave} wave: latencies {latencies:.0?} ms");
+    }
+    let started = Instant::now();
+    let (code, body) = gw.health().await;
+    eprintln!(
+        "cluster slot owner down: health {code} in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(started.elapsed() < Duration::from_millis(900));
+    gw.shutdown().await;
+}
+
+/// A Redis outage is logged when it begins (and then at most every 30 s, with counts), not
+/// several lines a second while requests, polls and the subscription keep failing; the
+/// recovery line says how long it lasted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_logs_a_few_lines_not_several_a_second() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut redis = Redis::start(&dir.path().join("redis"));
+    let url = redis.url();
+    let upstream = Upstream::start().await;
+    let config = common::write_config(dir.path(), &upstream.url());
+    let env = [
+        ("KEYGATE_STORE_BACKEND", "redis"),
+        ("KEYGATE_STORE_URL", url.as_str()),
+        ("KEYGATE_STORE_TIMEOUT", "300ms"),
+        ("KEYGATE_STORE_POSITIVE_TTL", "100ms"),
+        ("KEYGATE_RATE_LIMIT_PER_KEY", "1000/min"),
+    ];
+    let gw = common::Process::start(&config, &env);
+    let key = common::keys_cli(&config, &env, &["create", "--name", "logged"]);
+    let cert = std::fs::read(dir.path().join("cert.pem")).unwrap();
+    let client = common::tls_client(&cert, gw.https);
+    let url_x = format!("https://localhost:{}/x", gw.https.port());
+    let get = |key: String| {
+        let (client, url_x) = (client.clone(), url_x.clone());
+        async move {
+            client
+                .get(url_x)
+                .header("X-API-Key", key)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    assert_eq!(get(key.clone()).await, StatusCode::OK);
+    let warnings = || {
+        gw.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains("\"level\":\"WARN\""))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let before = warnings().len();
+
+    // Three seconds of outage under traffic: 10 requests a second, cached and unknown keys.
+    redis.kill();
+    let down = Instant::now();
+    while down.elapsed() < Duration::from_secs(3) {
+        let unknown = keygate::key::generate().unwrap().expose().to_owned();
+        assert_eq!(get(key.clone()).await, StatusCode::OK);
+        assert_eq!(get(unknown).await, StatusCode::SERVICE_UNAVAILABLE);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let during: Vec<String> = warnings().split_off(before);
+    eprintln!("{} WARN lines in 3 s of outage:", during.len());
+    for line in &during {
+        eprintln!("  {line}");
+    }
+    assert!(
+        during.len() <= 4,
+        "{} WARN lines in 3 s of outage",
+        during.len()
+    );
+    assert!(
+        during.iter().any(|l| l.contains("key store unavailable")),
+        "the outage itself is not logged"
+    );
+
+    redis.restart();
+    let back = Instant::now();
+    while !gw
+        .lines
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains("key store available again") && l.contains("failed_probes"))
+    {
+        assert!(back.elapsed() < Duration::from_secs(5), "no recovery line");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
