@@ -582,6 +582,13 @@ impl KeyCache {
                 Ok(())
             }
             Err(e @ StoreError::Denied(_)) => Err(e),
+            Err(e @ StoreError::ReadOnly(_)) => {
+                // Checked as far as a replica allows; the health answers report it read-only.
+                self.access_checked.store(true, Ordering::Relaxed);
+                self.health.set_read_only(true);
+                tracing::warn!(error = %e, "store permissions checked for reads only");
+                Ok(())
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "store permissions not checked yet: checked when the store answers");
                 Ok(())
@@ -606,7 +613,7 @@ impl KeyCache {
     /// active keys and the node, asking the store only when it is available.
     pub async fn health_report(&self, limits_degraded: bool) -> Arc<Report> {
         self.health
-            .report(|| async {
+            .report(limits_degraded, || async {
                 let mut active_keys = None;
                 let mut node = None;
                 if self.health.available() {
@@ -974,6 +981,8 @@ impl KeyCache {
                 self.access_checked.store(true, Ordering::Relaxed);
                 self.health.set_denied(Some(&e));
             }
+            // A replica cannot run the write checks; that it is read-only is reported as such.
+            Err(StoreError::ReadOnly(_)) => self.access_checked.store(true, Ordering::Relaxed),
             Err(_) => {}
         }
     }

@@ -1,6 +1,7 @@
 //! What the gateway knows about its store's health, in one place: the outage breaker, a store
 //! found to have lost its data, a read-only node, a missing permission; and the health answer
-//! built from it (at most once a second, whatever the request rate).
+//! built from it: asking the store at most once a second, whatever the request rate, and built
+//! anew at once when what the gateway knows changes (the breaker opens, the data is lost).
 //!
 //! The breaker: the first store call that fails opens it. While it is open no request calls the
 //! store (a known key is answered from the cache within `stale_if_error`, an unknown one gets 503
@@ -76,6 +77,8 @@ pub struct Report {
     /// The public health endpoint's body.
     pub body: Bytes,
     computed: Instant,
+    /// What it was computed from: [`StoreHealth`]'s version and the rate limiter's state.
+    basis: (u64, bool),
 }
 
 impl Report {
@@ -109,6 +112,7 @@ impl Report {
             active_keys,
             node,
             computed: Instant::now(),
+            basis: (0, false),
         }
     }
 
@@ -134,6 +138,9 @@ pub struct StoreHealth {
     failed_probes: AtomicU64,
     still_down: Throttle,
     metrics: Arc<Metrics>,
+    /// Bumped at every change of what is known (breaker, loss, read-only, permission): a health
+    /// answer computed before it is not reused.
+    version: AtomicU64,
     report: tokio::sync::Mutex<Option<Arc<Report>>>,
 }
 
@@ -162,8 +169,13 @@ impl StoreHealth {
             failed_probes: AtomicU64::new(0),
             still_down: Throttle::new(Duration::from_secs(30)),
             metrics,
+            version: AtomicU64::new(0),
             report: tokio::sync::Mutex::new(None),
         }
+    }
+
+    fn changed(&self) {
+        self.version.fetch_add(1, Ordering::Release);
     }
 
     /// Whether requests may call the store: the breaker is closed and the data not lost.
@@ -193,6 +205,7 @@ impl StoreHealth {
             .is_ok()
         {
             self.metrics.store_breaker_open.set(1.0);
+            self.changed();
             self.failed_probes.store(0, Ordering::Relaxed);
             // This line says it; "still unavailable" follows only if it lasts.
             self.still_down.hold();
@@ -233,6 +246,7 @@ impl StoreHealth {
         let since = self.open_since.swap(0, Ordering::Relaxed);
         if since != 0 {
             self.metrics.store_breaker_open.set(0.0);
+            self.changed();
             let down_for = Duration::from_millis(self.millis().saturating_sub(since));
             tracing::info!(
                 down_for = ?down_for,
@@ -253,6 +267,7 @@ impl StoreHealth {
                 }
                 if !was {
                     self.metrics.store_data_lost.set(1.0);
+                    self.changed();
                     tracing::error!(
                         reason = why,
                         "key store lost its data: cached keys are served (stale_if_error), unknown \
@@ -264,6 +279,7 @@ impl StoreHealth {
             None => {
                 if self.lost.swap(false, Ordering::Relaxed) {
                     self.metrics.store_data_lost.set(0.0);
+                    self.changed();
                     tracing::warn!("key store trusted again: cached keys dropped and read anew");
                 }
             }
@@ -273,6 +289,7 @@ impl StoreHealth {
     /// Whether the node keygate talks to takes writes.
     pub fn set_read_only(&self, read_only: bool) {
         if self.read_only.swap(read_only, Ordering::Relaxed) != read_only {
+            self.changed();
             self.metrics
                 .store_read_only
                 .set(if read_only { 1.0 } else { 0.0 });
@@ -293,6 +310,9 @@ impl StoreHealth {
                 && d.as_deref() != Some(what)
             {
                 tracing::error!(error = what, "key store refuses a command keygate needs");
+            }
+            if d.as_deref() != denied {
+                self.changed();
             }
             *d = denied.map(str::to_owned);
         }
@@ -340,19 +360,25 @@ impl StoreHealth {
         (problems, lines.join("; "))
     }
 
-    /// The health answer: the last one if it is younger than [`HEALTH_EVERY`], else a new one
-    /// from `compute`. Concurrent requests wait for one computation.
-    pub async fn report<F>(&self, compute: impl FnOnce() -> F) -> Arc<Report>
+    /// The health answer: the last one if it is younger than [`HEALTH_EVERY`] and nothing
+    /// known changed since (nor `limits_degraded`), else a new one from `compute`. Concurrent
+    /// requests wait for one computation.
+    pub async fn report<F>(&self, limits_degraded: bool, compute: impl FnOnce() -> F) -> Arc<Report>
     where
         F: Future<Output = Report>,
     {
         let mut slot = self.report.lock().await;
+        let basis = (self.version.load(Ordering::Acquire), limits_degraded);
         if let Some(report) = slot.as_ref()
             && report.computed.elapsed() < HEALTH_EVERY
+            && report.basis == basis
         {
             return Arc::clone(report);
         }
-        let report = Arc::new(compute().await);
+        let mut report = compute().await;
+        // What it saw, at the latest: a change during the computation makes the next one anew.
+        report.basis = basis;
+        let report = Arc::new(report);
         *slot = Some(Arc::clone(&report));
         report
     }
@@ -413,11 +439,19 @@ mod tests {
             Report::new(Vec::new(), String::new(), Some(1), None)
         };
         for _ in 0..50 {
-            h.report(compute).await;
+            h.report(false, compute).await;
         }
         assert_eq!(computed.load(Ordering::SeqCst), 1);
         tokio::time::sleep(HEALTH_EVERY + Duration::from_millis(50)).await;
-        h.report(compute).await;
+        h.report(false, compute).await;
         assert_eq!(computed.load(Ordering::SeqCst), 2);
+        // A change of what is known is answered at once, not a second later.
+        h.open("refused");
+        h.report(false, compute).await;
+        assert_eq!(computed.load(Ordering::SeqCst), 3);
+        h.report(true, compute).await;
+        assert_eq!(computed.load(Ordering::SeqCst), 4);
+        h.report(true, compute).await;
+        assert_eq!(computed.load(Ordering::SeqCst), 4);
     }
 }
