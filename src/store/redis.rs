@@ -778,7 +778,7 @@ return redis.call('HMGET', KEYS[1], 'id', 'generation')
 local denied = {}
 local function try(...)
   local r = redis.pcall(...)
-  if type(r) == 'table' and r.err and (string.find(r.err, "can't", 1, true)
+  if type(r) == 'table' and r.err and (string.find(r.err, 'The user executing the script', 1, true)
       or string.find(r.err, 'NOPERM', 1, true)) then
     table.insert(denied, (select(1, ...)) .. '\t' .. r.err)
   end
@@ -1025,7 +1025,7 @@ impl RedisStore {
                 }
             };
             return StoreError::ReadOnly(format!(
-                "{} is a replica that takes no writes ({e}): {fix}",
+                "{} is a replica that takes no writes (READONLY): {fix}",
                 self.display
             ));
         }
