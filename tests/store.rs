@@ -472,3 +472,38 @@ async fn sqlite_v1_databases_are_migrated() {
         .await
         .unwrap();
 }
+
+/// With `confirm_replicas`, a change too few replicas acknowledged within `confirm_timeout` is
+/// reported unconfirmed (it was written to the primary), on a single server and on a cluster
+/// (where the WAIT goes, in one pipeline with the script, to the node holding keygate's slot);
+/// with a replica, it is confirmed.
+#[tokio::test]
+async fn a_change_too_few_replicas_acknowledged_is_unconfirmed() {
+    use keygate::store::redis::Settings;
+    let dir = tempfile::tempdir().unwrap();
+    let primary = Redis::start(&dir.path().join("primary"));
+    let cluster = Cluster::start(&dir.path().join("cluster"));
+    let confirmed = |target| {
+        let mut settings = Settings::new(target, "keygate");
+        settings.confirm_replicas = 1;
+        settings.confirm_timeout = Duration::from_millis(200);
+        RedisStore::open(settings, Duration::from_secs(2)).unwrap()
+    };
+    for store in [
+        confirmed(Target::Single(primary.url())),
+        confirmed(Target::Cluster(cluster.urls())),
+    ] {
+        let (_, r) = record("lonely");
+        let err = store.insert(r.clone()).await.unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Unconfirmed(m) if m.contains("0 of the 1 replica")),
+            "{err:?}"
+        );
+        // Written all the same: the primary has it.
+        assert_eq!(store.find("lonely").await.unwrap(), r);
+    }
+    let _replica = Redis::start_replica(&dir.path().join("replica"), &primary);
+    let store = confirmed(Target::Single(primary.url()));
+    store.insert(record("replicated").1).await.unwrap();
+    store.set_active("replicated", false).await.unwrap();
+}
