@@ -802,6 +802,13 @@ fn pem_file(key: &'static str, path: &str, kind: PemKind) -> Result<Option<Vec<u
         PemKind::Certificates => "a readable PEM file with at least one certificate",
         PemKind::PrivateKey => "a readable PEM file with a private key",
     };
+    // A regular file of sensible size: not a FIFO that blocks, nor /dev/zero that never ends.
+    const MAX_PEM_BYTES: u64 = 1 << 20;
+    let meta =
+        std::fs::metadata(path).map_err(|e| invalid(key, format!("{path} ({e})"), expected))?;
+    if !meta.is_file() || meta.len() > MAX_PEM_BYTES {
+        return Err(invalid(key, path, expected));
+    }
     let bytes = std::fs::read(path).map_err(|e| invalid(key, format!("{path} ({e})"), expected))?;
     let ok = match kind {
         PemKind::Certificates => {
@@ -1767,6 +1774,11 @@ mod tests {
             ),
             (
                 "tls_ca_file = \"/nonexistent/ca.pem\"\n".to_owned(),
+                "store.tls_ca_file",
+            ),
+            // Not a regular file: never read (a FIFO would block, /dev/zero never end).
+            (
+                "tls_ca_file = \"/dev/zero\"\n".to_owned(),
                 "store.tls_ca_file",
             ),
         ] {
