@@ -946,8 +946,23 @@ async fn redis_restarted_empty_is_unavailable_not_empty() {
         }
     }
 
+    // `keygate store status` shows the marker gone.
+    let store_cli = |args: &[&str]| {
+        let env = [
+            ("KEYGATE_STORE_BACKEND", "redis"),
+            ("KEYGATE_STORE_URL", url.as_str()),
+        ];
+        common::cli_result(&a.config_path, &env, args).unwrap()
+    };
+    let status_json = |text: String| serde_json::from_str::<serde_json::Value>(&text).unwrap();
+    let lost = status_json(store_cli(&["store", "status", "--json"]));
+    assert!(lost["identity"].is_null(), "{lost}");
+
     // The restore writes a new identity marker; the gateways adopt the store as restored.
     cli(&a, &url, &["import", backup.to_str().unwrap()]);
+    let restored = status_json(store_cli(&["store", "status", "--json"]));
+    assert_eq!(restored["identity"]["generation"], 1, "{restored}");
+    assert_eq!(restored["read_only"], false);
     all_within(&[&a, &b], &uncached, StatusCode::OK, Duration::from_secs(2)).await;
     for gw in [&a, &b] {
         assert!(gw.metrics().await.contains("keygate_store_data_lost 0"));
@@ -958,6 +973,13 @@ async fn redis_restarted_empty_is_unavailable_not_empty() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+    // `keygate store accept` raises the generation: the gateways adopt the store again (a gap:
+    // their caches are read anew), and keys keep working.
+    store_cli(&["store", "accept"]);
+    let accepted = status_json(store_cli(&["store", "status", "--json"]));
+    assert_eq!(accepted["identity"]["generation"], 2, "{accepted}");
+    assert_eq!(accepted["identity"]["id"], restored["identity"]["id"]);
+    all_within(&[&a, &b], &uncached, StatusCode::OK, Duration::from_secs(1)).await;
     // And the feed works on the restored store.
     cli(&a, &url, &["revoke", "cached"]);
     all_within(
