@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs beyond the Rust toolchain, when it is missing:
-# - redis-server and redis-cli (Debian packages redis-server, redis-tools) for the fleet-mode
-#   tests, which start their own servers on free loopback ports;
+# - redis-server, redis-cli and redis-sentinel (Debian packages redis-server, redis-tools,
+#   redis-sentinel) for the fleet-mode tests, which start their own servers and sentinels on
+#   free loopback ports;
 # - Chromium (Debian package chromium) for the browser CORS test (tests/browser.rs);
 # - a Python virtualenv with Django, Django REST Framework and gunicorn from PyPI
 #   (contrib/django/tests/requirements.txt) for tests/django.rs, at $KEYGATE_TEST_VENV or
@@ -14,6 +15,7 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || need+=(redis-tools)
+command -v redis-sentinel >/dev/null 2>&1 || need+=(redis-sentinel)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v nghttp >/dev/null 2>&1 || need+=(nghttp2-client)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
@@ -29,8 +31,10 @@ if [ ${#need[@]} -gt 0 ]; then
     echo "installing ${need[*]}"
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-    # The redis package may start a system-wide server on 6379; the tests never use it.
+    # The packages may start a system-wide server on 6379 and a sentinel on 26379; the tests
+    # never use them.
     command -v redis-server >/dev/null
+    command -v redis-sentinel >/dev/null
     command -v chromium >/dev/null
     command -v nghttp >/dev/null
 fi

@@ -1,5 +1,6 @@
 //! The admin listener (loopback by default): `/metrics` for Prometheus, `/healthz` (the process
-//! is alive) and `/readyz` (the store answers and the upstream accepts connections).
+//! is alive) and `/readyz` (the store can be relied on and the upstream accepts connections;
+//! the store part is the health answer computed at most once a second).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -69,7 +70,8 @@ impl Admin {
 
     async fn ready(&self) -> Response<GatewayBody> {
         let cache = self.gateway.cache();
-        let store_ok = cache.call(cache.store().count_active()).await.is_ok();
+        let report = cache.health_report(self.gateway.limits().degraded()).await;
+        let store_ok = report.store_ok();
         let authority = self.gateway.upstream().authority();
         let target = format!(
             "{}:{}",
@@ -90,11 +92,19 @@ impl Admin {
         } else {
             StatusCode::SERVICE_UNAVAILABLE
         };
-        let body = serde_json::json!({
+        let mut body = serde_json::json!({
             "status": if status == StatusCode::OK { "ready" } else { "not_ready" },
             "store": word(store_ok),
             "upstream": word(upstream_ok),
         });
+        if !report.problems.is_empty() {
+            body["problems"] = report.problems.iter().map(|p| p.as_str()).collect();
+            body["error"] = report.error.as_str().into();
+        }
+        // As of now, not of the last health computation: a failover shows at once.
+        if let Some(node) = cache.store().node() {
+            body["store_node"] = node.into();
+        }
         respond(status, "application/json", body.to_string())
     }
 }

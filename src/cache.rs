@@ -22,6 +22,12 @@
 //! used since the last one).
 //! Misses for one digest are serialised through moka's per-key compute, so a burst of requests
 //! with the same unknown key costs one store lookup.
+//!
+//! While the store is failing (the outage breaker of [`StoreHealth`] is open) or has lost its
+//! data, no request calls it: a known key is answered from its entry (within `stale_if_error`),
+//! anything else gets 503 at once, and requests queued behind a failed lookup of the same digest
+//! do not try again in turn. The change-feed poller is the one task that probes the store then;
+//! its first success closes the breaker.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -38,6 +44,7 @@ use crate::config;
 use crate::key::KeyDigest;
 use crate::metrics::Metrics;
 use crate::policy::Compiled;
+use crate::store::health::{Report, StoreHealth};
 use crate::store::{Changes, KeyRecord, SharedStore, StoreError, Usage};
 
 /// A key the store knows, as cached: its record, header values prepared for forwarding, and usage
@@ -299,6 +306,10 @@ pub struct KeyCache {
     /// Digests of known keys due for a background re-read ([`KeyCache::refresh_ahead`]).
     refresh_tx: mpsc::Sender<KeyDigest>,
     refresh_rx: Mutex<Option<mpsc::Receiver<KeyDigest>>>,
+    /// The outage breaker, and what else is known to be wrong with the store.
+    health: Arc<StoreHealth>,
+    /// The store's permissions were checked ([`KeyCache::check_access`]).
+    access_checked: AtomicBool,
 }
 
 /// Background re-reads waiting at most; beyond that a key is re-read by the request that finds
@@ -369,12 +380,14 @@ impl KeyCache {
             feed_since: AtomicU64::new(u64::MAX),
             epoch: Instant::now(),
             poll_interval: cfg.poll_interval,
-            metrics,
             id: NEXT_CACHE_ID.fetch_add(1, Ordering::Relaxed),
             generation,
             local_capacity: usize::try_from(cfg.cache_capacity).unwrap_or(usize::MAX),
             refresh_tx,
             refresh_rx: Mutex::new(Some(refresh_rx)),
+            health: Arc::new(StoreHealth::new(Arc::clone(&metrics))),
+            access_checked: AtomicBool::new(false),
+            metrics,
         }
     }
 
@@ -519,28 +532,121 @@ impl KeyCache {
         self.cache.entry_count()
     }
 
-    /// Calls the store with the configured timeout, tracking store health.
+    /// The store's health as this gateway knows it (the outage breaker and the rest).
+    pub fn health(&self) -> &Arc<StoreHealth> {
+        &self.health
+    }
+
+    /// Calls the store with the configured timeout, tracking store health; while the breaker is
+    /// open or the store lost its data, fails at once without calling it.
     pub async fn call<T>(
+        &self,
+        fut: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        if !self.health.available() {
+            let (_, why) = self.health.problems(false);
+            return Err(StoreError::Unavailable(why));
+        }
+        self.call_store(fut).await
+    }
+
+    /// Calls the store with the configured timeout whatever the breaker says (its probe),
+    /// tracking store health: an unavailable store opens the breaker.
+    async fn call_store<T>(
         &self,
         fut: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
         let result = match tokio::time::timeout(self.store_timeout, fut).await {
             Ok(r) => r,
             Err(_) => Err(StoreError::Unavailable(format!(
-                "no answer within {:?}",
+                "no answer within {:?} (store.timeout)",
                 self.store_timeout
             ))),
         };
         match &result {
-            Ok(_) | Err(StoreError::NotFound(_) | StoreError::Conflict(_)) => {
+            Ok(_)
+            | Err(StoreError::NotFound(_) | StoreError::Conflict(_) | StoreError::Unconfirmed(_)) => {
                 self.set_store_up(true)
             }
-            Err(StoreError::Unavailable(_) | StoreError::Corrupt(_)) => {
+            Err(StoreError::ReadOnly(_)) => {
+                self.set_store_up(true);
+                self.health.set_read_only(true);
+            }
+            Err(StoreError::Unavailable(e)) => {
                 self.metrics.store_errors.increment(1);
                 self.set_store_up(false);
+                self.health.open(e);
             }
+            Err(StoreError::Denied(e)) => {
+                self.metrics.store_errors.increment(1);
+                self.set_store_up(false);
+                self.health.set_denied(Some(e));
+                self.health.open(e);
+            }
+            // One record keygate cannot read: not an outage.
+            Err(StoreError::Corrupt(_)) => self.metrics.store_errors.increment(1),
         }
         result
+    }
+
+    /// Checks at start-up that the store permits every command keygate uses. A refusal is the
+    /// error to stop with; a store that does not answer yet is checked by the poller when it
+    /// first does.
+    pub async fn check_access(&self) -> Result<(), StoreError> {
+        match self.checked_access().await {
+            Ok(()) => {
+                self.access_checked.store(true, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e @ StoreError::Denied(_)) => Err(e),
+            Err(e @ StoreError::ReadOnly(_)) => {
+                // Checked as far as a replica allows; the health answers report it read-only.
+                self.access_checked.store(true, Ordering::Relaxed);
+                self.health.set_read_only(true);
+                tracing::warn!(error = %e, "store permissions checked for reads only");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "store permissions not checked yet: checked when the store answers");
+                Ok(())
+            }
+        }
+    }
+
+    /// The store's permission check, bounded by a few store timeouts (it makes a dozen round
+    /// trips); its failures are not outages, so they leave the breaker alone.
+    async fn checked_access(&self) -> Result<(), StoreError> {
+        tokio::time::timeout(4 * self.store_timeout, self.store.check_access())
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::Unavailable(format!(
+                    "no answer within {:?}",
+                    4 * self.store_timeout
+                )))
+            })
+    }
+
+    /// The health answer (computed at most once a second): what is wrong with the store, the
+    /// active keys and the node, asking the store only when it is available.
+    pub async fn health_report(&self, limits_degraded: bool) -> Arc<Report> {
+        self.health
+            .report(limits_degraded, || async {
+                let mut active_keys = None;
+                let mut node = None;
+                if self.health.available() {
+                    if let Ok(status) = self.call(self.store.status()).await {
+                        self.health.set_read_only(status.read_only);
+                        node = status.node;
+                    }
+                    if let Ok(n) = self.call(self.store.count_active()).await {
+                        self.metrics.active_keys.set(n as f64);
+                        active_keys = Some(n);
+                    }
+                }
+                let (problems, error) = self.health.problems(limits_degraded);
+                Report::new(problems, error, active_keys, node)
+            })
+            .await
     }
 
     /// The decision for `digest`: from the cache when fresh, else from the store (one lookup per
@@ -553,14 +659,25 @@ impl KeyCache {
         }
         // Read before the shared cache: what is kept under it predates no change after it.
         let generation = self.generation.load(Ordering::Acquire);
-        if let Some(entry) = self.cache.get(&digest).await
-            && self.usable(&entry, now)
-        {
-            self.keep_local(digest, &entry, generation);
-            self.hit(&entry, now);
-            return Ok((entry, Source::Hit));
-        }
+        let current = match self.cache.get(&digest).await {
+            Some(entry) if self.usable(&entry, now) => {
+                self.keep_local(digest, &entry, generation);
+                self.hit(&entry, now);
+                return Ok((entry, Source::Hit));
+            }
+            other => other,
+        };
         self.metrics.cache_misses.increment(1);
+        if !self.health.available() {
+            // The breaker is open (or the data lost): no request waits on the store.
+            return match current {
+                Some(e @ Entry::Known(_)) => {
+                    self.metrics.cache_stale_served.increment(1);
+                    Ok((e, Source::Stale))
+                }
+                Some(Entry::Unknown { .. }) | None => Err(Unavailable),
+            };
+        }
         let (entry, failed) = self.load(digest).await;
         match (entry, failed) {
             (Some(e), false) => Ok((e, Source::Store)),
@@ -622,6 +739,11 @@ impl KeyCache {
                     let now = Instant::now();
                     if current.as_ref().is_some_and(|e| self.usable(e, now)) {
                         // A request ahead of us in this digest's queue read it.
+                        return Op::Nop;
+                    }
+                    if !self.health.available() {
+                        // The read ahead of us failed and opened the breaker: not again.
+                        *failed_flag = true;
                         return Op::Nop;
                     }
                     match self.call(self.store.lookup(digest)).await {
@@ -709,6 +831,15 @@ impl KeyCache {
     /// request's miss), and not to a key evicted meanwhile (a change on the feed, or for room;
     /// its next request reads it). A failed read leaves the entries as they were.
     async fn refresh(&self, digests: &[KeyDigest]) {
+        if !self.health.available() {
+            // Served from the entries meanwhile; a request asks again later.
+            for digest in digests {
+                if let Some(Entry::Known(k)) = self.cache.get(digest).await {
+                    k.refresh_asked.store(false, Ordering::Relaxed);
+                }
+            }
+            return;
+        }
         let read_at = Instant::now();
         let mut due = Vec::with_capacity(digests.len());
         for digest in digests {
@@ -763,11 +894,13 @@ impl KeyCache {
         self.moved();
     }
 
-    /// Applies one poll of the change feed; returns the next position.
+    /// Applies one poll of the change feed (a probe of the store: it runs while the breaker is
+    /// open); returns the next position, or the same one when the store lost its data.
     pub async fn apply_changes(&self, position: u64) -> Result<u64, StoreError> {
-        let changes = self.call(self.store.changes_since(position)).await?;
+        let changes = self.call_store(self.store.changes_since(position)).await?;
         let next = match changes {
             Changes::Digests { digests, next } => {
+                self.health.set_lost(None);
                 if digests.is_empty() {
                     return Ok(next);
                 }
@@ -783,7 +916,15 @@ impl KeyCache {
                 self.cache.invalidate_all();
                 // `invalidate_all` notifies the eviction listener lazily, if at all.
                 self.moved();
+                // Adopted as it is now (a new identity marker): trusted again, cache empty.
+                self.health.set_lost(None);
                 next
+            }
+            Changes::Lost { reason } => {
+                // Nothing it answers is trusted, a missing key least of all: the cache keeps
+                // serving what it has, and nothing is read from the store.
+                self.health.set_lost(Some(&reason));
+                return Ok(position);
             }
         };
         self.refresh_counts().await;
@@ -800,18 +941,29 @@ impl KeyCache {
         }
     }
 
+    /// Re-reads whether the store's node takes writes.
+    async fn refresh_status(&self) {
+        if let Ok(status) = self.call(self.store.status()).await {
+            self.health.set_read_only(status.read_only);
+        }
+    }
+
     /// One poll of the change feed from `position` (`None`: not followed yet), confirming the
-    /// feed on success and withdrawing the confirmation on failure.
+    /// feed on success and withdrawing the confirmation on failure. It is also the outage
+    /// breaker's probe: it calls the store whatever the breaker says, and closes it when the
+    /// store answers.
     pub async fn poll_once(&self, position: &mut Option<u64>) -> Result<(), StoreError> {
         let result = match *position {
             // Start from the feed's current end; entries read before this may predate a change
             // the feed no longer shows, so they never rely on it (`follow_feed_from`).
             None => {
                 let asked = Instant::now();
-                self.call(self.store.change_position()).await.map(|p| {
-                    self.follow_feed_from(asked);
-                    *position = Some(p);
-                })
+                self.call_store(self.store.change_position())
+                    .await
+                    .map(|p| {
+                        self.follow_feed_from(asked);
+                        *position = Some(p);
+                    })
             }
             Some(p) => self
                 .apply_changes(p)
@@ -819,10 +971,37 @@ impl KeyCache {
                 .map(|next| *position = Some(next)),
         };
         match &result {
-            Ok(()) => self.confirm_feed(),
+            Ok(()) => {
+                self.health.close();
+                if self.health.lost() {
+                    self.unconfirm_feed();
+                } else {
+                    self.confirm_feed();
+                }
+                if !self.access_checked.load(Ordering::Relaxed) {
+                    self.recheck_access().await;
+                }
+            }
             Err(_) => self.unconfirm_feed(),
         }
         result
+    }
+
+    /// The permission check that could not run at start-up, now that the store answers.
+    async fn recheck_access(&self) {
+        match self.checked_access().await {
+            Ok(()) => {
+                self.access_checked.store(true, Ordering::Relaxed);
+                self.health.set_denied(None);
+            }
+            Err(StoreError::Denied(e)) => {
+                self.access_checked.store(true, Ordering::Relaxed);
+                self.health.set_denied(Some(&e));
+            }
+            // A replica cannot run the write checks; that it is read-only is reported as such.
+            Err(StoreError::ReadOnly(_)) => self.access_checked.store(true, Ordering::Relaxed),
+            Err(_) => {}
+        }
     }
 
     /// Polls the change feed every `interval` until `shutdown` fires.
@@ -842,12 +1021,21 @@ impl KeyCache {
                 _ = wait(signal.as_deref()) => {}
                 _ = shutdown.changed() => return,
             }
+            let was_open = self.health.breaker_open();
             if let Err(e) = self.poll_once(&mut position).await {
-                tracing::warn!(error = %e, "change feed poll failed");
+                if was_open {
+                    self.health.probe_failed(&e.to_string());
+                } else if !self.health.breaker_open()
+                    && let Some(suppressed) = POLL_FAILED.allow()
+                {
+                    // (A failure that opened the breaker was logged as that.)
+                    tracing::warn!(error = %e, suppressed, "change feed poll failed");
+                }
             }
             if since_counts.elapsed() >= Duration::from_secs(15) {
                 since_counts = Instant::now();
                 self.refresh_counts().await;
+                self.refresh_status().await;
             }
             self.metrics
                 .cache_entries
@@ -888,6 +1076,11 @@ impl KeyCache {
     /// Writes the usage of the keys used since the last flush in one batch. On failure the
     /// usage is given back to the keys, for the next flush.
     pub async fn flush_usage(self: &Arc<Self>) -> Result<usize, StoreError> {
+        if !self.health.available() {
+            // Kept in the keys for a flush that can succeed.
+            let (_, why) = self.health.problems(false);
+            return Err(StoreError::Unavailable(why));
+        }
         // Taken on the blocking pool: with 100,000 keys in use this is milliseconds of work
         // that never yields, and on a runtime thread such work held up the change feed's poller
         // past two poll intervals (withdrawing the feed's confirmation).
@@ -923,12 +1116,24 @@ impl KeyCache {
                 _ = ticker.tick() => {}
                 _ = shutdown.changed() => return,
             }
-            if let Err(e) = self.flush_usage().await {
-                tracing::warn!(error = %e, "usage flush failed; will retry");
+            // While the breaker is open the flush waits, and the breaker's own lines say why.
+            if let Err(e) = self.flush_usage().await
+                && self.health.available()
+                && let Some(suppressed) = FLUSH_FAILED.allow()
+            {
+                tracing::warn!(error = %e, suppressed, "usage flush failed; will retry");
             }
         }
     }
 }
+
+/// Repeated poll failures outside an outage (the breaker's probe failures have their own line).
+static POLL_FAILED: crate::logging::Throttle =
+    crate::logging::Throttle::new(Duration::from_secs(30));
+
+/// Repeated usage-flush failures.
+static FLUSH_FAILED: crate::logging::Throttle =
+    crate::logging::Throttle::new(Duration::from_secs(30));
 
 /// Resolves when `signal` is raised; never without one.
 async fn wait(signal: Option<&tokio::sync::Notify>) {
@@ -955,12 +1160,18 @@ mod tests {
         lookups: AtomicUsize,
         /// Usage writes fail while set.
         usage_fails: AtomicBool,
+        /// Lookups hang (past any store timeout) while set, as on a paused Redis.
+        lookups_hang: AtomicBool,
     }
 
     impl KeyStore for Counting {
         fn lookup(&self, digest: KeyDigest) -> StoreFuture<'_, Option<KeyRecord>> {
             self.lookups.fetch_add(1, Ordering::SeqCst);
+            let hang = self.lookups_hang.load(Ordering::SeqCst);
             Box::pin(async move {
+                if hang {
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 self.inner.lookup(digest).await
             })
@@ -1021,6 +1232,7 @@ mod tests {
             inner,
             lookups: AtomicUsize::new(0),
             usage_fails: AtomicBool::new(false),
+            lookups_hang: AtomicBool::new(false),
         });
         let mut cfg = crate::config::FileConfig::default()
             .validate()
@@ -1163,6 +1375,62 @@ mod tests {
         assert!(!cache.usable(&read(ms(1)), now));
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn while_the_store_hangs_no_request_waits_on_it_in_turn() {
+        let timeout = Duration::from_millis(300);
+        let (_dir, store, cache) = setup_with(|cfg| {
+            cfg.timeout = timeout;
+            cfg.positive_ttl = Duration::from_millis(100);
+            cfg.stale_if_error = Duration::from_secs(60);
+        });
+        let known = stored_key(&store).await;
+        assert_eq!(cache.resolve(known.digest).await.unwrap().1, Source::Store);
+        tokio::time::sleep(Duration::from_millis(150)).await; // past positive_ttl
+        store.lookups_hang.store(true, Ordering::SeqCst);
+        let lookups_before = store.lookups.load(Ordering::SeqCst);
+
+        // Eight requests for the known key and eight for an unknown one, at once: the first
+        // lookup of each digest waits for the store timeout and opens the breaker; the requests
+        // queued behind it, and every one after, are answered without calling the store.
+        let unknown = KeyDigest::of(b"sk_never_seen");
+        let started = Instant::now();
+        let tasks: Vec<_> = (0..16)
+            .map(|i| {
+                let cache = Arc::clone(&cache);
+                let digest = if i % 2 == 0 { known.digest } else { unknown };
+                tokio::spawn(async move {
+                    let result = cache.resolve(digest).await;
+                    (digest, result.map(|(_, source)| source), Instant::now())
+                })
+            })
+            .collect();
+        for t in tasks {
+            let (digest, result, done) = t.await.unwrap();
+            let took = done - started;
+            assert!(took < timeout * 2, "a request waited {took:?}");
+            if digest == known.digest {
+                assert_eq!(result.unwrap(), Source::Stale);
+            } else {
+                assert!(result.is_err(), "an unknown key was answered: {result:?}");
+            }
+        }
+        assert!(cache.health().breaker_open());
+        assert!(store.lookups.load(Ordering::SeqCst) - lookups_before <= 2);
+        // Later requests do not call the store at all.
+        let calls = store.lookups.load(Ordering::SeqCst);
+        let started = Instant::now();
+        assert_eq!(cache.resolve(known.digest).await.unwrap().1, Source::Stale);
+        assert!(cache.resolve(unknown).await.is_err());
+        assert!(started.elapsed() < Duration::from_millis(50));
+        assert_eq!(store.lookups.load(Ordering::SeqCst), calls);
+
+        // The probe (a poll) closes the breaker once the store answers; lookups resume.
+        store.lookups_hang.store(false, Ordering::SeqCst);
+        cache.poll_once(&mut None).await.unwrap();
+        assert!(!cache.health().breaker_open());
+        assert_eq!(cache.resolve(known.digest).await.unwrap().1, Source::Store);
+    }
+
     #[tokio::test]
     async fn concurrent_misses_for_one_digest_cost_one_lookup() {
         let (_dir, store, cache) = setup();
@@ -1252,9 +1520,14 @@ mod tests {
         cache.touch(&key, 1_000);
         store.usage_fails.store(true, Ordering::SeqCst);
         assert!(cache.flush_usage().await.is_err());
+        // The failure opened the breaker: the next flush keeps the uses without a store call.
+        assert!(cache.health().breaker_open());
         cache.touch(&key, 2_000);
         assert!(cache.flush_usage().await.is_err());
         store.usage_fails.store(false, Ordering::SeqCst);
+        // The poller's probe closes the breaker.
+        cache.poll_once(&mut None).await.unwrap();
+        assert!(!cache.health().breaker_open());
         // Given back to the key each time: one record, both uses, the latest time.
         assert_eq!(cache.flush_usage().await.unwrap(), 1);
         assert_eq!(cache.flush_usage().await.unwrap(), 0, "flushed twice");

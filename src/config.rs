@@ -284,14 +284,38 @@ impl Default for AuthSection {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreSection {
-    /// `sqlite` (embedded, one host), `redis` (one server, shared by a fleet) or `redis-cluster`.
+    /// `sqlite` (embedded, one host), `redis` (one server, shared by a fleet), `redis-sentinel`
+    /// (a primary that Redis Sentinel manages) or `redis-cluster`.
     pub backend: String,
     /// SQLite database file.
     pub path: String,
     /// Redis URL for `redis`: `redis://[user:password@]host:port/db`, or `rediss://` for TLS.
+    /// For `redis-sentinel`: the primary's user, password, database and scheme (the host is not
+    /// used: the sentinels name the primary).
     pub url: String,
     /// Seed nodes for `redis-cluster` (URLs as for `url`).
     pub cluster_nodes: Vec<String>,
+    /// Sentinels for `redis-sentinel`: `redis://[user:password@]host:26379` (the user and
+    /// password are the sentinels' own, if they require one).
+    pub sentinels: Vec<String>,
+    /// The name the sentinels monitor the primary under (`sentinel monitor <name> ...`).
+    pub master_name: String,
+    /// PEM file of the CAs that sign the Redis servers' certificates (`rediss://` only), instead
+    /// of the system's roots.
+    pub tls_ca_file: String,
+    /// PEM certificate chain keygate presents to Redis (`tls-auth-clients`), with
+    /// `tls_key_file`.
+    pub tls_cert_file: String,
+    /// PEM private key of `tls_cert_file`.
+    pub tls_key_file: String,
+    /// Allows `rediss://...#insecure` URLs, which turn certificate verification off.
+    pub tls_allow_insecure: bool,
+    /// Replicas that must acknowledge a key change (`WAIT`) before the CLI confirms it; unset: 1
+    /// with `redis-sentinel`, 0 (none) otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub confirm_replicas: Option<u32>,
+    /// How long a key change waits for those replicas before it is reported unconfirmed.
+    pub confirm_timeout: String,
     /// Redis key prefix; keys are `{prefix}:...`, all in one cluster slot.
     pub key_prefix: String,
     /// Maximum cached keys (valid and unknown together).
@@ -319,6 +343,14 @@ impl Default for StoreSection {
             path: "keygate.db".into(),
             url: "redis://127.0.0.1:6379/0".into(),
             cluster_nodes: Vec::new(),
+            sentinels: Vec::new(),
+            master_name: String::new(),
+            tls_ca_file: String::new(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
+            tls_allow_insecure: false,
+            confirm_replicas: None,
+            confirm_timeout: "1s".into(),
             key_prefix: "keygate".into(),
             cache_capacity: 100_000,
             positive_ttl: "60s".into(),
@@ -589,11 +621,8 @@ pub struct Auth {
 pub enum Backend {
     /// Embedded SQLite file.
     Sqlite { path: PathBuf },
-    /// Redis (one server or a cluster), keys under `{prefix}`.
-    Redis {
-        target: crate::store::redis::Target,
-        prefix: String,
-    },
+    /// Redis (one server, a Sentinel group or a cluster).
+    Redis(crate::store::redis::Settings),
 }
 
 /// Validated `[store]`.
@@ -735,7 +764,12 @@ impl FileConfig {
             shown.upstream.identity_secret = "***".into();
         }
         shown.store.url = redact_url(&shown.store.url);
-        for node in &mut shown.store.cluster_nodes {
+        for node in shown
+            .store
+            .cluster_nodes
+            .iter_mut()
+            .chain(shown.store.sentinels.iter_mut())
+        {
             *node = redact_url(node);
         }
         toml::to_string(&shown).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
@@ -861,6 +895,45 @@ fn check_redis_url(key: &'static str, value: &str) -> Result<(), ConfigError> {
     redis::Client::open(value)
         .map(|_| ())
         .map_err(|_| invalid(key, redact_url(value), EXPECTED))
+}
+
+/// What a PEM file must hold.
+#[derive(Clone, Copy)]
+enum PemKind {
+    Certificates,
+    PrivateKey,
+}
+
+/// The contents of the PEM file at `path` (`None` when unset), checked to hold `kind`.
+fn pem_file(key: &'static str, path: &str, kind: PemKind) -> Result<Option<Vec<u8>>, ConfigError> {
+    use rustls_pki_types::pem::PemObject as _;
+    if path.is_empty() {
+        return Ok(None);
+    }
+    let expected = match kind {
+        PemKind::Certificates => "a readable PEM file with at least one certificate",
+        PemKind::PrivateKey => "a readable PEM file with a private key",
+    };
+    // A regular file of sensible size: not a FIFO that blocks, nor /dev/zero that never ends.
+    const MAX_PEM_BYTES: u64 = 1 << 20;
+    let meta =
+        std::fs::metadata(path).map_err(|e| invalid(key, format!("{path} ({e})"), expected))?;
+    if !meta.is_file() || meta.len() > MAX_PEM_BYTES {
+        return Err(invalid(key, path, expected));
+    }
+    let bytes = std::fs::read(path).map_err(|e| invalid(key, format!("{path} ({e})"), expected))?;
+    let ok = match kind {
+        PemKind::Certificates => {
+            let certs: Result<Vec<_>, _> =
+                rustls_pki_types::CertificateDer::pem_slice_iter(&bytes).collect();
+            certs.is_ok_and(|c| !c.is_empty())
+        }
+        PemKind::PrivateKey => rustls_pki_types::PrivateKeyDer::from_pem_slice(&bytes).is_ok(),
+    };
+    if !ok {
+        return Err(invalid(key, path, expected));
+    }
+    Ok(Some(bytes))
 }
 
 /// `scheme://user:***@host...`: the password of a URL, hidden.
@@ -1257,6 +1330,90 @@ impl StoreSection {
         Ok(p.clone())
     }
 
+    /// The Redis settings for `target`, whose URLs are `urls` (key, URL); `confirm_default`
+    /// replicas confirm a change unless `confirm_replicas` says otherwise.
+    fn redis(
+        &self,
+        target: crate::store::redis::Target,
+        urls: &[(&'static str, &String)],
+        confirm_default: u32,
+    ) -> Result<Backend, ConfigError> {
+        let secure = |u: &str| u.starts_with("rediss://");
+        for (key, url) in urls {
+            let insecure = url::Url::parse(url)
+                .ok()
+                .is_some_and(|u| u.fragment() == Some("insecure"));
+            if insecure && !self.tls_allow_insecure {
+                return Err(invalid(
+                    key,
+                    redact_url(url),
+                    "a URL without #insecure, which turns certificate verification off: trust a private CA with store.tls_ca_file, or set store.tls_allow_insecure = true to accept any certificate",
+                ));
+            }
+        }
+        let files = [
+            ("store.tls_ca_file", &self.tls_ca_file),
+            ("store.tls_cert_file", &self.tls_cert_file),
+            ("store.tls_key_file", &self.tls_key_file),
+        ];
+        if let Some((key, path)) = files.iter().find(|(_, p)| !p.is_empty())
+            && !urls.iter().any(|(_, u)| secure(u))
+        {
+            return Err(invalid(
+                key,
+                path,
+                "no TLS file unless the store's URLs are rediss:// (TLS)",
+            ));
+        }
+        if self.tls_cert_file.is_empty() != self.tls_key_file.is_empty() {
+            let (key, value) = if self.tls_cert_file.is_empty() {
+                ("store.tls_cert_file", &self.tls_cert_file)
+            } else {
+                ("store.tls_key_file", &self.tls_key_file)
+            };
+            return Err(invalid(
+                key,
+                value,
+                "both store.tls_cert_file and store.tls_key_file (a client certificate and its key), or neither",
+            ));
+        }
+        let ca = pem_file(
+            "store.tls_ca_file",
+            &self.tls_ca_file,
+            PemKind::Certificates,
+        )?;
+        let cert = pem_file(
+            "store.tls_cert_file",
+            &self.tls_cert_file,
+            PemKind::Certificates,
+        )?;
+        let key = pem_file(
+            "store.tls_key_file",
+            &self.tls_key_file,
+            PemKind::PrivateKey,
+        )?;
+        Ok(Backend::Redis(crate::store::redis::Settings {
+            target,
+            prefix: self.redis_prefix()?,
+            tls: crate::store::redis::Tls {
+                ca,
+                client: cert.zip(key),
+            },
+            confirm_replicas: self.confirm_replicas.unwrap_or(confirm_default),
+            confirm_timeout: {
+                let d = positive_duration("store.confirm_timeout", &self.confirm_timeout)?;
+                if d > Duration::from_secs(60) {
+                    return Err(invalid(
+                        "store.confirm_timeout",
+                        &self.confirm_timeout,
+                        "between 1ms and 60s",
+                    ));
+                }
+                d
+            },
+        }))
+    }
+
     fn validate(&self) -> Result<Store, ConfigError> {
         let backend = match self.backend.as_str() {
             "sqlite" => {
@@ -1269,10 +1426,11 @@ impl StoreSection {
             }
             "redis" => {
                 check_redis_url("store.url", &self.url)?;
-                Backend::Redis {
-                    target: crate::store::redis::Target::Single(self.url.clone()),
-                    prefix: self.redis_prefix()?,
-                }
+                self.redis(
+                    crate::store::redis::Target::Single(self.url.clone()),
+                    &[("store.url", &self.url)],
+                    0,
+                )?
             }
             "redis-cluster" => {
                 if self.cluster_nodes.is_empty() {
@@ -1282,19 +1440,66 @@ impl StoreSection {
                         "at least one redis:// seed node for backend \"redis-cluster\"",
                     ));
                 }
+                let mut urls = Vec::new();
                 for node in &self.cluster_nodes {
                     check_redis_url("store.cluster_nodes", node)?;
+                    urls.push(("store.cluster_nodes", node));
                 }
-                Backend::Redis {
-                    target: crate::store::redis::Target::Cluster(self.cluster_nodes.clone()),
-                    prefix: self.redis_prefix()?,
+                self.redis(
+                    crate::store::redis::Target::Cluster(self.cluster_nodes.clone()),
+                    &urls,
+                    0,
+                )?
+            }
+            "redis-sentinel" => {
+                if self.sentinels.is_empty() {
+                    return Err(invalid(
+                        "store.sentinels",
+                        "[]",
+                        "at least one sentinel URL such as \"redis://10.0.0.1:26379\" for backend \"redis-sentinel\"",
+                    ));
                 }
+                let mut urls = vec![("store.url", &self.url)];
+                let mut auth = None;
+                for sentinel in &self.sentinels {
+                    check_redis_url("store.sentinels", sentinel)?;
+                    let parsed = url::Url::parse(sentinel).ok();
+                    let this = parsed
+                        .as_ref()
+                        .map(|u| (u.username().to_owned(), u.password().map(str::to_owned)));
+                    if auth.get_or_insert_with(|| this.clone()) != &this {
+                        return Err(invalid(
+                            "store.sentinels",
+                            redact_url(sentinel),
+                            "the same user and password in every sentinel URL (the sentinels' own credentials)",
+                        ));
+                    }
+                    urls.push(("store.sentinels", sentinel));
+                }
+                check_redis_url("store.url", &self.url)?;
+                let name = self.master_name.trim();
+                if name.is_empty() || name.contains(char::is_whitespace) {
+                    return Err(invalid(
+                        "store.master_name",
+                        &self.master_name,
+                        "the name the sentinels monitor the primary under (`sentinel monitor <name> ...`), e.g. \"mymaster\"",
+                    ));
+                }
+                self.redis(
+                    crate::store::redis::Target::Sentinel {
+                        sentinels: self.sentinels.clone(),
+                        master: name.to_owned(),
+                        node: self.url.clone(),
+                    },
+                    &urls,
+                    1,
+                )?
             }
             other => {
                 return Err(invalid(
                     "store.backend",
                     other,
-                    "\"sqlite\", \"redis\" or \"redis-cluster\"",
+                    "\"sqlite\", \"redis\", \"redis-sentinel\" or \"redis-cluster\"",
                 ));
             }
         };
@@ -1888,6 +2093,124 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("store.cluster_nodes"), "{err}");
+    }
+
+    #[test]
+    fn a_sentinel_backend_needs_sentinels_and_a_master_name() {
+        let sentinel =
+            "[store]\nbackend = \"redis-sentinel\"\nurl = \"redis://kg:pw@mymaster/1\"\n";
+        let err = load(sentinel, &[]).unwrap_err().to_string();
+        assert!(err.contains("store.sentinels"), "{err}");
+        let with_sentinels = format!(
+            "{sentinel}sentinels = [\"redis://:spw@10.0.0.1:26379\", \"redis://:spw@10.0.0.2:26379\"]\n"
+        );
+        let err = load(&with_sentinels, &[]).unwrap_err().to_string();
+        assert!(err.contains("store.master_name"), "{err}");
+        let c = load(
+            &format!("{with_sentinels}master_name = \"mymaster\"\n"),
+            &[],
+        )
+        .unwrap();
+        let Backend::Redis(settings) = &c.store.backend else {
+            panic!("not redis");
+        };
+        assert!(matches!(
+            &settings.target,
+            crate::store::redis::Target::Sentinel { master, sentinels, .. }
+                if master == "mymaster" && sentinels.len() == 2
+        ));
+        // Confirmed by one replica by default: a Sentinel group has replicas.
+        assert_eq!(settings.confirm_replicas, 1);
+        // The sentinels' credentials are one set, and never printed.
+        let err = load(
+            &format!(
+                "{sentinel}master_name = \"m\"\nsentinels = [\"redis://:a@h1:26379\", \"redis://:b@h2:26379\"]\n"
+            ),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("same user and password") && !err.contains(":a@"),
+            "{err}"
+        );
+        let file = FileConfig::from_toml(
+            &format!("{with_sentinels}master_name = \"m\"\n"),
+            "test",
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        let shown = file.to_toml();
+        assert!(!shown.contains("spw") && !shown.contains(":pw@"), "{shown}");
+    }
+
+    #[test]
+    fn redis_tls_settings_are_checked_when_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        let cert = dir.path().join("cert.pem");
+        let key = dir.path().join("key.pem");
+        crate::tls::write_dev_cert(&cert, &key, &["localhost".to_owned()]).unwrap();
+        std::fs::copy(&cert, &ca).unwrap();
+        let store = |extra: &str| {
+            format!("[store]\nbackend = \"redis\"\nurl = \"rediss://h:6380/0\"\n{extra}")
+        };
+        let path = |p: &std::path::Path| p.display().to_string();
+        let c = load(
+            &store(&format!(
+                "tls_ca_file = \"{}\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n",
+                path(&ca),
+                path(&cert),
+                path(&key)
+            )),
+            &[],
+        )
+        .unwrap();
+        let Backend::Redis(settings) = &c.store.backend else {
+            panic!("not redis");
+        };
+        assert!(settings.tls.ca.is_some() && settings.tls.client.is_some());
+        for (extra, wanted) in [
+            (
+                format!("tls_cert_file = \"{}\"\n", path(&cert)),
+                "store.tls_key_file",
+            ),
+            (
+                format!("tls_ca_file = \"{}\"\n", path(&key)),
+                "store.tls_ca_file",
+            ),
+            (
+                "tls_ca_file = \"/nonexistent/ca.pem\"\n".to_owned(),
+                "store.tls_ca_file",
+            ),
+            // Not a regular file: never read (a FIFO would block, /dev/zero never end).
+            (
+                "tls_ca_file = \"/dev/zero\"\n".to_owned(),
+                "store.tls_ca_file",
+            ),
+        ] {
+            let err = load(&store(&extra), &[]).unwrap_err().to_string();
+            assert!(err.contains(wanted), "{extra}: {err}");
+        }
+        // TLS files with a plain redis:// URL: a mistake, said so.
+        let err = load(
+            &format!(
+                "[store]\nbackend = \"redis\"\nurl = \"redis://h:6379/0\"\ntls_ca_file = \"{}\"\n",
+                path(&ca)
+            ),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("rediss://"), "{err}");
+        // `#insecure` turns verification off: refused unless allowed in so many words.
+        let insecure = "[store]\nbackend = \"redis\"\nurl = \"rediss://u:pw@h:6380/0#insecure\"\n";
+        let err = load(insecure, &[]).unwrap_err().to_string();
+        assert!(
+            err.contains("store.url") && err.contains("tls_allow_insecure") && !err.contains("pw"),
+            "{err}"
+        );
+        load(&format!("{insecure}tls_allow_insecure = true\n"), &[]).unwrap();
     }
 
     #[test]

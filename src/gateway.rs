@@ -19,7 +19,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, Entry, HeaderName, HeaderValue};
@@ -374,6 +374,7 @@ impl Gateway {
             config.rate_limit.failures_per_ip,
             config.rate_limit.shared_timeout,
             Arc::clone(cache.store()),
+            Arc::clone(cache.health()),
             Arc::clone(&metrics),
         );
         let h = &config.headers;
@@ -742,20 +743,10 @@ impl Gateway {
     }
 
     async fn health(&self, passage: &mut Passage<'_>) -> Response<GatewayBody> {
-        let timestamp = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
-        let store = self.cache.store();
-        let (status, body) = match self.cache.call(store.count_active()).await {
-            Ok(n) => (
-                StatusCode::OK,
-                serde_json::json!({"status": "healthy", "active_api_keys": n, "timestamp": timestamp}),
-            ),
-            Err(e) => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                serde_json::json!({"status": "unhealthy", "error": e.to_string(), "timestamp": timestamp}),
-            ),
-        };
-        let mut response = Response::new(GatewayBody::full(Bytes::from(body.to_string())));
-        *response.status_mut() = status;
+        // Computed at most once a second, whatever the request rate.
+        let report = self.cache.health_report(self.limits.degraded()).await;
+        let mut response = Response::new(GatewayBody::full(report.body.clone()));
+        *response.status_mut() = report.status;
         response.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),

@@ -503,8 +503,86 @@ impl<'a> AuditEvent<'a> {
     }
 }
 
+/// Holds a repeated warning to one line per interval: the first occurrence is logged at once,
+/// repeats within the interval are counted, and the next line says how many were suppressed. A
+/// failing dependency (Redis down) would otherwise log a line per retry, several a second.
+#[derive(Debug)]
+pub struct Throttle {
+    every: Duration,
+    /// When the last line was let through, and the repeats held back since.
+    state: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+impl Throttle {
+    /// At most one line per `every`.
+    pub const fn new(every: Duration) -> Self {
+        Self {
+            every,
+            state: std::sync::Mutex::new((None, 0)),
+        }
+    }
+
+    /// `Some(suppressed)` when a line may be logged now (with the number of repeats held back
+    /// since the last one), `None` when this repeat is to be held back.
+    pub fn allow(&self) -> Option<u64> {
+        let Ok(mut state) = self.state.lock() else {
+            return Some(0);
+        };
+        let now = std::time::Instant::now();
+        match state.0 {
+            Some(last) if now.duration_since(last) < self.every => {
+                state.1 += 1;
+                None
+            }
+            _ => {
+                let suppressed = std::mem::take(&mut state.1);
+                state.0 = Some(now);
+                Some(suppressed)
+            }
+        }
+    }
+
+    /// A line about the condition was just logged elsewhere: the next one is let through one
+    /// interval from now.
+    pub fn hold(&self) {
+        if let Ok(mut state) = self.state.lock() {
+            *state = (Some(std::time::Instant::now()), 0);
+        }
+    }
+
+    /// The condition ended: its next occurrence is logged at once. Returns the repeats held back
+    /// since the last line.
+    pub fn reset(&self) -> u64 {
+        let Ok(mut state) = self.state.lock() else {
+            return 0;
+        };
+        state.0 = None;
+        std::mem::take(&mut state.1)
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_throttle_lets_one_line_through_per_interval_and_counts_the_rest() {
+        let throttle = super::Throttle::new(Duration::from_millis(200));
+        assert_eq!(throttle.allow(), Some(0));
+        assert_eq!(throttle.allow(), None);
+        assert_eq!(throttle.allow(), None);
+        std::thread::sleep(Duration::from_millis(250));
+        assert_eq!(
+            throttle.allow(),
+            Some(2),
+            "the next line counts what was held back"
+        );
+        assert_eq!(throttle.allow(), None);
+        assert_eq!(throttle.reset(), 1);
+        assert_eq!(
+            throttle.allow(),
+            Some(0),
+            "after a reset the next line goes at once"
+        );
+    }
     use super::*;
 
     fn record<'a>(path: &'a str, agent: Option<&'a str>) -> AccessRecord<'a> {

@@ -159,6 +159,12 @@ pub struct Metrics {
     pub store_errors: Counter,
     /// 1 when the last store call succeeded.
     pub store_up: Gauge,
+    /// 1 while the outage breaker is open (no request calls the store; one probe does).
+    pub store_breaker_open: Gauge,
+    /// 1 while the store looks like it lost its data (identity marker gone, change counter back).
+    pub store_data_lost: Gauge,
+    /// 1 while the node keygate talks to takes no writes (a replica).
+    pub store_read_only: Gauge,
     /// Active, unexpired keys in the store.
     pub active_keys: Gauge,
     /// Failed or timed-out TLS handshakes.
@@ -335,6 +341,21 @@ impl Metrics {
                 &[],
             ),
             store_up,
+            store_breaker_open: r.gauge(
+                "keygate_store_breaker_open",
+                "1 while the key store is failing and the outage breaker is open: no request waits on the store (known keys are answered from the cache, unknown keys get 503) and one background probe checks it.",
+                &[],
+            ),
+            store_data_lost: r.gauge(
+                "keygate_store_data_lost",
+                "1 while the key store looks like it lost its data (its identity marker is gone, or its change counter went back): unknown keys get 503 until the data is restored or accepted.",
+                &[],
+            ),
+            store_read_only: r.gauge(
+                "keygate_store_read_only",
+                "1 while the key store node keygate talks to takes no writes (a replica): key changes and usage writes fail.",
+                &[],
+            ),
             active_keys: r.gauge(
                 "keygate_active_keys",
                 "Active, unexpired API keys in the store.",

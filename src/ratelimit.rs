@@ -23,8 +23,10 @@ use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota, RateLimiter};
 use http::HeaderValue;
 
+use crate::logging::Throttle;
 use crate::metrics::Metrics;
-use crate::store::SharedStore;
+use crate::store::health::StoreHealth;
+use crate::store::{SharedStore, StoreError};
 
 /// A rate: `count` events per `period`, allowing a burst of `count`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -195,6 +197,8 @@ pub struct RateLimits {
     /// out, a request's lockout check is one atomic load, not a cache lookup.
     lockouts_until: AtomicU64,
     store: SharedStore,
+    /// While its breaker is open, decisions are local without asking the store.
+    health: Arc<StoreHealth>,
     shared_timeout: Duration,
     started: Instant,
     /// Milliseconds since `started` until which decisions are local; 0 = not degraded.
@@ -209,16 +213,21 @@ impl std::fmt::Debug for RateLimits {
     }
 }
 
+/// Repeats of a permission the shared limiter is refused.
+static DENIED: Throttle = Throttle::new(Duration::from_secs(30));
+
 /// How long decisions stay local after the shared limiter failed.
 const DEGRADED_FOR: Duration = Duration::from_secs(1);
 
 impl RateLimits {
-    /// Limits from `[rate_limit]`; `store` decides whether they are shared.
+    /// Limits from `[rate_limit]`; `store` decides whether they are shared, and `health` says
+    /// when it is failing (decisions are then local, without a store round trip).
     pub fn new(
         per_key: Option<Rate>,
         failures_per_ip: Option<Rate>,
         shared_timeout: Duration,
         store: SharedStore,
+        health: Arc<StoreHealth>,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
@@ -230,6 +239,7 @@ impl RateLimits {
                 .time_to_live(failures_per_ip.map_or(Duration::from_secs(60), |r| r.period))
                 .build(),
             store,
+            health,
             shared_timeout,
             started: Instant::now(),
             lockouts_until: AtomicU64::new(0),
@@ -344,6 +354,10 @@ impl RateLimits {
     ) -> Verdict {
         let verdict = if self.now_ms() < self.degraded_until.load(Ordering::Relaxed) {
             limit.decide_locally(subject)
+        } else if self.health.breaker_open() {
+            // The store is failing: no request waits on it.
+            self.set_degraded(true, Some("the key store is unavailable"));
+            limit.decide_locally(subject)
         } else {
             let shared = tokio::time::timeout(
                 self.shared_timeout,
@@ -359,6 +373,11 @@ impl RateLimits {
                 // The store keeps no shared limits (embedded SQLite): in-process is the design.
                 Ok(Ok(None)) => limit.decide_locally(subject),
                 Ok(Err(e)) => {
+                    if let StoreError::Denied(what) = &e
+                        && let Some(suppressed) = DENIED.allow()
+                    {
+                        tracing::error!(error = %what, suppressed, "the shared rate limiter is refused a command it needs");
+                    }
                     self.set_degraded(true, Some(&e.to_string()));
                     limit.decide_locally(subject)
                 }
@@ -391,6 +410,12 @@ impl RateLimits {
                 tracing::info!("shared rate limiter available again: fleet-wide limits restored");
             }
         }
+    }
+
+    /// Whether the last shared decision failed, so limits are per instance (until a shared
+    /// decision succeeds again).
+    pub fn degraded(&self) -> bool {
+        self.degraded.load(Ordering::Relaxed)
     }
 
     /// Drops in-process limiter state for subjects whose budget is full again (bounded memory).

@@ -71,6 +71,9 @@ pub enum ServeError {
     /// A worker thread or its runtime could not be started.
     #[error("cannot start a worker: {0}")]
     Worker(std::io::Error),
+    /// The key store refuses a command keygate needs.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
 }
 
 /// One listening socket; with `SO_REUSEPORT` so several can share a port.
@@ -552,6 +555,8 @@ pub async fn run(
     // Store connections are born and driven on this runtime, whichever worker calls.
     let store = crate::store::pinned::Pinned::wrap(store, tokio::runtime::Handle::current());
     let cache = Arc::new(KeyCache::new(store, &config.store, Arc::clone(&metrics)));
+    // A missing permission stops the start with one line naming it.
+    cache.check_access().await?;
     cache.refresh_counts().await;
     let workers = listeners.https.len();
     let gateway = Arc::new(Gateway::new(

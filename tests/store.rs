@@ -23,6 +23,7 @@ async fn digests_since(store: &dyn KeyStore, pos: u64) -> (Vec<key::KeyDigest>, 
     match store.changes_since(pos).await.unwrap() {
         Changes::Digests { digests, next } => (digests, next),
         Changes::Gap { next } => panic!("unexpected gap (next {next})"),
+        Changes::Lost { reason } => panic!("unexpectedly lost: {reason}"),
     }
 }
 
@@ -242,10 +243,11 @@ async fn conformance(store: Arc<dyn KeyStore>) {
     assert_eq!(store.lookup(fresh.digest).await.unwrap().unwrap(), fresh);
     let pos = store.change_position().await.unwrap();
 
-    // A position from the future (the store was replaced) is a gap, never silence.
+    // A position from the future (the store was replaced, or rolled back) is never silence: a
+    // gap (drop the cache), or, where the store keeps an identity marker, lost data.
     assert!(matches!(
         store.changes_since(pos + 1_000).await.unwrap(),
-        Changes::Gap { .. }
+        Changes::Gap { .. } | Changes::Lost { .. }
     ));
 }
 
@@ -305,6 +307,87 @@ async fn redis_trimmed_change_stream_is_a_gap() {
     assert!(matches!(
         store.changes_since(pos).await.unwrap(),
         Changes::Gap { next: 3 }
+    ));
+}
+
+/// A Redis store that lost its data is reported lost, never read as empty: its identity marker
+/// gone (a restart without persistence), or its change counter gone back (a rollback). A new
+/// marker (the first change written after the loss) or a new generation (`keygate store accept`)
+/// is adopted as a gap: the gateway drops its cache and reads the store as it is.
+#[tokio::test]
+async fn redis_store_reports_lost_data_until_a_new_identity_is_adopted() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = Redis::start(dir.path());
+    let open = || {
+        RedisStore::new(
+            Target::Single(redis.url()),
+            "keygate",
+            Duration::from_secs(2),
+        )
+    };
+    // `gateway` reads the change feed; `cli` writes, as the keygate CLI would.
+    let (gateway, cli) = (open().unwrap(), open().unwrap());
+    assert_eq!(
+        gateway.identity().await.unwrap(),
+        None,
+        "a new store has no marker"
+    );
+    let mut pos = gateway.change_position().await.unwrap();
+    cli.insert(record("first").1).await.unwrap();
+    let marker = cli
+        .identity()
+        .await
+        .unwrap()
+        .expect("the first change writes the marker");
+    assert_eq!(marker.generation, 1);
+    (_, pos) = digests_since(&gateway, pos).await;
+
+    // Restarted empty (FLUSHALL does the same to the data): lost, poll after poll.
+    redis.cli(&["FLUSHALL"]).unwrap();
+    for _ in 0..2 {
+        let changes = gateway.changes_since(pos).await.unwrap();
+        assert!(
+            matches!(&changes, Changes::Lost { reason } if reason.contains("marker")),
+            "{changes:?}"
+        );
+    }
+    // The first change written after the loss (the restore) writes a new marker: adopted.
+    cli.insert(record("restored").1).await.unwrap();
+    let restored = cli.identity().await.unwrap().unwrap();
+    assert_ne!(restored.id, marker.id);
+    let Changes::Gap { next } = gateway.changes_since(pos).await.unwrap() else {
+        panic!("a new marker is not adopted as a gap");
+    };
+    pos = next;
+    assert!(digests_since(&gateway, pos).await.0.is_empty());
+
+    // Rolled back: the counter goes back under the same marker. Lost, and it stays lost when
+    // new changes take the counter past where it was.
+    cli.insert(record("second").1).await.unwrap();
+    (_, pos) = digests_since(&gateway, pos).await;
+    // (The counter and the stream go back together, as in a restored snapshot.)
+    redis.cli(&["SET", "{keygate}:seq", "0"]).unwrap();
+    redis.cli(&["DEL", "{keygate}:changes"]).unwrap();
+    assert!(matches!(
+        gateway.changes_since(pos).await.unwrap(),
+        Changes::Lost { reason } if reason.contains("went back")
+    ));
+    for i in 0..3 {
+        cli.insert(record(&format!("after-{i}")).1).await.unwrap();
+    }
+    assert!(matches!(
+        gateway.changes_since(pos).await.unwrap(),
+        Changes::Lost { .. }
+    ));
+    // Accepted by the operator: a new generation of the same marker, adopted as a gap.
+    let accepted = cli.accept_identity().await.unwrap().unwrap();
+    assert_eq!(
+        (accepted.id.as_str(), accepted.generation),
+        (restored.id.as_str(), 2)
+    );
+    assert!(matches!(
+        gateway.changes_since(pos).await.unwrap(),
+        Changes::Gap { .. }
     ));
 }
 
@@ -493,4 +576,39 @@ PRAGMA user_version = 2;",
     store.insert(owned.clone()).await.unwrap();
     assert_eq!(store.find("new").await.unwrap(), owned);
     assert_eq!(store.find("v2").await.unwrap().owner.as_deref(), Some("42"));
+}
+
+/// With `confirm_replicas`, a change too few replicas acknowledged within `confirm_timeout` is
+/// reported unconfirmed (it was written to the primary), on a single server and on a cluster
+/// (where the WAIT goes, in one pipeline with the script, to the node holding keygate's slot);
+/// with a replica, it is confirmed.
+#[tokio::test]
+async fn a_change_too_few_replicas_acknowledged_is_unconfirmed() {
+    use keygate::store::redis::Settings;
+    let dir = tempfile::tempdir().unwrap();
+    let primary = Redis::start(&dir.path().join("primary"));
+    let cluster = Cluster::start(&dir.path().join("cluster"));
+    let confirmed = |target| {
+        let mut settings = Settings::new(target, "keygate");
+        settings.confirm_replicas = 1;
+        settings.confirm_timeout = Duration::from_millis(200);
+        RedisStore::open(settings, Duration::from_secs(2)).unwrap()
+    };
+    for store in [
+        confirmed(Target::Single(primary.url())),
+        confirmed(Target::Cluster(cluster.urls())),
+    ] {
+        let (_, r) = record("lonely");
+        let err = store.insert(r.clone()).await.unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Unconfirmed(m) if m.contains("0 of the 1 replica")),
+            "{err:?}"
+        );
+        // Written all the same: the primary has it.
+        assert_eq!(store.find("lonely").await.unwrap(), r);
+    }
+    let _replica = Redis::start_replica(&dir.path().join("replica"), &primary);
+    let store = confirmed(Target::Single(primary.url()));
+    store.insert(record("replicated").1).await.unwrap();
+    store.set_active("replicated", false).await.unwrap();
 }

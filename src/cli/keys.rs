@@ -11,7 +11,7 @@ use super::{CreateArgs, JsonFlag, KeysCommand, RotateArgs, UsageArgs, backup};
 use crate::key;
 use crate::logging::AuditEvent;
 use crate::policy::Policy;
-use crate::store::{KeyRecord, SharedStore, unix_now};
+use crate::store::{KeyRecord, SharedStore, StoreError, unix_now};
 
 /// Checks a key name: header-safe (it is sent upstream), short, and readable.
 pub(super) fn validate_name(name: &str) -> anyhow::Result<()> {
@@ -158,6 +158,15 @@ pub(super) async fn run(
     }
 }
 
+/// A change's outcome: `Ok(Some(_))` when it was written but not confirmed by the replicas.
+fn unconfirmed(result: Result<(), StoreError>) -> Result<Option<StoreError>, StoreError> {
+    match result {
+        Ok(()) => Ok(None),
+        Err(e @ StoreError::Unconfirmed(_)) => Ok(Some(e)),
+        Err(e) => Err(e),
+    }
+}
+
 /// Appends to the audit log, if one is configured. A failure to write it is reported, but does
 /// not undo the change (and must not hide a key that was just printed).
 pub(super) fn audit(path: Option<&Path>, event: AuditEvent<'_>) {
@@ -200,7 +209,9 @@ async fn create(
         owner: args.owner,
         ..KeyRecord::new(args.name, &secret, now, expires_at)?
     };
-    store.insert(record.clone()).await?;
+    // Written but not confirmed by the replicas: the key is printed all the same (it works
+    // unless the primary fails before they catch up), and the command fails saying so.
+    let unconfirmed = unconfirmed(store.insert(record.clone()).await)?;
     audit(
         audit_log,
         AuditEvent::new("created", Some(&record.id), Some(&record.name)),
@@ -224,7 +235,12 @@ async fn create(
         "created API key '{}' (id {}, hint {}). Store it now: it is not shown again.",
         record.name, record.id, record.hint
     );
-    Ok(())
+    match unconfirmed {
+        Some(e) => Err(anyhow::anyhow!(
+            "{e} (the new key printed above is written to the primary)"
+        )),
+        None => Ok(()),
+    }
 }
 
 async fn rotate(
@@ -254,9 +270,21 @@ async fn rotate(
     };
     let grace_until =
         now.saturating_add(i64::try_from(args.grace.as_secs()).context("--grace is too long")?);
-    let old = store
-        .rotate(&old.id, successor.clone(), grace_until)
-        .await?;
+    let (old, unconfirmed) = match store.rotate(&old.id, successor.clone(), grace_until).await {
+        Ok(old) => (old, None),
+        Err(e @ StoreError::Unconfirmed(_)) => {
+            // Written to the primary as the store would have returned it.
+            let mut updated = old;
+            updated.rotated_to = Some(successor.id.clone());
+            updated.expires_at = Some(
+                updated
+                    .expires_at
+                    .map_or(grace_until, |e| e.min(grace_until)),
+            );
+            (updated, Some(e))
+        }
+        Err(e) => return Err(e.into()),
+    };
     let mut event = AuditEvent::new("rotated", Some(&old.id), Some(&old.name));
     event.detail = Some(format!(
         "new key {}, old key valid until {}",
@@ -292,7 +320,12 @@ async fn rotate(
         old.id,
         timestamp(old.expires_at.unwrap_or(grace_until))
     );
-    Ok(())
+    match unconfirmed {
+        Some(e) => Err(anyhow::anyhow!(
+            "{e} (the new key printed above is written to the primary)"
+        )),
+        None => Ok(()),
+    }
 }
 
 fn print_one(

@@ -15,6 +15,7 @@ use crate::store;
 
 mod backup;
 mod keys;
+mod store_cmd;
 
 /// keygate: API-key authentication gateway.
 #[derive(Debug, Parser)]
@@ -42,6 +43,19 @@ pub enum Command {
     /// Manage API keys in the configured store.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Inspect the configured store, or accept its data after it was found lost.
+    #[command(subcommand)]
+    Store(StoreCommand),
+}
+
+/// `keygate store ...`.
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// The store's identity marker, change counter, active keys and whether it takes writes.
+    Status(JsonFlag),
+    /// Vouch for the store's data as it is now (after restoring it, or checking a rollback):
+    /// raises its identity marker's generation, and gateways that found it lost use it again.
+    Accept,
 }
 
 /// `keygate keys ...`.
@@ -216,6 +230,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             runtime.block_on(async {
                 let store = store::open(&config.store).context("cannot open the key store")?;
                 keys::run(cmd, &store, config.logging.audit_file.as_deref()).await
+            })
+        }
+        Command::Store(cmd) => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the runtime")?;
+            runtime.block_on(async {
+                let opened = store::open(&config.store).context("cannot open the key store")?;
+                store_cmd::run(cmd, &opened, config.logging.audit_file.as_deref()).await
             })
         }
     }

@@ -4,6 +4,7 @@
 //! store. The gateway only reads it on a cache miss, polls its change feed, and flushes usage to
 //! it in batches; the CLI uses it directly, which is why every mutation records a change.
 
+pub mod health;
 pub mod pinned;
 pub mod redis;
 pub mod sqlite;
@@ -145,6 +146,30 @@ pub enum Changes {
     Digests { digests: Vec<KeyDigest>, next: u64 },
     /// The feed no longer reaches back to the position asked for: drop every cached decision.
     Gap { next: u64 },
+    /// The store lost data it had (its identity marker is gone, or its change counter went
+    /// back): what it answers now cannot be trusted, neither a key found nor a key missing. The
+    /// position stays where it was.
+    Lost { reason: String },
+}
+
+/// A store's identity marker: written with its first key, kept with its data. A marker that
+/// vanishes, or a change counter that goes back under it, means the data was lost or rolled back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Identity {
+    /// Random id, drawn when the marker is written.
+    pub id: String,
+    /// Raised by `keygate store accept` (the operator vouches for the data as it is now).
+    pub generation: u64,
+}
+
+/// What a store says about itself, beyond answering.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Status {
+    /// The node answering cannot take writes (a replica): key changes and usage writes fail.
+    pub read_only: bool,
+    /// The node keygate talks to, when the store finds it by itself (the Sentinel primary).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// Errors from a store. Names say what a caller can do about them.
@@ -162,6 +187,16 @@ pub enum StoreError {
     /// Stored data that keygate cannot read (a newer schema, corruption).
     #[error("key store data is invalid: {0}")]
     Corrupt(String),
+    /// The node answering takes no writes (a Redis replica): says which, and the fix.
+    #[error("key store is read-only: {0}")]
+    ReadOnly(String),
+    /// The store refused a command keygate needs (a Redis ACL): says which, and the fix.
+    #[error("key store permission missing: {0}")]
+    Denied(String),
+    /// A change was written to the primary but not confirmed as durable as configured (too few
+    /// replicas acknowledged it in time): it may be lost if the primary fails now.
+    #[error("key change not confirmed: {0}")]
+    Unconfirmed(String),
 }
 
 /// The storage seam. Implementations must make each mutation and its change-feed entry atomic.
@@ -232,6 +267,30 @@ pub trait KeyStore: Send + Sync + 'static {
     fn runtime_bound(&self) -> bool {
         false
     }
+    /// The node keygate talks to, when the store finds it by itself (the Sentinel primary), as
+    /// last found: no round trip.
+    fn node(&self) -> Option<String> {
+        None
+    }
+    /// Whether the node answering takes writes, and which node it is. By default: writable.
+    fn status(&self) -> StoreFuture<'_, Status> {
+        Box::pin(async { Ok(Status::default()) })
+    }
+    /// Checks that the store permits every command keygate uses; `Denied` names the first that
+    /// it refuses. By default: nothing to check.
+    fn check_access(&self) -> StoreFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
+    /// The store's identity marker; `None`: none written yet, or this store keeps none.
+    fn identity(&self) -> StoreFuture<'_, Option<Identity>> {
+        Box::pin(async { Ok(None) })
+    }
+    /// Vouches for the store's data as it is now: raises the marker's generation (writing a
+    /// marker if there is none), so gateways that found the store lost adopt it. `None`: this
+    /// store keeps no marker.
+    fn accept_identity(&self) -> StoreFuture<'_, Option<Identity>> {
+        Box::pin(async { Ok(None) })
+    }
 }
 
 /// Shared handle to the configured store.
@@ -251,9 +310,8 @@ pub fn open(cfg: &crate::config::Store) -> Result<SharedStore, StoreError> {
         crate::config::Backend::Sqlite { path } => {
             Ok(Arc::new(sqlite::SqliteStore::open(path, cfg.timeout)?))
         }
-        crate::config::Backend::Redis { target, prefix } => Ok(Arc::new(redis::RedisStore::new(
-            target.clone(),
-            prefix,
+        crate::config::Backend::Redis(settings) => Ok(Arc::new(redis::RedisStore::open(
+            settings.clone(),
             cfg.timeout,
         )?)),
     }

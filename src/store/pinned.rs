@@ -12,7 +12,9 @@ use std::future::Future;
 
 use tokio::runtime::Handle;
 
-use super::{Changes, KeyRecord, KeyStore, SharedStore, StoreError, StoreFuture, Usage};
+use super::{
+    Changes, Identity, KeyRecord, KeyStore, SharedStore, Status, StoreError, StoreFuture, Usage,
+};
 use crate::key::KeyDigest;
 use crate::ratelimit::{Rate, Verdict};
 
@@ -117,5 +119,20 @@ impl KeyStore for Pinned {
     }
     fn runtime_bound(&self) -> bool {
         false
+    }
+    fn node(&self) -> Option<String> {
+        self.inner.node()
+    }
+    fn status(&self) -> StoreFuture<'_, Status> {
+        self.run(|s| async move { s.status().await })
+    }
+    fn check_access(&self) -> StoreFuture<'_, ()> {
+        self.run(|s| async move { s.check_access().await })
+    }
+    fn identity(&self) -> StoreFuture<'_, Option<Identity>> {
+        self.run(|s| async move { s.identity().await })
+    }
+    fn accept_identity(&self) -> StoreFuture<'_, Option<Identity>> {
+        self.run(|s| async move { s.accept_identity().await })
     }
 }

@@ -324,6 +324,25 @@ impl Gateway {
             .unwrap()
     }
 
+    /// The admin listener's `/readyz`: status and JSON body.
+    pub async fn ready(&self) -> (reqwest::StatusCode, serde_json::Value) {
+        let resp = reqwest::get(format!("http://{}/readyz", self.admin))
+            .await
+            .unwrap();
+        (resp.status(), resp.json().await.unwrap())
+    }
+
+    /// `/health/api-auth/`: status and JSON body.
+    pub async fn health(&self) -> (reqwest::StatusCode, serde_json::Value) {
+        let resp = self
+            .client()
+            .get(self.url("/health/api-auth/"))
+            .send()
+            .await
+            .unwrap();
+        (resp.status(), resp.json().await.unwrap())
+    }
+
     /// The admin listener's Prometheus exposition.
     pub async fn metrics(&self) -> String {
         reqwest::get(format!("http://{}/metrics", self.admin))
@@ -435,20 +454,36 @@ pub fn keygate() -> Command {
 /// Runs `keygate --config <config> keys <args>` with extra environment; returns stdout trimmed,
 /// or panics with stderr.
 pub fn keys_cli(config: &Path, envs: &[(&str, &str)], args: &[&str]) -> String {
+    keys_cli_result(config, envs, args).unwrap_or_else(|e| panic!("{args:?}: {e}"))
+}
+
+/// Runs `keygate --config <config> keys <args>`: stdout trimmed, or stderr trimmed when it
+/// exits non-zero.
+pub fn keys_cli_result(
+    config: &Path,
+    envs: &[(&str, &str)],
+    args: &[&str],
+) -> Result<String, String> {
+    let mut all = vec!["keys"];
+    all.extend_from_slice(args);
+    cli_result(config, envs, &all)
+}
+
+/// Runs `keygate --config <config> <args>`: stdout trimmed, or stderr trimmed when it exits
+/// non-zero.
+pub fn cli_result(config: &Path, envs: &[(&str, &str)], args: &[&str]) -> Result<String, String> {
     let out = keygate()
         .arg("--config")
         .arg(config)
-        .arg("keys")
         .args(args)
         .envs(envs.iter().copied())
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    if out.status.success() {
+        Ok(String::from_utf8(out.stdout).unwrap().trim().to_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+    }
 }
 
 /// `keygate serve` as a child process, with its stdout lines collected.

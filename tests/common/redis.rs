@@ -1,5 +1,6 @@
-//! Real `redis-server` processes for tests: one server, or a three-master cluster, each on its
-//! own free loopback port with its own data directory, stopped (SIGKILL) when dropped.
+//! Real `redis-server` and `redis-sentinel` processes for tests: one server (plain or TLS, with
+//! AOF or without persistence), a replica, a three-master cluster, and a Sentinel group, each on
+//! its own free loopback port with its own data directory, stopped (SIGKILL) when dropped.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -17,17 +18,75 @@ fn free_port() -> u16 {
     }
 }
 
-/// Skips nothing: the tests need `redis-server`; `.ci/run` installs it.
+/// Skips nothing: the tests need `redis-server` (and `redis-sentinel`); `.ci/run` installs
+/// them.
 pub fn require_redis() {
-    let ok = Command::new("redis-server")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        ok,
-        "redis-server is not installed: run scripts/install-test-deps.sh"
-    );
+    for program in ["redis-server", "redis-sentinel"] {
+        let ok = Command::new(program)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            ok,
+            "{program} is not installed: run scripts/install-test-deps.sh"
+        );
+    }
+}
+
+/// PEM files of a TLS server: its CA, certificate and key (and the client's, to connect).
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl TlsFiles {
+    /// A private CA (made now with rcgen), a server certificate for 127.0.0.1 and localhost, and
+    /// a client certificate, all signed by it, written into `dir`.
+    pub fn generate(dir: &Path) -> Self {
+        use rcgen::{
+            BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+        };
+        std::fs::create_dir_all(dir).unwrap();
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "keygate test CA");
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let leaf = |names: Vec<String>, usage: ExtendedKeyUsagePurpose| {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(names).unwrap();
+            params.extended_key_usages = vec![usage];
+            let cert = params.signed_by(&key, &issuer).unwrap();
+            (cert.pem(), key.serialize_pem())
+        };
+        let (cert, key) = leaf(
+            vec!["127.0.0.1".into(), "localhost".into()],
+            ExtendedKeyUsagePurpose::ServerAuth,
+        );
+        let (client_cert, client_key) =
+            leaf(vec!["keygate".into()], ExtendedKeyUsagePurpose::ClientAuth);
+        let files = Self {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("server.pem"),
+            key: dir.join("server-key.pem"),
+            client_cert: dir.join("client.pem"),
+            client_key: dir.join("client-key.pem"),
+        };
+        std::fs::write(&files.ca, ca_cert.pem()).unwrap();
+        std::fs::write(&files.cert, cert).unwrap();
+        std::fs::write(&files.key, key).unwrap();
+        std::fs::write(&files.client_cert, client_cert).unwrap();
+        std::fs::write(&files.client_key, client_key).unwrap();
+        files
+    }
 }
 
 /// One `redis-server`.
@@ -36,6 +95,8 @@ pub struct Redis {
     pub dir: PathBuf,
     child: Option<Child>,
     extra: Vec<String>,
+    /// Served over TLS only (clients must present a certificate).
+    tls: Option<TlsFiles>,
 }
 
 impl Redis {
@@ -44,14 +105,50 @@ impl Redis {
         Self::start_with(dir, &[])
     }
 
-    /// Starts a server with extra arguments (e.g. cluster mode).
+    /// Starts a server with extra arguments (e.g. cluster mode); later arguments override
+    /// earlier ones, so `["--appendonly", "no"]` makes a server that keeps nothing.
     pub fn start_with(dir: &Path, extra: &[&str]) -> Self {
+        Self::start_inner(dir, extra, None)
+    }
+
+    /// Starts a server that keeps nothing across a restart: it comes back empty.
+    pub fn start_volatile(dir: &Path) -> Self {
+        Self::start_with(dir, &["--appendonly", "no"])
+    }
+
+    /// Starts a replica of `primary`, and waits until it has synchronised.
+    pub fn start_replica(dir: &Path, primary: &Redis) -> Self {
+        let port = primary.port.to_string();
+        let replica = Self::start_with(dir, &["--replicaof", "127.0.0.1", &port]);
+        let started = Instant::now();
+        while !replica
+            .cli(&["INFO", "replication"])
+            .is_some_and(|i| i.contains("master_link_status:up"))
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "the replica on {} did not synchronise",
+                replica.port
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        replica
+    }
+
+    /// Starts a server that speaks TLS only, with `tls`'s certificate, and requires clients to
+    /// present one signed by its CA.
+    pub fn start_tls(dir: &Path, tls: &TlsFiles) -> Self {
+        Self::start_inner(dir, &[], Some(tls.clone()))
+    }
+
+    fn start_inner(dir: &Path, extra: &[&str], tls: Option<TlsFiles>) -> Self {
         require_redis();
         let mut server = Self {
             port: free_port(),
             dir: dir.to_owned(),
             child: None,
             extra: extra.iter().map(|s| (*s).to_owned()).collect(),
+            tls,
         };
         std::fs::create_dir_all(dir).unwrap();
         server.spawn();
@@ -59,8 +156,21 @@ impl Redis {
     }
 
     fn spawn(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+        let mut command = Command::new("redis-server");
+        match &self.tls {
+            None => command.args(["--port", &self.port.to_string()]),
+            Some(tls) => command
+                .args(["--port", "0", "--tls-port", &self.port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(&tls.cert)
+                .arg("--tls-key-file")
+                .arg(&tls.key)
+                .arg("--tls-ca-cert-file")
+                .arg(&tls.ca)
+                .args(["--tls-auth-clients", "yes"]),
+        };
+        let child = command
+            .args(["--bind", "127.0.0.1"])
             .args([
                 "--save",
                 "",
@@ -89,19 +199,36 @@ impl Redis {
         }
     }
 
-    /// `redis://127.0.0.1:<port>/0`.
+    /// `redis://127.0.0.1:<port>/0` (`rediss://` for a TLS server).
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}/0", self.port)
+    }
+
+    /// `127.0.0.1:<port>`.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
     }
 
     /// Runs `redis-cli` against this server; `None` when it cannot connect.
     pub fn cli(&self, args: &[&str]) -> Option<String> {
-        let out = Command::new("redis-cli")
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
-            .args(args)
-            .stderr(Stdio::null())
-            .output()
-            .ok()?;
+        let mut command = Command::new("redis-cli");
+        command.args(["-h", "127.0.0.1", "-p", &self.port.to_string()]);
+        if let Some(tls) = &self.tls {
+            command
+                .arg("--tls")
+                .arg("--cacert")
+                .arg(&tls.ca)
+                .arg("--cert")
+                .arg(&tls.client_cert)
+                .arg("--key")
+                .arg(&tls.client_key);
+        }
+        let out = command.args(args).stderr(Stdio::null()).output().ok()?;
         let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         (out.status.success() && !text.starts_with("Could not connect")).then_some(text)
     }
@@ -147,18 +274,22 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn start(dir: &Path) -> Self {
+        Self::start_with(dir, &[])
+    }
+
+    /// A cluster whose nodes take `extra` arguments too.
+    pub fn start_with(dir: &Path, extra: &[&str]) -> Self {
         let nodes: Vec<Redis> = (0..3)
             .map(|i| {
                 let d = dir.join(format!("node{i}"));
-                Redis::start_with(
-                    &d,
-                    &[
-                        "--cluster-enabled",
-                        "yes",
-                        "--cluster-config-file",
-                        "nodes.conf",
-                    ],
-                )
+                let mut args = vec![
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                ];
+                args.extend_from_slice(extra);
+                Redis::start_with(&d, &args)
             })
             .collect();
         let addrs: Vec<String> = nodes
@@ -194,5 +325,109 @@ impl Cluster {
             .iter()
             .map(|n| format!("redis://127.0.0.1:{}", n.port))
             .collect()
+    }
+}
+
+/// A Sentinel group: `redis-sentinel` processes watching one primary under a name, quorum 2,
+/// with short failure-detection times so a test's failover takes seconds.
+pub struct Sentinels {
+    pub master: String,
+    pub ports: Vec<u16>,
+    children: Vec<Child>,
+}
+
+impl Sentinels {
+    /// Starts `n` sentinels watching `primary` (and its replicas) as `master`, and waits until
+    /// each knows the primary, a replica and the other sentinels.
+    pub fn start(dir: &Path, master: &str, primary: &Redis, n: usize) -> Self {
+        require_redis();
+        let mut group = Self {
+            master: master.to_owned(),
+            ports: Vec::new(),
+            children: Vec::new(),
+        };
+        for i in 0..n {
+            let port = free_port();
+            let d = dir.join(format!("sentinel{i}"));
+            std::fs::create_dir_all(&d).unwrap();
+            // Sentinel rewrites its configuration file: each has its own.
+            let conf = d.join("sentinel.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {dir}\n\
+                     sentinel monitor {master} 127.0.0.1 {primary} 2\n\
+                     sentinel down-after-milliseconds {master} 1000\n\
+                     sentinel failover-timeout {master} 10000\n\
+                     sentinel parallel-syncs {master} 1\n",
+                    dir = d.display(),
+                    primary = primary.port,
+                ),
+            )
+            .unwrap();
+            let child = Command::new("redis-sentinel")
+                .arg(&conf)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            group.ports.push(port);
+            group.children.push(child);
+        }
+        let started = Instant::now();
+        while !group.ports.iter().all(|&port| {
+            let ask = |what: &str| sentinel_cli(port, &["SENTINEL", what, master]);
+            ask("replicas").is_some_and(|r| r.contains("slave") && !r.contains("s_down"))
+                && ask("sentinels").is_some_and(|s| s.matches("127.0.0.1").count() >= n - 1)
+        }) {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the sentinels did not find the primary, its replica and each other"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        group
+    }
+
+    /// `["redis://127.0.0.1:<port>", ...]` as a TOML array (for KEYGATE_STORE_SENTINELS).
+    pub fn urls_toml(&self) -> String {
+        let urls: Vec<String> = self
+            .ports
+            .iter()
+            .map(|p| format!("\"redis://127.0.0.1:{p}\""))
+            .collect();
+        format!("[{}]", urls.join(", "))
+    }
+
+    /// Runs `redis-cli` against the first sentinel that answers.
+    pub fn cli(&self, args: &[&str]) -> Option<String> {
+        self.ports.iter().find_map(|&p| sentinel_cli(p, args))
+    }
+
+    /// `host:port` of the primary, as the sentinels name it now.
+    pub fn primary(&self) -> Option<String> {
+        let answer = self.cli(&["SENTINEL", "get-master-addr-by-name", &self.master])?;
+        let mut lines = answer.lines();
+        Some(format!("{}:{}", lines.next()?, lines.next()?))
+    }
+}
+
+fn sentinel_cli(port: u16, args: &[&str]) -> Option<String> {
+    let out = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    (out.status.success() && !text.starts_with("Could not connect")).then_some(text)
+}
+
+impl Drop for Sentinels {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
