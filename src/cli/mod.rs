@@ -178,8 +178,7 @@ pub fn main() -> ExitCode {
 }
 
 fn load_config(path: &Path) -> anyhow::Result<(FileConfig, Config)> {
-    let file = FileConfig::load(path, &ProcessEnv)
-        .map_err(|e| anyhow::anyhow!("{e} (pass --config PATH or set KEYGATE_CONFIG)"))?;
+    let file = FileConfig::load(path, &ProcessEnv)?;
     let config = file.validate()?;
     Ok((file, config))
 }
