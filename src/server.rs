@@ -68,6 +68,15 @@ pub enum ServeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// Another process listens on the address.
+    #[error(
+        "cannot listen on {addr} ({what}): another process listens there, and only one may own \
+         the port (stop it, or change server.{what}_listen)"
+    )]
+    Taken {
+        what: &'static str,
+        addr: SocketAddr,
+    },
     /// TLS could not be set up.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
@@ -96,20 +105,100 @@ fn listen(addr: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::TcpLi
     Ok(socket.into())
 }
 
-/// `n` sockets on `addr` (one port, also when `addr` asks for port 0).
+/// A socket bound to `addr` without `SO_REUSEPORT`, never listening: the bind fails while any
+/// other socket listens on `addr`, a group sharing it through `SO_REUSEPORT` included.
+fn probe(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket)
+}
+
+fn bind_error(what: &'static str, addr: SocketAddr, source: std::io::Error) -> ServeError {
+    if source.kind() == std::io::ErrorKind::AddrInUse {
+        ServeError::Taken { what, addr }
+    } else {
+        ServeError::Bind { what, addr, source }
+    }
+}
+
+/// Held while a process checks that a port is free and binds its group there, so that two
+/// gateways starting at once cannot both find it free. An abstract Unix socket named after the
+/// address: per network namespace like the port itself, and gone with the process.
+#[cfg(target_os = "linux")]
+struct PortLock {
+    _socket: std::os::unix::net::UnixDatagram,
+}
+
+#[cfg(target_os = "linux")]
+impl PortLock {
+    fn take(what: &'static str, addr: SocketAddr) -> Result<Self, ServeError> {
+        use std::os::linux::net::SocketAddrExt as _;
+        let name = format!("keygate/listen/{addr}");
+        std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+            .and_then(|lock| std::os::unix::net::UnixDatagram::bind_addr(&lock))
+            .map(|socket| Self { _socket: socket })
+            .map_err(|e| bind_error(what, addr, e))
+    }
+}
+
+/// Elsewhere the probe alone guards the port.
+#[cfg(not(target_os = "linux"))]
+struct PortLock;
+
+#[cfg(not(target_os = "linux"))]
+impl PortLock {
+    fn take(_what: &'static str, _addr: SocketAddr) -> Result<Self, ServeError> {
+        Ok(Self)
+    }
+}
+
+/// `n` sockets on `addr` (one port, also when `addr` asks for port 0), on a port no other
+/// process listens on.
+///
+/// The workers share the port through `SO_REUSEPORT`, which would also let another process of
+/// the same user join in and take a share of the connections (a second gateway started by
+/// mistake answers some requests, or 502s them). So the group is bound only after a plain bind
+/// of the address (the [`probe`]) succeeded, under a [`PortLock`] that keeps another gateway
+/// from probing between this probe and this group's binds. Once the group listens, every later
+/// probe fails. One socket on its own needs no `SO_REUSEPORT`, and its bind alone is exclusive.
 fn listen_group(
     what: &'static str,
     addr: SocketAddr,
     n: usize,
 ) -> Result<Vec<std::net::TcpListener>, ServeError> {
-    let err = |addr, source| ServeError::Bind { what, addr, source };
-    let first = listen(addr, n > 1).map_err(|e| err(addr, e))?;
-    let bound = first.local_addr().map_err(|e| err(addr, e))?;
-    let mut group = vec![first];
-    for _ in 1..n {
-        group.push(listen(bound, true).map_err(|e| err(bound, e))?);
+    if n <= 1 {
+        return Ok(vec![
+            listen(addr, false).map_err(|e| bind_error(what, addr, e))?,
+        ]);
     }
-    Ok(group)
+    let bound_by = |probe: &socket2::Socket| {
+        probe
+            .local_addr()
+            .and_then(|a| {
+                a.as_socket()
+                    .ok_or_else(|| std::io::Error::other("not an IP socket"))
+            })
+            .map_err(|e| bind_error(what, addr, e))
+    };
+    // For port 0 the probe picks the port; the lock is then taken for it.
+    let (probe, _lock) = if addr.port() == 0 {
+        let probe = probe(addr).map_err(|e| bind_error(what, addr, e))?;
+        let lock = PortLock::take(what, bound_by(&probe)?)?;
+        (probe, lock)
+    } else {
+        let lock = PortLock::take(what, addr)?;
+        (probe(addr).map_err(|e| bind_error(what, addr, e))?, lock)
+    };
+    let bound = bound_by(&probe)?;
+    drop(probe);
+    (0..n)
+        .map(|_| listen(bound, true).map_err(|e| bind_error(what, bound, e)))
+        .collect()
 }
 
 impl Listeners {
