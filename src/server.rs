@@ -686,10 +686,23 @@ impl Worker {
 
 /// Runs the gateway until `shutdown` resolves, then drains and returns.
 pub async fn run(
+    config: Config,
+    store: SharedStore,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    run_until(config, store, listeners, shutdown, std::future::pending()).await
+}
+
+/// [`run`], where `cut_short` resolving during the drain (a second SIGTERM or SIGINT) ends it
+/// at once: the connections still open are closed without waiting for `server.shutdown_grace`.
+/// Usage is still flushed.
+pub async fn run_until(
     mut config: Config,
     store: SharedStore,
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
+    cut_short: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     if config.server.public_port == 0 {
         // Listening on an ephemeral port: redirect to the port actually bound.
@@ -713,7 +726,7 @@ pub async fn run(
         Arc::clone(&metrics),
         workers,
     ));
-    let redirect = Arc::new(Redirect::new(&config.server));
+    let redirect = Arc::new(Redirect::new(&config.server, &config.headers));
     let admin = Arc::new(Admin::new(Arc::clone(&gateway), Arc::clone(&metrics)));
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -762,6 +775,8 @@ pub async fn run(
         admin = %listeners.admin_addr().map(|a| a.to_string()).unwrap_or_default(),
         upstream = %config.upstream.url,
         workers,
+        config = %config.source.as_deref().map(|p| p.display().to_string()).unwrap_or_default(),
+        store = %config.store.backend,
         "keygate listening"
     );
 
@@ -823,11 +838,15 @@ pub async fn run(
     let _ = stop_tx.send(true);
     // Every open connection holds a permit: all of them back means every connection is closed.
     let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
-    if tokio::time::timeout(config.server.shutdown_grace, limit.acquire_many(all))
-        .await
-        .is_err()
-    {
-        tracing::warn!("shutdown grace elapsed; closing the remaining connections");
+    tokio::select! {
+        drained = tokio::time::timeout(config.server.shutdown_grace, limit.acquire_many(all)) => {
+            if drained.is_err() {
+                tracing::warn!("shutdown grace elapsed; closing the remaining connections");
+            }
+        }
+        () = cut_short => {
+            tracing::warn!("second shutdown signal: closing the remaining connections now");
+        }
     }
     let _ = exit_tx.send(true);
     for done in threads {
