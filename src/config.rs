@@ -685,10 +685,18 @@ impl FileConfig {
             path: path.to_owned(),
             error,
         })?;
-        let source = std::path::absolute(path).map_err(|error| ConfigError::Read {
-            path: path.to_owned(),
-            error,
-        })?;
+        // The file's own name, in its directory's real path (no "..": the path is shown).
+        let source = std::path::absolute(path)
+            .and_then(|abs| {
+                let dir = abs
+                    .parent()
+                    .map_or(Ok(PathBuf::from("/")), std::fs::canonicalize)?;
+                Ok(abs.file_name().map_or(dir.clone(), |name| dir.join(name)))
+            })
+            .map_err(|error| ConfigError::Read {
+                path: path.to_owned(),
+                error,
+            })?;
         let mut file = Self::from_toml(&text, &path.display().to_string(), env)?;
         if let Some(dir) = source.parent() {
             file.resolve_paths(dir)?;

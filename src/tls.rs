@@ -130,6 +130,26 @@ impl ServedCert {
     }
 }
 
+/// What [`check`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertCheck {
+    /// Both files are missing and `generate_dev_cert` is on: `serve` will generate them.
+    WillGenerate,
+    /// The certificate and key load and belong together; the certificate's notAfter (Unix
+    /// seconds).
+    Usable { not_after: i64 },
+}
+
+/// The checks [`ServedCert::load`] makes at start-up, without writing anything: for
+/// `check-config`.
+pub fn check(cfg: &config::Tls) -> Result<CertCheck, TlsError> {
+    if cfg.generate_dev_cert && !cfg.cert.exists() && !cfg.key.exists() {
+        return Ok(CertCheck::WillGenerate);
+    }
+    let (_, not_after) = read_pair(cfg, &rustls::crypto::ring::default_provider())?;
+    Ok(CertCheck::Usable { not_after })
+}
+
 /// Reads and checks the certificate chain and key: they must parse and belong together.
 fn read_pair(
     cfg: &config::Tls,

@@ -14,7 +14,8 @@ use anyhow::{Context as _, anyhow, bail};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::keys::{audit, validate_name};
+use super::keys::{MAX_TIMESTAMP, audit, timestamp, validate_name};
+use super::note;
 use crate::key::{self, MAX_PRESENTED_LEN, Secret};
 use crate::logging::AuditEvent;
 use crate::store::{KeyRecord, SharedStore, unix_now};
@@ -61,7 +62,7 @@ pub(super) async fn export(
                 .open(path)
                 .with_context(|| format!("cannot write {}", path.display()))?;
             writeln!(file, "{text}").with_context(|| format!("cannot write {}", path.display()))?;
-            eprintln!(
+            note!(
                 "exported {} API key records to {}",
                 records.len(),
                 path.display()
@@ -72,30 +73,49 @@ pub(super) async fn export(
     Ok(())
 }
 
-/// Reads, checks and imports `file` (a keygate export or a Django dump).
+/// Records read and checked from an import file, before the store is opened.
+#[derive(Debug)]
+pub(super) struct ImportFile {
+    records: Vec<KeyRecord>,
+    /// The file's name, or "standard input".
+    name: String,
+}
+
+/// Reads and checks `file` (a keygate export or a Django dump; `-`: standard input).
+pub(super) fn read(file: &Path) -> anyhow::Result<ImportFile> {
+    let (text, name) = if file == Path::new("-") {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin().lock(), &mut text)
+            .context("cannot read standard input")?;
+        (text, "standard input".to_owned())
+    } else {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read {}", file.display()))?;
+        (text, file.display().to_string())
+    };
+    let records = parse(&text).with_context(|| format!("{name} refused, nothing imported"))?;
+    Ok(ImportFile { records, name })
+}
+
+/// Imports what [`read`] checked, all records or none.
 pub(super) async fn import(
     store: &SharedStore,
-    file: &Path,
+    file: ImportFile,
     audit_log: Option<&Path>,
 ) -> anyhow::Result<()> {
-    let text =
-        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
-    let records =
-        parse(&text).with_context(|| format!("{} refused, nothing imported", file.display()))?;
+    let ImportFile { records, name } = file;
     let total = records.len();
     let (imported, skipped) = store
         .import(records)
         .await
-        .with_context(|| format!("{} refused, nothing imported", file.display()))?;
+        .with_context(|| format!("{name} refused, nothing imported"))?;
     let mut event = AuditEvent::new("imported", None, None);
     event.detail = Some(format!(
-        "{imported} imported, {skipped} already present, from {}",
-        file.display()
+        "{imported} imported, {skipped} already present, from {name}"
     ));
     audit(audit_log, event);
-    eprintln!(
-        "imported {imported} API keys from {} ({skipped} already present, {total} in the file)",
-        file.display()
+    note!(
+        "imported {imported} API keys from {name} ({skipped} already present, {total} in the file)"
     );
     Ok(())
 }
@@ -148,6 +168,18 @@ fn check(record: &KeyRecord) -> anyhow::Result<()> {
         .map_err(|e| anyhow!("invalid policy: {e}"))?;
     if !record.id.starts_with("key_") || record.id.len() > 64 {
         bail!("invalid id {:?}", record.id);
+    }
+    for (field, at) in [
+        ("created_at", Some(record.created_at)),
+        ("last_used", record.last_used),
+        ("expires_at", record.expires_at),
+    ] {
+        if let Some(at) = at.filter(|at| !(0..=MAX_TIMESTAMP).contains(at)) {
+            bail!(
+                "{field} = {at}: expected Unix seconds from 0 to {MAX_TIMESTAMP} ({})",
+                timestamp(MAX_TIMESTAMP)
+            );
+        }
     }
     Ok(())
 }
