@@ -1,13 +1,16 @@
-//! The `keygate` command line: `serve`, `check-config`, and key management on the configured
-//! store (safe while the gateway runs: every change goes through the store's change feed).
+//! The `keygate` command line: `serve`, `check-config`, key management on the configured
+//! store (safe while the gateway runs: every change goes through the store's change feed), and
+//! shell completions.
 //!
-//! A new key is printed once, alone on stdout, at creation; nothing prints it again.
+//! A new key is printed once, alone on stdout, at creation; nothing prints it again. Every
+//! command works on the store its config file names (relative paths are relative to that file),
+//! and only the commands that add keys, and `serve`, create a store that does not exist. Errors
+//! are one line; output into a pipe whose reader has gone ends quietly.
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
-
-use std::io::Write as _;
 
 use anyhow::{Context as _, bail};
 use clap::{Args, CommandFactory as _, Parser, Subcommand};
