@@ -143,8 +143,16 @@ pub enum CertCheck {
 /// The checks [`ServedCert::load`] makes at start-up, without writing anything: for
 /// `check-config`.
 pub fn check(cfg: &config::Tls) -> Result<CertCheck, TlsError> {
-    if cfg.generate_dev_cert && !cfg.cert.exists() && !cfg.key.exists() {
-        return Ok(CertCheck::WillGenerate);
+    if !cfg.cert.exists() && !cfg.key.exists() {
+        if cfg.generate_dev_cert {
+            return Ok(CertCheck::WillGenerate);
+        }
+        return Err(TlsError::Load {
+            what: "certificate chain",
+            path: cfg.cert.display().to_string(),
+            reason: "no such file (for development, tls.generate_dev_cert = true generates one)"
+                .into(),
+        });
     }
     let (_, not_after) = read_pair(cfg, &rustls::crypto::ring::default_provider())?;
     Ok(CertCheck::Usable { not_after })

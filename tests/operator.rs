@@ -286,7 +286,12 @@ fn check_config_refuses_what_serve_would_refuse_or_mis_run() {
     let cases = [
         (
             base.replace("cert.pem", "missing-cert.pem"),
-            "missing-cert.pem",
+            "tls.cert, tls.key: cannot load certificate chain from",
+        ),
+        (
+            base.replace("cert.pem", "missing-cert.pem")
+                .replace("key.pem", "missing-key.pem"),
+            "generate_dev_cert = true generates one",
         ),
         (
             base.replace(
@@ -702,4 +707,33 @@ fn serve_started_elsewhere_uses_the_store_beside_its_config() {
         format!("sqlite {}", real.join("keygate.db").display())
     );
     assert!(!elsewhere.path().join("keygate.db").exists());
+}
+
+/// A certificate past its notAfter still loads (serve starts with it), but check-config and
+/// serve's log warn: clients refuse it.
+#[test]
+fn an_expired_certificate_is_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "http://127.0.0.1:9");
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    params.not_before = rcgen::date_time_ymd(2019, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2020, 1, 1);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    std::fs::write(dir.path().join("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.path().join("key.pem"), key.serialize_pem()).unwrap();
+    let out = run(&cfg, &["check-config"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("warning: tls ")
+            && stderr(&out).contains("the certificate expired at 2020-01-01T00:00:00Z"),
+        "{}",
+        stderr(&out)
+    );
+    let mut gw = Process::start(&cfg, &[]);
+    assert!(
+        gw.output()
+            .contains("the certificate expired at 2020-01-01")
+    );
+    assert!(gw.terminate().success());
 }

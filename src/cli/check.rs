@@ -17,32 +17,57 @@ use crate::tls::{self, CertCheck};
 
 /// Runs the checks; the report goes to stderr, the effective configuration to stdout.
 pub(super) fn run(file: &FileConfig, config: &Config) -> anyhow::Result<()> {
-    let mut report = vec![format!("config {}", source(config))];
+    let mut report = vec![Finding::fine(format!("config {}", source(config)))];
     report.extend(preflight(config)?);
     if let Err(e) = upstream_reachable(&config.upstream) {
-        report.push(format!(
-            "warning: upstream {} does not accept connections ({e}); requests get 502 until it does",
+        report.push(Finding::warning(format!(
+            "upstream {} does not accept connections ({e}); requests get 502 until it does",
             config.upstream.url
-        ));
+        )));
     }
 
     let mut stdout = std::io::stdout().lock();
     stdout.write_all(file.to_toml().as_bytes())?;
     stdout.flush()?;
-    for line in report {
-        note!("keygate: {line}");
+    for finding in report {
+        let warning = if finding.warning { "warning: " } else { "" };
+        note!("keygate: {warning}{}", finding.text);
     }
     note!("configuration {} is valid", source(config));
     Ok(())
 }
 
+/// One thing a check found that is not an error.
+#[derive(Debug)]
+pub(super) struct Finding {
+    /// Worth a warning: the gateway runs, but not as the operator would want.
+    pub(super) warning: bool,
+    pub(super) text: String,
+}
+
+impl Finding {
+    fn fine(text: String) -> Self {
+        Self {
+            warning: false,
+            text,
+        }
+    }
+
+    fn warning(text: String) -> Self {
+        Self {
+            warning: true,
+            text,
+        }
+    }
+}
+
 /// The checks `serve` makes before it opens anything, also run by `check-config`: the key store
 /// (exists, or can be created), the TLS certificate and key, the log files' directories.
 /// Returns what was found, one line each.
-pub(super) fn preflight(config: &Config) -> anyhow::Result<Vec<String>> {
+pub(super) fn preflight(config: &Config) -> anyhow::Result<Vec<Finding>> {
     let mut report = Vec::new();
 
-    report.push(match &config.store.backend {
+    report.push(Finding::fine(match &config.store.backend {
         Backend::Sqlite { path } if sqlite_exists(config, path)? => {
             let keys = crate::store::sqlite::SqliteStore::inspect(path)
                 .with_context(|| format!("key store {}", config.store.backend))?;
@@ -57,23 +82,27 @@ pub(super) fn preflight(config: &Config) -> anyhow::Result<Vec<String>> {
             "store {} (not contacted: serve starts without it and reports it down)",
             config.store.backend
         ),
-    });
+    }));
 
     let cert = config.tls.cert.display();
-    match tls::check(&config.tls)? {
-        CertCheck::WillGenerate => report.push(format!(
-            "tls {cert}: missing; keygate serve generates a development certificate \
+    report.push(
+        match tls::check(&config.tls).context("tls.cert, tls.key")? {
+            CertCheck::WillGenerate => Finding::fine(format!(
+                "tls {cert}: missing; keygate serve generates a development certificate \
              (tls.generate_dev_cert = true)"
-        )),
-        CertCheck::Usable { not_after } if not_after <= unix_now() => report.push(format!(
-            "warning: tls {cert} expired at {}: clients refuse it",
-            timestamp(not_after)
-        )),
-        CertCheck::Usable { not_after } => report.push(format!(
-            "tls {cert}: certificate and key match, valid until {}",
-            timestamp(not_after)
-        )),
-    }
+            )),
+            CertCheck::Usable { not_after } if not_after <= unix_now() => {
+                Finding::warning(format!(
+                    "tls {cert}: the certificate expired at {}; clients refuse it",
+                    timestamp(not_after)
+                ))
+            }
+            CertCheck::Usable { not_after } => Finding::fine(format!(
+                "tls {cert}: certificate and key match, valid until {}",
+                timestamp(not_after)
+            )),
+        },
+    );
 
     for (key, path) in [
         ("logging.file", &config.logging.file),

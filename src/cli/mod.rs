@@ -364,8 +364,11 @@ fn sqlite_exists(config: &Config, path: &Path) -> anyhow::Result<bool> {
 
 fn serve(config: Config) -> anyhow::Result<()> {
     // What check-config checks, before anything is opened or created.
-    check::preflight(&config)?;
+    let findings = check::preflight(&config)?;
     let _log = crate::logging::init(&config.logging).context("cannot set up logging")?;
+    for finding in findings.iter().filter(|f| f.warning) {
+        tracing::warn!("{}", finding.text);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
