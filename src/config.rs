@@ -74,10 +74,12 @@ pub enum ConfigError {
     #[error("invalid config {origin}: {message}")]
     Parse { origin: String, message: String },
     /// A value that parses but is not acceptable.
-    #[error("invalid config: {key} = {value:?}: expected {expected}")]
+    #[error("invalid config: {key} = {value:?}{from}: expected {expected}")]
     Invalid {
         key: &'static str,
         value: String,
+        /// ` (from KEYGATE_...)` when an environment variable set it.
+        from: String,
         expected: Cow<'static, str>,
     },
 }
@@ -90,6 +92,7 @@ fn invalid(
     ConfigError::Invalid {
         key,
         value: value.to_string(),
+        from: String::new(),
         expected: expected.into(),
     }
 }
@@ -101,6 +104,9 @@ pub struct FileConfig {
     /// The file this was read from (absolute), if any; not a setting.
     #[serde(skip)]
     pub source: Option<PathBuf>,
+    /// Which environment variable set which key (`"server.workers"`); not a setting.
+    #[serde(skip)]
+    pub from_env: BTreeMap<String, String>,
     pub server: ServerSection,
     pub tls: TlsSection,
     pub upstream: UpstreamSection,
@@ -744,8 +750,29 @@ impl FileConfig {
         Ok(())
     }
 
-    /// Validates into the typed [`Config`].
+    /// Validates into the typed [`Config`]. An error about a value that an environment variable
+    /// set names the variable too.
     pub fn validate(&self) -> Result<Config, ConfigError> {
+        self.validate_values().map_err(|e| match e {
+            ConfigError::Invalid {
+                key,
+                value,
+                from,
+                expected,
+            } => ConfigError::Invalid {
+                from: self
+                    .from_env
+                    .get(key)
+                    .map_or(from, |name| format!(" (from {name})")),
+                key,
+                value,
+                expected,
+            },
+            other => other,
+        })
+    }
+
+    fn validate_values(&self) -> Result<Config, ConfigError> {
         Ok(Config {
             source: self.source.clone(),
             server: self.server.validate()?,
@@ -1009,8 +1036,13 @@ fn deserialize(
     from_env: &BTreeMap<String, String>,
     origin: &str,
 ) -> Result<FileConfig, ConfigError> {
-    let whole = match toml::Value::Table(table.clone()).try_into() {
-        Ok(config) => return Ok(config),
+    let whole = match toml::Value::Table(table.clone()).try_into::<FileConfig>() {
+        Ok(config) => {
+            return Ok(FileConfig {
+                from_env: from_env.clone(),
+                ..config
+            });
+        }
         Err(e) => e,
     };
     for (section, fields) in &table {
@@ -1854,7 +1886,20 @@ mod tests {
             assert_eq!(err, want);
             assert!(!err.contains("--config"), "{err}");
         }
-        // The wrong value for a list from the environment names the variable.
+        // A value refused by validation names the variable that set it.
+        let err = load("", &[("KEYGATE_UPSTREAM_URL", "ftp://x")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(
+                "invalid config: upstream.url = \"ftp://x\" (from KEYGATE_UPSTREAM_URL): expected"
+            ),
+            "{err}"
+        );
+        let err = load("[upstream]\nurl = \"ftp://x\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("from"), "{err}");
         let err = load("", &[("KEYGATE_SERVER_TRUSTED_PROXIES", "10.0.0.0/33")])
             .unwrap_err()
             .to_string();

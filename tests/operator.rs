@@ -349,7 +349,9 @@ fn config_errors_are_one_line_naming_key_value_and_variable() {
         (
             "KEYGATE_SERVER_TRUSTED_PROXIES",
             "10.0.0.0/33",
-            &["server.trusted_proxies", "10.0.0.0/33", "expected"],
+            &[
+                "server.trusted_proxies = \"10.0.0.0/33\" (from KEYGATE_SERVER_TRUSTED_PROXIES): expected",
+            ],
         ),
         (
             "KEYGATE_UPSTREM_URL",
