@@ -8,7 +8,6 @@
 //! (the `#   ` lines after a command) must appear in that command's output, in order; `...`
 //! stands for anything.
 
-use std::io::Read as _;
 use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::Path;
@@ -115,15 +114,20 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Runs `steps` in one bash (`set -e`) in `dir`, each after a marker line; returns each step's
-/// output (stdout and stderr together, background processes' lines included) and the status.
+/// Runs `steps` in one bash (`set -e`) in `dir`, each with its stdout and stderr in files of its
+/// own (a background process started by a step writes to that step's files, never into another
+/// step's output); returns each step's output (stdout, then stderr) and whether all succeeded.
 fn run_steps(dir: &Path, bin_dir: &Path, steps: &[Step]) -> (Vec<String>, bool) {
+    let out = tempfile::tempdir().unwrap();
     let mut script = String::from("set -e\n");
     for (i, step) in steps.iter().enumerate() {
-        script.push_str(&format!("printf '\\n@@step {i}\\n'\n{}\n", step.command));
+        // Braces, not a subshell: the step's variables (KEY, GATEWAY) stay set for the next.
+        script.push_str(&format!(
+            "{{ {}\n}} > \"$STEPS/{i}.out\" 2> \"$STEPS/{i}.err\"\n",
+            step.command
+        ));
     }
-    script.push_str("printf '\\n@@end\\n'\n");
-    let (mut reader, writer) = std::io::pipe().unwrap();
+    let log = std::fs::File::create(out.path().join("bash.log")).unwrap();
     let path = format!(
         "{}:{}",
         bin_dir.display(),
@@ -133,11 +137,12 @@ fn run_steps(dir: &Path, bin_dir: &Path, steps: &[Step]) -> (Vec<String>, bool) 
     bash.args(["--noprofile", "--norc", "-c", &script])
         .current_dir(dir)
         .env("PATH", path)
+        .env("STEPS", out.path())
         .env("DOCS_KEYGATE_BIN", env!("CARGO_BIN_EXE_keygate"))
         .env("NO_PROXY", "*")
         .stdin(Stdio::null())
-        .stdout(writer.try_clone().unwrap())
-        .stderr(writer)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
         // Its own process group: whatever a failed run leaves behind is ended with it.
         .process_group(0);
     for var in [
@@ -150,12 +155,6 @@ fn run_steps(dir: &Path, bin_dir: &Path, steps: &[Step]) -> (Vec<String>, bool) 
         bash.env_remove(var);
     }
     let mut child = bash.spawn().unwrap();
-    drop(bash);
-    let collector = std::thread::spawn(move || {
-        let mut all = Vec::new();
-        let _ = reader.read_to_end(&mut all);
-        String::from_utf8_lossy(&all).into_owned()
-    });
     let deadline = Instant::now() + Duration::from_secs(180);
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -170,24 +169,33 @@ fn run_steps(dir: &Path, bin_dir: &Path, steps: &[Step]) -> (Vec<String>, bool) 
     let group = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
     let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
     let _ = child.wait();
-    let output = collector.join().unwrap();
-    let mut sections = vec![String::new(); steps.len()];
-    let mut current: Option<usize> = None;
-    for line in output.lines() {
-        if let Some(i) = line.strip_prefix("@@step ") {
-            current = i.parse().ok();
-        } else if line == "@@end" {
-            current = None;
-        } else if let Some(section) = current.and_then(|i| sections.get_mut(i)) {
-            section.push_str(line.trim_end());
-            section.push('\n');
-        }
-    }
+    let read = |name: String| std::fs::read_to_string(out.path().join(name)).unwrap_or_default();
+    let outputs: Vec<String> = (0..steps.len())
+        .map(|i| {
+            let mut text = read(format!("{i}.out"));
+            if !text.ends_with('\n') {
+                text.push('\n');
+            }
+            text.push_str(&read(format!("{i}.err")));
+            // Progress meters redraw with \r: each redraw is a line of its own here.
+            text.split(['\r', '\n'])
+                .map(str::trim_end)
+                .filter(|l| !l.is_empty())
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .collect();
     let ok = status.is_some_and(|s| s.success());
     if !ok {
-        eprintln!("quickstart output:\n{output}");
+        eprintln!(
+            "quickstart run failed; bash said:\n{}",
+            read("bash.log".into())
+        );
+        for (step, output) in steps.iter().zip(&outputs) {
+            eprintln!("$ {}\n{output}", step.command);
+        }
     }
-    (sections, ok)
+    (outputs, ok)
 }
 
 /// Checks each step's shown output against what it printed; returns the failures.
