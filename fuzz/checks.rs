@@ -213,7 +213,7 @@ pub fn request_policy(data: &[u8]) {
     }
 }
 
-/// The upstream response reader (`keygate::h1`): a response stream is read as the pool reads it,
+/// The upstream response reader (`keygate::upstream::h1`): a response stream is read as the pool reads it,
 /// head then body, once with all of its bytes at hand and once arriving in reads of 1 to 128
 /// bytes (the first input byte chooses, and whether the request was HEAD). No panic; the same
 /// outcome however the bytes arrived; an accepted head is final (not 1xx), at most 64 KiB, with
@@ -241,12 +241,17 @@ pub fn upstream_response(data: &[u8]) {
 type ReadResponse = Result<(u16, Vec<u8>, bool, usize), String>;
 
 fn read_response(stream: &[u8], head_request: bool, step: usize) -> ReadResponse {
-    use keygate::h1::{self, BodyDecoder, BodyFraming, Decoded};
+    use keygate::upstream::h1::{self, BodyDecoder, BodyFraming, Decoded, ResponseTo};
 
+    let to = if head_request {
+        ResponseTo::Head
+    } else {
+        ResponseTo::Other
+    };
     let mut buf = bytes::BytesMut::new();
     let mut reads = stream.chunks(step);
     let head = loop {
-        match h1::parse_response(&mut buf, head_request) {
+        match h1::parse_response(&mut buf, to) {
             Ok(Some(head)) => break head,
             Ok(None) => match reads.next() {
                 Some(read) => buf.extend_from_slice(read),

@@ -140,6 +140,9 @@ pub struct ServerSection {
     pub handshake_timeout: String,
     /// Time allowed for a client to send a request's headers.
     pub header_read_timeout: String,
+    /// Longest pause allowed between the bytes of a request body being forwarded (longer: 408
+    /// and the forward is aborted), like nginx's `client_body_timeout`.
+    pub body_read_timeout: String,
     /// How long in-flight requests may run after SIGTERM/SIGINT before connections are closed.
     pub shutdown_grace: String,
     /// Maximum simultaneous client connections across listeners; excess connections are closed at once.
@@ -159,9 +162,6 @@ pub struct ServerSection {
     pub max_body_bytes_by_prefix: std::collections::BTreeMap<String, u64>,
     /// HTTP/2: most concurrent streams per connection.
     pub h2_max_concurrent_streams: u32,
-    /// Which server reads the pipeline's plain HTTP/1.1 requests: "keygate" (its own; a
-    /// connection goes to hyper at its first request that is anything else) or "hyper" (all).
-    pub http1_server: String,
     /// Worker threads serving the pipeline, each with its own runtime, listening sockets and
     /// upstream pool; 0: one per CPU.
     pub workers: usize,
@@ -178,6 +178,7 @@ impl Default for ServerSection {
             public_port: 0,
             handshake_timeout: "10s".into(),
             header_read_timeout: "10s".into(),
+            body_read_timeout: "60s".into(),
             shutdown_grace: "30s".into(),
             max_connections: 10_000,
             trusted_proxies: Vec::new(),
@@ -187,7 +188,6 @@ impl Default for ServerSection {
             max_body_bytes: 0,
             max_body_bytes_by_prefix: std::collections::BTreeMap::new(),
             h2_max_concurrent_streams: 256,
-            http1_server: "keygate".into(),
             workers: 0,
         }
     }
@@ -223,7 +223,7 @@ impl Default for TlsSection {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct UpstreamSection {
-    /// Base URL (`http://host:port[/prefix]`).
+    /// Base URL (`http://host:port[/prefix]`, or `https://` for TLS to the upstream).
     pub url: String,
     /// TCP connect timeout.
     pub connect_timeout: String,
@@ -235,6 +235,14 @@ pub struct UpstreamSection {
     pub pool_idle_timeout: String,
     /// Send the client's Host header upstream instead of the upstream's own authority.
     pub preserve_host: bool,
+    /// `https://` upstreams: PEM file of the CA certificates the upstream's certificate must
+    /// chain to; empty: the system's roots.
+    pub tls_ca_file: String,
+    /// `https://` upstreams: PEM certificate chain presented to an upstream that asks for a
+    /// client certificate (with `tls_key_file`); empty: none.
+    pub tls_cert_file: String,
+    /// The private key of `tls_cert_file` (PEM).
+    pub tls_key_file: String,
 }
 
 impl Default for UpstreamSection {
@@ -246,6 +254,9 @@ impl Default for UpstreamSection {
             pool_max_idle: 256,
             pool_idle_timeout: "90s".into(),
             preserve_host: false,
+            tls_ca_file: String::new(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
         }
     }
 }
@@ -506,6 +517,7 @@ pub struct Server {
     pub public_port: u16,
     pub handshake_timeout: Duration,
     pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
     pub shutdown_grace: Duration,
     pub max_connections: usize,
     pub trusted_proxies: Vec<IpNet>,
@@ -516,7 +528,6 @@ pub struct Server {
     /// `(prefix, limit)`, longest prefix first.
     pub max_body_bytes_by_prefix: Vec<(String, Option<u64>)>,
     pub h2_max_concurrent_streams: u32,
-    pub http1_server: Http1Server,
     pub workers: usize,
 }
 
@@ -527,16 +538,6 @@ pub enum HttpMode {
     Redirect,
     /// Run the authenticated pipeline over plain HTTP (TLS terminated by a load balancer).
     Serve,
-}
-
-/// Which server reads the pipeline's plain HTTP/1.1 requests.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Http1Server {
-    /// keygate's own ([`crate::front`]); hyper serves a connection from its first request that
-    /// is not a plain one.
-    Keygate,
-    /// hyper, for every request.
-    Hyper,
 }
 
 /// Validated `[tls]`.
@@ -557,6 +558,17 @@ pub struct Upstream {
     pub pool_max_idle: usize,
     pub pool_idle_timeout: Duration,
     pub preserve_host: bool,
+    /// TLS to the upstream (`https://` URLs).
+    pub tls: Option<UpstreamTls>,
+}
+
+/// How the upstream's TLS is checked, and what keygate presents to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamTls {
+    /// CA certificates to trust instead of the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate chain and key.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
 }
 
 /// Validated `[auth]`.
@@ -673,16 +685,6 @@ pub struct Metrics {
 /// line), and the binary the repository's scripts run.
 const NOT_OVERRIDES: [&str; 2] = ["KEYGATE_CONFIG", "KEYGATE_BIN"];
 
-/// The settings that hold file paths: relative ones are resolved against the config file's
-/// directory, not the working directory.
-const PATH_KEYS: [(&str, &str); 5] = [
-    ("store", "path"),
-    ("tls", "cert"),
-    ("tls", "key"),
-    ("logging", "file"),
-    ("logging", "audit_file"),
-];
-
 impl FileConfig {
     /// Reads `path` (a missing file is an error), then applies environment overrides. Relative
     /// paths in it (and in the overrides) are resolved against the file's directory.
@@ -723,16 +725,24 @@ impl FileConfig {
         deserialize(table, &defaults, &from_env, origin)
     }
 
+    /// The settings that hold file paths: relative ones are resolved against the config file's
+    /// directory, not the working directory.
+    fn path_settings(&mut self) -> [(&'static str, &mut String); 8] {
+        [
+            ("store.path", &mut self.store.path),
+            ("tls.cert", &mut self.tls.cert),
+            ("tls.key", &mut self.tls.key),
+            ("upstream.tls_ca_file", &mut self.upstream.tls_ca_file),
+            ("upstream.tls_cert_file", &mut self.upstream.tls_cert_file),
+            ("upstream.tls_key_file", &mut self.upstream.tls_key_file),
+            ("logging.file", &mut self.logging.file),
+            ("logging.audit_file", &mut self.logging.audit_file),
+        ]
+    }
+
     /// Makes every relative path setting absolute, under `dir`.
     fn resolve_paths(&mut self, dir: &Path) -> Result<(), ConfigError> {
-        for (section, field) in PATH_KEYS {
-            let value = match (section, field) {
-                ("store", _) => &mut self.store.path,
-                ("tls", "cert") => &mut self.tls.cert,
-                ("tls", _) => &mut self.tls.key,
-                (_, "file") => &mut self.logging.file,
-                _ => &mut self.logging.audit_file,
-            };
+        for (key, value) in self.path_settings() {
             if value.trim().is_empty() || Path::new(value.as_str()).is_absolute() {
                 continue;
             }
@@ -740,7 +750,7 @@ impl FileConfig {
             *value = joined
                 .to_str()
                 .ok_or_else(|| ConfigError::Type {
-                    key: format!("{section}.{field}"),
+                    key: key.to_owned(),
                     value: format!("{value:?}"),
                     from: format!(" (relative to {})", dir.display()),
                     expected: "an absolute path (the config file's directory is not UTF-8)".into(),
@@ -1287,6 +1297,10 @@ impl ServerSection {
                 "server.header_read_timeout",
                 &self.header_read_timeout,
             )?,
+            body_read_timeout: positive_duration(
+                "server.body_read_timeout",
+                &self.body_read_timeout,
+            )?,
             shutdown_grace: parse_duration("server.shutdown_grace", &self.shutdown_grace)?,
             max_connections: self.max_connections,
             trusted_proxies,
@@ -1343,17 +1357,6 @@ impl ServerSection {
                 }
                 n => n,
             },
-            http1_server: match self.http1_server.trim() {
-                "keygate" => Http1Server::Keygate,
-                "hyper" => Http1Server::Hyper,
-                other => {
-                    return Err(invalid(
-                        "server.http1_server",
-                        other,
-                        "\"keygate\" (its own HTTP/1.1 server) or \"hyper\"",
-                    ));
-                }
-            },
             workers: match self.workers {
                 0 => std::thread::available_parallelism().map_or(1, usize::from),
                 n @ 1..=MAX_WORKERS => n,
@@ -1387,14 +1390,56 @@ impl TlsSection {
 
 impl UpstreamSection {
     fn validate(&self) -> Result<Upstream, ConfigError> {
-        const EXPECTED: &str = "an http:// URL with a host, e.g. \"http://127.0.0.1:8000\"";
+        const EXPECTED: &str =
+            "an http:// or https:// URL with a host, e.g. \"http://127.0.0.1:8000\"";
         let url: Uri = self
             .url
             .parse()
             .map_err(|_| invalid("upstream.url", &self.url, EXPECTED))?;
-        if url.scheme_str() != Some("http") || url.host().is_none() || url.query().is_some() {
+        let https = match url.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => return Err(invalid("upstream.url", &self.url, EXPECTED)),
+        };
+        if url.host().is_none() || url.query().is_some() {
             return Err(invalid("upstream.url", &self.url, EXPECTED));
         }
+        let file = |value: &str| (!value.trim().is_empty()).then(|| PathBuf::from(value.trim()));
+        let ca_file = file(&self.tls_ca_file);
+        let client_cert = match (file(&self.tls_cert_file), file(&self.tls_key_file)) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(invalid(
+                    "upstream.tls_key_file",
+                    "",
+                    "the private key of upstream.tls_cert_file",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "upstream.tls_cert_file",
+                    "",
+                    "the certificate chain for upstream.tls_key_file",
+                ));
+            }
+        };
+        let tls = if https {
+            Some(UpstreamTls {
+                ca_file,
+                client_cert,
+            })
+        } else {
+            if ca_file.is_some() || client_cert.is_some() {
+                return Err(invalid(
+                    "upstream.url",
+                    &self.url,
+                    "an https:// URL: upstream.tls_ca_file, tls_cert_file and tls_key_file are \
+                     for TLS to the upstream",
+                ));
+            }
+            None
+        };
         if self.pool_max_idle == 0 {
             return Err(invalid("upstream.pool_max_idle", 0, "a number above 0"));
         }
@@ -1411,6 +1456,7 @@ impl UpstreamSection {
                 &self.pool_idle_timeout,
             )?,
             preserve_host: self.preserve_host,
+            tls,
         })
     }
 }
@@ -1964,8 +2010,16 @@ mod tests {
              [logging]\naudit_file = \"audit.log\"\n",
         )
         .unwrap();
-        let env = env(&[("KEYGATE_TLS_KEY", "k.pem")]);
+        let env = env(&[
+            ("KEYGATE_TLS_KEY", "k.pem"),
+            ("KEYGATE_UPSTREAM_URL", "https://10.0.0.5:8443"),
+            ("KEYGATE_UPSTREAM_TLS_CA_FILE", "ca/upstream.pem"),
+        ]);
         let file = FileConfig::load(&path, &env).unwrap();
+        assert_eq!(
+            Path::new(&file.upstream.tls_ca_file),
+            dir.path().join("ca/upstream.pem")
+        );
         let c = file.validate().unwrap();
         assert_eq!(c.source.as_deref(), Some(path.as_path()));
         assert_eq!(
@@ -2090,11 +2144,6 @@ mod tests {
                 "[server]\nmax_headers = 40000\n",
                 "server.max_headers",
                 "40000",
-            ),
-            (
-                "[server]\nhttp1_server = \"nginx\"\n",
-                "server.http1_server",
-                "nginx",
             ),
             (
                 "[server]\nheader_read_timeout = \"366d\"\n",

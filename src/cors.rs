@@ -2,11 +2,11 @@
 //! decorate every response. Header values are joined once when the policy is built; the request
 //! path only compares bytes and copies prepared values.
 
+use http::Method;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request};
 
 use crate::config;
-use crate::proxy::{immortal_value, remove_all};
+use crate::http::{immortal_value, remove_all};
 
 /// The prepared CORS policy.
 #[derive(Debug, Clone)]
@@ -82,13 +82,12 @@ impl CorsPolicy {
         })
     }
 
-    /// Whether `req` is a CORS preflight (OPTIONS with Origin and Access-Control-Request-Method).
-    pub fn is_preflight<B>(req: &Request<B>) -> bool {
-        req.method() == Method::OPTIONS
-            && req.headers().contains_key(header::ORIGIN)
-            && req
-                .headers()
-                .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
+    /// Whether a request is a CORS preflight (OPTIONS with Origin and
+    /// Access-Control-Request-Method).
+    pub fn is_preflight(method: &Method, headers: &HeaderMap) -> bool {
+        method == Method::OPTIONS
+            && headers.contains_key(header::ORIGIN)
+            && headers.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
     }
 
     /// The answer to a preflight with these request headers.

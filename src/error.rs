@@ -55,10 +55,19 @@ pub enum GatewayError {
     /// The upstream failed.
     #[error("upstream {0:?} failure")]
     Upstream(UpstreamErrorKind),
+    /// A method the gateway never forwards (CONNECT, TRACE).
+    #[error("method {0} not allowed")]
+    MethodNotAllowed(&'static str),
+    /// A declared body length past 2^63-1.
+    #[error("Content-Length out of range")]
+    BadContentLength,
     /// The client's request body broke off or was malformed while it was being forwarded (the
     /// upstream saw an aborted request).
     #[error("bad request body")]
     BadRequestBody,
+    /// The client stopped sending its request body for `server.body_read_timeout`.
+    #[error("request body timed out")]
+    BodyTimeout,
     /// The request target is longer than `server.max_uri_bytes`.
     #[error("request target too long")]
     UriTooLong,
@@ -80,8 +89,12 @@ impl GatewayError {
             | GatewayError::ExpiredKey(_)
             | GatewayError::RotatedKey(_) => StatusCode::UNAUTHORIZED,
             GatewayError::Forbidden(..) => StatusCode::FORBIDDEN,
+            GatewayError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::UriTooLong => StatusCode::URI_TOO_LONG,
-            GatewayError::BadRequestBody => StatusCode::BAD_REQUEST,
+            GatewayError::BadContentLength | GatewayError::BadRequestBody => {
+                StatusCode::BAD_REQUEST
+            }
+            GatewayError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             GatewayError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
@@ -107,9 +120,12 @@ impl GatewayError {
             GatewayError::StoreUnavailable => Some(AuthReason::StoreUnavailable),
             GatewayError::Upstream(_)
             | GatewayError::RateLimited(_)
+            | GatewayError::MethodNotAllowed(_)
+            | GatewayError::BadContentLength
             | GatewayError::UriTooLong
             | GatewayError::PayloadTooLarge
-            | GatewayError::BadRequestBody => None,
+            | GatewayError::BadRequestBody
+            | GatewayError::BodyTimeout => None,
         }
     }
 
@@ -125,9 +141,12 @@ impl GatewayError {
             | GatewayError::StoreUnavailable
             | GatewayError::Upstream(_)
             | GatewayError::RateLimited(_)
+            | GatewayError::MethodNotAllowed(_)
+            | GatewayError::BadContentLength
             | GatewayError::UriTooLong
             | GatewayError::PayloadTooLarge
-            | GatewayError::BadRequestBody => None,
+            | GatewayError::BadRequestBody
+            | GatewayError::BodyTimeout => None,
         }
     }
 
@@ -156,8 +175,11 @@ impl GatewayError {
             },
             GatewayError::Forbidden(Denied::Address, _) => "ip_not_allowed",
             GatewayError::Forbidden(Denied::Scope, _) => "out_of_scope",
+            GatewayError::MethodNotAllowed(_) => "method_not_allowed",
+            GatewayError::BadContentLength => "bad_content_length",
             GatewayError::UriTooLong => "uri_too_long",
             GatewayError::BadRequestBody => "bad_request_body",
+            GatewayError::BodyTimeout => "body_timeout",
             GatewayError::PayloadTooLarge => "body_too_large",
             GatewayError::MissingCredentials
             | GatewayError::InvalidKey(InvalidReason::Unknown)
@@ -192,10 +214,17 @@ impl GatewayError {
             GatewayError::Forbidden(..) => {
                 br#"{"detail":"You do not have permission to perform this action."}"#
             }
+            // Django REST Framework's wording for a method a view does not allow.
+            GatewayError::MethodNotAllowed("CONNECT") => {
+                br#"{"detail":"Method \"CONNECT\" not allowed."}"#
+            }
+            GatewayError::MethodNotAllowed(_) => br#"{"detail":"Method \"TRACE\" not allowed."}"#,
+            GatewayError::BadContentLength => br#"{"detail":"Content-Length out of range."}"#,
             GatewayError::UriTooLong => br#"{"detail":"Request URI too long."}"#,
             GatewayError::BadRequestBody => {
                 br#"{"detail":"Malformed or incomplete request body."}"#
             }
+            GatewayError::BodyTimeout => br#"{"detail":"Request body timed out."}"#,
             GatewayError::PayloadTooLarge => br#"{"detail":"Request body too large."}"#,
             GatewayError::StoreUnavailable => {
                 br#"{"detail":"Authentication service temporarily unavailable. Please retry."}"#
@@ -225,6 +254,8 @@ pub struct ErrorHeaders {
     pub challenge_invalid: HeaderValue,
     /// `Retry-After` for 503.
     pub retry_after: HeaderValue,
+    /// `Allow` for 405: the methods the gateway forwards.
+    pub allow: HeaderValue,
 }
 
 impl ErrorHeaders {
@@ -237,6 +268,7 @@ impl ErrorHeaders {
             challenge: value(format!("Bearer realm=\"{realm}\"")),
             challenge_invalid: value(format!("Bearer realm=\"{realm}\", error=\"invalid_token\"")),
             retry_after: HeaderValue::from_static("1"),
+            allow: HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
         }
     }
 
@@ -267,8 +299,17 @@ impl ErrorHeaders {
                 headers.insert(RATELIMIT_POLICY, t.policy.clone());
                 headers.insert(RATELIMIT, rate_limit_field(t.kind, 0, t.retry_after));
             }
+            GatewayError::MethodNotAllowed(_) => {
+                headers.insert(header::ALLOW, self.allow.clone());
+            }
+            GatewayError::BodyTimeout => {
+                // The rest of the body will not be read: the connection cannot carry another
+                // request.
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
             GatewayError::Upstream(_)
             | GatewayError::Forbidden(..)
+            | GatewayError::BadContentLength
             | GatewayError::UriTooLong
             | GatewayError::PayloadTooLarge
             | GatewayError::BadRequestBody => {}

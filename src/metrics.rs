@@ -22,15 +22,18 @@ pub enum Outcome {
     Local,
     /// The gateway could not do its job (store or upstream failure).
     Failed,
+    /// No answer was sent: the client went away first, or the shutdown grace ended.
+    Cancelled,
 }
 
 impl Outcome {
-    const ALL: [Outcome; 5] = [
+    const ALL: [Outcome; 6] = [
         Outcome::Forwarded,
         Outcome::Rejected,
         Outcome::Preflight,
         Outcome::Local,
         Outcome::Failed,
+        Outcome::Cancelled,
     ];
 
     /// Label value.
@@ -41,6 +44,7 @@ impl Outcome {
             Outcome::Preflight => "preflight",
             Outcome::Local => "local",
             Outcome::Failed => "failed",
+            Outcome::Cancelled => "cancelled",
         }
     }
 }
@@ -130,7 +134,7 @@ const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 /// Every metric handle the gateway uses.
 pub struct Metrics {
     handle: PrometheusHandle,
-    requests: [[Counter; 5]; 5],
+    requests: [[Counter; 5]; 6],
     auth: [Counter; 9],
     upstream_errors: [Counter; 3],
     /// End-to-end request latency at the gateway.
@@ -161,8 +165,6 @@ pub struct Metrics {
     pub tls_handshake_failures: Counter,
     /// Connections refused because `max_connections` was reached.
     pub connections_refused: Counter,
-    /// Client connections keygate's own HTTP/1.1 server handed to hyper.
-    pub http1_handovers: Counter,
     /// Client connections open now.
     pub connections_open: Gauge,
     /// Plain-HTTP requests redirected to HTTPS.
@@ -348,13 +350,6 @@ impl Metrics {
                 "Connections closed at once because server.max_connections was reached.",
                 &[],
             ),
-            http1_handovers: r.counter(
-                "keygate_http1_handovers_total",
-                "Client connections keygate's own HTTP/1.1 server handed to hyper at a request it \
-                 does not serve (h2c, chunked upload, Expect, upgrade, HTTP/1.0, a malformed or \
-                 oversized head); HTTP/2 negotiated by ALPN goes to hyper directly, uncounted.",
-                &[],
-            ),
             connections_open: r.gauge(
                 "keygate_connections_open",
                 "Client connections open now.",
@@ -394,8 +389,8 @@ impl Metrics {
     }
 
     /// Counts one finished request.
-    pub fn request(&self, outcome: Outcome, status: http::StatusCode) {
-        let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
+    pub fn request(&self, outcome: Outcome, status: u16) {
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
         self.requests[outcome as usize][class].increment(1);
     }
 

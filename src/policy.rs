@@ -149,16 +149,23 @@ impl Compiled {
 /// (the last for backends that decode twice) that a backend could resolve into another path
 /// (`/api/v1/video/../admin/` must not pass a `/api/v1/video/` scope). Scoped keys are refused
 /// such paths; browsers and HTTP clients never send them.
-fn is_plain_path(path: &str) -> bool {
-    let lower = path.to_ascii_lowercase();
-    let encoded = ["%2e", "%2f", "%5c", "%25"]
-        .iter()
-        .any(|e| lower.contains(e))
-        || path.contains('\\');
+pub(crate) fn is_plain_path(path: &str) -> bool {
+    let bytes = path.as_bytes();
+    let encoded = bytes.iter().enumerate().any(|(i, &b)| {
+        b == b'\\' || (b == b'%' && bytes.get(i + 1..i + 3).is_some_and(encodes_separator))
+    });
     let dot_segment = path
         .split('/')
         .any(|segment| segment == "." || segment == "..");
     !encoded && !dot_segment
+}
+
+/// Whether the two characters after a `%` encode '.', '/', '\\' or '%'.
+fn encodes_separator(code: &[u8]) -> bool {
+    matches!(
+        code,
+        [b'2', b'e' | b'E' | b'f' | b'F' | b'5'] | [b'5', b'c' | b'C']
+    )
 }
 
 /// IPv4-mapped IPv6 addresses (`::ffff:10.0.0.1`, from dual-stack sockets) compare as IPv4.

@@ -21,26 +21,23 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use bytes::Bytes;
-use futures_util::task::AtomicWaker;
-use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
 
 use crate::admin::Admin;
 use crate::cache::KeyCache;
 use crate::config::{self, Config};
-use crate::front;
-use crate::gateway::{ConnInfo, Gateway};
+use crate::gateway::{ConnInfo, Gateway, GatewayBody};
 use crate::metrics::Metrics;
 use crate::redirect::Redirect;
 use crate::store::SharedStore;
@@ -239,186 +236,178 @@ async fn stopped(flag: &mut watch::Receiver<bool>) {
     let _ = flag.wait_for(|set| *set).await;
 }
 
-/// Runs `conn` to its end, or until `stop` fires first (`None`).
-///
-/// `conn` is polled with `gate`'s waker ([`TaskGate`]).
-async fn until_stopped<C: Future>(
-    mut conn: Pin<&mut C>,
-    stop: &mut StopWatch,
-    gate: &Arc<TaskGate>,
-) -> Option<C::Output> {
-    let gate_waker = Waker::from(Arc::clone(gate));
-    std::future::poll_fn(|cx| {
-        if let Poll::Ready(r) = gate.polled(cx, &gate_waker, |gated| conn.as_mut().poll(gated)) {
-            return Poll::Ready(Some(r));
-        }
-        if stop.poll_stopped(cx) {
-            return Poll::Ready(None);
-        }
-        Poll::Pending
-    })
-    .await
+/// How long a closing client connection goes on reading what the client still sends.
+const LINGER_TIME: Duration = Duration::from_secs(2);
+/// How much it reads at most.
+const LINGER_BYTES: usize = 1024 * 1024;
+
+/// A client's TCP connection that closes the way nginx's lingering close does. Its shutdown (hyper
+/// shuts a connection down after its last response, TLS after its close_notify) closes the write
+/// side, then reads and drops whatever the client still sends (the rest of a body the gateway
+/// answered without reading, a pipelined request) until the client closes too, for up to
+/// [`LINGER_TIME`] and [`LINGER_BYTES`]. Closing a socket with unread bytes in it makes the kernel
+/// send a reset, which can destroy the response before the client has read it (RFC 9112 §9.6).
+#[derive(Debug)]
+struct Lingering {
+    io: TcpStream,
+    /// Set once the write side is closed: until when to read, and how much was read.
+    linger: Option<(Pin<Box<tokio::time::Sleep>>, usize)>,
 }
 
-/// A connection's view of the shutdown signal. A connection's future is polled several times per
-/// request and the signal almost never fires, so the signal is polled only on the first check and
-/// when it woke the task itself (polling a watch receiver takes its lock; `tokio::select!` would
-/// poll it on every wake-up).
-pub(crate) struct StopWatch {
-    stop: Pin<Box<dyn Future<Output = ()> + Send>>,
-    signal: Arc<StopSignal>,
-    waker: Waker,
-    stopped: bool,
+impl Lingering {
+    fn new(io: TcpStream) -> Self {
+        Self { io, linger: None }
+    }
 }
 
-impl StopWatch {
-    pub(crate) fn new(mut flag: watch::Receiver<bool>) -> Self {
-        let signal = Arc::new(StopSignal {
-            woken: AtomicBool::new(true),
-            task: AtomicWaker::new(),
-        });
-        Self {
-            stop: Box::pin(async move { stopped(&mut flag).await }),
-            waker: Waker::from(Arc::clone(&signal)),
-            signal,
-            stopped: false,
-        }
+impl AsyncRead for Lingering {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Lingering {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
     }
 
-    /// Whether the gateway is shutting down; if not, the task of `cx` is woken when it does.
-    pub(crate) fn poll_stopped(&mut self, cx: &Context<'_>) -> bool {
-        if !self.stopped {
-            self.signal.task.register(cx.waker());
-            if self.signal.woken.swap(false, Ordering::AcqRel)
-                && self
-                    .stop
-                    .as_mut()
-                    .poll(&mut Context::from_waker(&self.waker))
-                    .is_ready()
-            {
-                self.stopped = true;
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let (deadline, read) = match &mut this.linger {
+            Some(linger) => linger,
+            None => {
+                // A peer that reset the connection cannot be waited for: nothing to linger on.
+                if ready!(Pin::new(&mut this.io).poll_shutdown(cx)).is_err() {
+                    return Poll::Ready(Ok(()));
+                }
+                this.linger
+                    .insert((Box::pin(tokio::time::sleep(LINGER_TIME)), 0))
+            }
+        };
+        let mut scratch = [0u8; 8 * 1024];
+        while *read < LINGER_BYTES {
+            let mut buf = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut this.io).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if !buf.filled().is_empty() => *read += buf.filled().len(),
+                // The client closed (or reset) its side: done.
+                Poll::Ready(_) => return Poll::Ready(Ok(())),
+                Poll::Pending if deadline.as_mut().poll(cx).is_ready() => break,
+                Poll::Pending => return Poll::Pending,
             }
         }
-        self.stopped
+        Poll::Ready(Ok(()))
     }
 }
 
-/// The waker a connection's task polls its connection with. It passes every wake-up on to the task,
-/// except those that the task's own code causes inside [`TaskGate::muted`]: taking a frame of a
-/// request body from hyper wakes the side of the connection that feeds it (there is room for the
-/// next frame), and when the body is forwarded upstream by the request itself, that is the very
-/// task doing the taking, so it would run once more for nothing. `muted` drops wake-ups only when
-/// it runs inside the poll of the connection's task (not, say, in an HTTP/2 stream's own task), and
-/// only those from the thread polling it (a wake-up from another thread, such as the shutdown
-/// signal, always passes); the caller delivers a dropped wake-up when it turns out to be needed.
-#[derive(Debug, Default)]
-pub(crate) struct TaskGate {
-    /// While the connection's task is being polled ([`TaskGate::polled`]): a token of the
-    /// thread polling it; 0 otherwise.
-    polling: AtomicUsize,
-    /// While `muted` runs: a token of the thread running it; 0 otherwise.
-    shut_on: AtomicUsize,
-    /// `muted` dropped a wake-up.
-    dropped: AtomicBool,
-    task: AtomicWaker,
+/// How a connection's requests are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    /// HTTP/1.1 (TLS with ALPN `http/1.1` or none, the redirect and admin listeners). An
+    /// HTTP/2 preface on such a connection is a malformed HTTP/1.1 request.
+    Http1,
+    /// HTTP/2, negotiated by ALPN.
+    Http2,
+    /// Plain TCP in `serve` mode: HTTP/1.1, or HTTP/2 with prior knowledge (h2c), told apart
+    /// by hyper from the connection's first bytes.
+    Either,
 }
 
-/// A token for the current thread: the address of a thread-local.
-fn thread_token() -> usize {
-    thread_local! {
-        static TOKEN: u8 = const { 0 };
-    }
-    TOKEN.with(|t| std::ptr::from_ref(t) as usize)
+/// hyper's server for each [`Protocol`], configured once.
+#[derive(Clone)]
+struct Builders {
+    http1: auto::Builder<TokioExecutor>,
+    http2: auto::Builder<TokioExecutor>,
+    either: auto::Builder<TokioExecutor>,
 }
 
-impl TaskGate {
-    /// Runs `f`, the poll of the connection's task (`cx` is the task's), with the gate as the
-    /// waker: `gate_waker`, made from this gate once per connection.
-    pub(crate) fn polled<T>(
-        &self,
-        cx: &Context<'_>,
-        gate_waker: &Waker,
-        f: impl FnOnce(&mut Context<'_>) -> T,
-    ) -> T {
-        self.task.register(cx.waker());
-        self.polling.store(thread_token(), Ordering::Relaxed);
-        let r = f(&mut Context::from_waker(gate_waker));
-        self.polling.store(0, Ordering::Relaxed);
-        r
-    }
-
-    /// Runs `f`, dropping the wake-ups it causes for the connection's task when that task is the
-    /// one running it; says whether any was dropped.
-    pub(crate) fn muted<R>(&self, f: impl FnOnce() -> R) -> (R, bool) {
-        let thread = thread_token();
-        if self.polling.load(Ordering::Relaxed) != thread {
-            return (f(), false);
+impl Builders {
+    fn new(cfg: &config::Server) -> Self {
+        let mut either = auto::Builder::new(TokioExecutor::new());
+        // The header read timeout also bounds how long an idle keep-alive connection is kept.
+        either
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(cfg.header_read_timeout)
+            .keep_alive(true)
+            .max_buf_size(cfg.max_header_bytes);
+        if cfg.max_headers != HYPER_MAX_HEADERS {
+            // hyper parses up to its default number of headers on the stack, any other
+            // number on the heap.
+            either.http1().max_headers(cfg.max_headers);
         }
-        self.shut_on.store(thread, Ordering::Relaxed);
-        let r = f();
-        self.shut_on.store(0, Ordering::Relaxed);
-        (r, self.dropped.swap(false, Ordering::Relaxed))
-    }
-
-    /// Delivers a wake-up that [`TaskGate::muted`] dropped.
-    pub(crate) fn wake(&self) {
-        self.task.wake();
-    }
-}
-
-impl Wake for TaskGate {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        let shut_on = self.shut_on.load(Ordering::Relaxed);
-        if shut_on != 0 && shut_on == thread_token() {
-            self.dropped.store(true, Ordering::Relaxed);
-            return;
+        either
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(cfg.h2_max_concurrent_streams)
+            .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX))
+            // Rapid-reset protection: a client resetting streams faster than this loses the
+            // connection.
+            .max_pending_accept_reset_streams(Some(50))
+            .max_local_error_reset_streams(Some(256))
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .keep_alive_timeout(cfg.header_read_timeout);
+        Self {
+            http1: either.clone().http1_only(),
+            http2: either.clone().http2_only(),
+            either,
         }
-        self.task.wake();
+    }
+
+    fn get(&self, protocol: Protocol) -> &auto::Builder<TokioExecutor> {
+        match protocol {
+            Protocol::Http1 => &self.http1,
+            Protocol::Http2 => &self.http2,
+            Protocol::Either => &self.either,
+        }
     }
 }
 
-/// The waker a connection's stop signal is polled with: it notes that the signal woke, then wakes
-/// the connection's task.
-struct StopSignal {
-    woken: AtomicBool,
-    task: AtomicWaker,
-}
-
-impl Wake for StopSignal {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.woken.store(true, Ordering::Release);
-        self.task.wake();
-    }
-}
+/// hyper's default for the most header fields in an HTTP/1.1 request.
+const HYPER_MAX_HEADERS: usize = 100;
 
 /// Per-connection settings shared by the accept loops.
 #[derive(Clone)]
 struct Accepting {
-    stop: watch::Receiver<bool>,
+    /// Cancelled when the gateway starts draining: accepting stops, and each connection
+    /// finishes the requests it has and closes.
+    draining: CancellationToken,
     limit: Arc<Semaphore>,
     metrics: Arc<Metrics>,
-    builder: auto::Builder<TokioExecutor>,
-    /// keygate's own HTTP/1.1 server and its limits; `None`: hyper reads every request
-    /// (`server.http1_server = "hyper"`).
-    own_http1: Option<front::Limits>,
+    builders: Builders,
 }
 
 impl Accepting {
-    /// Accepts until `stop` fires, handing each connection to `serve` on the current runtime.
+    /// Accepts until draining starts, handing each connection to `serve` on the current
+    /// runtime.
     async fn run<F, Fut>(&self, listener: TcpListener, what: &'static str, serve: F)
     where
-        F: Fn(TcpStream, SocketAddr, Connection) -> Fut,
+        F: Fn(Lingering, SocketAddr, Connection) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let mut stop = self.stop.clone();
         loop {
             let (stream, peer) = tokio::select! {
                 accepted = listener.accept() => match accepted {
@@ -430,7 +419,7 @@ impl Accepting {
                         continue;
                     }
                 },
-                _ = stopped(&mut stop) => return,
+                () = self.draining.cancelled() => return,
             };
             let Ok(permit) = Arc::clone(&self.limit).try_acquire_owned() else {
                 self.metrics.connections_refused.increment(1);
@@ -440,15 +429,13 @@ impl Accepting {
             let _ = stream.set_nodelay(true);
             let conn = Connection {
                 _permit: permit,
-                gate: Arc::default(),
                 metrics: Arc::clone(&self.metrics),
-                stop: self.stop.clone(),
-                builder: self.builder.clone(),
-                own_http1: self.own_http1,
+                draining: self.draining.clone(),
+                builders: self.builders.clone(),
             };
             conn.metrics.connections_open.increment(1.0);
             // On the runtime of the calling thread: a worker's own, for the pipeline.
-            tokio::spawn(serve(stream, peer, conn));
+            tokio::spawn(serve(Lingering::new(stream), peer, conn));
         }
     }
 }
@@ -458,12 +445,9 @@ struct Connection {
     /// Held for the connection's lifetime: `server.max_connections` counts it, and shutdown
     /// waits until every permit is back.
     _permit: OwnedSemaphorePermit,
-    /// What the connection is polled with; the pipeline's requests carry it ([`ConnInfo`]).
-    gate: Arc<TaskGate>,
     metrics: Arc<Metrics>,
-    stop: watch::Receiver<bool>,
-    builder: auto::Builder<TokioExecutor>,
-    own_http1: Option<front::Limits>,
+    draining: CancellationToken,
+    builders: Builders,
 }
 
 impl Drop for Connection {
@@ -473,34 +457,25 @@ impl Drop for Connection {
 }
 
 impl Connection {
-    /// Serves HTTP on `io` with hyper until the peer closes; on shutdown, finishes the requests
-    /// in flight and closes the connection.
-    async fn serve<I, F, Fut>(self, io: I, handler: F)
+    /// Serves HTTP on `io` with hyper until the peer closes; once draining starts, finishes
+    /// the requests in flight and closes the connection.
+    async fn serve<I, F, Fut>(self, io: I, protocol: Protocol, handler: F)
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
         F: Fn(hyper::Request<Incoming>) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = hyper::Response<crate::proxy::GatewayBody>> + Send + 'static,
+        Fut: Future<Output = hyper::Response<GatewayBody>> + Send + 'static,
     {
-        let mut stop = StopWatch::new(self.stop.clone());
-        self.serve_hyper(io, handler, &mut stop).await;
-    }
-
-    async fn serve_hyper<I, F, Fut>(&self, io: I, handler: F, stop: &mut StopWatch)
-    where
-        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-        F: Fn(hyper::Request<Incoming>) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = hyper::Response<crate::proxy::GatewayBody>> + Send + 'static,
-    {
-        // `map`, not an `async move` block around the handler's future: hyper moves the future
-        // into place for every request, and such a block would be twice the handler's size
-        // (the captured future and the awaited one side by side).
         let service =
             service_fn(move |req| futures_util::FutureExt::map(handler(req), Ok::<_, Infallible>));
-        let conn = self.builder.serve_connection(TokioIo::new(io), service);
+        let conn = self
+            .builders
+            .get(protocol)
+            .serve_connection(TokioIo::new(io), service);
         tokio::pin!(conn);
-        let result = match until_stopped(conn.as_mut(), stop, &self.gate).await {
-            Some(r) => r,
-            None => {
+        let result = tokio::select! {
+            biased;
+            result = conn.as_mut() => result,
+            () = self.draining.cancelled() => {
                 conn.as_mut().graceful_shutdown();
                 conn.await
             }
@@ -509,58 +484,6 @@ impl Connection {
             tracing::debug!(error = %e, "connection ended with an error");
         }
     }
-
-    /// Serves the pipeline on `io`: HTTP/1.1 with keygate's own server ([`front`]) while the
-    /// requests are ones it serves, then (from the first that is not, or for HTTP/2 negotiated
-    /// by ALPN, `h2`) with hyper.
-    async fn serve_gateway<I>(self, io: I, h2: bool, gateway: Arc<Gateway>, info: ConnInfo)
-    where
-        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    {
-        let mut stop = StopWatch::new(self.stop.clone());
-        let (io, read) = match self.own_http1 {
-            Some(limits) if !h2 => {
-                let ended = front::serve(io, limits, &mut stop, |req| {
-                    Arc::clone(&gateway).handle(req, info.clone())
-                })
-                .await;
-                match ended {
-                    front::Ended::Closed => return,
-                    front::Ended::HandOver(io, read) => {
-                        self.metrics.http1_handovers.increment(1);
-                        (io, read)
-                    }
-                }
-            }
-            _ => (io, Bytes::new()),
-        };
-        let handler = move |req: hyper::Request<Incoming>| {
-            Arc::clone(&gateway).handle(req.map(Either::Right), info.clone())
-        };
-        self.serve_hyper(front::Rewind::new(io, read), handler, &mut stop)
-            .await;
-    }
-}
-
-fn builder(cfg: &config::Server, http1_only: bool) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    // The header read timeout also bounds how long an idle keep-alive connection is kept.
-    b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(cfg.header_read_timeout)
-        .keep_alive(true)
-        .max_headers(cfg.max_headers)
-        .max_buf_size(cfg.max_header_bytes);
-    b.http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(cfg.h2_max_concurrent_streams)
-        .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX))
-        // Rapid-reset protection: a client resetting streams faster than this loses the connection.
-        .max_pending_accept_reset_streams(Some(50))
-        .max_local_error_reset_streams(Some(256))
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(cfg.header_read_timeout);
-    if http1_only { b.http1_only() } else { b }
 }
 
 /// What one worker serves, and with what.
@@ -573,19 +496,23 @@ struct Worker {
     handshake_timeout: Duration,
     gateway: Arc<Gateway>,
     redirect: Arc<Redirect>,
-    pipeline: Accepting,
-    plain: Accepting,
+    accepting: Accepting,
     /// Fires when the main runtime has finished draining: the worker's runtime may end.
     exit: watch::Receiver<bool>,
 }
 
 impl Worker {
-    /// Runs the worker on the calling thread until told to exit.
+    /// Runs the worker on the calling thread until told to exit. Requests still in flight then
+    /// end with the runtime (their access-log lines say the shutdown cut them off).
     fn run(self) -> std::io::Result<()> {
-        tokio::runtime::Builder::new_current_thread()
+        let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
-            .build()?
-            .block_on(self.serve())
+            .build()?;
+        let result = runtime.block_on(self.serve());
+        crate::gateway::grace_ended();
+        drop(runtime);
+        crate::logging::flush_access_log();
+        result
     }
 
     async fn serve(self) -> std::io::Result<()> {
@@ -613,15 +540,14 @@ impl Worker {
         let handshake_timeout = self.handshake_timeout;
         let acceptor = self.acceptor;
         let gateway = &self.gateway;
-        let tls_loop = self.pipeline.run(https, "https", |stream, peer, conn| {
+        let tls_loop = self.accepting.run(https, "https", |stream, peer, conn| {
             let acceptor = acceptor.clone();
             let gateway = Arc::clone(gateway);
             async move {
-                let mut stop = conn.stop.clone();
                 let handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(stream));
                 let tls = tokio::select! {
                     r = handshake => r,
-                    _ = stopped(&mut stop) => return,
+                    () = conn.draining.cancelled() => return,
                 };
                 let tls = match tls {
                     Ok(Ok(tls)) => tls,
@@ -636,9 +562,16 @@ impl Worker {
                         return;
                     }
                 };
-                let info = ConnInfo::new(peer, true, index, Arc::clone(&conn.gate));
-                let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-                conn.serve_gateway(tls, h2, gateway, info).await;
+                let protocol = if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                    Protocol::Http2
+                } else {
+                    Protocol::Http1
+                };
+                let info = ConnInfo::new(peer, true, index);
+                conn.serve(tls, protocol, move |req| {
+                    Arc::clone(&gateway).handle(req, info.clone())
+                })
+                .await;
             }
         });
         let plain_loop = async {
@@ -647,13 +580,14 @@ impl Worker {
             };
             match self.http_mode {
                 config::HttpMode::Redirect => {
-                    self.plain
+                    self.accepting
                         .run(listener, "http", |stream, _peer, conn| {
                             let redirect = Arc::clone(&self.redirect);
                             let metrics = Arc::clone(&conn.metrics);
-                            conn.serve(stream, move |req| {
+                            conn.serve(stream, Protocol::Http1, move |req| {
                                 metrics.redirects.increment(1);
                                 let resp = redirect.respond(&req);
+                                crate::http::drain_unread(req.into_body());
                                 async move { resp }
                             })
                         })
@@ -661,11 +595,13 @@ impl Worker {
                 }
                 config::HttpMode::Serve => {
                     // Behind a TLS-terminating load balancer: the same pipeline, HTTP/1.1 or h2c.
-                    self.pipeline
+                    self.accepting
                         .run(listener, "http", |stream, peer, conn| {
                             let gateway = Arc::clone(gateway);
-                            let info = ConnInfo::new(peer, false, index, Arc::clone(&conn.gate));
-                            conn.serve_gateway(stream, false, gateway, info)
+                            let info = ConnInfo::new(peer, false, index);
+                            conn.serve(stream, Protocol::Either, move |req| {
+                                Arc::clone(&gateway).handle(req, info.clone())
+                            })
                         })
                         .await;
                 }
@@ -725,7 +661,7 @@ pub async fn run_until(
         Arc::clone(&cache),
         Arc::clone(&metrics),
         workers,
-    ));
+    )?);
     let redirect = Arc::new(Redirect::new(&config.server, &config.headers));
     let admin = Arc::new(Admin::new(Arc::clone(&gateway), Arc::clone(&metrics)));
 
@@ -752,22 +688,12 @@ pub async fn run_until(
 
     let max_connections = config.server.max_connections;
     let limit = Arc::new(Semaphore::new(max_connections));
-    let pipeline = Accepting {
-        stop: stop_rx.clone(),
+    let draining = CancellationToken::new();
+    let accepting = Accepting {
+        draining: draining.clone(),
         limit: Arc::clone(&limit),
         metrics: Arc::clone(&metrics),
-        builder: builder(&config.server, false),
-        own_http1: (config.server.http1_server == config::Http1Server::Keygate).then_some(
-            front::Limits {
-                header_read_timeout: config.server.header_read_timeout,
-                max_headers: config.server.max_headers,
-                max_head_bytes: config.server.max_header_bytes,
-            },
-        ),
-    };
-    let plain = Accepting {
-        builder: builder(&config.server, true),
-        ..pipeline.clone()
+        builders: Builders::new(&config.server),
     };
     tracing::info!(
         https = %listeners.https_addr().map(|a| a.to_string()).unwrap_or_default(),
@@ -793,8 +719,11 @@ pub async fn run_until(
             handshake_timeout: config.server.handshake_timeout,
             gateway: Arc::clone(&gateway),
             redirect: Arc::clone(&redirect),
-            pipeline: pipeline.clone(),
-            plain: plain.clone(),
+            // Each worker's connections wait on their own token: no lock shared across cores.
+            accepting: Accepting {
+                draining: draining.child_token(),
+                ..accepting.clone()
+            },
             exit: exit_rx.clone(),
         };
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
@@ -814,10 +743,10 @@ pub async fn run_until(
     let admin_loop = async {
         match listeners.admin.map(TcpListener::from_std).transpose() {
             Ok(Some(listener)) => {
-                plain
+                accepting
                     .run(listener, "admin", |stream, _peer, conn| {
                         let admin = Arc::clone(&admin);
-                        conn.serve(stream, move |req| {
+                        conn.serve(stream, Protocol::Http1, move |req| {
                             let admin = Arc::clone(&admin);
                             async move { admin.handle(req).await }
                         })
@@ -836,6 +765,7 @@ pub async fn run_until(
     }
     tracing::info!(grace = ?config.server.shutdown_grace, "shutting down: no new connections; draining");
     let _ = stop_tx.send(true);
+    draining.cancel();
     // Every open connection holds a permit: all of them back means every connection is closed.
     let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
     tokio::select! {
@@ -933,110 +863,5 @@ async fn upkeep(metrics: Arc<Metrics>, gateway: Arc<Gateway>, mut stop: watch::R
             }
             _ = stop.changed() => return,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::sync::atomic::AtomicUsize;
-
-    use http_body_util::BodyExt;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    use super::*;
-    use crate::proxy::RequestBody;
-
-    /// Counts the polls of the future it wraps.
-    struct Counted<F> {
-        inner: Pin<Box<F>>,
-        polls: Arc<AtomicUsize>,
-    }
-
-    impl<F: Future> Future for Counted<F> {
-        type Output = F::Output;
-
-        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-            self.polls.fetch_add(1, Ordering::SeqCst);
-            self.inner.as_mut().poll(cx)
-        }
-    }
-
-    /// Serves one POST of `len` bytes on a connection whose task polls it through a gate, as
-    /// the pipeline does: the request's own task takes the body (with the gate, or without it
-    /// when `gated` is false) and echoes it. Returns how often the connection's task was polled
-    /// from start to end, and the echoed body's length.
-    async fn serve_one_post(gated: bool, len: usize) -> (usize, usize) {
-        let (mut client, server) = tokio::io::duplex(4096);
-        let gate: Arc<TaskGate> = Arc::default();
-        let service_gate = Arc::clone(&gate);
-        let service = service_fn(move |req: hyper::Request<Incoming>| {
-            let gate = Arc::clone(&service_gate);
-            async move {
-                let body = req.into_body();
-                let body = RequestBody::new(
-                    http_body_util::Either::Right(body),
-                    None,
-                    gated.then_some(&gate),
-                );
-                let bytes = body.collect().await.unwrap().to_bytes();
-                Ok::<_, Infallible>(hyper::Response::new(http_body_util::Full::new(bytes)))
-            }
-        });
-        let polls = Arc::new(AtomicUsize::new(0));
-        let task = tokio::spawn(Counted {
-            polls: Arc::clone(&polls),
-            inner: Box::pin(async move {
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(server), service);
-                tokio::pin!(conn);
-                let (_tx, rx) = watch::channel(false);
-                until_stopped(conn.as_mut(), &mut StopWatch::new(rx), &gate).await;
-            }),
-        });
-        let mut request =
-            format!("POST / HTTP/1.1\r\nhost: x\r\ncontent-length: {len}\r\n\r\n").into_bytes();
-        request.resize(request.len() + len, b'v');
-        let (mut read, mut write) = tokio::io::split(&mut client);
-        let writing = async { write.write_all(&request).await.unwrap() };
-        let reading = async {
-            let mut response = Vec::new();
-            let mut buf = [0; 8192];
-            loop {
-                let head = response.windows(4).position(|w| w == b"\r\n\r\n");
-                if head.is_some_and(|h| response.len() >= h + 4 + len) {
-                    return response;
-                }
-                let n = read.read(&mut buf).await.unwrap();
-                assert!(n > 0, "the connection closed before the response");
-                response.extend_from_slice(&buf[..n]);
-            }
-        };
-        let run = async { tokio::join!(writing, reading).1 };
-        let response = tokio::time::timeout(Duration::from_secs(10), run)
-            .await
-            .expect("the body goes through");
-        drop(client);
-        task.await.unwrap();
-        let head = response.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-        (polls.load(Ordering::SeqCst), response.len() - head)
-    }
-
-    #[tokio::test]
-    async fn a_body_taken_whole_does_not_wake_its_own_connection() {
-        let (gated, echoed) = serve_one_post(true, 5).await;
-        assert_eq!(echoed, 5);
-        let (plain, _) = serve_one_post(false, 5).await;
-        assert!(
-            gated < plain,
-            "polls of the connection's task: {gated} gated, {plain} without the gate"
-        );
-    }
-
-    #[tokio::test]
-    async fn a_body_taken_in_parts_still_wakes_its_connection_for_the_rest() {
-        // Larger than the pipe between client and server: hyper reads it in several parts, and
-        // each part taken must let the next one in.
-        let (_, echoed) = serve_one_post(true, 256 * 1024).await;
-        assert_eq!(echoed, 256 * 1024);
     }
 }

@@ -1,6 +1,7 @@
-//! TLS termination: the rustls server configuration (TLS 1.2 and 1.3 only, ALPN h2 and
-//! http/1.1, ring provider), the served certificate and its reload without restart (SIGHUP or a
-//! changed file), and the development certificate generated on first run.
+//! TLS: termination (the rustls server configuration: TLS 1.2 and 1.3 only, ALPN h2 and
+//! http/1.1, ring provider; the served certificate and its reload without restart on SIGHUP or a
+//! changed file; the development certificate generated on first run), and the client
+//! configuration for an `https://` upstream.
 
 use std::io::Write as _;
 use std::path::Path;
@@ -158,40 +159,47 @@ pub fn check(cfg: &config::Tls) -> Result<CertCheck, TlsError> {
     Ok(CertCheck::Usable { not_after })
 }
 
+/// Reads a PEM certificate chain (at least one certificate); `what` names it in errors.
+fn read_chain(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let load = |reason: String| TlsError::Load {
+        what,
+        path: path.display().to_string(),
+        reason,
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| load(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(load("no CERTIFICATE block found".into()));
+    }
+    Ok(certs)
+}
+
+/// Reads a PEM private key.
+fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::Load {
+        what: "private key",
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })
+}
+
 /// Reads and checks the certificate chain and key: they must parse and belong together.
 fn read_pair(
     cfg: &config::Tls,
     provider: &CryptoProvider,
 ) -> Result<(CertifiedKey, i64), TlsError> {
-    let certs = CertificateDer::pem_file_iter(&cfg.cert)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| TlsError::Load {
-            what: "certificate chain",
-            path: cfg.cert.display().to_string(),
-            reason: e.to_string(),
-        })?;
-    let Some(leaf) = certs.first() else {
-        return Err(TlsError::Load {
-            what: "certificate chain",
-            path: cfg.cert.display().to_string(),
-            reason: "no CERTIFICATE block found".into(),
-        });
-    };
-    let not_after = x509_parser::parse_x509_certificate(leaf)
+    let certs = read_chain(&cfg.cert, "certificate chain")?;
+    let not_after = x509_parser::parse_x509_certificate(&certs[0])
         .map(|(_, cert)| cert.validity().not_after.timestamp())
         .map_err(|e| TlsError::Load {
             what: "certificate",
             path: cfg.cert.display().to_string(),
             reason: e.to_string(),
         })?;
-    let key = PrivateKeyDer::from_pem_file(&cfg.key).map_err(|e| TlsError::Load {
-        what: "private key",
-        path: cfg.key.display().to_string(),
-        reason: e.to_string(),
-    })?;
     let signer = provider
         .key_provider
-        .load_private_key(key)
+        .load_private_key(read_key(&cfg.key)?)
         .map_err(|e| TlsError::Config(e.to_string()))?;
     let certified = CertifiedKey::new(certs, signer);
     certified.keys_match().map_err(|e| {
@@ -202,6 +210,56 @@ fn read_pair(
         ))
     })?;
     Ok((certified, not_after))
+}
+
+/// The rustls client configuration for an `https://` upstream: TLS 1.3 and 1.2, ALPN
+/// `http/1.1`, the upstream's certificate checked against `tls.ca_file` (else the system's
+/// roots), and a client certificate when one is configured.
+pub fn upstream_client_config(
+    tls: &config::UpstreamTls,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    match &tls.ca_file {
+        Some(path) => {
+            for cert in read_chain(path, "upstream CA certificates (upstream.tls_ca_file)")? {
+                roots.add(cert).map_err(|e| TlsError::Load {
+                    what: "upstream CA certificates (upstream.tls_ca_file)",
+                    path: path.display().to_string(),
+                    reason: e.to_string(),
+                })?;
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            let (added, _) = roots.add_parsable_certificates(found.certs);
+            if added == 0 {
+                return Err(TlsError::Config(
+                    "no system root certificates found for the https:// upstream; set \
+                     upstream.tls_ca_file"
+                        .into(),
+                ));
+            }
+        }
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+    .map_err(|e| TlsError::Config(e.to_string()))?
+    .with_root_certificates(roots);
+    let mut config = match &tls.client_cert {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                read_chain(cert, "upstream client certificate (upstream.tls_cert_file)")?,
+                read_key(key)?,
+            )
+            .map_err(|e| {
+                TlsError::Config(format!("{} and {}: {e}", cert.display(), key.display()))
+            })?,
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
 }
 
 /// Writes a self-signed certificate for `hosts` (plus localhost and loopback addresses) and its

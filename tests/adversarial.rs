@@ -59,6 +59,18 @@ async fn smuggling_shapes_are_refused_and_never_reach_the_upstream() {
             ),
         ),
         (
+            "Transfer-Encoding not ending in chunked",
+            format!(
+                "POST /a HTTP/1.1\r\nHost: localhost\r\nX-API-Key: {key}\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n"
+            ),
+        ),
+        (
+            "Transfer-Encoding without chunked",
+            format!(
+                "POST /a HTTP/1.1\r\nHost: localhost\r\nX-API-Key: {key}\r\nTransfer-Encoding: gzip\r\n\r\nabc"
+            ),
+        ),
+        (
             "Transfer-Encoding on HTTP/1.0",
             format!(
                 "POST /a HTTP/1.0\r\nHost: localhost\r\nX-API-Key: {key}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
@@ -436,11 +448,10 @@ async fn upgrade_requests_are_not_tunnelled() {
     gw.shutdown().await;
 }
 
-/// keygate's own HTTP/1.1 server serves the plain requests of a connection and hands the
-/// connection to hyper at the first it does not serve (here a chunked upload); pipelined requests
-/// on both sides of that hand-over are answered once each, in order, with their own bodies.
+/// Pipelined requests, framed by length, by chunks and not at all, are answered once each, in
+/// order, with their own bodies.
 #[tokio::test]
-async fn pipelined_requests_across_the_hand_over_to_hyper_are_answered_in_order() {
+async fn pipelined_requests_are_answered_in_order() {
     let upstream = Upstream::start().await;
     let gw = Gateway::start(&upstream.url(), &[]).await;
     let key = gw.create_key("k").await;
@@ -468,12 +479,6 @@ async fn pipelined_requests_across_the_hand_over_to_hyper_are_answered_in_order(
             .unwrap_or_else(|| panic!("{path} not answered in order: {response}"));
         at += found;
     }
-    // The chunked upload was the hand-over: one connection.
-    assert!(
-        gw.metrics()
-            .await
-            .contains("keygate_http1_handovers_total 1\n")
-    );
     let seen = upstream.seen.lock().unwrap().clone();
     let got: Vec<(&str, u64)> = seen.iter().map(|s| (s.uri.as_str(), s.body_len)).collect();
     assert_eq!(
@@ -490,27 +495,241 @@ async fn pipelined_requests_across_the_hand_over_to_hyper_are_answered_in_order(
     gw.shutdown().await;
 }
 
-/// `server.http1_server = "hyper"`: hyper reads every request, and serves the same pipelined
-/// requests the same way; nothing is handed over.
+/// An HTTP/2 preface after an HTTP/1.1 request is a malformed HTTP/1.1 request: the connection
+/// never switches protocol, over TLS (ALPN `http/1.1`) or over plain TCP in `serve` mode (where a
+/// connection may start as h2c, but only with its first bytes).
 #[tokio::test]
-async fn with_http1_server_hyper_every_request_is_hypers() {
+async fn an_http2_preface_after_an_http1_request_is_refused() {
     let upstream = Upstream::start().await;
-    let gw = Gateway::start(&upstream.url(), &[("KEYGATE_SERVER_HTTP1_SERVER", "hyper")]).await;
+    let gw = Gateway::start(&upstream.url(), &[("KEYGATE_SERVER_HTTP_MODE", "serve")]).await;
     let key = gw.create_key("k").await;
     let request = format!(
-        "POST /one HTTP/1.1\r\nHost: localhost\r\nX-API-Key: {key}\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\nGET /two HTTP/1.1\r\nHost: localhost\r\nX-API-Key: {key}\r\nConnection: close\r\n\r\n"
+        "GET /first HTTP/1.1\r\nHost: localhost\r\nX-API-Key: {key}\r\n\r\nPRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
     );
-    let response = raw(&gw, request.as_bytes()).await;
+    let mut over_tls = Vec::new();
+    let mut stream = tls(&gw).await;
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut over_tls)).await;
+    let mut over_tcp = Vec::new();
+    let mut plain = TcpStream::connect(gw.http).await.unwrap();
+    plain.write_all(request.as_bytes()).await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(5), plain.read_to_end(&mut over_tcp)).await;
+    for (what, bytes) in [("TLS", &over_tls), ("plain TCP", &over_tcp)] {
+        // An HTTP/2 server's first frame is SETTINGS: type 4, no flags, stream 0.
+        assert!(
+            !bytes.windows(6).any(|w| w == [4, 0, 0, 0, 0, 0]),
+            "{what}: an HTTP/2 frame came back"
+        );
+        let response = &String::from_utf8_lossy(bytes).into_owned();
+        assert_eq!(status_of(response), Some(200), "{what}: {response}");
+        // Whatever follows the first answer is an HTTP/1.1 refusal or nothing: no HTTP/2
+        // SETTINGS frame (type 4 after a 3-byte length).
+        let first_end = response.find("\r\n\r\n").unwrap() + 4;
+        let rest = &response[first_end..];
+        let after_body = rest.find("HTTP/1.1 ").map(|i| &rest[i..]);
+        if let Some(second) = after_body {
+            let status = status_of(second);
+            assert!(
+                matches!(status, Some(400 | 505)),
+                "{what}: the preface got {status:?}: {second}"
+            );
+        }
+    }
     assert_eq!(
-        response.matches("HTTP/1.1 200 OK\r\n").count(),
+        upstream.count(),
         2,
+        "only the two GETs reached the upstream"
+    );
+    gw.shutdown().await;
+}
+
+/// CONNECT and TRACE are answered by the gateway with 405, with or without a key, and never
+/// forwarded: an upstream that would accept the tunnel never sees the request, and the next
+/// client's request on the pool is an ordinary one.
+#[tokio::test]
+async fn connect_and_trace_are_refused_and_never_reach_the_upstream() {
+    // An upstream that accepts every CONNECT as a tunnel and answers anything else with a
+    // marker naming what it received.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let tunnel_addr = listener.local_addr().unwrap();
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let log = std::sync::Arc::clone(&received);
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                return;
+            };
+            let log = std::sync::Arc::clone(&log);
+            tokio::spawn(async move {
+                let mut buf = vec![0; 8192];
+                loop {
+                    let n = match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    log.lock().unwrap().push(text.clone());
+                    let reply: &[u8] = if text.starts_with("CONNECT ") {
+                        b"HTTP/1.1 200 Connection established\r\ncontent-length: 0\r\n\r\n"
+                    } else {
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\nupstream"
+                    };
+                    if conn.write_all(reply).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let gw = Gateway::start(&format!("http://{tunnel_addr}"), &[]).await;
+    let key = gw.create_key("k").await;
+    for request in [
+        format!(
+            "CONNECT internal.example:22 HTTP/1.1\r\nHost: internal.example:22\r\nX-API-Key: {key}\r\n\r\n"
+        ),
+        "CONNECT internal.example:22 HTTP/1.1\r\nHost: internal.example:22\r\n\r\n".to_owned(),
+        format!(
+            "TRACE /a HTTP/1.1\r\nHost: localhost\r\nX-API-Key: {key}\r\nConnection: close\r\n\r\n"
+        ),
+    ] {
+        let mut stream = tls(&gw).await;
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut buf = vec![0; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        let response = String::from_utf8_lossy(&buf[..n]).into_owned();
+        assert_eq!(status_of(&response), Some(405), "{request:?}: {response}");
+        let lower = response.to_ascii_lowercase();
+        assert!(lower.contains("\r\nallow: "), "{response}");
+        assert!(lower.contains("not allowed."), "{response}");
+    }
+    // The upstream saw none of them; an ordinary request goes through as one.
+    let resp = gw.get_with_key("/after", &key).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.unwrap(), "upstream");
+    let seen = received.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert!(seen[0].starts_with("GET /after "), "{seen:?}");
+    gw.shutdown().await;
+}
+
+/// A public path prefix covers only paths that mean what their bytes say: dot segments and
+/// encoded separators could reach another path at the upstream, so such paths need a key.
+#[tokio::test]
+async fn public_paths_do_not_cover_dot_segments() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(
+        &upstream.url(),
+        &[("KEYGATE_AUTH_PUBLIC_PATHS", "[\"/public/\"]")],
+    )
+    .await;
+    for path in [
+        "/public/../admin",
+        "/public/%2e%2e/admin",
+        "/public/%2E%2E/admin",
+        "/public/..%2fadmin",
+        "/public/.%2e/admin",
+        "/public/./../admin",
+    ] {
+        let response = raw(
+            &gw,
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await;
+        assert_eq!(status_of(&response), Some(401), "{path}: {response}");
+    }
+    assert_eq!(upstream.count(), 0, "{:?}", upstream.seen.lock().unwrap());
+    let resp = gw
+        .client()
+        .get(gw.url("/public/docs"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(upstream.last().uri, "/public/docs");
+    gw.shutdown().await;
+}
+
+/// A body that stops arriving is given up after `server.body_read_timeout`: the client gets 408
+/// and its connection is closed, the upstream sees an aborted request, and neither connection is
+/// held any longer.
+#[tokio::test]
+async fn a_stalled_body_times_out() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(
+        &upstream.url(),
+        &[("KEYGATE_SERVER_BODY_READ_TIMEOUT", "500ms")],
+    )
+    .await;
+    let key = gw.create_key("k").await;
+    for (what, request) in [
+        (
+            "Content-Length 50, 5 sent",
+            format!(
+                "POST /stalled HTTP/1.1\r\nHost: localhost\r\nX-API-Key: {key}\r\nContent-Length: 50\r\n\r\nhello"
+            ),
+        ),
+        (
+            "chunked without its last chunk",
+            format!(
+                "POST /stalled HTTP/1.1\r\nHost: localhost\r\nX-API-Key: {key}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+            ),
+        ),
+    ] {
+        let before = upstream.count();
+        let started = Instant::now();
+        let response = raw(&gw, request.as_bytes()).await;
+        let took = started.elapsed();
+        assert_eq!(status_of(&response), Some(408), "{what}: {response}");
+        assert!(
+            response.contains("Request body timed out."),
+            "{what}: {response}"
+        );
+        // `raw` reads to the end: the connection was closed, well before its 5 s.
+        assert!(took < Duration::from_secs(4), "{what}: took {took:?}");
+        // The upstream's side of the aborted request ends as the gateway drops it.
+        while upstream.count() == before {
+            assert!(started.elapsed() < Duration::from_secs(5), "{what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(upstream.count(), before + 1, "{what}");
+        assert!(!upstream.last().body_complete, "{what}");
+    }
+    gw.shutdown().await;
+}
+
+/// A Content-Length past 2^63-1 is refused with 400 before anything is forwarded.
+#[tokio::test]
+async fn a_content_length_past_i64_is_refused() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream.url(), &[]).await;
+    let key = gw.create_key("k").await;
+    for length in ["9223372036854775808", "18446744073709551613"] {
+        let response = raw(
+            &gw,
+            format!(
+                "POST /a HTTP/1.1\r\nHost: localhost\r\nX-API-Key: {key}\r\nContent-Length: {length}\r\n\r\nabc"
+            )
+            .as_bytes(),
+        )
+        .await;
+        assert_eq!(status_of(&response), Some(400), "{length}: {response}");
+    }
+    let response = raw(
+        &gw,
+        format!(
+            "POST /a HTTP/1.1\r\nHost: localhost\r\nX-API-Key: {key}\r\nContent-Length: 9223372036854775808\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert!(
+        response.contains("Content-Length out of range."),
         "{response}"
     );
-    assert_eq!(upstream.count(), 2);
-    assert!(
-        gw.metrics()
-            .await
-            .contains("keygate_http1_handovers_total 0\n")
-    );
+    assert_eq!(upstream.count(), 0);
     gw.shutdown().await;
 }

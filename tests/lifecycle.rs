@@ -411,7 +411,13 @@ async fn export_then_import_restores_every_record_exactly() {
 #[tokio::test]
 async fn a_django_dump_is_imported_and_its_keys_work_at_once() {
     let upstream = Upstream::start().await;
-    let gw = Gateway::start(&upstream.url(), &[]).await;
+    // Until the gateway learns of the import, each poll below is a failed attempt: on a busy
+    // machine enough of them to lock the test's address out at the default 20/min.
+    let gw = Gateway::start(
+        &upstream.url(),
+        &[("KEYGATE_RATE_LIMIT_FAILURES_PER_IP", "6000/min")],
+    )
+    .await;
     let legacy = "sk_3f9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c"; // the old create_api_key format, no checksum
     let dump = serde_json::json!([
         {"model": "users.apikey", "pk": 1, "fields": {"name": "Frontend production", "key": legacy,

@@ -62,7 +62,8 @@ impl Finding {
 }
 
 /// The checks `serve` makes before it opens anything, also run by `check-config`: the key store
-/// (exists, or can be created), the TLS certificate and key, the log files' directories.
+/// (exists, or can be created), the TLS certificate and key, the upstream's TLS files, the log
+/// files' directories.
 /// Returns what was found, one line each.
 pub(super) fn preflight(config: &Config) -> anyhow::Result<Vec<Finding>> {
     let mut report = Vec::new();
@@ -103,6 +104,14 @@ pub(super) fn preflight(config: &Config) -> anyhow::Result<Vec<Finding>> {
             )),
         },
     );
+
+    if let Some(upstream_tls) = &config.upstream.tls {
+        tls::upstream_client_config(upstream_tls)?;
+        report.push(Finding::fine(format!(
+            "upstream TLS for {}: CA and client certificate files load",
+            config.upstream.url
+        )));
+    }
 
     for (key, path) in [
         ("logging.file", &config.logging.file),

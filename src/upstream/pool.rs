@@ -3,8 +3,8 @@
 //! A connection is a socket with its read buffer, owned by one request at a time. The request's
 //! task does the connection's I/O itself: it writes the request head and streams the body
 //! ([`exchange`]), reads the response head, and then reads the response body as the client takes
-//! it ([`UpstreamBody`] carries the connection). The messages are encoded and parsed by
-//! [`crate::h1`]. When the body has been read to its end, and both sides allow it, the
+//! it ([`ResponseBody`] carries the connection). The messages are encoded and parsed by
+//! [`h1`]. When the body has been read to its end, and both sides allow it, the
 //! connection goes back to its worker's idle list; a connection dropped mid-response, or whose
 //! response was not framed to be followed by another, is closed.
 //!
@@ -24,11 +24,16 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
-use tokio::io::AsyncWrite;
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
 
-use crate::h1::{self, BodyDecoder, Decoded, ProtocolError, ResponseHead};
-use crate::proxy::RequestBody;
+use super::body::RequestBody;
+use super::error::{Error, ErrorKind};
+use super::h1::{self, BodyDecoder, Decoded, ProtocolError, ResponseHead, ResponseTo};
+use crate::http::drain_unread;
 
 /// Read buffer space made available before each read, at first: a connection's reads grow to
 /// [`MAX_READ_CHUNK`] while they keep filling all of it (a large response body), and the buffer
@@ -43,7 +48,7 @@ const MAX_QUEUED: usize = 64 * 1024;
 pub struct Conn(Box<ConnState>);
 
 struct ConnState {
-    io: TcpStream,
+    io: Stream,
     /// What has been read and not yet parsed or passed on.
     read: BytesMut,
     /// How much space is made available for the next read.
@@ -73,27 +78,10 @@ impl std::fmt::Debug for Conn {
     }
 }
 
-/// How an exchange with the upstream failed.
-#[derive(Debug, thiserror::Error)]
-pub enum UpstreamError {
-    /// Reading or writing the connection failed.
-    #[error("upstream connection: {0}")]
-    Io(#[from] io::Error),
-    /// The upstream closed the connection before any response.
-    #[error("the upstream closed the connection before responding")]
-    Closed,
-    /// The response broke HTTP/1.1.
-    #[error(transparent)]
-    Protocol(#[from] ProtocolError),
-    /// The client's request body failed (the proxy tells which way from the source).
-    #[error("request body")]
-    RequestBody(#[source] Box<dyn std::error::Error + Send + Sync>),
-}
-
 /// Why sending stopped.
 enum SendError {
     Io(io::Error),
-    Body(Box<dyn std::error::Error + Send + Sync>),
+    Body(Error),
 }
 
 impl Conn {
@@ -101,8 +89,22 @@ impl Conn {
     /// anything unasked) while it sat idle. A socket with nothing to read answers without a
     /// system call.
     fn ready(&mut self) -> bool {
-        let mut probe = [0u8; 1];
-        matches!(self.0.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+        match &mut self.0.io {
+            Stream::Plain(tcp) => {
+                let mut probe = [0u8; 1];
+                matches!(tcp.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+            // What arrived on an idle TLS connection goes through TLS: session tickets are
+            // taken in and leave nothing to read; a close or stray data does.
+            Stream::Tls(tls) => {
+                let mut probe = [0u8; 1];
+                let mut buf = ReadBuf::new(&mut probe);
+                let mut cx = Context::from_waker(std::task::Waker::noop());
+                Pin::new(tls.as_mut())
+                    .poll_read(&mut cx, &mut buf)
+                    .is_pending()
+            }
+        }
     }
 
     /// Encodes a request head for this connection: see [`h1::encode_request`].
@@ -203,8 +205,12 @@ impl ConnState {
     }
 
     /// Stops sending (the request can no longer be completed): the connection is not reused.
+    /// What the client still sends of its body is read and dropped, so it gets the answer
+    /// whole.
     fn abandon_send(&mut self) {
-        self.body = None;
+        if let Some(body) = self.body.take() {
+            drain_unread(body);
+        }
         self.out.clear();
         self.queued = 0;
         self.reusable = false;
@@ -228,11 +234,83 @@ impl ConnState {
     }
 }
 
+/// An upstream connection's byte stream: plain TCP, or TLS over it (`https://` upstreams).
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(tcp) => Pin::new(tcp).poll_read(cx, buf),
+            Stream::Tls(tls) => Pin::new(tls.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(tcp) => Pin::new(tcp).poll_write(cx, buf),
+            Stream::Tls(tls) => Pin::new(tls.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(tcp) => Pin::new(tcp).poll_write_vectored(cx, bufs),
+            Stream::Tls(tls) => Pin::new(tls.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(tcp) => tcp.is_write_vectored(),
+            Stream::Tls(tls) => tls.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(tcp) => Pin::new(tcp).poll_flush(cx),
+            Stream::Tls(tls) => Pin::new(tls.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(tcp) => Pin::new(tcp).poll_shutdown(cx),
+            Stream::Tls(tls) => Pin::new(tls.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// TLS to the upstream: the client configuration and the name its certificate must carry (the
+/// URL's host, also sent as SNI).
+#[derive(Clone)]
+pub struct Tls {
+    pub connector: TlsConnector,
+    pub server_name: ServerName<'static>,
+}
+
 /// Why no connection could be had.
 #[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
+enum ConnectError {
     /// The TCP connect failed.
-    #[error("connect to {target}: {source}")]
+    #[error("connect to {target}")]
     Io {
         /// `host:port`.
         target: String,
@@ -240,7 +318,16 @@ pub enum ConnectError {
         #[source]
         source: io::Error,
     },
-    /// The TCP connect took longer than `upstream.connect_timeout`.
+    /// The TLS handshake failed: most often a certificate that does not verify.
+    #[error("TLS handshake with {target}")]
+    Tls {
+        /// `host:port`.
+        target: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The connect (and TLS handshake) took longer than `upstream.connect_timeout`.
     #[error("connect to {target}: no answer within {timeout:?}")]
     Timeout {
         /// `host:port`.
@@ -249,6 +336,7 @@ pub enum ConnectError {
         timeout: Duration,
     },
 }
+
 struct Idle {
     conn: Conn,
     since: Instant,
@@ -258,6 +346,7 @@ struct Idle {
 pub struct Pool {
     host: String,
     port: u16,
+    tls: Option<Tls>,
     connect_timeout: Duration,
     max_idle: usize,
     idle_timeout: Duration,
@@ -272,6 +361,7 @@ impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pool")
             .field("target", &format_args!("{}:{}", self.host, self.port))
+            .field("tls", &self.tls.is_some())
             .field("max_idle", &self.max_idle)
             .field("idle_timeout", &self.idle_timeout)
             .finish_non_exhaustive()
@@ -279,11 +369,12 @@ impl std::fmt::Debug for Pool {
 }
 
 impl Pool {
-    /// A pool for `host:port`, keeping up to `max_idle` connections for up to `idle_timeout`,
-    /// counting the connections it opens in `opened`.
+    /// A pool for `host:port` (over TLS when `tls` is given), keeping up to `max_idle`
+    /// connections for up to `idle_timeout`, counting the connections it opens in `opened`.
     pub fn new(
         host: String,
         port: u16,
+        tls: Option<Tls>,
         connect_timeout: Duration,
         max_idle: usize,
         idle_timeout: Duration,
@@ -292,6 +383,7 @@ impl Pool {
         Self {
             host,
             port,
+            tls,
             connect_timeout,
             max_idle,
             idle_timeout,
@@ -328,29 +420,48 @@ impl Pool {
         conn
     }
 
-    /// Opens a new connection.
-    pub async fn connect(&self) -> Result<Conn, ConnectError> {
+    /// Opens a new connection. Nothing has been sent when this fails: the error says the
+    /// request may be sent again.
+    pub async fn connect(&self) -> Result<Conn, Error> {
+        self.open()
+            .await
+            .map_err(|e| Error::new(ErrorKind::Connect, e).retryable())
+    }
+
+    async fn open(&self) -> Result<Conn, ConnectError> {
         let target = || format!("{}:{}", self.host, self.port);
-        let stream = tokio::time::timeout(
-            self.connect_timeout,
-            TcpStream::connect((self.host.as_str(), self.port)),
-        )
+        let io = tokio::time::timeout(self.connect_timeout, async {
+            let stream = TcpStream::connect((self.host.as_str(), self.port))
+                .await
+                .map_err(|source| ConnectError::Io {
+                    target: target(),
+                    source,
+                })?;
+            // Requests are written whole; don't let Nagle hold their last segment back.
+            let _ = stream.set_nodelay(true);
+            let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
+            let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
+            let Some(tls) = &self.tls else {
+                return Ok(Stream::Plain(stream));
+            };
+            let tls = tls
+                .connector
+                .connect(tls.server_name.clone(), stream)
+                .await
+                .map_err(|source| ConnectError::Tls {
+                    target: target(),
+                    source,
+                })?;
+            Ok(Stream::Tls(Box::new(tls)))
+        })
         .await
         .map_err(|_| ConnectError::Timeout {
             target: target(),
             timeout: self.connect_timeout,
-        })?
-        .map_err(|source| ConnectError::Io {
-            target: target(),
-            source,
-        })?;
-        // Requests are written whole; don't let Nagle hold their last segment back.
-        let _ = stream.set_nodelay(true);
-        let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
-        let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
+        })??;
         self.opened.increment(1);
         Ok(Conn(Box::new(ConnState {
-            io: stream,
+            io,
             read: BytesMut::with_capacity(READ_CHUNK),
             read_size: READ_CHUNK,
             heads: BytesMut::new(),
@@ -393,17 +504,15 @@ impl Pool {
     }
 }
 
-/// How one exchange on a connection failed.
-#[derive(Debug)]
-pub enum ExchangeError {
-    /// The connection turned out closed before any response, and the request may be sent again
-    /// on another (see [`Outgoing::retryable`]): its body, untouched, is back in `Outgoing`.
-    NotSent,
-    /// The exchange failed.
-    Failed(UpstreamError),
-    /// No response head within the timeout after the request was sent completely.
-    TimedOut,
-}
+/// The upstream closed the connection before responding.
+#[derive(Debug, thiserror::Error)]
+#[error("the upstream closed the connection before responding")]
+struct Closed;
+
+/// No response head within the response timeout of the request's end.
+#[derive(Debug, thiserror::Error)]
+#[error("no response headers within {0:?} of the request's end")]
+struct NoResponse(Duration);
 
 /// A request on its way to the upstream: its encoded head and its body.
 #[derive(Debug)]
@@ -414,8 +523,8 @@ pub struct Outgoing {
     pub body: Option<RequestBody>,
     /// The body goes in chunks.
     pub chunked: bool,
-    /// A HEAD request: the response has no body.
-    pub head_request: bool,
+    /// What the request asks of the response (HEAD: no body; CONNECT: no tunnel).
+    pub responds_to: ResponseTo,
     /// It may be sent again if a reused connection turns out closed before any response
     /// (RFC 9110 §9.2.2: an idempotent method, and no body sent yet).
     pub retryable: bool,
@@ -425,14 +534,18 @@ pub struct Outgoing {
 /// `timeout` has passed since the request was written completely (a large upload may take as
 /// long as it takes; an upstream that then stays silent may not). A response that comes before
 /// the request's body has gone out whole is returned as it is; the rest of the body goes on
-/// being sent while the response body is read and after it ([`UpstreamBody`]), and the
+/// being sent while the response body is read and after it ([`ResponseBody`]), and the
 /// connection is not reused: an upstream that answered early may not have read the body as part
 /// of the request.
+///
+/// When a reused connection turns out closed before any response and the request may be sent
+/// again ([`Outgoing::retryable`]), the error says so ([`Error::may_retry`]) and the body,
+/// untouched, is back in `req`.
 pub async fn exchange(
     conn: &mut Conn,
     req: &mut Outgoing,
     timeout: Duration,
-) -> Result<ResponseHead, ExchangeError> {
+) -> Result<ResponseHead, Error> {
     let state = &mut *conn.0;
     state.queue(req.head.clone());
     state.body = req.body.take();
@@ -454,7 +567,7 @@ pub async fn exchange(
                 Poll::Ready(Ok(())) => sent = true,
                 Poll::Ready(Err(SendError::Body(e))) => {
                     state.abandon_send();
-                    return Poll::Ready(Err(ExchangeError::Failed(UpstreamError::RequestBody(e))));
+                    return Poll::Ready(Err(e));
                 }
                 Poll::Ready(Err(SendError::Io(e))) => {
                     // The upstream may still have answered (an early error, then a close):
@@ -472,24 +585,26 @@ pub async fn exchange(
             }
         }
         loop {
-            match h1::parse_response(&mut state.read, req.head_request) {
+            match h1::parse_response(&mut state.read, req.responds_to) {
                 Ok(Some(head)) => return Poll::Ready(Ok(head)),
                 Ok(None) => {}
-                Err(e) => return Poll::Ready(Err(ExchangeError::Failed(e.into()))),
+                Err(e) => return Poll::Ready(Err(Error::new(ErrorKind::Protocol, e))),
             }
             match state.poll_read(cx) {
                 Poll::Ready(Ok(n)) if n > 0 => received = true,
                 Poll::Ready(result) => {
                     let error = match (result, write_error.take()) {
-                        (Err(e), _) | (Ok(_), Some(e)) => UpstreamError::Io(e),
-                        (Ok(_), None) if received => ProtocolError::IncompleteHead.into(),
-                        (Ok(_), None) => UpstreamError::Closed,
+                        (Err(e), _) | (Ok(_), Some(e)) => Error::new(ErrorKind::Protocol, e),
+                        (Ok(_), None) if received => {
+                            Error::new(ErrorKind::Protocol, ProtocolError::IncompleteHead)
+                        }
+                        (Ok(_), None) => Error::new(ErrorKind::Protocol, Closed),
                     };
                     let error = if !received && req.retryable && !state.body_started {
                         req.body = state.body.take();
-                        ExchangeError::NotSent
+                        error.retryable()
                     } else {
-                        ExchangeError::Failed(error)
+                        error
                     };
                     state.abandon_send();
                     return Poll::Ready(Err(error));
@@ -498,7 +613,7 @@ pub async fn exchange(
             }
         }
         if sent && deadline.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Err(ExchangeError::TimedOut));
+            return Poll::Ready(Err(Error::new(ErrorKind::Timeout, NoResponse(timeout))));
         }
         Poll::Pending
     })
@@ -515,21 +630,21 @@ pub async fn exchange(
 /// The upstream's response body on its way to the client, with the connection it arrives on:
 /// reading the body reads the connection (and sends what is left of the request, if the
 /// response came early), and a body read to its end gives the connection back to the pool.
-pub struct UpstreamBody {
+pub struct ResponseBody {
     conn: Option<Conn>,
     decoder: BodyDecoder,
     pool: Arc<Pool>,
 }
 
-impl std::fmt::Debug for UpstreamBody {
+impl std::fmt::Debug for ResponseBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UpstreamBody")
+        f.debug_struct("ResponseBody")
             .field("decoder", &self.decoder)
             .finish_non_exhaustive()
     }
 }
 
-impl UpstreamBody {
+impl ResponseBody {
     /// The body of the response `head` arriving on `conn`, from `pool`.
     pub fn new(head: &ResponseHead, conn: Conn, pool: Arc<Pool>) -> Self {
         Self {
@@ -551,7 +666,9 @@ impl UpstreamBody {
         if conn.0.sending() {
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                 runtime.spawn(async move {
-                    let _ = poll_fn(|cx| conn.0.poll_send(cx)).await;
+                    if poll_fn(|cx| conn.0.poll_send(cx)).await.is_err() {
+                        conn.0.abandon_send();
+                    }
                 });
             }
             return;
@@ -562,14 +679,14 @@ impl UpstreamBody {
     }
 }
 
-impl Body for UpstreamBody {
+impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = UpstreamError;
+    type Error = Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, UpstreamError>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
         let this = self.get_mut();
         let Some(conn) = this.conn.as_mut() else {
             return Poll::Ready(None);
@@ -592,20 +709,20 @@ impl Body for UpstreamBody {
                 Ok(Decoded::NeedMore) => {}
                 Err(e) => {
                     this.conn = None;
-                    return Poll::Ready(Some(Err(e.into())));
+                    return Poll::Ready(Some(Err(Error::new(ErrorKind::Protocol, e))));
                 }
             }
             match ready!(state.poll_read(cx)) {
                 Ok(0) => {
                     if let Err(e) = this.decoder.eof() {
                         this.conn = None;
-                        return Poll::Ready(Some(Err(e.into())));
+                        return Poll::Ready(Some(Err(Error::new(ErrorKind::Protocol, e))));
                     }
                 }
                 Ok(_) => {}
                 Err(e) => {
                     this.conn = None;
-                    return Poll::Ready(Some(Err(e.into())));
+                    return Poll::Ready(Some(Err(Error::new(ErrorKind::Protocol, e))));
                 }
             }
         }
@@ -623,7 +740,7 @@ impl Body for UpstreamBody {
     }
 }
 
-impl Drop for UpstreamBody {
+impl Drop for ResponseBody {
     fn drop(&mut self) {
         // A body with nothing in it (or read to its end but not yet past it) is complete.
         if self.decoder.is_done() {
@@ -638,7 +755,7 @@ mod tests {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::task::{Wake, Waker};
 
-    use http::{Method, Request, Response};
+    use http::{Request, Response};
     use hyper::body::Incoming;
     use hyper::service::service_fn;
     use hyper_util::rt::TokioIo;
@@ -646,8 +763,7 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
-    use crate::h1::RequestFraming;
-    use crate::server::TaskGate;
+    use crate::upstream::h1::RequestFraming;
 
     /// Counts wake-ups, and those that came while the task was being polled: those only make
     /// the task run once more for nothing.
@@ -672,20 +788,15 @@ mod tests {
     }
 
     impl Wakes {
-        /// Polls `poll` until it is ready, as a client connection's task polls through `gate`,
-        /// waiting for a wake-up between polls (as an executor would); fails if none comes.
-        async fn run<T>(
-            self: &Arc<Self>,
-            gate: &Arc<TaskGate>,
-            mut poll: impl FnMut(&mut Context<'_>) -> Poll<T>,
-        ) -> T {
+        /// Polls `poll` until it is ready, waiting for a wake-up between polls (as an executor
+        /// would); fails if none comes.
+        async fn run<T>(self: &Arc<Self>, mut poll: impl FnMut(&mut Context<'_>) -> Poll<T>) -> T {
             let waker = Waker::from(Arc::clone(self));
-            let cx = Context::from_waker(&waker);
-            let gate_waker = Waker::from(Arc::clone(gate));
+            let mut cx = Context::from_waker(&waker);
             loop {
                 let before = self.total.load(Ordering::SeqCst);
                 self.polling.store(true, Ordering::SeqCst);
-                let polled = gate.polled(&cx, &gate_waker, &mut poll);
+                let polled = poll(&mut cx);
                 self.polling.store(false, Ordering::SeqCst);
                 if let Poll::Ready(v) = polled {
                     return v;
@@ -756,6 +867,7 @@ mod tests {
         Arc::new(Pool::new(
             "127.0.0.1".into(),
             port,
+            None,
             Duration::from_secs(5),
             4,
             Duration::from_secs(60),
@@ -792,8 +904,8 @@ mod tests {
         } else {
             RequestFraming::for_body(&parts.method, body.size_hint().exact())
         };
-        let body = (!body.is_end_stream())
-            .then(|| RequestBody::new(http_body_util::Either::Right(body), None, None));
+        let body =
+            (!body.is_end_stream()).then(|| RequestBody::new(body, None, Duration::from_secs(60)));
         let head = h1::RequestHead {
             method: &parts.method,
             target: parts.uri.path(),
@@ -807,13 +919,13 @@ mod tests {
             retryable: reused && body.is_none() && parts.method.is_idempotent(),
             body,
             chunked: framing == RequestFraming::Chunked,
-            head_request: parts.method == Method::HEAD,
+            responds_to: ResponseTo::method(&parts.method),
         }
     }
 
     /// Reads `body` as hyper's server does: until it says it has ended, or, for a body of known
     /// length, until that many bytes have come (then it is dropped without a further poll).
-    async fn read_body(body: &mut UpstreamBody) -> Result<Vec<u8>, UpstreamError> {
+    async fn read_body(body: &mut ResponseBody) -> Result<Vec<u8>, Error> {
         let mut data = Vec::new();
         let length = body.size_hint().exact();
         while !body.is_end_stream() && length.is_none_or(|n| (data.len() as u64) < n) {
@@ -835,7 +947,7 @@ mod tests {
         let head = exchange(&mut conn, &mut out, Duration::from_secs(5))
             .await
             .unwrap();
-        let mut body = UpstreamBody::new(&head, conn, Arc::clone(pool));
+        let mut body = ResponseBody::new(&head, conn, Arc::clone(pool));
         let data = read_body(&mut body).await.unwrap();
         drop(body);
         (head.status.as_u16(), data, pool.idle())
@@ -856,7 +968,6 @@ mod tests {
         .await;
         let pool = pool(port);
         let mut conn = pool.connect().await.unwrap();
-        let gate: Arc<TaskGate> = Arc::default();
         for round in 0..3 {
             let wakes = Arc::new(Wakes::default());
             let (req, _client) = client_request("GET /x HTTP/1.1\r\nhost: x\r\n\r\n").await;
@@ -864,17 +975,11 @@ mod tests {
             let head = {
                 let exchange = exchange(&mut conn, &mut out, Duration::from_secs(5));
                 tokio::pin!(exchange);
-                wakes
-                    .run(&gate, |cx| exchange.as_mut().poll(cx))
-                    .await
-                    .unwrap()
+                wakes.run(|cx| exchange.as_mut().poll(cx)).await.unwrap()
             };
-            let mut body = UpstreamBody::new(&head, conn, Arc::clone(&pool));
+            let mut body = ResponseBody::new(&head, conn, Arc::clone(&pool));
             let mut data = Vec::new();
-            while let Some(frame) = wakes
-                .run(&gate, |cx| Pin::new(&mut body).poll_frame(cx))
-                .await
-            {
+            while let Some(frame) = wakes.run(|cx| Pin::new(&mut body).poll_frame(cx)).await {
                 data.extend_from_slice(&frame.unwrap().into_data().unwrap());
             }
             assert_eq!(data, b"hello");
@@ -895,7 +1000,10 @@ mod tests {
         let mut out = outgoing(&mut conn, req, true);
         let started = Instant::now();
         let result = exchange(&mut conn, &mut out, Duration::from_millis(200)).await;
-        assert!(matches!(result, Err(ExchangeError::TimedOut)), "{result:?}");
+        assert!(
+            matches!(&result, Err(e) if e.kind() == ErrorKind::Timeout),
+            "{result:?}"
+        );
         assert!(started.elapsed() < Duration::from_secs(4));
     }
 
@@ -976,10 +1084,7 @@ mod tests {
             let mut out = outgoing(&mut conn, req, false);
             let result = exchange(&mut conn, &mut out, Duration::from_secs(5)).await;
             assert!(
-                matches!(
-                    result,
-                    Err(ExchangeError::Failed(UpstreamError::Protocol(_)))
-                ),
+                matches!(&result, Err(e) if e.kind() == ErrorKind::Protocol && !e.may_retry()),
                 "{path}: {result:?}"
             );
         }
@@ -991,10 +1096,10 @@ mod tests {
             let head = exchange(&mut conn, &mut out, Duration::from_secs(5))
                 .await
                 .unwrap();
-            let mut body = UpstreamBody::new(&head, conn, Arc::clone(&pool));
+            let mut body = ResponseBody::new(&head, conn, Arc::clone(&pool));
             let result = read_body(&mut body).await;
             assert!(
-                matches!(result, Err(UpstreamError::Protocol(_))),
+                matches!(&result, Err(e) if e.kind() == ErrorKind::Protocol),
                 "{path}: {result:?}"
             );
             drop(body);
@@ -1022,11 +1127,8 @@ mod tests {
             let result = exchange(&mut conn, &mut out, Duration::from_secs(5)).await;
             seen.recv().await.unwrap();
             match (result, retryable) {
-                (Err(ExchangeError::NotSent), true) => {}
-                (
-                    Err(ExchangeError::Failed(UpstreamError::Closed | UpstreamError::Io(_))),
-                    false,
-                ) => {}
+                (Err(e), true) if e.may_retry() => {}
+                (Err(e), false) if e.kind() == ErrorKind::Protocol && !e.may_retry() => {}
                 (other, _) => panic!("{head:?}: {other:?}"),
             }
         }
@@ -1079,7 +1181,7 @@ mod tests {
             decoded.extend_from_slice(&d);
         }
         assert_eq!(decoded, b"hello world");
-        let mut body = UpstreamBody::new(&head, conn, Arc::clone(&pool));
+        let mut body = ResponseBody::new(&head, conn, Arc::clone(&pool));
         assert_eq!(read_body(&mut body).await.unwrap(), b"ok");
         drop(body);
         let mut conn = pool.idle().expect("reused after a complete exchange");
@@ -1096,7 +1198,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(head.status, 413);
-        let mut body = UpstreamBody::new(&head, conn, Arc::clone(&pool));
+        let mut body = ResponseBody::new(&head, conn, Arc::clone(&pool));
         assert_eq!(read_body(&mut body).await.unwrap(), b"big");
         drop(body);
         client.write_all(&[b'x'; 97]).await.unwrap();

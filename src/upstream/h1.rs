@@ -1,20 +1,16 @@
 //! HTTP/1.1 messages to and from the upstream: the request head written, the response head
-//! parsed, and the response body's framing decoded (RFC 9112); and the lines both sides write
-//! (header, `Content-Length`, chunk size), which keygate's server side ([`crate::front`]) uses
-//! too.
+//! parsed, and the response body's framing decoded (RFC 9112).
 //!
-//! The client side of a forward used to be hyper's client connection, which parses every
-//! response and encodes every request through its general dispatch machinery (a request channel,
-//! a response one-shot, a body channel): about 15,000 instructions per request, a third of what
-//! nginx spends on the whole exchange. What keygate needs from the upstream side is narrower: it
-//! sends requests it has already parsed and rewritten (the server side, [`crate::front`] or
-//! hyper's, parsed what clients sent), and reads responses from one configured upstream. This
-//! module is that narrow part; [`crate::pool`] does the I/O.
+//! Narrower than a general HTTP client (hyper's client dispatches every exchange through a
+//! request channel, a response one-shot and a body channel): keygate sends requests that hyper's
+//! server has already parsed and the pipeline has rewritten, to one configured upstream.
+//! [`super::pool`] does the I/O.
 //!
 //! It is strict where a proxy must be: a request carries exactly one framing header, chosen
 //! here; a response whose framing is ambiguous or malformed is an error, and a connection is
 //! kept only when the response was framed by its length or by chunks, ended exactly where its
-//! framing said, and both sides allow keep-alive.
+//! framing said, and both sides allow keep-alive. A 2xx answer to CONNECT (a tunnel, RFC 9112
+//! §6.3) is an error, so such a connection is never used again.
 
 use std::mem::MaybeUninit;
 
@@ -61,6 +57,31 @@ pub enum ProtocolError {
     /// The connection closed before the body's framing said it ended.
     #[error("the upstream closed the connection before the end of the response body")]
     IncompleteBody,
+    /// A 2xx answer to CONNECT: the connection would become a tunnel.
+    #[error("the upstream accepted a CONNECT tunnel, which keygate does not forward")]
+    Tunnel,
+}
+
+/// What a request asks of its response's framing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponseTo {
+    /// An ordinary request: the response's headers frame its body.
+    Other,
+    /// HEAD: the response has no body, whatever its headers say.
+    Head,
+    /// CONNECT: a 2xx response opens a tunnel (refused).
+    Connect,
+}
+
+impl ResponseTo {
+    /// What `method` asks.
+    pub fn method(method: &Method) -> Self {
+        match *method {
+            Method::HEAD => Self::Head,
+            Method::CONNECT => Self::Connect,
+            _ => Self::Other,
+        }
+    }
 }
 
 /// How the request's body is framed on the wire.
@@ -141,7 +162,7 @@ pub fn encode_request<K: Fn(&HeaderName) -> bool>(
 }
 
 /// Appends `name: value` and CRLF.
-pub fn header_line(out: &mut BytesMut, name: &HeaderName, value: &HeaderValue) {
+fn header_line(out: &mut BytesMut, name: &HeaderName, value: &HeaderValue) {
     out.extend_from_slice(name.as_str().as_bytes());
     out.extend_from_slice(b": ");
     out.extend_from_slice(value.as_bytes());
@@ -149,14 +170,14 @@ pub fn header_line(out: &mut BytesMut, name: &HeaderName, value: &HeaderValue) {
 }
 
 /// Appends `content-length: n` and CRLF.
-pub fn content_length_line(out: &mut BytesMut, n: u64) {
+fn content_length_line(out: &mut BytesMut, n: u64) {
     out.extend_from_slice(b"content-length: ");
     out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
     out.extend_from_slice(b"\r\n");
 }
 
 /// Appends the line that starts a chunk of `len` bytes: its size in hex, CRLF.
-pub fn chunk_size_line(out: &mut BytesMut, len: usize) {
+fn chunk_size_line(out: &mut BytesMut, len: usize) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut line = [0u8; 18];
     let mut at = 16;
@@ -216,11 +237,10 @@ pub enum BodyFraming {
 }
 
 /// Parses a final response head from the front of `buf`, removing it (and any interim 1xx
-/// responses before it). `Ok(None)`: more bytes are needed. `head_request`: the request was
-/// HEAD, so the response has no body whatever its headers say.
+/// responses before it). `Ok(None)`: more bytes are needed.
 pub fn parse_response(
     buf: &mut BytesMut,
-    head_request: bool,
+    to: ResponseTo,
 ) -> Result<Option<ResponseHead>, ProtocolError> {
     loop {
         if buf.is_empty() {
@@ -310,7 +330,10 @@ pub fn parse_response(
             .filter(|r| {
                 !r.is_empty() && Some(&r[..]) != status.canonical_reason().map(str::as_bytes)
             });
-        let (body, framing_ok) = framing.body(status, version, head_request)?;
+        if to == ResponseTo::Connect && status.is_success() {
+            return Err(ProtocolError::Tunnel);
+        }
+        let (body, framing_ok) = framing.body(status, version, to == ResponseTo::Head)?;
         let keep_alive = framing_ok
             && body != BodyFraming::Close
             && match version {
@@ -397,7 +420,7 @@ impl FramingHeaders {
 
 /// A `Content-Length` value: 1 to 19 decimal digits (so it fits a `u64`), nothing else (no sign,
 /// no list, no whitespace).
-pub fn parse_length(digits: &[u8]) -> Option<u64> {
+fn parse_length(digits: &[u8]) -> Option<u64> {
     if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
         return None;
     }
@@ -641,7 +664,7 @@ mod tests {
     }
 
     fn parse(bytes: &[u8]) -> Result<Option<ResponseHead>, ProtocolError> {
-        parse_response(&mut BytesMut::from(bytes), false)
+        parse_response(&mut BytesMut::from(bytes), ResponseTo::Other)
     }
 
     fn framing(bytes: &str) -> (BodyFraming, bool) {
@@ -765,7 +788,9 @@ mod tests {
                HTTP/1.1 200 Fine\r\nContent-Type: text/plain\r\nSet-Cookie: a=1\r\n\
                Set-Cookie: b=2\r\nContent-Length: 2\r\n\r\nokHTTP/1.1"[..],
         );
-        let head = parse_response(&mut buf, false).unwrap().unwrap();
+        let head = parse_response(&mut buf, ResponseTo::Other)
+            .unwrap()
+            .unwrap();
         assert_eq!(head.status, StatusCode::OK);
         assert_eq!(head.version, Version::HTTP_11);
         assert_eq!(head.reason.as_deref(), Some(&b"Fine"[..]));
@@ -840,6 +865,31 @@ mod tests {
         }
         let two = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ncontent-length: 4\r\n\r\n";
         assert_eq!(parse(two).unwrap_err(), ProtocolError::ContentLength);
+    }
+
+    #[test]
+    fn a_2xx_to_connect_is_a_tunnel_and_refused() {
+        // RFC 9112 §6.3: the connection becomes a tunnel right after the head, whatever its
+        // length says; it must never carry another request.
+        for head in [
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"[..],
+            b"HTTP/1.1 204 No Content\r\n\r\n",
+        ] {
+            let mut buf = BytesMut::from(head);
+            assert_eq!(
+                parse_response(&mut buf, ResponseTo::Connect).unwrap_err(),
+                ProtocolError::Tunnel
+            );
+        }
+        // A refusal of the tunnel is an ordinary response.
+        let mut buf = BytesMut::from(&b"HTTP/1.1 403 Forbidden\r\ncontent-length: 2\r\n\r\nno"[..]);
+        let head = parse_response(&mut buf, ResponseTo::Connect)
+            .unwrap()
+            .unwrap();
+        assert_eq!(head.body, BodyFraming::Length(2));
+        assert_eq!(ResponseTo::method(&Method::CONNECT), ResponseTo::Connect);
+        assert_eq!(ResponseTo::method(&Method::HEAD), ResponseTo::Head);
+        assert_eq!(ResponseTo::method(&Method::POST), ResponseTo::Other);
     }
 
     #[test]
@@ -921,7 +971,7 @@ mod tests {
             assert_eq!(framing(head), expected, "{head:?}");
         }
         let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"[..]);
-        let head = parse_response(&mut buf, true).unwrap().unwrap();
+        let head = parse_response(&mut buf, ResponseTo::Head).unwrap().unwrap();
         assert_eq!(
             head.body,
             BodyFraming::Empty,
