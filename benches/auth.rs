@@ -1,7 +1,8 @@
 //! Authentication hot path: the offline format check, a cache hit (with one key in use, and with
 //! 90,000), a malformed-key rejection and a cache miss that reads SQLite; and, off the hot path,
 //! one usage flush after each of the 90,000 keys was used (what a busy gateway's background does
-//! every `usage_flush_interval`). `baseline/sha256` (one
+//! every `usage_flush_interval`); and, with `[upstream] identity_secret` set, the signature added
+//! to each forwarded request (`identity/sign_*`). `baseline/sha256` (one
 //! SHA-256 of a key, which every lookup needs) is the yardstick: report the others as ratios to it
 //! from the same run.
 //!
@@ -81,6 +82,31 @@ fn bench(c: &mut Criterion) {
         })
     });
     group.finish();
+    // The signature over a forwarded request's identity, with one secret and with two (while
+    // one is rotated): what `[upstream] identity_secret` adds per forwarded request.
+    let secrets = keygate::identity::IdentitySecret::parse_list(
+        "bench-secret-0123456789abcdef0123456789,next-secret-0123456789abcdef01234567",
+    )
+    .unwrap();
+    let uri: http::Uri = "/api/v1/video/process/?page=2".parse().unwrap();
+    for (name, n) in [
+        ("identity/sign_one_secret", 1),
+        ("identity/sign_two_secrets", 2),
+    ] {
+        let signer = keygate::identity::Signer::new(&secrets[..n], "");
+        c.bench_function(name, |b| {
+            b.iter(|| {
+                signer.sign_at(
+                    black_box(1_700_000_000),
+                    &http::Method::POST,
+                    black_box(&uri),
+                    b"0f3c9a1b2c3d4e5f0000000000000001",
+                    [b"key_5X3cA2eUOSXA", b"Frontend production", b"42"],
+                )
+            })
+        });
+    }
+
     let malformed = headers(typo);
     c.bench_function("authenticate/reject_malformed", |b| {
         b.to_async(&rt).iter(|| async {

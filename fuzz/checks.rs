@@ -142,11 +142,26 @@ fn resolved(path: &str) -> String {
     out.join("/")
 }
 
+/// Whether `origin` matches the harness's origin pattern, `^https://[a-z0-9-]+\.preview\.example$`,
+/// decided without a regular expression.
+fn matches_pattern(origin: &[u8]) -> bool {
+    origin
+        .strip_prefix(b"https://")
+        .and_then(|rest| rest.strip_suffix(b".preview.example"))
+        .is_some_and(|label| {
+            !label.is_empty()
+                && label
+                    .iter()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        })
+}
+
 /// The CORS and header policy: preflight answers, response decoration, credential extraction
 /// and scope checks on arbitrary request shapes.
 pub fn request_policy(data: &[u8]) {
     let cfg_text = format!(
-        "[cors]\nallowed_origins = [\"{}\", \"{}\"]\nallow_credentials = true\n",
+        "[cors]\nallowed_origins = [\"{}\", \"{}\"]\nallow_credentials = true\n\
+         allowed_origin_patterns = ['^https://[a-z0-9-]+\\.preview\\.example$']\n",
         ORIGINS[0], ORIGINS[1]
     );
     let config = FileConfig::from_toml(&cfg_text, "fuzz", &BTreeMap::<String, String>::new())
@@ -156,10 +171,12 @@ pub fn request_policy(data: &[u8]) {
     let cors = CorsPolicy::new(&config.cors, auth.key_header(), config.auth.bearer_fallback);
     let (method, path, headers) = request(data);
     let origin = headers.get(header::ORIGIN);
-    let allowed = origin.is_some_and(|o| ORIGINS.iter().any(|a| a.as_bytes() == o.as_bytes()));
+    let allowed = origin.is_some_and(|o| {
+        ORIGINS.iter().any(|a| a.as_bytes() == o.as_bytes()) || matches_pattern(o.as_bytes())
+    });
 
-    // Preflight: an answer with Access-Control-Allow-Origin only for a configured origin, and
-    // then exactly that origin.
+    // Preflight: an answer with Access-Control-Allow-Origin only for a configured origin (or
+    // one the pattern matches), and then exactly that origin.
     match cors.preflight(&headers) {
         Preflight::Allowed(h) => {
             assert!(allowed, "preflight allowed an unconfigured origin");

@@ -50,6 +50,9 @@ pub struct KnownKey {
     pub id_header: HeaderValue,
     /// `record.name` as a header value, prepared once (names are validated to be header-safe).
     pub name_header: HeaderValue,
+    /// `record.owner` as a header value, prepared once; `None` for a key without an owner (or,
+    /// failing closed on a record written by hand, one that is not a valid header value).
+    pub owner_header: Option<HeaderValue>,
     /// `record.policy`, compiled once.
     pub policy: Compiled,
     /// When the record was first read from the store. The times below are kept as nanoseconds
@@ -89,6 +92,17 @@ impl KnownKey {
             .unwrap_or_else(|_| HeaderValue::from_static("invalid-id"));
         let name_header = HeaderValue::from_str(&record.name)
             .unwrap_or_else(|_| HeaderValue::from_static("invalid-name"));
+        let owner_header = record.owner.as_deref().and_then(|owner| {
+            let value = crate::store::check_owner(owner)
+                .ok()
+                .and_then(|()| HeaderValue::from_str(owner).ok());
+            if value.is_none() {
+                // Written by hand or by a newer keygate: forwarded without an owner rather than
+                // with one a backend might read differently.
+                tracing::error!(key_id = %record.id, "stored owner is invalid; forwarded without one");
+            }
+            value
+        });
         let policy = record.policy.compile().unwrap_or_else(|e| {
             // Written by a newer keygate or by hand: refuse rather than guess (fail closed).
             tracing::error!(key_id = %record.id, error = %e, "stored policy is invalid; the key is refused");
@@ -98,6 +112,7 @@ impl KnownKey {
             record,
             id_header,
             name_header,
+            owner_header,
             policy,
             origin: loaded_at,
             loaded_at: AtomicU64::new(0),
@@ -169,6 +184,7 @@ impl KnownKey {
             expires_at,
             policy,
             rotated_to,
+            owner,
         } = &self.record;
         *id == record.id
             && *name == record.name
@@ -180,6 +196,7 @@ impl KnownKey {
             && *expires_at == record.expires_at
             && *policy == record.policy
             && *rotated_to == record.rotated_to
+            && *owner == record.owner
     }
 }
 

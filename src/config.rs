@@ -2,7 +2,10 @@
 //! (serde, unknown keys refused); [`Config`] is the validated, typed form the gateway runs on.
 //!
 //! Environment overrides are `KEYGATE_<SECTION>_<FIELD>` (e.g. `KEYGATE_UPSTREAM_URL`), plus the
-//! old deployment's `CORS_ALLOWED_ORIGINS` (comma-separated). They are read through [`EnvSource`]
+//! names a Django deployment with django-cors-headers already sets: `CORS_ALLOWED_ORIGINS`
+//! (comma-separated), `CORS_ALLOWED_ORIGIN_REGEXES` (comma-separated; a comma inside a
+//! `{m,n}` or `[...]` stays in its pattern) and `CORS_ALLOW_CREDENTIALS` (`true`/`false`, as
+//! django-environ reads booleans). They are read through [`EnvSource`]
 //! so tests pass a map instead of mutating the process environment. Every validation error names
 //! the key, the value and what is expected.
 
@@ -243,6 +246,12 @@ pub struct UpstreamSection {
     pub tls_cert_file: String,
     /// The private key of `tls_cert_file` (PEM).
     pub tls_key_file: String,
+    /// Secret(s) signing each forwarded request's identity (`auth.signature_header`): one, or two
+    /// separated by a comma while rotating. Better set through the environment
+    /// (`KEYGATE_UPSTREAM_IDENTITY_SECRET`) or `identity_secret_file` than written here.
+    pub identity_secret: String,
+    /// File holding the identity secret(s), one per line; empty: `identity_secret`.
+    pub identity_secret_file: String,
 }
 
 impl Default for UpstreamSection {
@@ -257,6 +266,8 @@ impl Default for UpstreamSection {
             tls_ca_file: String::new(),
             tls_cert_file: String::new(),
             tls_key_file: String::new(),
+            identity_secret: String::new(),
+            identity_secret_file: String::new(),
         }
     }
 }
@@ -277,6 +288,10 @@ pub struct AuthSection {
     pub id_header: String,
     /// Header that tells the upstream the key's name.
     pub name_header: String,
+    /// Header that tells the upstream the key's owner (only for keys that have one).
+    pub owner_header: String,
+    /// Header carrying the signature over the identity (with `upstream.identity_secret`).
+    pub signature_header: String,
     /// `realm` of the WWW-Authenticate challenge.
     pub realm: String,
 }
@@ -290,6 +305,8 @@ impl Default for AuthSection {
             public_paths: Vec::new(),
             id_header: "X-Api-Key-Id".into(),
             name_header: "X-Api-Key-Name".into(),
+            owner_header: "X-Api-Key-Owner".into(),
+            signature_header: "X-Keygate-Signature".into(),
             realm: "keygate".into(),
         }
     }
@@ -352,6 +369,10 @@ impl Default for StoreSection {
 pub struct CorsSection {
     /// Exact origins (scheme://host[:port]) allowed; env `CORS_ALLOWED_ORIGINS` overrides.
     pub allowed_origins: Vec<String>,
+    /// Origins allowed by regular expression, matched as django-cors-headers'
+    /// `CORS_ALLOWED_ORIGIN_REGEXES` are (`re.match`: anchored at the start only, so end a
+    /// pattern with `$`); env `CORS_ALLOWED_ORIGIN_REGEXES` overrides.
+    pub allowed_origin_patterns: Vec<String>,
     /// Methods allowed in preflights.
     pub allowed_methods: Vec<String>,
     /// Request headers allowed besides the key headers (which are always allowed).
@@ -368,12 +389,22 @@ impl Default for CorsSection {
     fn default() -> Self {
         Self {
             allowed_origins: Vec::new(),
+            allowed_origin_patterns: Vec::new(),
             allowed_methods: ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
                 .map(String::from)
                 .into(),
-            allowed_headers: ["Accept", "Content-Type", "X-Request-Id"]
-                .map(String::from)
-                .into(),
+            // django-cors-headers' default_headers, and keygate's request id.
+            allowed_headers: [
+                "Accept",
+                "Authorization",
+                "Content-Type",
+                "User-Agent",
+                "X-CSRFToken",
+                "X-Requested-With",
+                "X-Request-Id",
+            ]
+            .map(String::from)
+            .into(),
             expose_headers: vec!["X-Request-Id".into()],
             allow_credentials: false,
             max_age: 86_400,
@@ -560,6 +591,8 @@ pub struct Upstream {
     pub preserve_host: bool,
     /// TLS to the upstream (`https://` URLs).
     pub tls: Option<UpstreamTls>,
+    /// Empty: forwarded requests are not signed.
+    pub identity_secrets: Vec<crate::identity::IdentitySecret>,
 }
 
 /// How the upstream's TLS is checked, and what keygate presents to it.
@@ -580,6 +613,8 @@ pub struct Auth {
     pub public_paths: Vec<String>,
     pub id_header: HeaderName,
     pub name_header: HeaderName,
+    pub owner_header: HeaderName,
+    pub signature_header: HeaderName,
     pub realm: String,
 }
 
@@ -633,6 +668,11 @@ pub struct Store {
 #[derive(Debug, Clone)]
 pub struct Cors {
     pub allowed_origins: Vec<HeaderValue>,
+    /// `allowed_origin_patterns`, each anchored at the start, in one set; `None` when empty.
+    pub allowed_origin_patterns: Option<regex::RegexSet>,
+    /// Patterns that a match need not reach the end of (no `$`): they allow look-alikes such as
+    /// `https://app.example.com.evil.net`, in keygate as in django-cors-headers.
+    pub unanchored_origin_patterns: Vec<String>,
     pub allowed_methods: Vec<http::Method>,
     pub allowed_headers: Vec<HeaderName>,
     pub expose_headers: Vec<HeaderName>,
@@ -681,9 +721,15 @@ pub struct Metrics {
     pub latency_buckets: Vec<f64>,
 }
 
-/// `KEYGATE_*` variables that are not overrides: the config file's path (read by the command
-/// line), and the binary the repository's scripts run.
-const NOT_OVERRIDES: [&str; 2] = ["KEYGATE_CONFIG", "KEYGATE_BIN"];
+/// `KEYGATE_*` variables that are not overrides, though they share the prefix: the config
+/// file's path (read by the command line), the binary the repository's scripts run, and the
+/// identity secret file contrib/django's settings read (often exported in the shell that also
+/// runs keygate). `KEYGATE_TEST_*` belong to the test suite.
+const NOT_OVERRIDES: [&str; 3] = [
+    "KEYGATE_CONFIG",
+    "KEYGATE_BIN",
+    "KEYGATE_IDENTITY_SECRET_FILE",
+];
 
 impl FileConfig {
     /// Reads `path` (a missing file is an error), then applies environment overrides. Relative
@@ -727,7 +773,7 @@ impl FileConfig {
 
     /// The settings that hold file paths: relative ones are resolved against the config file's
     /// directory, not the working directory.
-    fn path_settings(&mut self) -> [(&'static str, &mut String); 8] {
+    fn path_settings(&mut self) -> [(&'static str, &mut String); 9] {
         [
             ("store.path", &mut self.store.path),
             ("tls.cert", &mut self.tls.cert),
@@ -735,6 +781,10 @@ impl FileConfig {
             ("upstream.tls_ca_file", &mut self.upstream.tls_ca_file),
             ("upstream.tls_cert_file", &mut self.upstream.tls_cert_file),
             ("upstream.tls_key_file", &mut self.upstream.tls_key_file),
+            (
+                "upstream.identity_secret_file",
+                &mut self.upstream.identity_secret_file,
+            ),
             ("logging.file", &mut self.logging.file),
             ("logging.audit_file", &mut self.logging.audit_file),
         ]
@@ -802,6 +852,9 @@ impl FileConfig {
     /// replaced by `***`.
     pub fn to_toml(&self) -> String {
         let mut shown = self.clone();
+        if !shown.upstream.identity_secret.is_empty() {
+            shown.upstream.identity_secret = "***".into();
+        }
         shown.store.url = redact_url(&shown.store.url);
         for node in &mut shown.store.cluster_nodes {
             *node = redact_url(node);
@@ -922,8 +975,31 @@ fn apply_env(
     for (name, raw) in vars {
         let (section, field, value) = if name == "CORS_ALLOWED_ORIGINS" {
             ("cors", "allowed_origins", list_value(&raw, None))
+        } else if name == "CORS_ALLOWED_ORIGIN_REGEXES" {
+            let patterns = split_patterns(&raw)
+                .into_iter()
+                .map(toml::Value::String)
+                .collect();
+            (
+                "cors",
+                "allowed_origin_patterns",
+                toml::Value::Array(patterns),
+            )
+        } else if name == "CORS_ALLOW_CREDENTIALS" {
+            let allow = match raw.trim().to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" | "y" | "on" | "ok" => true,
+                "false" | "0" | "no" | "n" | "off" | "" => false,
+                _ => {
+                    return Err(invalid(
+                        "CORS_ALLOW_CREDENTIALS",
+                        raw,
+                        "true or false (also 1/0, yes/no, on/off)",
+                    ));
+                }
+            };
+            ("cors", "allow_credentials", toml::Value::Boolean(allow))
         } else if let Some(rest) = name.strip_prefix("KEYGATE_") {
-            if NOT_OVERRIDES.contains(&name.as_str()) {
+            if NOT_OVERRIDES.contains(&name.as_str()) || name.starts_with("KEYGATE_TEST_") {
                 continue;
             }
             let lower = rest.to_ascii_lowercase();
@@ -968,6 +1044,36 @@ fn apply_env(
         from_env.insert(format!("{section}.{field}"), name);
     }
     Ok(from_env)
+}
+
+/// `CORS_ALLOWED_ORIGIN_REGEXES`: patterns separated by commas, except those inside a group,
+/// a `{m,n}` repetition or a `[...]` class, or escaped.
+fn split_patterns(value: &str) -> Vec<String> {
+    let mut patterns = Vec::new();
+    let mut current = String::new();
+    let (mut depth, mut in_class, mut escaped) = (0usize, false, false);
+    for c in value.chars() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' => escaped = true,
+            '[' if !in_class => in_class = true,
+            ']' if in_class => in_class = false,
+            '(' | '{' if !in_class => depth += 1,
+            ')' | '}' if !in_class => depth = depth.saturating_sub(1),
+            ',' if depth == 0 && !in_class => {
+                patterns.push(std::mem::take(&mut current));
+                continue;
+            }
+            _ => {}
+        }
+        current.push(c);
+    }
+    patterns.push(current);
+    patterns
+        .into_iter()
+        .map(|p| p.trim().to_owned())
+        .filter(|p| !p.is_empty())
+        .collect()
 }
 
 /// An environment variable's text as a value of the type of `default` (the key's default), or
@@ -1038,6 +1144,13 @@ fn env_expected(default: &toml::Value) -> &'static str {
     }
 }
 
+/// Keys whose values may hold a secret (a password in a Redis URL, the identity secret).
+const SECRET_KEYS: [&str; 3] = [
+    "store.url",
+    "store.cluster_nodes",
+    "upstream.identity_secret",
+];
+
 /// The table as a [`FileConfig`]. When that fails, each key is tried alone to name the one to
 /// blame, with its value and its type in words.
 fn deserialize(
@@ -1070,13 +1183,19 @@ fn deserialize(
             };
             let key = format!("{section}.{field}");
             let default = defaults.get(section).and_then(|s| s.get(field));
+            // A secret is not shown, even one of the wrong type.
+            let secret = SECRET_KEYS.contains(&key.as_str());
             return Err(ConfigError::Type {
                 from: from_env
                     .get(&key)
                     .map(|name| format!(" (from {name})"))
                     .unwrap_or_default(),
                 key,
-                value: value.to_string(),
+                value: if secret {
+                    "***".to_owned()
+                } else {
+                    value.to_string()
+                },
                 expected: expected_type(e.message(), default),
             });
         }
@@ -1457,7 +1576,47 @@ impl UpstreamSection {
             )?,
             preserve_host: self.preserve_host,
             tls,
+            identity_secrets: self.identity_secrets()?,
         })
+    }
+
+    /// The identity secrets from `identity_secret` or `identity_secret_file` (not both). Errors
+    /// name the setting and what is wrong, never a secret.
+    fn identity_secrets(&self) -> Result<Vec<crate::identity::IdentitySecret>, ConfigError> {
+        const EXPECTED: &str = "one or two secrets of at least 32 bytes, separated by a comma \
+             or newline (e.g. the output of `openssl rand -hex 32`)";
+        let file = self.identity_secret_file.trim();
+        match (self.identity_secret.is_empty(), file.is_empty()) {
+            (true, true) => Ok(Vec::new()),
+            (false, false) => Err(invalid(
+                "upstream.identity_secret_file",
+                file,
+                "either upstream.identity_secret or upstream.identity_secret_file, not both",
+            )),
+            (false, true) => crate::identity::IdentitySecret::parse_list(&self.identity_secret)
+                .map_err(|why| ConfigError::Invalid {
+                    key: "upstream.identity_secret",
+                    value: format!("*** ({why})"),
+                    from: String::new(),
+                    expected: EXPECTED.into(),
+                }),
+            (true, false) => {
+                let text = std::fs::read_to_string(file).map_err(|e| ConfigError::Invalid {
+                    key: "upstream.identity_secret_file",
+                    value: format!("{file} ({e})"),
+                    from: String::new(),
+                    expected: "a readable file holding the identity secret(s)".into(),
+                })?;
+                crate::identity::IdentitySecret::parse_list(&text).map_err(|why| {
+                    ConfigError::Invalid {
+                        key: "upstream.identity_secret_file",
+                        value: format!("{file} ({why})"),
+                        from: String::new(),
+                        expected: EXPECTED.into(),
+                    }
+                })
+            }
+        }
     }
 }
 
@@ -1487,13 +1646,35 @@ impl AuthSection {
                 "printable ASCII without quotes",
             ));
         }
+        let identity = [
+            ("auth.id_header", &self.id_header),
+            ("auth.name_header", &self.name_header),
+            ("auth.owner_header", &self.owner_header),
+            ("auth.signature_header", &self.signature_header),
+        ];
+        let mut names: Vec<HeaderName> = Vec::with_capacity(identity.len());
+        for (key, value) in identity {
+            let name = header_name(key, value)?;
+            if name == key_header || name == http::header::AUTHORIZATION || names.contains(&name) {
+                return Err(invalid(
+                    key,
+                    value,
+                    "a header name of its own, not the key header nor another identity header",
+                ));
+            }
+            names.push(name);
+        }
+        let [id_header, name_header, owner_header, signature_header] =
+            <[HeaderName; 4]>::try_from(names).expect("four identity headers");
         Ok(Auth {
             key_header,
             bearer_fallback: self.bearer_fallback,
             forward_credentials: self.forward_credentials,
             public_paths: self.public_paths.clone(),
-            id_header: header_name("auth.id_header", &self.id_header)?,
-            name_header: header_name("auth.name_header", &self.name_header)?,
+            id_header,
+            name_header,
+            owner_header,
+            signature_header,
             realm: self.realm.clone(),
         })
     }
@@ -1615,6 +1796,7 @@ impl CorsSection {
                 HeaderValue::from_str(o).map_err(|_| invalid("cors.allowed_origins", o, ORIGIN))
             })
             .collect::<Result<_, _>>()?;
+        let (allowed_origin_patterns, unanchored_origin_patterns) = self.origin_patterns()?;
         let allowed_methods = self
             .allowed_methods
             .iter()
@@ -1636,6 +1818,8 @@ impl CorsSection {
             .collect::<Result<_, _>>()?;
         Ok(Cors {
             allowed_origins,
+            allowed_origin_patterns,
+            unanchored_origin_patterns,
             allowed_methods,
             allowed_headers,
             expose_headers,
@@ -1653,6 +1837,75 @@ fn serialised_origin(uri: &Uri) -> String {
     match (scheme.as_str(), uri.port_u16()) {
         ("http", Some(80)) | ("https", Some(443)) | (_, None) => format!("{scheme}://{host}"),
         (_, Some(port)) => format!("{scheme}://{host}:{port}"),
+    }
+}
+
+impl CorsSection {
+    /// The origin patterns as one set, each anchored at the start as Python's `re.match` does,
+    /// and those a match need not reach the end of.
+    fn origin_patterns(&self) -> Result<(Option<regex::RegexSet>, Vec<String>), ConfigError> {
+        const EXPECTED: &str = "regular expressions such as \"^https://[a-z0-9-]+\\.vercel\\.app$\" \
+             (Rust regex syntax: no look-around or back-references)";
+        let mut anchored = Vec::with_capacity(self.allowed_origin_patterns.len());
+        let mut unanchored = Vec::new();
+        for pattern in &self.allowed_origin_patterns {
+            let rust = python_to_rust_regex(pattern);
+            let hir = regex_syntax::Parser::new()
+                .parse(&rust)
+                .map_err(|_| invalid("cors.allowed_origin_patterns", pattern, EXPECTED))?;
+            // Python's `$` also matches before a final newline; an origin holds none.
+            if !hir
+                .properties()
+                .look_set_suffix()
+                .contains(regex_syntax::hir::Look::End)
+            {
+                unanchored.push(pattern.clone());
+            }
+            anchored.push(format!("\\A(?:{rust})"));
+        }
+        if anchored.is_empty() {
+            return Ok((None, unanchored));
+        }
+        let set = regex::RegexSet::new(&anchored).map_err(|e| {
+            let pattern = match &e {
+                regex::Error::CompiledTooBig(_) => "(all of them together)",
+                _ => "(one of them)",
+            };
+            invalid("cors.allowed_origin_patterns", pattern, EXPECTED)
+        })?;
+        Ok((Some(set), unanchored))
+    }
+}
+
+/// Python's `\Z` (end of text) in Rust's spelling, `\z`; the rest of the syntax the two share.
+fn python_to_rust_regex(pattern: &str) -> String {
+    let mut out = String::with_capacity(pattern.len());
+    let mut escaped = false;
+    for c in pattern.chars() {
+        if escaped {
+            out.push(if c == 'Z' { 'z' } else { c });
+            escaped = false;
+        } else {
+            escaped = c == '\\';
+            out.push(c);
+        }
+    }
+    out
+}
+
+impl Cors {
+    /// What the operator should hear about this policy: patterns that allow look-alike origins.
+    pub fn warnings(&self) -> Vec<String> {
+        self.unanchored_origin_patterns
+            .iter()
+            .map(|p| {
+                format!(
+                    "cors.allowed_origin_patterns: {p:?} does not end with '$', so it also allows \
+                     any origin that merely starts like one it allows (e.g. \
+                     https://app.example.com.evil.net); django-cors-headers matches it the same way"
+                )
+            })
+            .collect()
     }
 }
 
@@ -1839,6 +2092,139 @@ mod tests {
     }
 
     #[test]
+    fn identity_secrets_come_from_the_environment_or_a_file() {
+        let secret = "0123456789abcdef0123456789abcdef";
+        let c = load("", &[("KEYGATE_UPSTREAM_IDENTITY_SECRET", secret)]).unwrap();
+        assert_eq!(c.upstream.identity_secrets.len(), 1);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("identity.secret");
+        std::fs::write(&file, format!("{secret}\n{}\n", secret.to_uppercase())).unwrap();
+        let text = format!("[upstream]\nidentity_secret_file = {:?}\n", file.display());
+        assert_eq!(load(&text, &[]).unwrap().upstream.identity_secrets.len(), 2);
+        assert!(load("", &[]).unwrap().upstream.identity_secrets.is_empty());
+
+        let cases = [
+            (
+                text.clone(),
+                vec![("KEYGATE_UPSTREAM_IDENTITY_SECRET", secret)],
+                "not both",
+            ),
+            (
+                String::new(),
+                vec![("KEYGATE_UPSTREAM_IDENTITY_SECRET", "too-short")],
+                "fewer than 32",
+            ),
+            (
+                "[upstream]\nidentity_secret_file = \"/nonexistent/identity.secret\"\n".into(),
+                vec![],
+                "/nonexistent/identity.secret",
+            ),
+        ];
+        for (text, env, needle) in cases {
+            let err = load(&text, &env).unwrap_err().to_string();
+            assert!(
+                err.contains("upstream.identity_secret") && err.contains(needle),
+                "{err}"
+            );
+            assert!(!err.contains(secret) && !err.contains("too-short"), "{err}");
+        }
+        // check-config never prints it.
+        let file_config = FileConfig::from_toml(
+            "",
+            "test",
+            &env(&[("KEYGATE_UPSTREAM_IDENTITY_SECRET", secret)]),
+        )
+        .unwrap();
+        let shown = file_config.to_toml();
+        assert!(
+            !shown.contains(secret) && shown.contains("identity_secret = \"***\""),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn identity_headers_are_distinct() {
+        let c = load("", &[]).unwrap();
+        assert_eq!(c.auth.owner_header, "x-api-key-owner");
+        assert_eq!(c.auth.signature_header, "x-keygate-signature");
+        for text in [
+            "[auth]\nowner_header = \"X-Api-Key-Id\"\n",
+            "[auth]\nsignature_header = \"X-API-Key\"\n",
+            "[auth]\nname_header = \"Authorization\"\n",
+        ] {
+            let err = load(text, &[]).unwrap_err().to_string();
+            assert!(err.contains("auth.") && err.contains("of its own"), "{err}");
+        }
+    }
+
+    #[test]
+    fn django_cors_environment_names_are_read() {
+        let c = load(
+            "",
+            &[
+                (
+                    "CORS_ALLOWED_ORIGIN_REGEXES",
+                    r"^https://[a-z0-9-]{1,63}\.vercel\.app$, ^https://(a|b)\.example\.com$,^http://[0-9,]+$",
+                ),
+                ("CORS_ALLOW_CREDENTIALS", "True"),
+                ("CORS_ALLOWED_ORIGINS", "https://app.example"),
+            ],
+        )
+        .unwrap();
+        let set = c.cors.allowed_origin_patterns.as_ref().unwrap();
+        assert_eq!(
+            set.patterns(),
+            [
+                r"\A(?:^https://[a-z0-9-]{1,63}\.vercel\.app$)",
+                r"\A(?:^https://(a|b)\.example\.com$)",
+                r"\A(?:^http://[0-9,]+$)",
+            ]
+        );
+        assert!(c.cors.allow_credentials);
+        assert!(c.cors.warnings().is_empty());
+        for off in ["false", "0", "no", "False"] {
+            let c = load(
+                "[cors]\nallow_credentials = true\n",
+                &[("CORS_ALLOW_CREDENTIALS", off)],
+            )
+            .unwrap();
+            assert!(!c.cors.allow_credentials, "{off}");
+        }
+        let err = load("", &[("CORS_ALLOW_CREDENTIALS", "maybe")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("CORS_ALLOW_CREDENTIALS")
+                && err.contains("maybe")
+                && err.contains("expected"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn origin_patterns_are_checked_and_unanchored_ones_named() {
+        let c = load(
+            "[cors]\nallowed_origin_patterns = ['https://.*\\.example\\.com', '^https://a\\.example\\Z', '(^https://b\\.example$)']\n",
+            &[],
+        )
+        .unwrap();
+        let warnings = c.cors.warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains(r"https://.*\\.example\\.com"),
+            "{warnings:?}"
+        );
+        for bad in [r"^https://(?=a)", r"^(a)\1$", r"^https://[a-"] {
+            let text = format!("[cors]\nallowed_origin_patterns = ['{bad}']\n");
+            let err = load(&text, &[]).unwrap_err().to_string();
+            assert!(
+                err.contains("cors.allowed_origin_patterns") && err.contains("expected"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
     fn unknown_keys_are_refused_with_the_nearest_name() {
         let err = load("[server]\nhttps_listn = \"x\"\n", &[])
             .unwrap_err()
@@ -1874,12 +2260,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("e.g. KEYGATE_UPSTREAM_URL"), "{err}");
-        // Not overrides: the config file's path, and the scripts' binary.
+        // Not overrides: the config file's path, the scripts' binary, contrib/django's secret
+        // file, the tests' variables.
         load(
             "",
             &[
                 ("KEYGATE_CONFIG", "x.toml"),
                 ("KEYGATE_BIN", "target/release/keygate"),
+                ("KEYGATE_IDENTITY_SECRET_FILE", "/srv/api/.identity.secret"),
+                ("KEYGATE_TEST_VENV", "target/test-venv"),
             ],
         )
         .unwrap();
@@ -1932,6 +2321,15 @@ mod tests {
             assert_eq!(err, want);
             assert!(!err.contains("--config"), "{err}");
         }
+        // A secret of the wrong type is not shown.
+        let err = load("[upstream]\nidentity_secret = 123456789\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("invalid config: upstream.identity_secret = ***: expected a string")
+                && !err.contains("123456789"),
+            "{err}"
+        );
         // A value refused by validation names the variable that set it.
         let err = load("", &[("KEYGATE_UPSTREAM_URL", "ftp://x")])
             .unwrap_err()

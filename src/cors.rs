@@ -1,6 +1,8 @@
-//! CORS policy: exact-match origins, preflights answered at the gateway, and the headers that
-//! decorate every response. Header values are joined once when the policy is built; the request
-//! path only compares bytes and copies prepared values.
+//! CORS policy: exact-match origins and origin patterns, preflights answered at the gateway, and
+//! the headers that decorate every response, as django-cors-headers decides them (its default
+//! allowed headers; patterns anchored at the start only, as Python's `re.match` is). Header
+//! values are joined once when the policy is built; the request path only compares bytes, runs
+//! the prepared pattern set for an origin the list does not hold, and copies prepared values.
 
 use http::Method;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -12,6 +14,7 @@ use crate::http::{immortal_value, remove_all};
 #[derive(Debug, Clone)]
 pub struct CorsPolicy {
     origins: Vec<HeaderValue>,
+    patterns: Option<regex::RegexSet>,
     allow_methods: HeaderValue,
     allow_headers: HeaderValue,
     expose_headers: Option<HeaderValue>,
@@ -57,8 +60,12 @@ impl CorsPolicy {
             headers.push(header::AUTHORIZATION.as_str());
         }
         headers.extend(cfg.allowed_headers.iter().map(HeaderName::as_str));
+        for warning in cfg.warnings() {
+            tracing::warn!("{warning}");
+        }
         Self {
             origins: cfg.allowed_origins.clone(),
+            patterns: cfg.allowed_origin_patterns.clone(),
             allow_methods: join(cfg.allowed_methods.iter().map(Method::as_str))
                 .unwrap_or_else(|| HeaderValue::from_static("GET, POST")),
             allow_headers: join(headers.into_iter())
@@ -71,7 +78,7 @@ impl CorsPolicy {
 
     /// Whether any origin is configured (otherwise the gateway leaves CORS headers alone).
     pub fn enabled(&self) -> bool {
-        !self.origins.is_empty()
+        !self.origins.is_empty() || self.patterns.is_some()
     }
 
     fn allowed<'a>(&self, origin: Option<&'a HeaderValue>) -> Option<&'a HeaderValue> {
@@ -79,6 +86,11 @@ impl CorsPolicy {
             self.origins
                 .iter()
                 .any(|allowed| allowed.as_bytes() == o.as_bytes())
+                || self.patterns.as_ref().is_some_and(|patterns| {
+                    // An origin that is not text matches no pattern, as in Django (it cannot be
+                    // a browser's serialised origin).
+                    o.to_str().is_ok_and(|o| patterns.is_match(o))
+                })
         })
     }
 
@@ -251,6 +263,75 @@ mod tests {
         );
         assert!(!resp.contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN));
         assert_eq!(resp[header::VARY], "Origin");
+    }
+
+    #[test]
+    fn default_allowed_headers_are_django_cors_headers_ones() {
+        let Preflight::Allowed(h) = policy(APP).preflight(&req("https://app.example")) else {
+            panic!("refused");
+        };
+        let allowed = h[header::ACCESS_CONTROL_ALLOW_HEADERS].to_str().unwrap();
+        for name in [
+            "accept",
+            "authorization",
+            "content-type",
+            "user-agent",
+            "x-csrftoken",
+            "x-requested-with",
+            "x-api-key",
+            "x-request-id",
+        ] {
+            assert!(allowed.split(", ").any(|a| a == name), "{name}: {allowed}");
+        }
+        assert_eq!(
+            h[header::ACCESS_CONTROL_ALLOW_METHODS],
+            "GET, POST, PUT, PATCH, DELETE, OPTIONS"
+        );
+    }
+
+    /// What django-cors-headers allows with the same settings (Python's `re.match`: anchored at
+    /// the start, not at the end).
+    #[test]
+    fn origin_patterns_match_as_django_cors_headers_does() {
+        let p = policy(
+            r#"[cors]
+allowed_origin_patterns = ['^https://[a-z0-9-]+\.vercel\.app$', 'https://.*\.example\.com', '^http://localhost:\d+\Z']
+"#,
+        );
+        assert!(p.enabled());
+        let allowed = |origin: &str| matches!(p.preflight(&req(origin)), Preflight::Allowed(_));
+        for origin in [
+            "https://my-app-git-feature-x.vercel.app",
+            "https://a.example.com",
+            // No '$': a look-alike that starts the same way is allowed, as in Django.
+            "https://a.example.com.evil.net",
+            "http://localhost:3000",
+        ] {
+            assert!(allowed(origin), "{origin} refused");
+        }
+        for origin in [
+            "https://evil-vercel.app",
+            "https://x.vercel.app.evil.com",
+            "http://x.vercel.app",
+            "https://X.vercel.app",
+            "https://a.b.vercel.app",
+            // Anchored at the start: a match further in does not count.
+            "evil https://a.example.com",
+            "http://localhost:3000x",
+            "http://localhost:",
+            "null",
+        ] {
+            assert!(!allowed(origin), "{origin} allowed");
+        }
+        let mut resp = HeaderMap::new();
+        p.decorate(
+            Some(&HeaderValue::from_static("https://pr-1.vercel.app")),
+            &mut resp,
+        );
+        assert_eq!(
+            resp[header::ACCESS_CONTROL_ALLOW_ORIGIN],
+            "https://pr-1.vercel.app"
+        );
     }
 
     #[test]

@@ -345,6 +345,10 @@ pub struct Gateway {
     forward_credentials: bool,
     id_header: HeaderName,
     name_header: HeaderName,
+    owner_header: HeaderName,
+    signature_header: HeaderName,
+    /// Signs the identity forwarded upstream, when `upstream.identity_secret` is set.
+    signer: Option<crate::identity::Signer>,
     public_paths: Vec<String>,
     limits: RateLimits,
     max_uri_bytes: usize,
@@ -416,6 +420,14 @@ impl Gateway {
             forward_credentials: config.auth.forward_credentials,
             id_header: immortal_name(&config.auth.id_header),
             name_header: immortal_name(&config.auth.name_header),
+            owner_header: immortal_name(&config.auth.owner_header),
+            signature_header: immortal_name(&config.auth.signature_header),
+            signer: (!config.upstream.identity_secrets.is_empty()).then(|| {
+                crate::identity::Signer::new(
+                    &config.upstream.identity_secrets,
+                    config.upstream.url.path(),
+                )
+            }),
             public_paths: config.auth.public_paths.clone(),
             limits,
             max_uri_bytes: config.server.max_uri_bytes,
@@ -455,7 +467,14 @@ impl Gateway {
         let started = Instant::now();
         let (mut parts, body) = req.into_parts();
         let request_id = match parts.headers.entry(X_REQUEST_ID) {
-            Entry::Occupied(e) if RequestIds::accept(e.get()) => e.get().clone(),
+            Entry::Occupied(mut e) if RequestIds::accept(e.get()) => {
+                // One value upstream: the one logged, answered and signed.
+                let id = e.get().clone();
+                if e.iter().nth(1).is_some() {
+                    e.insert(id.clone());
+                }
+                id
+            }
             Entry::Occupied(mut e) => {
                 let id = RequestIds::next();
                 e.insert(id.clone());
@@ -779,6 +798,8 @@ impl Gateway {
         // and replaced when a key authenticated the request.
         edits.drop(&self.id_header);
         edits.drop(&self.name_header);
+        edits.drop(&self.owner_header);
+        edits.drop(&self.signature_header);
         if let Some(a) = &forward.key {
             if !self.forward_credentials {
                 edits.drop(self.auth.key_header());
@@ -788,6 +809,19 @@ impl Gateway {
             }
             edits.add(self.id_header.clone(), a.key.id_header.clone());
             edits.add(self.name_header.clone(), a.key.name_header.clone());
+            if let Some(owner) = &a.key.owner_header {
+                edits.add(self.owner_header.clone(), owner.clone());
+            }
+        }
+        if let Some(signer) = &self.signer {
+            let key = forward.key.as_ref().map(|a| &*a.key);
+            let signature = signer.sign(
+                &parts.method,
+                &parts.uri,
+                passage.request_id.as_bytes(),
+                key,
+            );
+            edits.add(self.signature_header.clone(), signature);
         }
         let sent = Instant::now();
         let request = upstream::Request {

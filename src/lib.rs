@@ -20,6 +20,8 @@
 //! - [`upstream`]: the upstream client (keep-alive HTTP/1.1 connections per worker; a request in,
 //!   a streamed response or a tagged error out).
 //! - [`http`]: the response body type and header helpers shared along the path.
+//! - [`identity`]: the signature over the identity forwarded upstream, which the backend can
+//!   verify.
 //! - [`error`]: the request path's error type and its one rendering.
 //! - [`policy`]: per-key scopes, client networks and rate, compiled once per cached key.
 //! - [`ratelimit`]: per-key and per-IP-failure limits (GCRA), shared through the store.
@@ -40,6 +42,7 @@ pub mod cors;
 pub mod error;
 pub mod gateway;
 pub mod http;
+pub mod identity;
 pub mod key;
 pub mod logging;
 pub mod metrics;

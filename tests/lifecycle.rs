@@ -478,3 +478,134 @@ async fn a_django_dump_is_imported_and_its_keys_work_at_once() {
     );
     gw.shutdown().await;
 }
+
+/// A key's owner: set by `create --owner` or from the Django `user` field on import, shown by
+/// list/show/export, kept by rotate, forwarded as `X-Api-Key-Owner` (a client's copy never is),
+/// and the import's Django pk → keygate id map, printed or written with `--map`.
+#[tokio::test]
+async fn owners_are_carried_from_django_to_the_backend() {
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream.url(), &[]).await;
+    let dump = serde_json::json!([
+        {"model": "users.apikey", "pk": 11, "fields": {"name": "alice laptop", "key": "sk_alice_0123456789abcdef",
+          "user": 7, "created_at": "2024-03-01T09:00:00Z"}},
+        {"model": "users.apikey", "pk": 12, "fields": {"name": "bob ci", "key": "sk_bob_0123456789abcdef",
+          "user": ["bob"]}},
+        {"model": "users.apikey", "pk": 13, "fields": {"name": "shared", "key": "sk_shared_0123456789abcdef",
+          "user": null}}
+    ]);
+    let file = gw.dir.path().join("apikeys.json");
+    std::fs::write(&file, dump.to_string()).unwrap();
+    let map_file = gw.dir.path().join("map.json");
+    let printed = cli(
+        &gw,
+        &[
+            "import",
+            file.to_str().unwrap(),
+            "--map",
+            map_file.to_str().unwrap(),
+        ],
+    );
+    assert!(printed.is_empty(), "{printed}");
+    let map: Value = serde_json::from_str(&std::fs::read_to_string(&map_file).unwrap()).unwrap();
+    let map = map.as_object().unwrap();
+    assert_eq!(map.keys().collect::<Vec<_>>(), ["11", "12", "13"]);
+    let alice_id = map["11"].as_str().unwrap();
+    let shown: Value = serde_json::from_str(&cli(&gw, &["show", alice_id, "--json"])).unwrap();
+    assert_eq!(
+        (&shown["name"], &shown["owner"]),
+        (&"alice laptop".into(), &"7".into())
+    );
+    let shown: Value = serde_json::from_str(&cli(&gw, &["show", "bob ci", "--json"])).unwrap();
+    assert_eq!(shown["owner"], "bob");
+    assert_eq!(shown["id"], map["12"]);
+    // Imported again: nothing new, and the same map on stdout.
+    let again: Value =
+        serde_json::from_str(&cli(&gw, &["import", file.to_str().unwrap()])).unwrap();
+    assert_eq!(again.as_object().unwrap(), map);
+
+    // Forwarded as X-Api-Key-Owner; a client's copy is dropped, with or without an owner.
+    let forged = |req: reqwest::RequestBuilder| {
+        req.header("X-Api-Key-Owner", "1")
+            .header("X-Api-Key-Id", "key_forged")
+    };
+    let client = gw.client();
+    let resp = forged(client.get(gw.url("/x")))
+        .header("X-API-Key", "sk_alice_0123456789abcdef")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let seen = upstream.last().headers;
+    assert_eq!(
+        seen.get_all("x-api-key-owner").iter().collect::<Vec<_>>(),
+        ["7"]
+    );
+    assert_eq!(seen["x-api-key-id"], alice_id);
+    let resp = forged(client.get(gw.url("/x")))
+        .header("X-API-Key", "sk_shared_0123456789abcdef")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let seen = upstream.last().headers;
+    assert!(!seen.contains_key("x-api-key-owner"), "{seen:?}");
+    assert_eq!(seen["x-api-key-id"], map["13"].as_str().unwrap());
+
+    // create --owner; rotate keeps the owner; list and export show it.
+    let key = cli(
+        &gw,
+        &["create", "--name", "carol", "--owner", "carol@example.com"],
+    );
+    gw.get_with_key("/x", &key).await;
+    assert_eq!(
+        upstream.last().headers["x-api-key-owner"],
+        "carol@example.com"
+    );
+    let rotated = cli(&gw, &["rotate", "carol", "--json"]);
+    let rotated: Value = serde_json::from_str(&rotated).unwrap();
+    assert_eq!(rotated["owner"], "carol@example.com");
+    gw.get_with_key("/x", rotated["key"].as_str().unwrap())
+        .await;
+    assert_eq!(
+        upstream.last().headers["x-api-key-owner"],
+        "carol@example.com"
+    );
+    let list = cli(&gw, &["list"]);
+    let header = list.lines().next().unwrap();
+    assert!(header.ends_with("OWNER"), "{header}");
+    assert!(
+        list.lines()
+            .any(|l| l.contains("alice laptop") && l.ends_with(" 7")),
+        "{list}"
+    );
+    let export: Value = serde_json::from_str(&cli(&gw, &["export"])).unwrap();
+    let mut owners: Vec<_> = export["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["owner"].as_str().unwrap_or("-"))
+        .collect();
+    owners.sort_unstable();
+    assert_eq!(
+        owners,
+        ["-", "7", "bob", "carol@example.com", "carol@example.com"]
+    );
+
+    // Bad owners are refused before anything is stored; --map is for Django dumps only.
+    let err = cli_err(&gw, &["create", "--name", "x", "--owner", " padded"]);
+    assert!(err.contains("invalid owner"), "{err}");
+    let backup = gw.dir.path().join("backup.json");
+    cli(&gw, &["export", "--out", backup.to_str().unwrap()]);
+    let err = cli_err(
+        &gw,
+        &[
+            "import",
+            backup.to_str().unwrap(),
+            "--map",
+            map_file.to_str().unwrap(),
+        ],
+    );
+    assert!(err.contains("--map is for Django dumps"), "{err}");
+    gw.shutdown().await;
+}

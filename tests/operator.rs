@@ -459,7 +459,7 @@ fn keys_list_columns_fit_long_names() {
             .collect()
     };
     let header = starts(lines[0]);
-    assert_eq!(header.len(), 7, "{text}");
+    assert_eq!(header.len(), 8, "{text}");
     for line in &lines[1..] {
         assert_eq!(starts(line), header, "{text}");
     }

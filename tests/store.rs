@@ -155,11 +155,24 @@ async fn conformance(store: Arc<dyn KeyStore>) {
     store.insert(scoped.clone()).await.unwrap();
     assert_eq!(store.lookup(scoped.digest).await.unwrap().unwrap(), scoped);
 
+    // Owners are stored as written, and a record without one reads back without one.
+    let (_, mut owned) = record("owned");
+    owned.owner = Some("user 42".into());
+    store.insert(owned.clone()).await.unwrap();
+    assert_eq!(store.lookup(owned.digest).await.unwrap().unwrap(), owned);
+    assert_eq!(
+        store.find("owned").await.unwrap().owner.as_deref(),
+        Some("user 42")
+    );
+    assert_eq!(store.find("alpha").await.unwrap().owner, None);
+    store.delete("owned").await.unwrap();
+
     // Rotation: the successor takes the name; the old key keeps its record until grace ends.
     let active_before = store.count_active().await.unwrap();
     let before_rotation = store.change_position().await.unwrap();
     let (_, mut successor) = record("scoped");
     successor.policy = scoped.policy.clone();
+    successor.owner = Some("7".into());
     let grace_until = unix_now() + 3600;
     let old = store
         .rotate("scoped", successor.clone(), grace_until)
@@ -313,6 +326,7 @@ async fn export_import_round_trips_between_backends() {
     let (_, mut b) = record("b");
     b.is_active = false;
     b.expires_at = Some(unix_now() + 86_400);
+    b.owner = Some("alice".into());
     sqlite.insert(b.clone()).await.unwrap();
     sqlite
         .record_usage(vec![Usage {
@@ -388,4 +402,95 @@ async fn sqlite_v1_databases_are_migrated() {
         )
         .await
         .unwrap();
+}
+
+/// A database written by schema v2 (the schema before owners) is migrated in place: its keys
+/// keep working, gain an empty owner, and a change to the owner reaches the change feed.
+#[tokio::test]
+async fn sqlite_v2_databases_are_migrated() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v2.db");
+    let secret = key::generate().unwrap();
+    {
+        // Schema v2 as keygate wrote it.
+        let db = rusqlite::Connection::open(&path).unwrap();
+        db.execute_batch(
+            "CREATE TABLE IF NOT EXISTS api_keys (
+    id          TEXT PRIMARY KEY,
+    name        TEXT NOT NULL,
+    digest      BLOB NOT NULL UNIQUE,
+    hint        TEXT NOT NULL,
+    created_at  INTEGER NOT NULL,
+    last_used   INTEGER,
+    use_count   INTEGER NOT NULL DEFAULT 0,
+    is_active   INTEGER NOT NULL,
+    legacy      INTEGER NOT NULL DEFAULT 0,
+    expires_at  INTEGER,
+    policy      TEXT NOT NULL DEFAULT '{}',
+    rotated_to  TEXT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS api_keys_current_name ON api_keys (name) WHERE rotated_to IS NULL;
+CREATE TABLE IF NOT EXISTS changes (
+    seq     INTEGER PRIMARY KEY AUTOINCREMENT,
+    digest  BLOB NOT NULL,
+    at      INTEGER NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS api_keys_changed_insert AFTER INSERT ON api_keys
+BEGIN
+    INSERT INTO changes (digest, at) VALUES (NEW.digest, unixepoch());
+END;
+CREATE TRIGGER IF NOT EXISTS api_keys_changed_update
+AFTER UPDATE OF id, name, digest, hint, created_at, is_active, legacy, expires_at, policy, rotated_to
+ON api_keys
+BEGIN
+    INSERT INTO changes (digest, at) VALUES (OLD.digest, unixepoch());
+    INSERT INTO changes (digest, at) SELECT NEW.digest, unixepoch() WHERE NEW.digest != OLD.digest;
+END;
+CREATE TRIGGER IF NOT EXISTS api_keys_changed_delete AFTER DELETE ON api_keys
+BEGIN
+    INSERT INTO changes (digest, at) VALUES (OLD.digest, unixepoch());
+END;
+PRAGMA user_version = 2;",
+        )
+        .unwrap();
+        db.execute(
+            "INSERT INTO api_keys (id, name, digest, hint, created_at, is_active, policy)
+             VALUES ('key_v2', 'v2', ?1, 'sk_x…', 5, 1, '{\"allow\":[\"/api/\"]}')",
+            [&secret.digest().0[..]],
+        )
+        .unwrap();
+    }
+    let store = SqliteStore::open(&path, Duration::from_secs(5)).unwrap();
+    let r = store.lookup(secret.digest()).await.unwrap().unwrap();
+    assert_eq!(
+        (r.id.as_str(), r.created_at, r.owner.as_deref()),
+        ("key_v2", 5, None)
+    );
+    assert_eq!(r.policy.allow, ["/api/"]);
+    // Opened again (the gateway and the CLI each open it): migrated once only.
+    drop(store);
+    let store = SqliteStore::open(&path, Duration::from_secs(5)).unwrap();
+    let version: i64 = rusqlite::Connection::open(&path)
+        .unwrap()
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 3);
+    // An owner set by hand (the sqlite3 shell) is read, and is a change running gateways see.
+    let pos = store.change_position().await.unwrap();
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute("UPDATE api_keys SET owner = '42' WHERE id = 'key_v2'", [])
+        .unwrap();
+    assert_eq!(
+        digests_since(&store, pos).await.0,
+        [secret.digest()],
+        "the owner change is not in the change feed"
+    );
+    let owned = KeyRecord {
+        owner: Some("bob".into()),
+        ..KeyRecord::new("new", &key::generate().unwrap(), 6, None).unwrap()
+    };
+    store.insert(owned.clone()).await.unwrap();
+    assert_eq!(store.find("new").await.unwrap(), owned);
+    assert_eq!(store.find("v2").await.unwrap().owner.as_deref(), Some("42"));
 }

@@ -4,7 +4,9 @@
 //!
 //! An import is checked whole before anything is written, and written in one store transaction:
 //! a bad record refuses the file, naming the record; a record already present is skipped, so
-//! importing the same file twice changes nothing.
+//! importing the same file twice changes nothing. A Django record's `user` becomes the key's
+//! owner, and the import gives the map from each Django pk to the keygate id of its key (on
+//! stdout, or in `--map FILE`), so the backend can link its own rows to keygate's ids.
 
 use std::io::Write as _;
 use std::path::Path;
@@ -18,7 +20,7 @@ use super::keys::{MAX_TIMESTAMP, audit, timestamp, validate_name};
 use super::note;
 use crate::key::{self, MAX_PRESENTED_LEN, Secret};
 use crate::logging::AuditEvent;
-use crate::store::{KeyRecord, SharedStore, unix_now};
+use crate::store::{KeyRecord, SharedStore, check_owner, unix_now};
 
 /// `format` of a keygate export.
 const EXPORT_FORMAT: &str = "keygate-export";
@@ -73,10 +75,27 @@ pub(super) async fn export(
     Ok(())
 }
 
-/// Records read and checked from an import file, before the store is opened.
+/// What an import file holds: checked records and, for a Django dump, each record's Django pk
+/// (in the same order; `None` for an object without one).
+#[derive(Debug)]
+struct Parsed {
+    records: Vec<KeyRecord>,
+    django_pks: Option<Vec<Option<String>>>,
+}
+
+/// The Django pk → keygate id map, in file order, written as one JSON object.
+struct PkMap(Vec<(String, String)>);
+
+impl Serialize for PkMap {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.0.iter().map(|(pk, id)| (pk, id)))
+    }
+}
+
+/// An import file read and checked before the store is opened.
 #[derive(Debug)]
 pub(super) struct ImportFile {
-    records: Vec<KeyRecord>,
+    parsed: Parsed,
     /// The file's name, or "standard input".
     name: String,
 }
@@ -93,18 +112,31 @@ pub(super) fn read(file: &Path) -> anyhow::Result<ImportFile> {
             .with_context(|| format!("cannot read {}", file.display()))?;
         (text, file.display().to_string())
     };
-    let records = parse(&text).with_context(|| format!("{name} refused, nothing imported"))?;
-    Ok(ImportFile { records, name })
+    let parsed = parse(&text).with_context(|| format!("{name} refused, nothing imported"))?;
+    Ok(ImportFile { parsed, name })
 }
 
-/// Imports what [`read`] checked, all records or none.
+/// Imports what [`read`] checked, all records or none. For a Django dump, the pk → id map goes
+/// to `map_file`, or else to `stdout`.
 pub(super) async fn import(
     store: &SharedStore,
     file: ImportFile,
+    map_file: Option<&Path>,
+    stdout: &mut impl std::io::Write,
     audit_log: Option<&Path>,
 ) -> anyhow::Result<()> {
-    let ImportFile { records, name } = file;
+    let ImportFile {
+        parsed: Parsed {
+            records,
+            django_pks,
+        },
+        name,
+    } = file;
+    if map_file.is_some() && django_pks.is_none() {
+        bail!("--map is for Django dumps; {name} is a keygate export (its records keep their ids)");
+    }
     let total = records.len();
+    let digests: Vec<_> = records.iter().map(|r| r.digest).collect();
     let (imported, skipped) = store
         .import(records)
         .await
@@ -117,11 +149,38 @@ pub(super) async fn import(
     note!(
         "imported {imported} API keys from {name} ({skipped} already present, {total} in the file)"
     );
+    if let Some(pks) = django_pks {
+        // A key already present keeps the id it has: read back what the store holds.
+        let stored = store.lookup_many(digests).await?;
+        let mut map = Vec::with_capacity(pks.len());
+        let mut without_pk = 0;
+        for (pk, record) in pks.into_iter().zip(stored) {
+            match (pk, record) {
+                (Some(pk), Some(record)) => map.push((pk, record.id)),
+                _ => without_pk += 1,
+            }
+        }
+        if without_pk > 0 {
+            note!("keygate: warning: {without_pk} records have no pk and are not in the map");
+        }
+        let text = serde_json::to_string_pretty(&PkMap(map))?;
+        match map_file {
+            Some(path) => {
+                std::fs::write(path, format!("{text}\n"))
+                    .with_context(|| format!("cannot write the pk map to {}", path.display()))?;
+                note!(
+                    "wrote the Django pk -> keygate id map to {}",
+                    path.display()
+                );
+            }
+            None => writeln!(stdout, "{text}")?,
+        }
+    }
     Ok(())
 }
 
 /// Parses either format into checked records.
-fn parse(text: &str) -> anyhow::Result<Vec<KeyRecord>> {
+fn parse(text: &str) -> anyhow::Result<Parsed> {
     let value: Value = serde_json::from_str(text).map_err(|e| anyhow!("not valid JSON: {e}"))?;
     match value {
         Value::Object(ref o) if o.get("format").and_then(Value::as_str) == Some(EXPORT_FORMAT) => {
@@ -133,7 +192,7 @@ fn parse(text: &str) -> anyhow::Result<Vec<KeyRecord>> {
                     export.version
                 );
             }
-            export
+            let records = export
                 .keys
                 .into_iter()
                 .enumerate()
@@ -144,15 +203,23 @@ fn parse(text: &str) -> anyhow::Result<Vec<KeyRecord>> {
                         .map_err(|e| anyhow!("record {} ({:?}): {e}", i + 1, record.name))?;
                     Ok(record)
                 })
-                .collect()
+                .collect::<anyhow::Result<_>>()?;
+            Ok(Parsed {
+                records,
+                django_pks: None,
+            })
         }
         Value::Array(items) => {
             let now = unix_now();
-            items
+            let (pks, records) = items
                 .into_iter()
                 .enumerate()
                 .map(|(i, item)| django(item, now).map_err(|e| anyhow!("record {}: {e}", i + 1)))
-                .collect()
+                .collect::<anyhow::Result<(Vec<_>, Vec<_>)>>()?;
+            Ok(Parsed {
+                records,
+                django_pks: Some(pks),
+            })
         }
         _ => bail!(
             "expected a keygate export (an object with \"format\": \"{EXPORT_FORMAT}\") or a Django dumpdata array"
@@ -162,6 +229,9 @@ fn parse(text: &str) -> anyhow::Result<Vec<KeyRecord>> {
 
 fn check(record: &KeyRecord) -> anyhow::Result<()> {
     validate_name(&record.name)?;
+    if let Some(owner) = &record.owner {
+        check_owner(owner).map_err(|e| anyhow!(e))?;
+    }
     record
         .policy
         .compile()
@@ -201,13 +271,28 @@ struct DjangoFields {
     is_active: bool,
     created_at: Option<String>,
     last_used: Option<String>,
+    /// The user the key belongs to: a pk (number or string), a natural key (`["alice"]`, from
+    /// `dumpdata --natural-foreign`), or null.
+    #[serde(default)]
+    user: Value,
 }
 
 fn yes() -> bool {
     true
 }
 
-fn django(item: Value, now: i64) -> anyhow::Result<KeyRecord> {
+/// A pk or natural key as text: `7` and `"7"` are `7`, `["alice"]` is `alice`.
+fn key_text(v: &Value) -> Option<String> {
+    match v {
+        Value::Number(n) => Some(n.to_string()),
+        Value::String(s) => Some(s.clone()),
+        Value::Array(parts) if parts.len() == 1 => key_text(&parts[0]),
+        _ => None,
+    }
+}
+
+/// A Django `users.apikey` object: its pk as text, and its record.
+fn django(item: Value, now: i64) -> anyhow::Result<(Option<String>, KeyRecord)> {
     let object: DjangoObject = serde_json::from_value(item)
         .map_err(|e| anyhow!("not a Django users.apikey object: {e}"))?;
     let at = format!("pk {}, name {:?}", object.pk, object.fields.name);
@@ -237,6 +322,18 @@ fn django(item: Value, now: i64) -> anyhow::Result<KeyRecord> {
             })
             .transpose()
     };
+    let owner = match &f.user {
+        Value::Null => None,
+        user => {
+            let owner = key_text(user).ok_or_else(|| {
+                anyhow!(
+                    "({at}): field user {user} is not a pk or a one-field natural key such as [\"alice\"]"
+                )
+            })?;
+            check_owner(&owner).map_err(|e| anyhow!("({at}): field user: {e}"))?;
+            Some(owner)
+        }
+    };
     let created_at = time("created_at", &f.created_at)?.unwrap_or(now);
     let last_used = time("last_used", &f.last_used)?;
     let secret = Secret::new(plaintext.to_owned());
@@ -245,7 +342,8 @@ fn django(item: Value, now: i64) -> anyhow::Result<KeyRecord> {
     record.last_used = last_used;
     // A key that happens to carry keygate's checksum needs no legacy lookups.
     record.legacy = key::check_format(plaintext.as_bytes()).is_err();
-    Ok(record)
+    record.owner = owner;
+    Ok((key_text(&object.pk), record))
 }
 
 /// Parses RFC 3339 / ISO 8601 as Django writes it: `2024-01-15T10:30:00Z`,
@@ -305,7 +403,11 @@ mod tests {
             "is_active": true, "created_at": "2024-01-15T10:30:00Z", "last_used": null}},
             {"model": "users.apikey", "pk": 2, "fields": {"name": "old", "key": "sk_old_key_value",
             "is_active": false, "created_at": "2023-06-01T00:00:00.5+00:00", "last_used": "2023-07-01T00:00:00Z"}}]"#;
-        let records = parse(dump).unwrap();
+        let Parsed {
+            records,
+            django_pks,
+        } = parse(dump).unwrap();
+        assert_eq!(django_pks, Some(vec![Some("1".into()), Some("2".into())]));
         assert_eq!(records.len(), 2);
         assert_eq!(
             records[0].digest,
@@ -319,6 +421,46 @@ mod tests {
             !format!("{records:?}").contains("sk_live_abcdef"),
             "the plaintext key was kept"
         );
+    }
+
+    #[test]
+    fn django_users_become_owners() {
+        let dump = r#"[
+            {"model": "users.apikey", "pk": 10, "fields": {"name": "a", "key": "sk_a_0123456789", "user": 7}},
+            {"model": "users.apikey", "pk": "0b6f", "fields": {"name": "b", "key": "sk_b_0123456789", "user": ["alice"]}},
+            {"model": "users.apikey", "fields": {"name": "c", "key": "sk_c_0123456789", "user": null}},
+            {"model": "users.apikey", "pk": 12, "fields": {"name": "d", "key": "sk_d_0123456789"}}]"#;
+        let Parsed {
+            records,
+            django_pks,
+        } = parse(dump).unwrap();
+        let owners: Vec<_> = records.iter().map(|r| r.owner.as_deref()).collect();
+        assert_eq!(owners, [Some("7"), Some("alice"), None, None]);
+        assert_eq!(
+            django_pks.unwrap(),
+            [
+                Some("10".into()),
+                Some("0b6f".into()),
+                None,
+                Some("12".into())
+            ]
+        );
+        for (user, needle) in [
+            (r#"{"id": 1}"#, "field user"),
+            (r#"["a", "b"]"#, "field user"),
+            (r#""bad\nowner""#, "invalid owner"),
+            (r#""""#, "invalid owner"),
+        ] {
+            let dump = format!(
+                r#"[{{"model": "users.apikey", "pk": 3, "fields": {{"name": "x", "key": "sk_abc", "user": {user}}}}}]"#
+            );
+            let err = format!("{:#}", parse(&dump).unwrap_err());
+            assert!(
+                err.contains(needle) && err.contains("pk 3"),
+                "{user}: {err}"
+            );
+            assert!(!err.contains("sk_abc"), "{err}");
+        }
     }
 
     #[test]

@@ -19,6 +19,8 @@ use crate::tls::{self, CertCheck};
 pub(super) fn run(file: &FileConfig, config: &Config) -> anyhow::Result<()> {
     let mut report = vec![Finding::fine(format!("config {}", source(config)))];
     report.extend(preflight(config)?);
+    // (serve logs these when it builds the CORS policy.)
+    report.extend(config.cors.warnings().into_iter().map(Finding::warning));
     if let Err(e) = upstream_reachable(&config.upstream) {
         report.push(Finding::warning(format!(
             "upstream {} does not accept connections ({e}); requests get 502 until it does",

@@ -62,6 +62,7 @@ struct KeyView<'a> {
     legacy: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     rotated_to: Option<&'a str>,
+    owner: Option<&'a str>,
     #[serde(skip_serializing_if = "Policy::is_empty")]
     policy: &'a Policy,
 }
@@ -79,6 +80,7 @@ impl<'a> KeyView<'a> {
             expires_at: r.expires_at.map(timestamp),
             legacy: r.legacy,
             rotated_to: r.rotated_to.as_deref(),
+            owner: r.owner.as_deref(),
             policy: &r.policy,
         }
     }
@@ -109,8 +111,9 @@ pub(super) async fn run(
                 "CREATED",
                 "LAST USED",
                 "EXPIRES",
+                "OWNER",
             ];
-            let rows: Vec<[String; 7]> = records
+            let rows: Vec<[String; 8]> = records
                 .iter()
                 .map(|r| {
                     let v = KeyView::of(r, now);
@@ -122,6 +125,7 @@ pub(super) async fn run(
                         v.created_at,
                         v.last_used.unwrap_or_else(|| "never".into()),
                         v.expires_at.unwrap_or_else(|| "-".into()),
+                        v.owner.unwrap_or("-").to_owned(),
                     ]
                 })
                 .collect();
@@ -165,10 +169,13 @@ pub(super) async fn run(
         KeysCommand::Usage(args) => usage(store, &mut out, now, &args).await,
         KeysCommand::Rotate(args) => rotate(args, store, &mut out, audit_log).await,
         KeysCommand::Export(args) => backup::export(store, args.out.as_deref(), &mut out).await,
-        KeysCommand::Import(args) => match prepared.import {
-            Some(file) => backup::import(store, file, audit_log).await,
-            None => backup::import(store, backup::read(&args.file)?, audit_log).await,
-        },
+        KeysCommand::Import(args) => {
+            let file = match prepared.import {
+                Some(file) => file,
+                None => backup::read(&args.file)?,
+            };
+            backup::import(store, file, args.map.as_deref(), &mut out, audit_log).await
+        }
     };
     outcome?;
     Ok(out.flush()?)
@@ -277,6 +284,7 @@ async fn create(
     let expires_at = create_expiry(&args, now)?;
     let record = KeyRecord {
         policy,
+        owner: args.owner,
         ..KeyRecord::new(args.name, &secret, now, expires_at)?
     };
     store.insert(record.clone()).await?;
@@ -342,13 +350,14 @@ async fn rotate(
     }
     let now = unix_now();
     let secret = key::generate()?;
-    // Same name and policy; an expiring key keeps its lifetime, counted from now.
+    // Same name, policy and owner; an expiring key keeps its lifetime, counted from now.
     let expires_at = old.expires_at.map(|at| {
         now.saturating_add(at.saturating_sub(old.created_at))
             .min(MAX_TIMESTAMP)
     });
     let successor = KeyRecord {
         policy: old.policy.clone(),
+        owner: old.owner.clone(),
         ..KeyRecord::new(old.name.clone(), &secret, now, expires_at)?
     };
     let grace_until =
@@ -416,6 +425,9 @@ fn print_one(
     writeln!(out, "name:       {}", v.name)?;
     writeln!(out, "hint:       {}", v.hint)?;
     writeln!(out, "status:     {}", v.status)?;
+    if let Some(owner) = v.owner {
+        writeln!(out, "owner:      {owner}")?;
+    }
     writeln!(out, "created:    {}", v.created_at)?;
     writeln!(
         out,

@@ -126,6 +126,10 @@ pub struct ExportArgs {
 pub struct ImportArgs {
     /// A keygate export, or a Django dumpdata JSON file; "-" reads standard input.
     pub file: PathBuf,
+    /// Django dumps: write the map from each record's Django pk to its keygate id to this file
+    /// (JSON, mode 0600) instead of printing it on stdout.
+    #[arg(long, value_name = "FILE")]
+    pub map: Option<PathBuf>,
 }
 
 /// `keys create` options.
@@ -149,6 +153,10 @@ pub struct CreateArgs {
     /// This key's rate limit, e.g. 600/min (overrides [rate_limit] per_key).
     #[arg(long)]
     pub rate: Option<String>,
+    /// Who the key belongs to, e.g. the Django user's id or username; sent upstream as
+    /// X-Api-Key-Owner.
+    #[arg(long, value_parser = parse_owner)]
+    pub owner: Option<String>,
     /// Print the key and its details as one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
@@ -181,6 +189,10 @@ pub struct UsageArgs {
     /// JSON output.
     #[arg(long)]
     pub json: bool,
+}
+
+fn parse_owner(s: &str) -> Result<String, String> {
+    crate::store::check_owner(s).map(|()| s.to_owned())
 }
 
 fn parse_time(s: &str) -> Result<i64, String> {

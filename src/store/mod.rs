@@ -53,6 +53,10 @@ pub struct KeyRecord {
     /// (the end of the grace period) and is refused after.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rotated_to: Option<String>,
+    /// Who the key belongs to (free text, e.g. the Django user's id or username), forwarded
+    /// upstream as `X-Api-Key-Owner`. Checked by [`check_owner`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 impl KeyRecord {
@@ -76,6 +80,7 @@ impl KeyRecord {
             expires_at,
             policy: Policy::default(),
             rotated_to: None,
+            owner: None,
         })
     }
 
@@ -83,6 +88,26 @@ impl KeyRecord {
     pub fn is_expired(&self, now: i64) -> bool {
         self.expires_at.is_some_and(|at| now >= at)
     }
+}
+
+/// Longest owner accepted (Django's `username` is at most 150 characters).
+pub const MAX_OWNER_LEN: usize = 150;
+
+/// Checks an owner: 1-[`MAX_OWNER_LEN`] printable ASCII characters without leading or trailing
+/// spaces. It is sent upstream in a header and signed ([`crate::identity`]), so it must be a
+/// header value that every backend reads back byte for byte.
+pub fn check_owner(owner: &str) -> Result<(), String> {
+    if owner.is_empty()
+        || owner.len() > MAX_OWNER_LEN
+        || !owner.bytes().all(|b| (b' '..=b'~').contains(&b))
+        || owner.trim() != owner
+    {
+        return Err(format!(
+            "invalid owner {owner:?}: expected 1-{MAX_OWNER_LEN} printable ASCII characters \
+             without leading or trailing spaces, e.g. a user id such as \"42\" or a username"
+        ));
+    }
+    Ok(())
 }
 
 mod digest_hex {

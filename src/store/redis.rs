@@ -110,7 +110,7 @@ struct Scripts {
 
 /// Lua shared by the mutation scripts.
 ///
-/// `log_change` bumps the counter, appends to the stream and publishes. `fields` reads the 12
+/// `log_change` bumps the counter, appends to the stream and publishes. `fields` reads the 13
 /// record arguments starting at `i`; `conflict` and `put_record` check and write one record and
 /// its indexes. A rotated (old) key is not in the name index: the name belongs to its successor.
 const PRELUDE: &str = r#"
@@ -124,7 +124,7 @@ local function fields(argv, i)
   return {digest = argv[i], id = argv[i + 1], name = argv[i + 2], hint = argv[i + 3],
     created_at = argv[i + 4], last_used = argv[i + 5], use_count = argv[i + 6],
     is_active = argv[i + 7], legacy = argv[i + 8], expires_at = argv[i + 9],
-    policy = argv[i + 10], rotated_to = argv[i + 11]}
+    policy = argv[i + 10], rotated_to = argv[i + 11], owner = argv[i + 12]}
 end
 local function conflict(rec_key, id_key, name_key, f)
   if redis.call('EXISTS', rec_key) == 1 then return 2 end
@@ -136,7 +136,7 @@ local function put_record(rec_key, id_key, name_key, all_key, active_key, legacy
   redis.call('HSET', rec_key, 'id', f.id, 'name', f.name, 'hint', f.hint,
     'created_at', f.created_at, 'last_used', f.last_used, 'use_count', f.use_count,
     'is_active', f.is_active, 'legacy', f.legacy, 'expires_at', f.expires_at,
-    'policy', f.policy, 'rotated_to', f.rotated_to)
+    'policy', f.policy, 'rotated_to', f.rotated_to, 'owner', f.owner)
   redis.call('SET', id_key, f.digest)
   if f.rotated_to == '' then redis.call('SET', name_key, f.digest) end
   redis.call('ZADD', all_key, f.created_at, f.digest)
@@ -150,27 +150,27 @@ end
 "#;
 
 /// Number of script arguments that describe one record.
-const RECORD_ARGS: usize = 12;
+const RECORD_ARGS: usize = 13;
 
 impl Scripts {
     fn new() -> Self {
-        // KEYS: rec, id, name, all, active, legacy, seq, changes; ARGV: record (12), channel, keep
+        // KEYS: rec, id, name, all, active, legacy, seq, changes; ARGV: record (13), channel, keep
         let insert = r#"
 local f = fields(ARGV, 1)
 local c = conflict(KEYS[1], KEYS[2], KEYS[3], f)
 if c ~= 0 then return c end
 put_record(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], f)
-log_change(KEYS[7], KEYS[8], f.digest, ARGV[13], ARGV[14])
+log_change(KEYS[7], KEYS[8], f.digest, ARGV[14], ARGV[15])
 return 0
 "#;
         // KEYS: all, active, legacy, seq, changes, then (rec, id, name) per record;
-        // ARGV: channel, keep, then a record (12) per record. Checks everything, then writes:
+        // ARGV: channel, keep, then a record (13) per record. Checks everything, then writes:
         // all or nothing. Returns {0, imported} or {code, index of the failing record}.
         let import = r#"
 local n = (#KEYS - 5) / 3
 local skip, names, digests = {}, {}, {}
 for i = 0, n - 1 do
-  local f = fields(ARGV, 3 + i * 12)
+  local f = fields(ARGV, 3 + i * 13)
   local rk, ik, nk = KEYS[6 + i * 3], KEYS[7 + i * 3], KEYS[8 + i * 3]
   if redis.call('EXISTS', rk) == 1 or digests[f.digest] then
     skip[i] = true
@@ -185,7 +185,7 @@ end
 local imported = 0
 for i = 0, n - 1 do
   if not skip[i] then
-    local f = fields(ARGV, 3 + i * 12)
+    local f = fields(ARGV, 3 + i * 13)
     put_record(KEYS[6 + i * 3], KEYS[7 + i * 3], KEYS[8 + i * 3], KEYS[1], KEYS[2], KEYS[3], f)
     log_change(KEYS[4], KEYS[5], f.digest, ARGV[1], ARGV[2])
     imported = imported + 1
@@ -194,7 +194,7 @@ end
 return {0, imported}
 "#;
         // KEYS: old rec, new rec, new id, name, all, active, legacy, seq, changes;
-        // ARGV: old digest, grace_until, successor record (12), channel, keep
+        // ARGV: old digest, grace_until, successor record (13), channel, keep
         let rotate = r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then return 5 end
 if (redis.call('HGET', KEYS[1], 'rotated_to') or '') ~= '' then return 4 end
@@ -208,9 +208,9 @@ redis.call('HSET', KEYS[1], 'rotated_to', f.id, 'expires_at', expires)
 if redis.call('HGET', KEYS[1], 'is_active') == '1' then
   redis.call('ZADD', KEYS[6], expires, ARGV[1])
 end
-log_change(KEYS[8], KEYS[9], ARGV[1], ARGV[15], ARGV[16])
+log_change(KEYS[8], KEYS[9], ARGV[1], ARGV[16], ARGV[17])
 put_record(KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], f)
-log_change(KEYS[8], KEYS[9], f.digest, ARGV[15], ARGV[16])
+log_change(KEYS[8], KEYS[9], f.digest, ARGV[16], ARGV[17])
 return 0
 "#;
         // KEYS: rec, active, seq, changes; ARGV: digest, active (0/1), channel, keep
@@ -280,7 +280,7 @@ return {1, math.floor((tolerance - (new_tat - now)) / interval) + 1, new_tat - n
     }
 }
 
-/// The 12 script arguments of a record, in `fields()` order.
+/// The 13 script arguments of a record, in `fields()` order.
 fn record_args(r: &KeyRecord) -> Result<[String; RECORD_ARGS], StoreError> {
     Ok([
         r.digest.to_hex(),
@@ -296,6 +296,7 @@ fn record_args(r: &KeyRecord) -> Result<[String; RECORD_ARGS], StoreError> {
         serde_json::to_string(&r.policy)
             .map_err(|e| StoreError::Corrupt(format!("policy of {}: {e}", r.name)))?,
         r.rotated_to.clone().unwrap_or_default(),
+        r.owner.clone().unwrap_or_default(),
     ])
 }
 
@@ -517,6 +518,7 @@ fn parse_record(
         expires_at: None,
         policy: crate::policy::Policy::default(),
         rotated_to: None,
+        owner: None,
     };
     let bad = |f: &str, v: &str| {
         StoreError::Corrupt(format!("field {f} = {v:?} of key {}", digest.to_hex()))
@@ -542,6 +544,7 @@ fn parse_record(
             "expires_at" => r.expires_at = opt(f, v)?,
             "policy" => r.policy = serde_json::from_str(v).map_err(|_| bad(f, v))?,
             "rotated_to" => r.rotated_to = (!v.is_empty()).then(|| v.clone()),
+            "owner" => r.owner = (!v.is_empty()).then(|| v.clone()),
             // Fields written by a newer keygate are ignored, not fatal.
             _ => {}
         }

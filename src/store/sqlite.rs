@@ -17,9 +17,9 @@ use crate::key::KeyDigest;
 
 /// How many change-feed entries are kept.
 pub const CHANGE_LOG_KEEP: i64 = 10_000;
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
-/// The keys table of schema v2. Names are unique among current keys only: a rotated key keeps its
+/// The keys table of schema v3. Names are unique among current keys only: a rotated key keeps its
 /// name (so the upstream sees the same `X-Api-Key-Name` during the grace period) beside its
 /// successor.
 macro_rules! api_keys_table {
@@ -36,13 +36,14 @@ macro_rules! api_keys_table {
     legacy      INTEGER NOT NULL DEFAULT 0,
     expires_at  INTEGER,
     policy      TEXT NOT NULL DEFAULT '{}',
-    rotated_to  TEXT
+    rotated_to  TEXT,
+    owner       TEXT
 );
 "
     };
 }
 
-/// Schema v2.
+/// Schema v3.
 const SCHEMA: &str = concat!(
     api_keys_table!(),
     "CREATE UNIQUE INDEX IF NOT EXISTS api_keys_current_name ON api_keys (name) WHERE rotated_to IS NULL;
@@ -56,7 +57,8 @@ BEGIN
     INSERT INTO changes (digest, at) VALUES (NEW.digest, unixepoch());
 END;
 CREATE TRIGGER IF NOT EXISTS api_keys_changed_update
-AFTER UPDATE OF id, name, digest, hint, created_at, is_active, legacy, expires_at, policy, rotated_to
+AFTER UPDATE OF id, name, digest, hint, created_at, is_active, legacy, expires_at, policy, rotated_to,
+    owner
 ON api_keys
 BEGIN
     INSERT INTO changes (digest, at) VALUES (OLD.digest, unixepoch());
@@ -79,8 +81,14 @@ DROP TABLE api_keys_v1;
 "
 );
 
+/// v2 → v3: the owner column, and the update trigger again so that it fires on an owner change
+/// too (`SCHEMA` creates it).
+const MIGRATE_V2: &str = "ALTER TABLE api_keys ADD COLUMN owner TEXT;
+DROP TRIGGER IF EXISTS api_keys_changed_update;
+";
+
 const COLUMNS: &str = "id, name, digest, hint, created_at, last_used, use_count, is_active, legacy, \
-     expires_at, policy, rotated_to";
+     expires_at, policy, rotated_to, owner";
 
 /// SQLite-backed [`KeyStore`].
 #[derive(Clone)]
@@ -134,7 +142,12 @@ impl SqliteStore {
         // only as they are used, so a small store never grows to this.
         conn.pragma_update(None, "cache_size", -16_384)
             .map_err(unavailable)?;
-        let version: i64 = conn
+        // One immediate transaction: a CLI and a gateway opening the same old database at once
+        // migrate it once, and a crash mid-migration leaves the old schema whole.
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(unavailable)?;
+        let version: i64 = tx
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .map_err(unavailable)?;
         if version > SCHEMA_VERSION {
@@ -143,14 +156,18 @@ impl SqliteStore {
                 path.display()
             )));
         }
-        if version == 1 {
-            let tx = conn.transaction().map_err(unavailable)?;
-            tx.execute_batch(MIGRATE_V1).map_err(unavailable)?;
-            tx.commit().map_err(unavailable)?;
+        // v1 is rebuilt as the current table (owner included); v2 gains the owner column.
+        match version {
+            1 => tx.execute_batch(MIGRATE_V1).map_err(unavailable)?,
+            2 => tx.execute_batch(MIGRATE_V2).map_err(unavailable)?,
+            _ => {}
         }
-        conn.execute_batch(SCHEMA).map_err(unavailable)?;
-        conn.pragma_update(None, "user_version", SCHEMA_VERSION)
-            .map_err(unavailable)?;
+        tx.execute_batch(SCHEMA).map_err(unavailable)?;
+        if version != SCHEMA_VERSION {
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+                .map_err(unavailable)?;
+        }
+        tx.commit().map_err(unavailable)?;
         let reader = Connection::open_with_flags(
             path,
             rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -276,6 +293,7 @@ fn row_to_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRecord> {
             rusqlite::Error::FromSqlConversionFailure(10, rusqlite::types::Type::Text, e.into())
         })?,
         rotated_to: row.get(11)?,
+        owner: row.get(12)?,
     })
 }
 
@@ -302,7 +320,7 @@ fn insert_in(tx: &rusqlite::Transaction<'_>, record: &KeyRecord) -> Result<(), S
     let policy = serde_json::to_string(&record.policy)
         .map_err(|e| StoreError::Corrupt(format!("policy of {}: {e}", record.name)))?;
     let inserted = tx.execute(
-        &format!("INSERT INTO api_keys ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"),
+        &format!("INSERT INTO api_keys ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"),
         params![
             record.id,
             record.name,
@@ -316,6 +334,7 @@ fn insert_in(tx: &rusqlite::Transaction<'_>, record: &KeyRecord) -> Result<(), S
             record.expires_at,
             policy,
             record.rotated_to,
+            record.owner,
         ],
     );
     match inserted {
