@@ -9,6 +9,8 @@
 #   target/test-venv (never committed);
 # - curl and nghttp (Debian packages curl, nghttp2-client) for tests/clients.rs, the real clients
 #   every answer is checked with.
+# - curl and python3 (python3 -m http.server) for tests/docs.rs, which runs the README's
+#   quickstart as written.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 

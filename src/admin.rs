@@ -72,16 +72,10 @@ impl Admin {
         let cache = self.gateway.cache();
         let report = cache.health_report(self.gateway.limits().degraded()).await;
         let store_ok = report.store_ok();
-        let authority = self.gateway.upstream().authority();
-        let target = format!(
-            "{}:{}",
-            authority.host(),
-            authority.port_u16().unwrap_or(80)
-        );
         let upstream_ok = matches!(
             tokio::time::timeout(
                 UPSTREAM_PROBE_TIMEOUT,
-                tokio::net::TcpStream::connect(target)
+                tokio::net::TcpStream::connect(self.gateway.upstream().address())
             )
             .await,
             Ok(Ok(_))

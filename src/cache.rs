@@ -907,6 +907,7 @@ impl KeyCache {
                 for d in digests {
                     self.evict(d).await;
                 }
+                self.health.keys_changed();
                 next
             }
             Changes::Gap { next } => {

@@ -9,6 +9,7 @@
 //! so tests pass a map instead of mutating the process environment. Every validation error names
 //! the key, the value and what is expected.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -41,36 +42,61 @@ impl EnvSource for BTreeMap<String, String> {
     }
 }
 
-/// A configuration error: which key, which value, what is expected.
+/// A configuration error: which key, which value, what is expected, in one line.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {}: {error} (pass --config PATH or set KEYGATE_CONFIG)", path.display())]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        /// Shown in the message, not chained: the message is the whole line.
+        error: std::io::Error,
     },
-    /// The TOML (after environment overrides) does not match the schema.
+    /// The file is not valid TOML.
+    #[error("invalid config: {origin} line {line}, column {column}: {message}")]
+    Syntax {
+        origin: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    /// A section, key or `KEYGATE_*` variable that keygate does not know.
+    #[error("invalid config: unknown {what}: {hint}")]
+    Unknown { what: String, hint: String },
+    /// A value of the wrong type, or out of its type's range.
+    #[error("invalid config: {key} = {value}{from}: expected {expected}")]
+    Type {
+        key: String,
+        /// As TOML (`"abc"`, `70000`), or the variable's text.
+        value: String,
+        /// ` (from KEYGATE_...)` when an environment variable set it.
+        from: String,
+        expected: String,
+    },
+    /// The values do not form a configuration (what serde said, when no single key is to blame).
     #[error("invalid config {origin}: {message}")]
     Parse { origin: String, message: String },
     /// A value that parses but is not acceptable.
-    #[error("invalid config: {key} = {value:?}: expected {expected}")]
+    #[error("invalid config: {key} = {value:?}{from}: expected {expected}")]
     Invalid {
         key: &'static str,
         value: String,
-        expected: &'static str,
+        /// ` (from KEYGATE_...)` when an environment variable set it.
+        from: String,
+        expected: Cow<'static, str>,
     },
 }
 
 fn invalid(
     key: &'static str,
     value: impl std::fmt::Display,
-    expected: &'static str,
+    expected: impl Into<Cow<'static, str>>,
 ) -> ConfigError {
     ConfigError::Invalid {
         key,
         value: value.to_string(),
-        expected,
+        from: String::new(),
+        expected: expected.into(),
     }
 }
 
@@ -78,6 +104,12 @@ fn invalid(
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FileConfig {
+    /// The file this was read from (absolute), if any; not a setting.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
+    /// Which environment variable set which key (`"server.workers"`); not a setting.
+    #[serde(skip)]
+    pub from_env: BTreeMap<String, String>,
     pub server: ServerSection,
     pub tls: TlsSection,
     pub upstream: UpstreamSection,
@@ -515,6 +547,8 @@ impl Default for MetricsSection {
 /// The validated configuration the gateway runs on.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// The config file it came from (absolute), if any.
+    pub source: Option<PathBuf>,
     pub server: Server,
     pub tls: Tls,
     pub upstream: Upstream,
@@ -593,9 +627,21 @@ pub struct Upstream {
     pub identity_secrets: Vec<crate::identity::IdentitySecret>,
 }
 
+impl Upstream {
+    /// The host (without an IPv6 literal's brackets) and port connections go to: the URL's
+    /// port, else the scheme's (443 for `https://`, 80 for `http://`).
+    pub fn address(&self) -> (&str, u16) {
+        let host = self.url.host().unwrap_or("").trim_matches(['[', ']']);
+        let default = if self.tls.is_some() { 443 } else { 80 };
+        (host, self.url.port_u16().unwrap_or(default))
+    }
+}
+
 /// How the upstream's TLS is checked, and what keygate presents to it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamTls {
+    /// The name the upstream's certificate must carry (the URL's host), also sent as SNI.
+    pub server_name: rustls_pki_types::ServerName<'static>,
     /// CA certificates to trust instead of the system's roots.
     pub ca_file: Option<PathBuf>,
     /// Client certificate chain and key.
@@ -623,6 +669,39 @@ pub enum Backend {
     Sqlite { path: PathBuf },
     /// Redis (one server, a Sentinel group or a cluster).
     Redis(crate::store::redis::Settings),
+}
+
+impl std::fmt::Display for Backend {
+    /// What a command or the start line names as its store, passwords hidden.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use crate::store::redis::Target;
+        match self {
+            Self::Sqlite { path } => write!(f, "sqlite {}", path.display()),
+            Self::Redis(settings) => {
+                let prefix = &settings.prefix;
+                match &settings.target {
+                    Target::Single(url) => {
+                        write!(f, "redis {} (prefix {prefix})", redact_url(url))
+                    }
+                    Target::Cluster(nodes) => {
+                        let nodes: Vec<String> = nodes.iter().map(|n| redact_url(n)).collect();
+                        write!(f, "redis-cluster {} (prefix {prefix})", nodes.join(","))
+                    }
+                    Target::Sentinel {
+                        sentinels, master, ..
+                    } => {
+                        let sentinels: Vec<String> =
+                            sentinels.iter().map(|n| redact_url(n)).collect();
+                        write!(
+                            f,
+                            "redis-sentinel {master} via {} (prefix {prefix})",
+                            sentinels.join(",")
+                        )
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Validated `[store]`.
@@ -695,56 +774,122 @@ pub struct Metrics {
     pub latency_buckets: Vec<f64>,
 }
 
-const SECTIONS: [&str; 10] = [
-    "server",
-    "tls",
-    "upstream",
-    "auth",
-    "store",
-    "cors",
-    "headers",
-    "logging",
-    "metrics",
-    "rate_limit",
+/// `KEYGATE_*` variables that are not overrides, though they share the prefix: the config
+/// file's path (read by the command line), the binary the repository's scripts run, and the
+/// identity secret file contrib/django's settings read (often exported in the shell that also
+/// runs keygate). `KEYGATE_TEST_*` belong to the test suite.
+const NOT_OVERRIDES: [&str; 3] = [
+    "KEYGATE_CONFIG",
+    "KEYGATE_BIN",
+    "KEYGATE_IDENTITY_SECRET_FILE",
 ];
 
 impl FileConfig {
-    /// Reads `path` (a missing file is an error), then applies environment overrides.
+    /// Reads `path` (a missing file is an error), then applies environment overrides. Relative
+    /// paths in it (and in the overrides) are resolved against the file's directory.
     pub fn load(path: &Path, env: &dyn EnvSource) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_owned(),
-            source,
+            error,
         })?;
-        Self::from_toml(&text, &path.display().to_string(), env)
-    }
-
-    /// Parses TOML text, then applies environment overrides.
-    pub fn from_toml(text: &str, origin: &str, env: &dyn EnvSource) -> Result<Self, ConfigError> {
-        let mut table: toml::Table =
-            text.parse()
-                .map_err(|e: toml::de::Error| ConfigError::Parse {
-                    origin: format!("in {origin}"),
-                    message: e.to_string(),
-                })?;
-        apply_env(&mut table, env)?;
-        toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Parse {
-                origin: format!("in {origin} (with environment overrides)"),
-                message: e.message().to_owned(),
+        // The file's own name, in its directory's real path (no "..": the path is shown).
+        let source = std::path::absolute(path)
+            .and_then(|abs| {
+                let dir = abs
+                    .parent()
+                    .map_or(Ok(PathBuf::from("/")), std::fs::canonicalize)?;
+                Ok(abs.file_name().map_or(dir.clone(), |name| dir.join(name)))
             })
+            .map_err(|error| ConfigError::Read {
+                path: path.to_owned(),
+                error,
+            })?;
+        let mut file = Self::from_toml(&text, &path.display().to_string(), env)?;
+        if let Some(dir) = source.parent() {
+            file.resolve_paths(dir)?;
+        }
+        file.source = Some(source);
+        Ok(file)
     }
 
-    /// Validates into the typed [`Config`].
+    /// Parses TOML text, then applies environment overrides. Unknown sections, keys and
+    /// `KEYGATE_*` variables are refused with the nearest valid name.
+    pub fn from_toml(text: &str, origin: &str, env: &dyn EnvSource) -> Result<Self, ConfigError> {
+        let mut table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| syntax_error(text, origin, &e))?;
+        let defaults = defaults();
+        check_keys(&table, &defaults, origin)?;
+        let from_env = apply_env(&mut table, &defaults, env)?;
+        deserialize(table, &defaults, &from_env, origin)
+    }
+
+    /// The settings that hold file paths: relative ones are resolved against the config file's
+    /// directory, not the working directory.
+    fn path_settings(&mut self) -> [(&'static str, &mut String); 9] {
+        [
+            ("store.path", &mut self.store.path),
+            ("tls.cert", &mut self.tls.cert),
+            ("tls.key", &mut self.tls.key),
+            ("upstream.tls_ca_file", &mut self.upstream.tls_ca_file),
+            ("upstream.tls_cert_file", &mut self.upstream.tls_cert_file),
+            ("upstream.tls_key_file", &mut self.upstream.tls_key_file),
+            (
+                "upstream.identity_secret_file",
+                &mut self.upstream.identity_secret_file,
+            ),
+            ("logging.file", &mut self.logging.file),
+            ("logging.audit_file", &mut self.logging.audit_file),
+        ]
+    }
+
+    /// Makes every relative path setting absolute, under `dir`.
+    fn resolve_paths(&mut self, dir: &Path) -> Result<(), ConfigError> {
+        for (key, value) in self.path_settings() {
+            if value.trim().is_empty() || Path::new(value.as_str()).is_absolute() {
+                continue;
+            }
+            let joined = dir.join(value.as_str());
+            *value = joined
+                .to_str()
+                .ok_or_else(|| ConfigError::Type {
+                    key: key.to_owned(),
+                    value: format!("{value:?}"),
+                    from: format!(" (relative to {})", dir.display()),
+                    expected: "an absolute path (the config file's directory is not UTF-8)".into(),
+                })?
+                .to_owned();
+        }
+        Ok(())
+    }
+
+    /// Validates into the typed [`Config`]. An error about a value that an environment variable
+    /// set names the variable too.
     pub fn validate(&self) -> Result<Config, ConfigError> {
-        Ok(Config {
-            server: self.server.validate()?,
-            tls: Tls {
-                cert: PathBuf::from(&self.tls.cert),
-                key: PathBuf::from(&self.tls.key),
-                generate_dev_cert: self.tls.generate_dev_cert,
-                watch_interval: watch_interval(&self.tls.watch_interval)?,
+        self.validate_values().map_err(|e| match e {
+            ConfigError::Invalid {
+                key,
+                value,
+                from,
+                expected,
+            } => ConfigError::Invalid {
+                from: self
+                    .from_env
+                    .get(key)
+                    .map_or(from, |name| format!(" (from {name})")),
+                key,
+                value,
+                expected,
             },
+            other => other,
+        })
+    }
+
+    fn validate_values(&self) -> Result<Config, ConfigError> {
+        Ok(Config {
+            source: self.source.clone(),
+            server: self.server.validate()?,
+            tls: self.tls.validate()?,
             upstream: self.upstream.validate()?,
             auth: self.auth.validate()?,
             store: self.store.validate()?,
@@ -776,75 +921,187 @@ impl FileConfig {
     }
 }
 
-/// Applies `KEYGATE_<SECTION>_<FIELD>` and `CORS_ALLOWED_ORIGINS` to the parsed table.
-fn apply_env(table: &mut toml::Table, env: &dyn EnvSource) -> Result<(), ConfigError> {
+/// The default configuration as a TOML table: the schema that file keys and environment
+/// variables are checked against (every section, every key, and each key's type).
+fn defaults() -> toml::Table {
+    match toml::Value::try_from(FileConfig::default()) {
+        Ok(toml::Value::Table(table)) => table,
+        _ => toml::Table::new(),
+    }
+}
+
+/// A TOML syntax error in one line: where, and what.
+fn syntax_error(text: &str, origin: &str, e: &toml::de::Error) -> ConfigError {
+    let at = e.span().map_or(0, |s| s.start).min(text.len());
+    let before = text.get(..at).unwrap_or("");
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    ConfigError::Syntax {
+        origin: origin.to_owned(),
+        line: before.matches('\n').count() + 1,
+        column: before[line_start..].chars().count() + 1,
+        message: e
+            .message()
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join("; "),
+    }
+}
+
+/// The candidate nearest to `name`, if it is near enough to be a misspelling of it.
+fn nearest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let (distance, best) = candidates
+        .into_iter()
+        .map(|c| (strsim::levenshtein(name, c), c))
+        .min_by_key(|(d, _)| *d)?;
+    (distance <= 2 + name.len() / 4).then_some(best)
+}
+
+/// Refuses sections and keys that the schema does not have.
+fn check_keys(
+    table: &toml::Table,
+    defaults: &toml::Table,
+    origin: &str,
+) -> Result<(), ConfigError> {
+    for (section, value) in table {
+        let Some(toml::Value::Table(known)) = defaults.get(section) else {
+            let hint = match nearest(section, defaults.keys().map(String::as_str)) {
+                Some(near) => format!("did you mean [{near}]?"),
+                None => format!(
+                    "expected one of {}",
+                    defaults
+                        .keys()
+                        .map(|s| format!("[{s}]"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            };
+            return Err(ConfigError::Unknown {
+                what: format!("section [{section}] in {origin}"),
+                hint,
+            });
+        };
+        let toml::Value::Table(fields) = value else {
+            return Err(ConfigError::Type {
+                key: section.clone(),
+                value: value.to_string(),
+                from: String::new(),
+                expected: format!("a table: [{section}] and its keys"),
+            });
+        };
+        for field in fields.keys() {
+            if known.contains_key(field) {
+                continue;
+            }
+            let hint = match nearest(field, known.keys().map(String::as_str)) {
+                Some(near) => format!("did you mean {section}.{near}?"),
+                None => format!(
+                    "expected one of {}",
+                    known.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            };
+            return Err(ConfigError::Unknown {
+                what: format!("key {section}.{field} in {origin}"),
+                hint,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Applies `KEYGATE_<SECTION>_<KEY>` and `CORS_ALLOWED_ORIGINS` to the parsed table. Each value
+/// is read as the key's type (a string key takes the text as it is). Returns which variable set
+/// which key, for error messages.
+fn apply_env(
+    table: &mut toml::Table,
+    defaults: &toml::Table,
+    env: &dyn EnvSource,
+) -> Result<BTreeMap<String, String>, ConfigError> {
+    let known: Vec<(&str, &str, &toml::Value)> = defaults
+        .iter()
+        .filter_map(|(section, fields)| Some((section, fields.as_table()?)))
+        .flat_map(|(section, fields)| {
+            fields
+                .iter()
+                .map(move |(field, default)| (section.as_str(), field.as_str(), default))
+        })
+        .collect();
     let mut vars = env.vars();
     vars.sort();
-    for (name, value) in vars {
+    let mut from_env = BTreeMap::new();
+    for (name, raw) in vars {
         let (section, field, value) = if name == "CORS_ALLOWED_ORIGINS" {
-            let origins = value
-                .split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(|s| toml::Value::String(s.to_owned()))
-                .collect();
-            (
-                "cors".to_owned(),
-                "allowed_origins".to_owned(),
-                toml::Value::Array(origins),
-            )
+            ("cors", "allowed_origins", list_value(&raw, None))
         } else if name == "CORS_ALLOWED_ORIGIN_REGEXES" {
-            let patterns = split_patterns(&value)
+            let patterns = split_patterns(&raw)
                 .into_iter()
                 .map(toml::Value::String)
                 .collect();
             (
-                "cors".to_owned(),
-                "allowed_origin_patterns".to_owned(),
+                "cors",
+                "allowed_origin_patterns",
                 toml::Value::Array(patterns),
             )
         } else if name == "CORS_ALLOW_CREDENTIALS" {
-            let allow = match value.trim().to_ascii_lowercase().as_str() {
+            let allow = match raw.trim().to_ascii_lowercase().as_str() {
                 "true" | "1" | "yes" | "y" | "on" | "ok" => true,
                 "false" | "0" | "no" | "n" | "off" | "" => false,
                 _ => {
                     return Err(invalid(
                         "CORS_ALLOW_CREDENTIALS",
-                        value,
+                        raw,
                         "true or false (also 1/0, yes/no, on/off)",
                     ));
                 }
             };
-            (
-                "cors".to_owned(),
-                "allow_credentials".to_owned(),
-                toml::Value::Boolean(allow),
-            )
+            ("cors", "allow_credentials", toml::Value::Boolean(allow))
         } else if let Some(rest) = name.strip_prefix("KEYGATE_") {
+            if NOT_OVERRIDES.contains(&name.as_str()) || name.starts_with("KEYGATE_TEST_") {
+                continue;
+            }
             let lower = rest.to_ascii_lowercase();
-            // Section names may contain '_' (rate_limit): match them whole.
-            let Some((section, field)) = SECTIONS.iter().find_map(|section| {
-                let field = lower.strip_prefix(section)?.strip_prefix('_')?;
-                (!field.is_empty()).then_some((*section, field))
+            // Section names may contain '_' (rate_limit): match section and key whole.
+            let Some(&(section, field, default)) = known.iter().find(|(section, field, _)| {
+                lower
+                    .strip_prefix(section)
+                    .and_then(|r| r.strip_prefix('_'))
+                    == Some(field)
             }) else {
-                continue; // KEYGATE_CONFIG and the like are not overrides.
+                let names: Vec<String> = known
+                    .iter()
+                    .map(|(s, f, _)| format!("KEYGATE_{s}_{f}").to_ascii_uppercase())
+                    .collect();
+                let hint = match nearest(&name, names.iter().map(String::as_str)) {
+                    Some(near) => format!("did you mean {near}?"),
+                    None => "expected KEYGATE_<SECTION>_<KEY> for a key of gateway.toml, \
+                             e.g. KEYGATE_UPSTREAM_URL"
+                        .to_owned(),
+                };
+                return Err(ConfigError::Unknown {
+                    what: format!("environment variable {name}"),
+                    hint,
+                });
             };
-            (section.to_owned(), field.to_owned(), env_value(&value))
+            let value = env_value(&raw, default).ok_or_else(|| ConfigError::Type {
+                key: format!("{section}.{field}"),
+                value: format!("{raw:?}"),
+                from: format!(" (from {name})"),
+                expected: env_expected(default).to_owned(),
+            })?;
+            (section, field, value)
         } else {
             continue;
         };
         let entry = table
-            .entry(section.clone())
+            .entry(section)
             .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        let toml::Value::Table(section_table) = entry else {
-            return Err(ConfigError::Parse {
-                origin: format!("for environment variable {name}"),
-                message: format!("[{section}] is not a table"),
-            });
-        };
-        section_table.insert(field, value);
+        if let toml::Value::Table(section_table) = entry {
+            section_table.insert(field.to_owned(), value);
+        }
+        from_env.insert(format!("{section}.{field}"), name);
     }
-    Ok(())
+    Ok(from_env)
 }
 
 /// `CORS_ALLOWED_ORIGIN_REGEXES`: patterns separated by commas, except those inside a group,
@@ -877,14 +1134,163 @@ fn split_patterns(value: &str) -> Vec<String> {
         .collect()
 }
 
-/// An environment value is TOML when it parses as a TOML value (`true`, `8443`, `["a", "b"]`),
-/// otherwise a plain string (`127.0.0.1:8443`, `30s`).
-fn env_value(raw: &str) -> toml::Value {
+/// An environment variable's text as a value of the type of `default` (the key's default), or
+/// `None` when it is not one.
+fn env_value(raw: &str, default: &toml::Value) -> Option<toml::Value> {
+    use toml::Value;
+    let trimmed = raw.trim();
+    match default {
+        // A string key takes the text as it is; a quoted TOML string is unquoted.
+        Value::String(_) => Some(Value::String(match toml_value(trimmed) {
+            Some(Value::String(s)) if trimmed.starts_with(['"', '\'']) => s,
+            _ => raw.to_owned(),
+        })),
+        Value::Integer(_) => trimmed.parse().ok().map(Value::Integer),
+        Value::Float(_) => trimmed.parse().ok().map(Value::Float),
+        Value::Boolean(_) => match trimmed.to_ascii_lowercase().as_str() {
+            "true" => Some(Value::Boolean(true)),
+            "false" => Some(Value::Boolean(false)),
+            _ => None,
+        },
+        Value::Array(items) => Some(list_value(raw, items.first())),
+        Value::Table(_) => toml_value(trimmed).filter(Value::is_table),
+        Value::Datetime(_) => toml_value(trimmed),
+    }
+}
+
+/// A list: a TOML array (`["a", "b"]`), or comma-separated items (`a, b`), each read as TOML
+/// when the list's items are not strings.
+fn list_value(raw: &str, item: Option<&toml::Value>) -> toml::Value {
+    let trimmed = raw.trim();
+    if trimmed.starts_with('[')
+        && let Some(array) = toml_value(trimmed).filter(toml::Value::is_array)
+    {
+        return array;
+    }
+    let typed = item.is_some_and(|i| !i.is_str());
+    toml::Value::Array(
+        trimmed
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                typed
+                    .then(|| toml_value(s))
+                    .flatten()
+                    .unwrap_or_else(|| toml::Value::String(s.to_owned()))
+            })
+            .collect(),
+    )
+}
+
+/// `raw` parsed as one TOML value.
+fn toml_value(raw: &str) -> Option<toml::Value> {
     format!("v = {raw}")
         .parse::<toml::Table>()
         .ok()
         .and_then(|mut t| t.remove("v"))
-        .unwrap_or_else(|| toml::Value::String(raw.to_owned()))
+}
+
+/// What an environment variable for a key with this default must look like.
+fn env_expected(default: &toml::Value) -> &'static str {
+    match default {
+        toml::Value::Integer(_) => "a whole number",
+        toml::Value::Float(_) => "a number",
+        toml::Value::Boolean(_) => "true or false",
+        toml::Value::Table(_) => "a TOML inline table such as { \"/api/\" = 1048576 }",
+        _ => "a value of this key's type",
+    }
+}
+
+/// Keys whose values may hold a secret (a password in a Redis URL, the identity secret).
+const SECRET_KEYS: [&str; 3] = [
+    "store.url",
+    "store.cluster_nodes",
+    "upstream.identity_secret",
+];
+
+/// The table as a [`FileConfig`]. When that fails, each key is tried alone to name the one to
+/// blame, with its value and its type in words.
+fn deserialize(
+    table: toml::Table,
+    defaults: &toml::Table,
+    from_env: &BTreeMap<String, String>,
+    origin: &str,
+) -> Result<FileConfig, ConfigError> {
+    let whole = match toml::Value::Table(table.clone()).try_into::<FileConfig>() {
+        Ok(config) => {
+            return Ok(FileConfig {
+                from_env: from_env.clone(),
+                ..config
+            });
+        }
+        Err(e) => e,
+    };
+    for (section, fields) in &table {
+        let Some(fields) = fields.as_table() else {
+            continue;
+        };
+        for (field, value) in fields {
+            let mut alone = toml::Table::new();
+            alone.insert(
+                section.clone(),
+                toml::Value::Table(toml::Table::from_iter([(field.clone(), value.clone())])),
+            );
+            let Err(e) = toml::Value::Table(alone).try_into::<FileConfig>() else {
+                continue;
+            };
+            let key = format!("{section}.{field}");
+            let default = defaults.get(section).and_then(|s| s.get(field));
+            // A secret is not shown, even one of the wrong type.
+            let secret = SECRET_KEYS.contains(&key.as_str());
+            return Err(ConfigError::Type {
+                from: from_env
+                    .get(&key)
+                    .map(|name| format!(" (from {name})"))
+                    .unwrap_or_default(),
+                key,
+                value: if secret {
+                    "***".to_owned()
+                } else {
+                    value.to_string()
+                },
+                expected: expected_type(e.message(), default),
+            });
+        }
+    }
+    Err(ConfigError::Parse {
+        origin: format!("in {origin}"),
+        message: whole.message().replace('\n', "; "),
+    })
+}
+
+/// serde's "invalid type: ..., expected u16" in words: "a whole number from 0 to 65535".
+fn expected_type(message: &str, default: Option<&toml::Value>) -> String {
+    let serde = message
+        .rsplit_once(", expected ")
+        .map_or(message, |(_, e)| e.trim());
+    let words = match serde {
+        "u8" => "a whole number from 0 to 255",
+        "u16" => "a whole number from 0 to 65535",
+        "u32" => "a whole number from 0 to 4294967295",
+        "u64" | "usize" => "a whole number, 0 or more",
+        "i8" | "i16" | "i32" | "i64" | "isize" => "a whole number",
+        "f32" | "f64" => "a number",
+        "a boolean" => "true or false",
+        "a string" => "a string (in quotes)",
+        "a sequence" => "a list such as [\"a\", \"b\"]",
+        "a map" => "a table such as { \"/api/\" = 1048576 }",
+        other => other,
+    };
+    match default {
+        Some(toml::Value::Array(_)) if serde != "a sequence" => {
+            format!("a list in which each item is {words}")
+        }
+        Some(toml::Value::Table(_)) if serde != "a map" => {
+            format!("a table in which each value is {words}")
+        }
+        _ => words.to_owned(),
+    }
 }
 
 fn check_redis_url(key: &'static str, value: &str) -> Result<(), ConfigError> {
@@ -1041,6 +1447,12 @@ fn optional_header_value(
         .map_err(|_| invalid(key, value, "a header value of visible ASCII characters"))
 }
 
+/// The smallest `server.max_header_bytes`: hyper's HTTP/1 read buffer is at least 8 KiB.
+const MIN_HEADER_BYTES: usize = 8 * 1024;
+
+/// The most `server.workers`.
+const MAX_WORKERS: usize = 1024;
+
 impl ServerSection {
     fn validate(&self) -> Result<Server, ConfigError> {
         let https_listen = parse_addr("server.https_listen", &self.https_listen)?;
@@ -1110,18 +1522,31 @@ impl ServerSection {
             trusted_proxies,
             max_headers: match self.max_headers {
                 // An `http::HeaderMap` holds at most 32,768 fields (more is a panic).
-                n @ 0..=10_000 => n.max(1),
+                n @ 1..=10_000 => n,
                 n => {
                     return Err(invalid(
                         "server.max_headers",
                         n,
-                        "at most 10000 header fields",
+                        "from 1 to 10000 header fields",
                     ));
                 }
             },
-            // hyper's HTTP/1 read buffer cannot be smaller than 8 KiB.
-            max_header_bytes: self.max_header_bytes.max(8 * 1024),
-            max_uri_bytes: self.max_uri_bytes.max(1),
+            // hyper's HTTP/1 read buffer cannot be smaller than 8 KiB: a smaller setting would
+            // be shown by check-config but not enforced.
+            max_header_bytes: match self.max_header_bytes {
+                n @ MIN_HEADER_BYTES.. => n,
+                n => {
+                    return Err(invalid(
+                        "server.max_header_bytes",
+                        n,
+                        "at least 8192 bytes (the smallest head the HTTP/1 server reads)",
+                    ));
+                }
+            },
+            max_uri_bytes: match self.max_uri_bytes {
+                0 => return Err(invalid("server.max_uri_bytes", 0, "a number above 0")),
+                n => n,
+            },
             max_body_bytes: (self.max_body_bytes > 0).then_some(self.max_body_bytes),
             max_body_bytes_by_prefix: {
                 let mut routes = Vec::with_capacity(self.max_body_bytes_by_prefix.len());
@@ -1138,11 +1563,43 @@ impl ServerSection {
                 routes.sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
                 routes
             },
-            h2_max_concurrent_streams: self.h2_max_concurrent_streams.max(1),
+            h2_max_concurrent_streams: match self.h2_max_concurrent_streams {
+                0 => {
+                    return Err(invalid(
+                        "server.h2_max_concurrent_streams",
+                        0,
+                        "a number above 0",
+                    ));
+                }
+                n => n,
+            },
             workers: match self.workers {
                 0 => std::thread::available_parallelism().map_or(1, usize::from),
-                n => n.min(1024),
+                n @ 1..=MAX_WORKERS => n,
+                n => {
+                    return Err(invalid(
+                        "server.workers",
+                        n,
+                        "0 (one per CPU) or a number of threads up to 1024",
+                    ));
+                }
             },
+        })
+    }
+}
+
+impl TlsSection {
+    fn validate(&self) -> Result<Tls, ConfigError> {
+        for (key, value) in [("tls.cert", &self.cert), ("tls.key", &self.key)] {
+            if value.trim().is_empty() {
+                return Err(invalid(key, value, "a PEM file path"));
+            }
+        }
+        Ok(Tls {
+            cert: PathBuf::from(&self.cert),
+            key: PathBuf::from(&self.key),
+            generate_dev_cert: self.generate_dev_cert,
+            watch_interval: watch_interval(&self.watch_interval)?,
         })
     }
 }
@@ -1184,7 +1641,17 @@ impl UpstreamSection {
             }
         };
         let tls = if https {
+            let host = url.host().unwrap_or("").trim_matches(['[', ']']).to_owned();
+            let server_name = rustls_pki_types::ServerName::try_from(host).map_err(|_| {
+                invalid(
+                    "upstream.url",
+                    &self.url,
+                    "an https:// URL whose host is a DNS name or an IP address its certificate \
+                     can be checked against",
+                )
+            })?;
             Some(UpstreamTls {
+                server_name,
                 ca_file,
                 client_cert,
             })
@@ -1237,19 +1704,22 @@ impl UpstreamSection {
                 .map_err(|why| ConfigError::Invalid {
                     key: "upstream.identity_secret",
                     value: format!("*** ({why})"),
-                    expected: EXPECTED,
+                    from: String::new(),
+                    expected: EXPECTED.into(),
                 }),
             (true, false) => {
                 let text = std::fs::read_to_string(file).map_err(|e| ConfigError::Invalid {
                     key: "upstream.identity_secret_file",
                     value: format!("{file} ({e})"),
-                    expected: "a readable file holding the identity secret(s)",
+                    from: String::new(),
+                    expected: "a readable file holding the identity secret(s)".into(),
                 })?;
                 crate::identity::IdentitySecret::parse_list(&text).map_err(|why| {
                     ConfigError::Invalid {
                         key: "upstream.identity_secret_file",
                         value: format!("{file} ({why})"),
-                        expected: EXPECTED,
+                        from: String::new(),
+                        expected: EXPECTED.into(),
                     }
                 })
             }
@@ -1549,6 +2019,19 @@ impl CorsSection {
                 if !ok || o.contains('*') {
                     return Err(invalid("cors.allowed_origins", o, ORIGIN));
                 }
+                // A browser sends the origin serialised: scheme and host in lowercase, no
+                // default port. Any other spelling would never match it.
+                let serialised = serialised_origin(&uri);
+                if serialised != o {
+                    return Err(invalid(
+                        "cors.allowed_origins",
+                        o,
+                        format!(
+                            "{serialised:?}, as browsers send it (scheme and host in lowercase, \
+                             no default port)"
+                        ),
+                    ));
+                }
                 HeaderValue::from_str(o).map_err(|_| invalid("cors.allowed_origins", o, ORIGIN))
             })
             .collect::<Result<_, _>>()?;
@@ -1582,6 +2065,17 @@ impl CorsSection {
             allow_credentials: self.allow_credentials,
             max_age: self.max_age,
         })
+    }
+}
+
+/// An origin as a browser serialises it (RFC 6454): lowercase scheme and host, the port only
+/// when it is not the scheme's default.
+fn serialised_origin(uri: &Uri) -> String {
+    let scheme = uri.scheme_str().unwrap_or("").to_ascii_lowercase();
+    let host = uri.host().unwrap_or("").to_ascii_lowercase();
+    match (scheme.as_str(), uri.port_u16()) {
+        ("http", Some(80)) | ("https", Some(443)) | (_, None) => format!("{scheme}://{host}"),
+        (_, Some(port)) => format!("{scheme}://{host}:{port}"),
     }
 }
 
@@ -1681,11 +2175,12 @@ impl LoggingSection {
             "json" => LogFormat::Json,
             other => return Err(invalid("logging.format", other, "\"text\" or \"json\"")),
         };
-        if tracing_subscriber::EnvFilter::try_new(&self.level).is_err() {
+        if !log_filter_ok(&self.level) {
             return Err(invalid(
                 "logging.level",
                 &self.level,
-                "a level (error, warn, info, debug, trace) or filter such as \"keygate=debug\"",
+                "a level (off, error, warn, info, debug, trace) or a filter of levels and \
+                 TARGET=LEVEL such as \"keygate::access=off,info\"",
             ));
         }
         let rotation = match self.rotation.as_str() {
@@ -1718,6 +2213,22 @@ impl LoggingSection {
             audit_file: path(&self.audit_file),
         })
     }
+}
+
+/// Whether `filter` is a log filter whose every directive names a level: `info`,
+/// `keygate::access=off,info`. A bare word such as `verbose` is a valid tracing directive (all
+/// levels of a target named "verbose") that silences everything else, so it is refused.
+fn log_filter_ok(filter: &str) -> bool {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    let is_level = |s: &str| LEVELS.iter().any(|l| l.eq_ignore_ascii_case(s.trim()));
+    !filter.trim().is_empty()
+        && filter
+            .split(',')
+            .all(|directive| match directive.rsplit_once('=') {
+                None => is_level(directive),
+                Some((target, level)) => !target.trim().is_empty() && is_level(level),
+            })
+        && tracing_subscriber::EnvFilter::try_new(filter).is_ok()
 }
 
 impl RateLimitSection {
@@ -1953,15 +2464,287 @@ mod tests {
     }
 
     #[test]
-    fn unknown_keys_are_refused_with_their_name() {
+    fn unknown_keys_are_refused_with_the_nearest_name() {
         let err = load("[server]\nhttps_listn = \"x\"\n", &[])
             .unwrap_err()
             .to_string();
-        assert!(err.contains("https_listn"), "{err}");
+        assert_eq!(
+            err,
+            "invalid config: unknown key server.https_listn in test: did you mean server.https_listen?"
+        );
+        let err = load("[upstrem]\nurl = \"x\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("[upstrem]") && err.ends_with("did you mean [upstream]?"),
+            "{err}"
+        );
         let err = load("", &[("KEYGATE_AUTH_KEYHEADER", "x")])
             .unwrap_err()
             .to_string();
-        assert!(err.contains("keyheader"), "{err}");
+        assert!(
+            err.contains("KEYGATE_AUTH_KEYHEADER")
+                && err.ends_with("did you mean KEYGATE_AUTH_KEY_HEADER?"),
+            "{err}"
+        );
+        // A misspelt section is no longer passed over in silence.
+        let err = load("", &[("KEYGATE_UPSTREM_URL", "http://10.0.0.5:8000")])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "invalid config: unknown environment variable KEYGATE_UPSTREM_URL: did you mean KEYGATE_UPSTREAM_URL?"
+        );
+        let err = load("", &[("KEYGATE_NOTHING_LIKE_IT_AT_ALL", "1")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("e.g. KEYGATE_UPSTREAM_URL"), "{err}");
+        // Not overrides: the config file's path, the scripts' binary, contrib/django's secret
+        // file, the tests' variables.
+        load(
+            "",
+            &[
+                ("KEYGATE_CONFIG", "x.toml"),
+                ("KEYGATE_BIN", "target/release/keygate"),
+                ("KEYGATE_IDENTITY_SECRET_FILE", "/srv/api/.identity.secret"),
+                ("KEYGATE_TEST_VENV", "target/test-venv"),
+            ],
+        )
+        .unwrap();
+        // Other variables are none of keygate's business.
+        load("", &[("PATH", "/usr/bin"), ("KEYGATEWAY", "x")]).unwrap();
+    }
+
+    #[test]
+    fn type_errors_name_the_key_the_value_and_the_type() {
+        type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+        let cases: [Case<'_>; 7] = [
+            (
+                "",
+                &[("KEYGATE_SERVER_WORKERS", "abc")],
+                "invalid config: server.workers = \"abc\" (from KEYGATE_SERVER_WORKERS): expected a whole number",
+            ),
+            (
+                "",
+                &[("KEYGATE_SERVER_PUBLIC_PORT", "70000")],
+                "invalid config: server.public_port = 70000 (from KEYGATE_SERVER_PUBLIC_PORT): expected a whole number from 0 to 65535",
+            ),
+            (
+                "[server]\npublic_port = 70000\n",
+                &[],
+                "invalid config: server.public_port = 70000: expected a whole number from 0 to 65535",
+            ),
+            (
+                "",
+                &[("KEYGATE_TLS_GENERATE_DEV_CERT", "yes")],
+                "invalid config: tls.generate_dev_cert = \"yes\" (from KEYGATE_TLS_GENERATE_DEV_CERT): expected true or false",
+            ),
+            (
+                "[server]\ntrusted_proxies = \"10.0.0.0/8\"\n",
+                &[],
+                "invalid config: server.trusted_proxies = \"10.0.0.0/8\": expected a list such as [\"a\", \"b\"]",
+            ),
+            (
+                "[metrics]\nlatency_buckets = [0.1, \"x\"]\n",
+                &[],
+                "invalid config: metrics.latency_buckets = [0.1, \"x\"]: expected a list in which each item is a number",
+            ),
+            (
+                "server = 1\n",
+                &[],
+                "invalid config: server = 1: expected a table: [server] and its keys",
+            ),
+        ];
+        for (text, env, want) in cases {
+            let err = load(text, env).unwrap_err().to_string();
+            assert_eq!(err, want);
+            assert!(!err.contains("--config"), "{err}");
+        }
+        // A secret of the wrong type is not shown.
+        let err = load("[upstream]\nidentity_secret = 123456789\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("invalid config: upstream.identity_secret = ***: expected a string")
+                && !err.contains("123456789"),
+            "{err}"
+        );
+        // A value refused by validation names the variable that set it.
+        let err = load("", &[("KEYGATE_UPSTREAM_URL", "ftp://x")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(
+                "invalid config: upstream.url = \"ftp://x\" (from KEYGATE_UPSTREAM_URL): expected"
+            ),
+            "{err}"
+        );
+        let err = load("[upstream]\nurl = \"ftp://x\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("from"), "{err}");
+        let err = load("", &[("KEYGATE_SERVER_TRUSTED_PROXIES", "10.0.0.0/33")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("server.trusted_proxies") && err.contains("10.0.0.0/33"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn env_values_are_read_as_their_keys_type() {
+        let c = load(
+            "",
+            &[
+                (
+                    "KEYGATE_SERVER_TRUSTED_PROXIES",
+                    "10.0.0.0/8, 192.168.0.0/16",
+                ),
+                ("KEYGATE_METRICS_LATENCY_BUCKETS", "0.1, 1, 10"),
+                ("KEYGATE_SERVER_PUBLIC_HOST", "1234"),
+                ("KEYGATE_LOGGING_LEVEL", "\"warn\""),
+                ("KEYGATE_TLS_GENERATE_DEV_CERT", "TRUE"),
+                (
+                    "KEYGATE_SERVER_MAX_BODY_BYTES_BY_PREFIX",
+                    "{ \"/api/\" = 10 }",
+                ),
+                ("KEYGATE_AUTH_PUBLIC_PATHS", "[\"/static/\", \"/docs/\"]"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.server.trusted_proxies.len(), 2);
+        assert_eq!(c.metrics.latency_buckets, [0.1, 1.0, 10.0]);
+        assert_eq!(c.server.public_host, "1234");
+        assert_eq!(c.logging.level, "warn");
+        assert!(c.tls.generate_dev_cert);
+        assert_eq!(
+            c.server.max_body_bytes_by_prefix,
+            [("/api/".to_owned(), Some(10))]
+        );
+        assert_eq!(c.auth.public_paths, ["/static/", "/docs/"]);
+    }
+
+    #[test]
+    fn toml_syntax_errors_are_one_line_with_the_place() {
+        let err = load("[server]\nworkers = 2\n[tls\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("invalid config: test line 3, column "),
+            "{err}"
+        );
+        assert!(!err.contains('\n'), "{err}");
+    }
+
+    #[test]
+    fn relative_paths_are_resolved_against_the_config_files_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(
+            &path,
+            "[store]\npath = \"data/keys.db\"\n[tls]\ncert = \"/etc/tls/c.pem\"\n\
+             [logging]\naudit_file = \"audit.log\"\n",
+        )
+        .unwrap();
+        let env = env(&[
+            ("KEYGATE_TLS_KEY", "k.pem"),
+            ("KEYGATE_UPSTREAM_URL", "https://10.0.0.5:8443"),
+            ("KEYGATE_UPSTREAM_TLS_CA_FILE", "ca/upstream.pem"),
+        ]);
+        let file = FileConfig::load(&path, &env).unwrap();
+        assert_eq!(
+            Path::new(&file.upstream.tls_ca_file),
+            dir.path().join("ca/upstream.pem")
+        );
+        let c = file.validate().unwrap();
+        assert_eq!(c.source.as_deref(), Some(path.as_path()));
+        assert_eq!(
+            c.store.backend,
+            Backend::Sqlite {
+                path: dir.path().join("data/keys.db")
+            }
+        );
+        assert_eq!(c.tls.cert, Path::new("/etc/tls/c.pem"));
+        assert_eq!(c.tls.key, dir.path().join("k.pem"));
+        assert_eq!(c.logging.audit_file, Some(dir.path().join("audit.log")));
+        assert_eq!(c.logging.file, None);
+        // check-config shows the paths that are used.
+        assert!(
+            file.to_toml()
+                .contains(&dir.path().join("data/keys.db").display().to_string())
+        );
+        assert_eq!(
+            c.store.backend.to_string(),
+            format!("sqlite {}", dir.path().join("data/keys.db").display())
+        );
+    }
+
+    #[test]
+    fn values_that_would_be_changed_or_never_match_are_refused() {
+        let cases = [
+            (
+                "[server]\nmax_header_bytes = 100\n",
+                "server.max_header_bytes",
+                "at least 8192",
+            ),
+            (
+                "[server]\nmax_headers = 0\n",
+                "server.max_headers",
+                "from 1",
+            ),
+            (
+                "[server]\nmax_uri_bytes = 0\n",
+                "server.max_uri_bytes",
+                "above 0",
+            ),
+            ("[server]\nworkers = 5000\n", "server.workers", "up to 1024"),
+            (
+                "[server]\nh2_max_concurrent_streams = 0\n",
+                "server.h2_max_concurrent_streams",
+                "above 0",
+            ),
+            (
+                "[logging]\nlevel = \"verbose\"\n",
+                "logging.level",
+                "a level",
+            ),
+            ("[logging]\nlevel = \"\"\n", "logging.level", "a level"),
+            (
+                "[logging]\nlevel = \"keygate=loud\"\n",
+                "logging.level",
+                "a level",
+            ),
+            (
+                "[cors]\nallowed_origins = [\"HTTP://LOCALHOST:3001\"]\n",
+                "cors.allowed_origins",
+                "expected \"http://localhost:3001\", as browsers send it",
+            ),
+            (
+                "[cors]\nallowed_origins = [\"https://app.example:443\"]\n",
+                "cors.allowed_origins",
+                "expected \"https://app.example\"",
+            ),
+        ];
+        for (text, key, expected) in cases {
+            let err = load(text, &[]).unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains(expected), "{text}: {err}");
+        }
+        for level in [
+            "warn",
+            "keygate::access=off,info",
+            "INFO",
+            "keygate=debug, info",
+        ] {
+            let text = format!("[logging]\nlevel = {level:?}\n");
+            load(&text, &[]).unwrap_or_else(|e| panic!("{level}: {e}"));
+        }
+        let c = load(
+            "[cors]\nallowed_origins = [\"http://localhost:3001\", \"https://[::1]:8443\"]\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.cors.allowed_origins.len(), 2);
     }
 
     #[test]

@@ -110,7 +110,7 @@ fn head_only(response: &mut Response<GatewayBody>) {
 /// Path of the public health endpoint (the old API's URL).
 pub const HEALTH_PATH: &str = "/health/api-auth/";
 
-const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The largest `Content-Length` accepted: 2^63-1, what a signed 64-bit length holds (nginx's
 /// limit too). A larger one is refused by some hops and misread by others (RFC 9110 §8.6).
@@ -222,6 +222,15 @@ impl RequestIds {
             && b.len() <= 128
             && b.iter()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b':'))
+    }
+}
+
+/// The request id a response outside the pipeline (the HTTP listener's redirect) carries: the
+/// client's when it is acceptable, else a new one.
+pub(crate) fn request_id(headers: &http::HeaderMap) -> HeaderValue {
+    match headers.get(X_REQUEST_ID) {
+        Some(id) if RequestIds::accept(id) => id.clone(),
+        _ => RequestIds::next(),
     }
 }
 

@@ -28,7 +28,8 @@
 //!
 //! Around it: [`config`] (two-stage configuration), [`metrics`] (pre-registered Prometheus
 //! series), [`admin`] (metrics, liveness, readiness), [`logging`] (log output and the audit
-//! log) and [`cli`] (the `keygate` command line: serve, check-config, keys, backup/import).
+//! log) and [`cli`] (the `keygate` command line: serve, check-config, keys, backup/import,
+//! completions).
 
 #![forbid(unsafe_code)]
 

@@ -1,23 +1,26 @@
 //! The plain-HTTP listener's only job: a 308 to the same path and query on HTTPS.
 //!
 //! `Location` is built from the configured public host and port, never from the client's `Host`
-//! header, so the redirect cannot be pointed at another site. Nothing is forwarded.
+//! header, so the redirect cannot be pointed at another site. Nothing is forwarded. Like every
+//! other response, the redirect carries `X-Request-Id` and the security headers of `[headers]`
+//! (HSTS is for HTTPS responses only: a browser ignores it on plain HTTP).
 
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 
 use crate::config;
-use crate::gateway::GatewayBody;
+use crate::gateway::{GatewayBody, X_REQUEST_ID, request_id};
 
-/// The prepared redirect target.
+/// The prepared redirect target and headers.
 #[derive(Debug, Clone)]
 pub struct Redirect {
     base: String,
+    security_headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 impl Redirect {
     /// `https://<public_host>[:<public_port>]`, the port omitted when it is 443.
-    pub fn new(cfg: &config::Server) -> Self {
+    pub fn new(cfg: &config::Server, headers: &config::Headers) -> Self {
         let host = if cfg.public_host.contains(':') && !cfg.public_host.starts_with('[') {
             format!("[{}]", cfg.public_host) // a bare IPv6 address
         } else {
@@ -27,7 +30,21 @@ impl Redirect {
             443 => format!("https://{host}"),
             port => format!("https://{host}:{port}"),
         };
-        Self { base }
+        let security_headers = [
+            (
+                header::X_CONTENT_TYPE_OPTIONS,
+                &headers.content_type_options,
+            ),
+            (header::X_FRAME_OPTIONS, &headers.frame_options),
+            (header::REFERRER_POLICY, &headers.referrer_policy),
+        ]
+        .into_iter()
+        .filter_map(|(name, value)| Some((name, value.clone()?)))
+        .collect();
+        Self {
+            base,
+            security_headers,
+        }
     }
 
     /// The 308 for `req`.
@@ -39,7 +56,12 @@ impl Redirect {
             .unwrap_or_else(|_| HeaderValue::from_static("/"));
         let mut resp = Response::new(GatewayBody::empty());
         *resp.status_mut() = StatusCode::PERMANENT_REDIRECT;
-        resp.headers_mut().insert(header::LOCATION, location);
+        let headers = resp.headers_mut();
+        headers.insert(header::LOCATION, location);
+        for (name, value) in &self.security_headers {
+            headers.insert(name.clone(), value.clone());
+        }
+        headers.insert(X_REQUEST_ID, request_id(req.headers()));
         resp
     }
 }
@@ -54,7 +76,7 @@ mod tests {
             .unwrap()
             .validate()
             .unwrap();
-        Redirect::new(&cfg.server)
+        Redirect::new(&cfg.server, &cfg.headers)
     }
 
     fn location(r: &Redirect, uri: &str, host: &str) -> String {
@@ -82,6 +104,31 @@ mod tests {
             location(&r, "http://evil.example/x", "evil.example"),
             "https://api.example/x"
         );
+    }
+
+    #[test]
+    fn carries_the_request_id_and_the_security_headers() {
+        let r = redirect("[headers]\nframe_options = \"\"\n");
+        let req = Request::builder()
+            .uri("/x")
+            .header("x-request-id", "trace-42")
+            .body(())
+            .unwrap();
+        let resp = r.respond(&req);
+        let h = resp.headers();
+        assert_eq!(h["x-request-id"], "trace-42");
+        assert_eq!(h["x-content-type-options"], "nosniff");
+        assert_eq!(h["referrer-policy"], "no-referrer");
+        assert!(!h.contains_key("x-frame-options"), "configured off");
+        assert!(!h.contains_key("strict-transport-security"), "plain HTTP");
+        // An unusable client id is replaced by a new one.
+        let req = Request::builder()
+            .uri("/x")
+            .header("x-request-id", "bad id")
+            .body(())
+            .unwrap();
+        let id = r.respond(&req).headers()["x-request-id"].clone();
+        assert_eq!(id.len(), 32, "{id:?}");
     }
 
     #[test]

@@ -65,6 +65,15 @@ pub enum ServeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// Another process listens on the address.
+    #[error(
+        "cannot listen on {addr} ({what}): another process listens there, and only one may own \
+         the port (stop it, or change server.{what}_listen)"
+    )]
+    Taken {
+        what: &'static str,
+        addr: SocketAddr,
+    },
     /// TLS could not be set up.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
@@ -96,20 +105,100 @@ fn listen(addr: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::TcpLi
     Ok(socket.into())
 }
 
-/// `n` sockets on `addr` (one port, also when `addr` asks for port 0).
+/// A socket bound to `addr` without `SO_REUSEPORT`, never listening: the bind fails while any
+/// other socket listens on `addr`, a group sharing it through `SO_REUSEPORT` included.
+fn probe(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket)
+}
+
+fn bind_error(what: &'static str, addr: SocketAddr, source: std::io::Error) -> ServeError {
+    if source.kind() == std::io::ErrorKind::AddrInUse {
+        ServeError::Taken { what, addr }
+    } else {
+        ServeError::Bind { what, addr, source }
+    }
+}
+
+/// Held while a process checks that a port is free and binds its group there, so that two
+/// gateways starting at once cannot both find it free. An abstract Unix socket named after the
+/// address: per network namespace like the port itself, and gone with the process.
+#[cfg(target_os = "linux")]
+struct PortLock {
+    _socket: std::os::unix::net::UnixDatagram,
+}
+
+#[cfg(target_os = "linux")]
+impl PortLock {
+    fn take(what: &'static str, addr: SocketAddr) -> Result<Self, ServeError> {
+        use std::os::linux::net::SocketAddrExt as _;
+        let name = format!("keygate/listen/{addr}");
+        std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+            .and_then(|lock| std::os::unix::net::UnixDatagram::bind_addr(&lock))
+            .map(|socket| Self { _socket: socket })
+            .map_err(|e| bind_error(what, addr, e))
+    }
+}
+
+/// Elsewhere the probe alone guards the port.
+#[cfg(not(target_os = "linux"))]
+struct PortLock;
+
+#[cfg(not(target_os = "linux"))]
+impl PortLock {
+    fn take(_what: &'static str, _addr: SocketAddr) -> Result<Self, ServeError> {
+        Ok(Self)
+    }
+}
+
+/// `n` sockets on `addr` (one port, also when `addr` asks for port 0), on a port no other
+/// process listens on.
+///
+/// The workers share the port through `SO_REUSEPORT`, which would also let another process of
+/// the same user join in and take a share of the connections (a second gateway started by
+/// mistake answers some requests, or 502s them). So the group is bound only after a plain bind
+/// of the address (the [`probe`]) succeeded, under a [`PortLock`] that keeps another gateway
+/// from probing between this probe and this group's binds. Once the group listens, every later
+/// probe fails. One socket on its own needs no `SO_REUSEPORT`, and its bind alone is exclusive.
 fn listen_group(
     what: &'static str,
     addr: SocketAddr,
     n: usize,
 ) -> Result<Vec<std::net::TcpListener>, ServeError> {
-    let err = |addr, source| ServeError::Bind { what, addr, source };
-    let first = listen(addr, n > 1).map_err(|e| err(addr, e))?;
-    let bound = first.local_addr().map_err(|e| err(addr, e))?;
-    let mut group = vec![first];
-    for _ in 1..n {
-        group.push(listen(bound, true).map_err(|e| err(bound, e))?);
+    if n <= 1 {
+        return Ok(vec![
+            listen(addr, false).map_err(|e| bind_error(what, addr, e))?,
+        ]);
     }
-    Ok(group)
+    let bound_by = |probe: &socket2::Socket| {
+        probe
+            .local_addr()
+            .and_then(|a| {
+                a.as_socket()
+                    .ok_or_else(|| std::io::Error::other("not an IP socket"))
+            })
+            .map_err(|e| bind_error(what, addr, e))
+    };
+    // For port 0 the probe picks the port; the lock is then taken for it.
+    let (probe, _lock) = if addr.port() == 0 {
+        let probe = probe(addr).map_err(|e| bind_error(what, addr, e))?;
+        let lock = PortLock::take(what, bound_by(&probe)?)?;
+        (probe, lock)
+    } else {
+        let lock = PortLock::take(what, addr)?;
+        (probe(addr).map_err(|e| bind_error(what, addr, e))?, lock)
+    };
+    let bound = bound_by(&probe)?;
+    drop(probe);
+    (0..n)
+        .map(|_| listen(bound, true).map_err(|e| bind_error(what, bound, e)))
+        .collect()
 }
 
 impl Listeners {
@@ -536,10 +625,23 @@ impl Worker {
 
 /// Runs the gateway until `shutdown` resolves, then drains and returns.
 pub async fn run(
+    config: Config,
+    store: SharedStore,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    run_until(config, store, listeners, shutdown, std::future::pending()).await
+}
+
+/// [`run`], where `cut_short` resolving during the drain (a second SIGTERM or SIGINT) ends it
+/// at once: the connections still open are closed without waiting for `server.shutdown_grace`.
+/// Usage is still flushed.
+pub async fn run_until(
     mut config: Config,
     store: SharedStore,
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
+    cut_short: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     if config.server.public_port == 0 {
         // Listening on an ephemeral port: redirect to the port actually bound.
@@ -565,7 +667,7 @@ pub async fn run(
         Arc::clone(&metrics),
         workers,
     )?);
-    let redirect = Arc::new(Redirect::new(&config.server));
+    let redirect = Arc::new(Redirect::new(&config.server, &config.headers));
     let admin = Arc::new(Admin::new(Arc::clone(&gateway), Arc::clone(&metrics)));
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -604,6 +706,8 @@ pub async fn run(
         admin = %listeners.admin_addr().map(|a| a.to_string()).unwrap_or_default(),
         upstream = %config.upstream.url,
         workers,
+        config = %config.source.as_deref().map(|p| p.display().to_string()).unwrap_or_default(),
+        store = %config.store.backend,
         "keygate listening"
     );
 
@@ -669,11 +773,15 @@ pub async fn run(
     draining.cancel();
     // Every open connection holds a permit: all of them back means every connection is closed.
     let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
-    if tokio::time::timeout(config.server.shutdown_grace, limit.acquire_many(all))
-        .await
-        .is_err()
-    {
-        tracing::warn!("shutdown grace elapsed; closing the remaining connections");
+    tokio::select! {
+        drained = tokio::time::timeout(config.server.shutdown_grace, limit.acquire_many(all)) => {
+            if drained.is_err() {
+                tracing::warn!("shutdown grace elapsed; closing the remaining connections");
+            }
+        }
+        () = cut_short => {
+            tracing::warn!("second shutdown signal: closing the remaining connections now");
+        }
     }
     let _ = exit_tx.send(true);
     for done in threads {

@@ -131,6 +131,34 @@ impl ServedCert {
     }
 }
 
+/// What [`check`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertCheck {
+    /// Both files are missing and `generate_dev_cert` is on: `serve` will generate them.
+    WillGenerate,
+    /// The certificate and key load and belong together; the certificate's notAfter (Unix
+    /// seconds).
+    Usable { not_after: i64 },
+}
+
+/// The checks [`ServedCert::load`] makes at start-up, without writing anything: for
+/// `check-config`.
+pub fn check(cfg: &config::Tls) -> Result<CertCheck, TlsError> {
+    if !cfg.cert.exists() && !cfg.key.exists() {
+        if cfg.generate_dev_cert {
+            return Ok(CertCheck::WillGenerate);
+        }
+        return Err(TlsError::Load {
+            what: "certificate chain",
+            path: cfg.cert.display().to_string(),
+            reason: "no such file (for development, tls.generate_dev_cert = true generates one)"
+                .into(),
+        });
+    }
+    let (_, not_after) = read_pair(cfg, &rustls::crypto::ring::default_provider())?;
+    Ok(CertCheck::Usable { not_after })
+}
+
 /// Reads a PEM certificate chain (at least one certificate); `what` names it in errors.
 fn read_chain(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let load = |reason: String| TlsError::Load {

@@ -366,11 +366,18 @@ async fn plain_http_is_redirected_from_configuration_not_the_host_header() {
         ))
         .header("Host", "evil.example")
         .header("X-API-Key", "sk_whatever")
+        .header("X-Request-Id", "trace-308")
         .body("payload")
         .send()
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::PERMANENT_REDIRECT);
+    // Like every response: the request id and the security headers (HSTS is for HTTPS).
+    let h = resp.headers();
+    assert_eq!(h["x-request-id"], "trace-308");
+    assert_eq!(h["x-content-type-options"], "nosniff");
+    assert_eq!(h["x-frame-options"], "DENY");
+    assert_eq!(h["referrer-policy"], "no-referrer");
     assert_eq!(
         resp.headers()["location"],
         format!(
@@ -379,6 +386,12 @@ async fn plain_http_is_redirected_from_configuration_not_the_host_header() {
         )
     );
     assert!(!resp.headers().contains_key("strict-transport-security"));
+    let generated = client
+        .get(format!("http://{}/", gw.http))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(generated.headers()["x-request-id"].len(), 32);
     assert_eq!(upstream.count(), 0);
     gw.shutdown().await;
 }

@@ -16,7 +16,8 @@ use anyhow::{Context as _, anyhow, bail};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::keys::{audit, validate_name};
+use super::keys::{MAX_TIMESTAMP, audit, timestamp, validate_name};
+use super::note;
 use crate::key::{self, MAX_PRESENTED_LEN, Secret};
 use crate::logging::AuditEvent;
 use crate::store::{KeyRecord, SharedStore, check_owner, unix_now};
@@ -63,7 +64,7 @@ pub(super) async fn export(
                 .open(path)
                 .with_context(|| format!("cannot write {}", path.display()))?;
             writeln!(file, "{text}").with_context(|| format!("cannot write {}", path.display()))?;
-            eprintln!(
+            note!(
                 "exported {} API key records to {}",
                 records.len(),
                 path.display()
@@ -91,42 +92,62 @@ impl Serialize for PkMap {
     }
 }
 
-/// Reads, checks and imports `file` (a keygate export or a Django dump). For a Django dump, the
-/// pk → id map goes to `map_file`, or else to `stdout`.
+/// An import file read and checked before the store is opened.
+#[derive(Debug)]
+pub(super) struct ImportFile {
+    parsed: Parsed,
+    /// The file's name, or "standard input".
+    name: String,
+}
+
+/// Reads and checks `file` (a keygate export or a Django dump; `-`: standard input).
+pub(super) fn read(file: &Path) -> anyhow::Result<ImportFile> {
+    let (text, name) = if file == Path::new("-") {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin().lock(), &mut text)
+            .context("cannot read standard input")?;
+        (text, "standard input".to_owned())
+    } else {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read {}", file.display()))?;
+        (text, file.display().to_string())
+    };
+    let parsed = parse(&text).with_context(|| format!("{name} refused, nothing imported"))?;
+    Ok(ImportFile { parsed, name })
+}
+
+/// Imports what [`read`] checked, all records or none. For a Django dump, the pk → id map goes
+/// to `map_file`, or else to `stdout`.
 pub(super) async fn import(
     store: &SharedStore,
-    file: &Path,
+    file: ImportFile,
     map_file: Option<&Path>,
     stdout: &mut impl std::io::Write,
     audit_log: Option<&Path>,
 ) -> anyhow::Result<()> {
-    let text =
-        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
-    let Parsed {
-        records,
-        django_pks,
-    } = parse(&text).with_context(|| format!("{} refused, nothing imported", file.display()))?;
+    let ImportFile {
+        parsed: Parsed {
+            records,
+            django_pks,
+        },
+        name,
+    } = file;
     if map_file.is_some() && django_pks.is_none() {
-        bail!(
-            "--map is for Django dumps; {} is a keygate export (its records keep their ids)",
-            file.display()
-        );
+        bail!("--map is for Django dumps; {name} is a keygate export (its records keep their ids)");
     }
     let total = records.len();
     let digests: Vec<_> = records.iter().map(|r| r.digest).collect();
     let (imported, skipped) = store
         .import(records)
         .await
-        .with_context(|| format!("{} refused, nothing imported", file.display()))?;
+        .with_context(|| format!("{name} refused, nothing imported"))?;
     let mut event = AuditEvent::new("imported", None, None);
     event.detail = Some(format!(
-        "{imported} imported, {skipped} already present, from {}",
-        file.display()
+        "{imported} imported, {skipped} already present, from {name}"
     ));
     audit(audit_log, event);
-    eprintln!(
-        "imported {imported} API keys from {} ({skipped} already present, {total} in the file)",
-        file.display()
+    note!(
+        "imported {imported} API keys from {name} ({skipped} already present, {total} in the file)"
     );
     if let Some(pks) = django_pks {
         // A key already present keeps the id it has: read back what the store holds.
@@ -140,14 +161,14 @@ pub(super) async fn import(
             }
         }
         if without_pk > 0 {
-            eprintln!("keygate: warning: {without_pk} records have no pk and are not in the map");
+            note!("keygate: warning: {without_pk} records have no pk and are not in the map");
         }
         let text = serde_json::to_string_pretty(&PkMap(map))?;
         match map_file {
             Some(path) => {
                 std::fs::write(path, format!("{text}\n"))
                     .with_context(|| format!("cannot write the pk map to {}", path.display()))?;
-                eprintln!(
+                note!(
                     "wrote the Django pk -> keygate id map to {}",
                     path.display()
                 );
@@ -217,6 +238,18 @@ fn check(record: &KeyRecord) -> anyhow::Result<()> {
         .map_err(|e| anyhow!("invalid policy: {e}"))?;
     if !record.id.starts_with("key_") || record.id.len() > 64 {
         bail!("invalid id {:?}", record.id);
+    }
+    for (field, at) in [
+        ("created_at", Some(record.created_at)),
+        ("last_used", record.last_used),
+        ("expires_at", record.expires_at),
+    ] {
+        if let Some(at) = at.filter(|at| !(0..=MAX_TIMESTAMP).contains(at)) {
+            bail!(
+                "{field} = {at}: expected Unix seconds from 0 to {MAX_TIMESTAMP} ({})",
+                timestamp(MAX_TIMESTAMP)
+            );
+        }
     }
     Ok(())
 }

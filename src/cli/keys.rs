@@ -7,7 +7,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use anyhow::{Context as _, bail};
 use serde::Serialize;
 
-use super::{CreateArgs, JsonFlag, KeysCommand, RotateArgs, UsageArgs, backup};
+use super::{CreateArgs, JsonFlag, KeysCommand, RotateArgs, UsageArgs, backup, note};
 use crate::key;
 use crate::logging::AuditEvent;
 use crate::policy::Policy;
@@ -24,7 +24,16 @@ pub(super) fn validate_name(name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The last second an RFC 3339 timestamp can show, 9999-12-31T23:59:59Z: no time the CLI
+/// stores or shows is later.
+pub(super) const MAX_TIMESTAMP: i64 = 253_402_300_799;
+
+/// Unix seconds as RFC 3339. A time past [`MAX_TIMESTAMP`] (written to the store by something
+/// other than this CLI) is shown as seconds rather than failing the command.
 pub(super) fn timestamp(secs: i64) -> String {
+    if secs > MAX_TIMESTAMP {
+        return format!("{secs} (Unix seconds, after 9999-12-31)");
+    }
     let t = UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).unwrap_or(0));
     humantime::format_rfc3339_seconds(t).to_string()
 }
@@ -79,12 +88,13 @@ impl<'a> KeyView<'a> {
 
 pub(super) async fn run(
     cmd: KeysCommand,
+    prepared: Prepared,
     store: &SharedStore,
     audit_log: Option<&Path>,
 ) -> anyhow::Result<()> {
     let now = unix_now();
     let mut out = std::io::stdout().lock();
-    match cmd {
+    let outcome = match cmd {
         KeysCommand::Create(args) => create(args, store, &mut out, audit_log).await,
         KeysCommand::List(JsonFlag { json }) => {
             let records = store.list().await?;
@@ -93,27 +103,33 @@ pub(super) async fn run(
                 writeln!(out, "{}", serde_json::to_string_pretty(&views)?)?;
                 return Ok(());
             }
-            writeln!(
-                out,
-                "{:<16} {:<24} {:<10} {:<8} {:<20} {:<20} {:<20} OWNER",
-                "ID", "NAME", "HINT", "STATUS", "CREATED", "LAST USED", "EXPIRES"
-            )?;
-            for r in &records {
-                let v = KeyView::of(r, now);
-                writeln!(
-                    out,
-                    "{:<16} {:<24} {:<10} {:<8} {:<20} {:<20} {:<20} {}",
-                    v.id,
-                    v.name,
-                    v.hint,
-                    v.status,
-                    v.created_at,
-                    v.last_used.as_deref().unwrap_or("never"),
-                    v.expires_at.as_deref().unwrap_or("-"),
-                    v.owner.unwrap_or("-"),
-                )?;
-            }
-            Ok(())
+            let header = [
+                "ID",
+                "NAME",
+                "HINT",
+                "STATUS",
+                "CREATED",
+                "LAST USED",
+                "EXPIRES",
+                "OWNER",
+            ];
+            let rows: Vec<[String; 8]> = records
+                .iter()
+                .map(|r| {
+                    let v = KeyView::of(r, now);
+                    [
+                        v.id.to_owned(),
+                        v.name.to_owned(),
+                        v.hint.to_owned(),
+                        v.status.to_owned(),
+                        v.created_at,
+                        v.last_used.unwrap_or_else(|| "never".into()),
+                        v.expires_at.unwrap_or_else(|| "-".into()),
+                        v.owner.unwrap_or("-").to_owned(),
+                    ]
+                })
+                .collect();
+            write_table(&mut out, header, &rows)
         }
         KeysCommand::Show(t) => {
             let r = store.find(&t.key).await?;
@@ -125,9 +141,10 @@ pub(super) async fn run(
                 audit_log,
                 AuditEvent::new("revoked", Some(&r.id), Some(&r.name)),
             );
-            eprintln!(
+            note!(
                 "revoked API key '{}' ({}); running gateways refuse it within a second",
-                r.name, r.id
+                r.name,
+                r.id
             );
             print_one(&mut out, &r, now, t.json)
         }
@@ -137,7 +154,7 @@ pub(super) async fn run(
                 audit_log,
                 AuditEvent::new("enabled", Some(&r.id), Some(&r.name)),
             );
-            eprintln!("enabled API key '{}' ({})", r.name, r.id);
+            note!("enabled API key '{}' ({})", r.name, r.id);
             print_one(&mut out, &r, now, t.json)
         }
         KeysCommand::Delete(t) => {
@@ -146,16 +163,53 @@ pub(super) async fn run(
                 audit_log,
                 AuditEvent::new("deleted", Some(&r.id), Some(&r.name)),
             );
-            eprintln!("deleted API key '{}' ({})", r.name, r.id);
+            note!("deleted API key '{}' ({})", r.name, r.id);
             Ok(())
         }
         KeysCommand::Usage(args) => usage(store, &mut out, now, &args).await,
         KeysCommand::Rotate(args) => rotate(args, store, &mut out, audit_log).await,
         KeysCommand::Export(args) => backup::export(store, args.out.as_deref(), &mut out).await,
         KeysCommand::Import(args) => {
-            backup::import(store, &args.file, args.map.as_deref(), &mut out, audit_log).await
+            let file = match prepared.import {
+                Some(file) => file,
+                None => backup::read(&args.file)?,
+            };
+            backup::import(store, file, args.map.as_deref(), &mut out, audit_log).await
+        }
+    };
+    outcome?;
+    Ok(out.flush()?)
+}
+
+/// Columns as wide as their widest cell (a name may be 64 characters), two spaces apart.
+fn write_table<const N: usize>(
+    out: &mut impl std::io::Write,
+    header: [&str; N],
+    rows: &[[String; N]],
+) -> anyhow::Result<()> {
+    let mut widths = header.map(|h| h.chars().count());
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
         }
     }
+    let mut line = String::new();
+    let mut write_row = |cells: [&str; N]| -> std::io::Result<()> {
+        line.clear();
+        for (i, (cell, width)) in cells.iter().zip(widths).enumerate() {
+            if i + 1 == N {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<width$}  "));
+            }
+        }
+        writeln!(out, "{}", line.trim_end())
+    };
+    write_row(header)?;
+    for row in rows {
+        write_row(row.each_ref().map(String::as_str))?;
+    }
+    Ok(())
 }
 
 /// A change's outcome: `Ok(Some(_))` when it was written but not confirmed by the replicas.
@@ -173,11 +227,57 @@ pub(super) fn audit(path: Option<&Path>, event: AuditEvent<'_>) {
     if let Some(path) = path
         && let Err(e) = event.append(path)
     {
-        eprintln!(
+        note!(
             "keygate: warning: audit log {} not written: {e}",
             path.display()
         );
     }
+}
+
+/// What a command reads and checks before the store is opened (and, for `create` and `import`,
+/// perhaps created): a refused command leaves nothing behind.
+#[derive(Debug, Default)]
+pub(super) struct Prepared {
+    import: Option<backup::ImportFile>,
+}
+
+/// Checks `cmd`'s arguments and reads its input.
+pub(super) fn prepare(cmd: &KeysCommand) -> anyhow::Result<Prepared> {
+    match cmd {
+        KeysCommand::Create(args) => {
+            validate_name(&args.name)?;
+            create_policy(args)?;
+            create_expiry(args, unix_now())?;
+            Ok(Prepared::default())
+        }
+        KeysCommand::Import(args) => Ok(Prepared {
+            import: Some(backup::read(&args.file)?),
+        }),
+        _ => Ok(Prepared::default()),
+    }
+}
+
+fn create_policy(args: &CreateArgs) -> anyhow::Result<Policy> {
+    let policy = Policy {
+        allow: args.allow.clone(),
+        allow_ips: args.allow_ips.clone(),
+        rate: args.rate.clone(),
+    };
+    policy
+        .compile()
+        .map_err(|e| anyhow::anyhow!("invalid policy: {e}"))?;
+    Ok(policy)
+}
+
+fn create_expiry(args: &CreateArgs, now: i64) -> anyhow::Result<Option<i64>> {
+    Ok(match (args.expires_in, args.expires_at) {
+        (Some(d), _) => Some(
+            now.saturating_add(i64::try_from(d.as_secs()).context("--expires-in is too long")?)
+                .min(MAX_TIMESTAMP),
+        ),
+        (None, Some(at)) if at <= now => bail!("--expires-at {} is in the past", timestamp(at)),
+        (None, at) => at,
+    })
 }
 
 async fn create(
@@ -187,23 +287,10 @@ async fn create(
     audit_log: Option<&Path>,
 ) -> anyhow::Result<()> {
     validate_name(&args.name)?;
-    let policy = Policy {
-        allow: args.allow,
-        allow_ips: args.allow_ips,
-        rate: args.rate,
-    };
-    policy
-        .compile()
-        .map_err(|e| anyhow::anyhow!("invalid policy: {e}"))?;
+    let policy = create_policy(&args)?;
     let secret = key::generate()?;
     let now = unix_now();
-    let expires_at = match (args.expires_in, args.expires_at) {
-        (Some(d), _) => Some(
-            now.saturating_add(i64::try_from(d.as_secs()).context("--expires-in is too long")?),
-        ),
-        (None, Some(at)) if at <= now => bail!("--expires-at {} is in the past", timestamp(at)),
-        (None, at) => at,
-    };
+    let expires_at = create_expiry(&args, now)?;
     let record = KeyRecord {
         policy,
         owner: args.owner,
@@ -216,7 +303,7 @@ async fn create(
         audit_log,
         AuditEvent::new("created", Some(&record.id), Some(&record.name)),
     );
-    if args.json {
+    let printed = if args.json {
         #[derive(Serialize)]
         struct Created<'a> {
             key: &'a str,
@@ -227,13 +314,22 @@ async fn create(
             key: secret.expose(),
             view: KeyView::of(&record, now),
         };
-        writeln!(out, "{}", serde_json::to_string(&created)?)?;
+        writeln!(out, "{}", serde_json::to_string(&created)?)
     } else {
-        writeln!(out, "{}", secret.expose())?;
-    }
-    eprintln!(
+        writeln!(out, "{}", secret.expose())
+    };
+    printed.and_then(|()| out.flush()).map_err(|e| {
+        let remedy = format!(
+            "delete it (keygate keys delete {}) and create it again",
+            record.id
+        );
+        undelivered(&record, &e, &remedy)
+    })?;
+    note!(
         "created API key '{}' (id {}, hint {}). Store it now: it is not shown again.",
-        record.name, record.id, record.hint
+        record.name,
+        record.id,
+        record.hint
     );
     match unconfirmed {
         Some(e) => Err(anyhow::anyhow!(
@@ -241,6 +337,17 @@ async fn create(
         )),
         None => Ok(()),
     }
+}
+
+/// A new key that was stored but could not be printed is useless to anyone, and the error must
+/// say so (a broken pipe here is not the quiet end of a listing). The message does not carry the
+/// I/O error as a cause, so the CLI does not take it for a reader that went away.
+fn undelivered(record: &KeyRecord, e: &std::io::Error, remedy: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "API key '{}' ({}) was stored but could not be printed ({e}); nobody has it: {remedy}",
+        record.name,
+        record.id,
+    )
 }
 
 async fn rotate(
@@ -260,9 +367,10 @@ async fn rotate(
     let now = unix_now();
     let secret = key::generate()?;
     // Same name, policy and owner; an expiring key keeps its lifetime, counted from now.
-    let expires_at = old
-        .expires_at
-        .map(|at| now.saturating_add(at - old.created_at));
+    let expires_at = old.expires_at.map(|at| {
+        now.saturating_add(at.saturating_sub(old.created_at))
+            .min(MAX_TIMESTAMP)
+    });
     let successor = KeyRecord {
         policy: old.policy.clone(),
         owner: old.owner.clone(),
@@ -292,7 +400,7 @@ async fn rotate(
         timestamp(old.expires_at.unwrap_or(grace_until))
     ));
     audit(audit_log, event);
-    if args.json {
+    let printed = if args.json {
         #[derive(Serialize)]
         struct Rotated<'a> {
             key: &'a str,
@@ -307,11 +415,18 @@ async fn rotate(
             old_id: &old.id,
             old_valid_until: timestamp(old.expires_at.unwrap_or(grace_until)),
         };
-        writeln!(out, "{}", serde_json::to_string(&rotated)?)?;
+        writeln!(out, "{}", serde_json::to_string(&rotated)?)
     } else {
-        writeln!(out, "{}", secret.expose())?;
-    }
-    eprintln!(
+        writeln!(out, "{}", secret.expose())
+    };
+    printed.and_then(|()| out.flush()).map_err(|e| {
+        let remedy = format!(
+            "rotate it at once (keygate keys rotate {} --grace 0s) for a new key",
+            successor.id
+        );
+        undelivered(&successor, &e, &remedy)
+    })?;
+    note!(
         "rotated API key '{}': new key {} (hint {}); the old key {} works until {}. \
          Deploy the new key, then watch `keygate keys usage` for the old key's last use.",
         successor.name,

@@ -178,6 +178,12 @@ impl StoreHealth {
         self.version.fetch_add(1, Ordering::Release);
     }
 
+    /// Keys were created, changed or removed: the next health answer counts them anew instead of
+    /// repeating the last one.
+    pub fn keys_changed(&self) {
+        self.changed();
+    }
+
     /// Whether requests may call the store: the breaker is closed and the data not lost.
     pub fn available(&self) -> bool {
         !self.breaker_open() && !self.lost.load(Ordering::Relaxed)

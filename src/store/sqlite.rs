@@ -118,12 +118,17 @@ fn unavailable(e: rusqlite::Error) -> StoreError {
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed) the database at `path`, in WAL mode.
+    /// Opens the database at `path` in WAL mode, creating the file (not its directory) if
+    /// needed.
     pub fn open(path: &Path, busy_timeout: Duration) -> Result<Self, StoreError> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
-            })?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+            && !dir.is_dir()
+        {
+            return Err(StoreError::Unavailable(format!(
+                "cannot open {}: directory {} does not exist",
+                path.display(),
+                dir.display()
+            )));
         }
         let mut conn = Connection::open(path)
             .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
@@ -174,6 +179,39 @@ impl SqliteStore {
             reader: Arc::new(Mutex::new(reader)),
             path: path.to_owned(),
         })
+    }
+
+    /// Opens the existing database at `path` (never creating it) as `open` would, checks its
+    /// schema version, and counts its keys: for `check-config`.
+    pub fn inspect(path: &Path) -> Result<u64, StoreError> {
+        let conn = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(|e| StoreError::Unavailable(format!("cannot read {}: {e}", path.display())))?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::Corrupt(format!(
+                "{} has schema version {version}; this keygate understands up to {SCHEMA_VERSION}",
+                path.display()
+            )));
+        }
+        let has_keys: bool = conn
+            .query_row(
+                "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'api_keys'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(unavailable)?;
+        if !has_keys {
+            return Ok(0);
+        }
+        let keys: i64 = conn
+            .query_row("SELECT count(*) FROM api_keys", [], |r| r.get(0))
+            .map_err(unavailable)?;
+        Ok(u64::try_from(keys).unwrap_or(0))
     }
 
     /// Runs `f` with the connection on the blocking pool.

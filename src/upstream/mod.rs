@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
-use http::uri::{Authority, PathAndQuery};
+use http::uri::PathAndQuery;
 use http::{Method, Response, Uri};
 use http_body::Body as _;
 
@@ -54,7 +54,6 @@ pub struct Request<'a, K> {
 #[derive(Debug)]
 pub struct Upstream {
     pool: Arc<Pool>,
-    authority: Authority,
     host_header: HeaderValue,
     base_path: String,
     response_timeout: Duration,
@@ -69,30 +68,23 @@ impl Upstream {
         tls: Option<Arc<rustls::ClientConfig>>,
         opened: metrics::Counter,
     ) -> Self {
-        let authority = cfg
+        // The config loader accepts URLs with a host only.
+        let host_header = cfg
             .url
             .authority()
-            .cloned()
-            .unwrap_or_else(|| Authority::from_static("127.0.0.1"));
-        let host_header = HeaderValue::from_str(authority.as_str())
-            .unwrap_or_else(|_| HeaderValue::from_static("localhost"));
-        // The config loader accepts URLs with a host only; IPv6 literals lose brackets.
-        let host = authority
-            .host()
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned();
-        let port = authority
-            .port_u16()
-            .unwrap_or(if tls.is_some() { 443 } else { 80 });
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            .unwrap_or_else(|| HeaderValue::from_static("localhost"));
+        let (host, port) = cfg.address();
+        let host = host.to_owned();
         // The certificate must be for the URL's host, which is also sent as SNI (an IP address
         // is checked against the certificate's IP addresses, and sends none).
-        let tls = tls.and_then(|config| {
-            Some(pool::Tls {
+        let tls = match (tls, &cfg.tls) {
+            (Some(config), Some(upstream_tls)) => Some(pool::Tls {
                 connector: tokio_rustls::TlsConnector::from(config),
-                server_name: rustls_pki_types::ServerName::try_from(host.clone()).ok()?,
-            })
-        });
+                server_name: upstream_tls.server_name.clone(),
+            }),
+            _ => None,
+        };
         Self {
             pool: Arc::new(Pool::new(
                 host,
@@ -103,16 +95,16 @@ impl Upstream {
                 cfg.pool_idle_timeout,
                 opened,
             )),
-            authority,
             host_header,
             base_path: cfg.url.path().trim_end_matches('/').to_owned(),
             response_timeout: cfg.response_timeout,
         }
     }
 
-    /// The upstream's `host:port`, for the readiness probe.
-    pub fn authority(&self) -> &Authority {
-        &self.authority
+    /// The host and port connections go to (the scheme's default port when the URL has none),
+    /// for the readiness probe.
+    pub fn address(&self) -> (&str, u16) {
+        self.pool.address()
     }
 
     /// The upstream's own `Host` value (`host:port` of its URL).

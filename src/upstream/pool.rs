@@ -392,6 +392,11 @@ impl Pool {
         }
     }
 
+    /// The host and port connections go to.
+    pub fn address(&self) -> (&str, u16) {
+        (&self.host, self.port)
+    }
+
     /// The most recently used idle connection that can take a request, or `None`. Connections
     /// idle for longer than the timeout, or closed by the upstream, are dropped on the way.
     pub fn idle(&self) -> Option<Conn> {

@@ -515,10 +515,11 @@ impl Process {
         let sink = Arc::clone(&lines);
         std::thread::spawn(move || {
             for line in BufReader::new(out).lines().map_while(Result::ok) {
+                // Kept before it is announced: once `start` returns, `output()` has the line.
+                sink.lock().unwrap().push(line.clone());
                 if line.contains("keygate listening") {
-                    let _ = tx.send(line.clone());
+                    let _ = tx.send(line);
                 }
-                sink.lock().unwrap().push(line);
             }
         });
         let err = child.stderr.take().unwrap();
