@@ -91,7 +91,7 @@ for bin in "$@"; do
         port_http=$KG_HTTP port_tls=$KG_TLS startup=60 # valgrind starts slowly
     fi
     vg=$!
-    pids+=($vg)
+    pids+=("$vg")
     wait_port "$port_http" "$startup"
     if [ "$PROTOCOL" = tls ]; then url="https://localhost:$port_tls"; else url="http://127.0.0.1:$port_http"; fi
     # Warm up: every key cached, the upstream pools open.
@@ -102,7 +102,8 @@ for bin in "$@"; do
     callgrind_control --dump "$vg" >/dev/null 2>&1
     sleep 1
     requests=${result##*requests=}
-    bad=$(echo "$result" | sed 's/.*bad=\([0-9]*\).*/\1/')
+    bad=${result##*bad=}
+    bad=${bad%% *}
     instructions=$(grep -h '^summary:\|^totals:' "$work/cg.$vg".* | awk '{print $2}' | sort -n | tail -1)
     printf '%s (%s): %d requests, %d instructions per request%s\n' "$bin" "$PROTOCOL" "$requests" \
         "$((instructions / requests))" "$([ "$bad" -gt 0 ] && echo ", $bad errors: void")"
