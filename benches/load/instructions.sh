@@ -44,9 +44,10 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-read -r UP_HTTP UP_TLS KG_HTTP KG_TLS KG_ADMIN NG_HTTP NG_TLS < <(python3 -c '
+# SINK: the upstream's upload relay target; nothing listens there, as no upload is made here.
+read -r UP_HTTP UP_TLS KG_HTTP KG_TLS KG_ADMIN NG_HTTP NG_TLS SINK < <(python3 -c '
 import socket
-socks = [socket.socket() for _ in range(7)]
+socks = [socket.socket() for _ in range(8)]
 for s in socks: s.bind(("127.0.0.1", 0))
 print(*[s.getsockname()[1] for s in socks])')
 user_line=""
@@ -57,7 +58,7 @@ render() { # template output
         -e "s|@USER@|$user_line|g" -e "s|@UP_HTTP@|$UP_HTTP|g" -e "s|@UP_TLS@|$UP_TLS|g" \
         -e "s|@NAME@|keygate|g" -e "s|@KG_HTTP@|$KG_HTTP|g" -e "s|@KG_TLS@|$KG_TLS|g" \
         -e "s|@KG_ADMIN@|$KG_ADMIN|g" -e "s|@NG_HTTP@|$NG_HTTP|g" -e "s|@NG_TLS@|$NG_TLS|g" \
-        -e "s|@MAP@|$work/small.nginx.map|g" "$here/$1" >"$work/$2"
+        -e "s|@MAP@|$work/small.nginx.map|g" -e "s|@SINK@|$SINK|g" "$here/$1" >"$work/$2"
 }
 
 python3 "$here/keys.py" 1000 "$work/small" >/dev/null
