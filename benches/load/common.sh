@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by the load scripts in this directory (sourced, not run).
 
 # Installs the Debian packages named for the commands given ("nginx:nginx wrk:wrk ...", command

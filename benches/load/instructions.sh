@@ -44,9 +44,10 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-read -r UP_HTTP UP_TLS KG_HTTP KG_TLS KG_ADMIN NG_HTTP NG_TLS < <(python3 -c '
+# SINK: the upstream's upload relay target; nothing listens there, as no upload is made here.
+read -r UP_HTTP UP_TLS KG_HTTP KG_TLS KG_ADMIN NG_HTTP NG_TLS SINK < <(python3 -c '
 import socket
-socks = [socket.socket() for _ in range(7)]
+socks = [socket.socket() for _ in range(8)]
 for s in socks: s.bind(("127.0.0.1", 0))
 print(*[s.getsockname()[1] for s in socks])')
 user_line=""
@@ -57,7 +58,7 @@ render() { # template output
         -e "s|@USER@|$user_line|g" -e "s|@UP_HTTP@|$UP_HTTP|g" -e "s|@UP_TLS@|$UP_TLS|g" \
         -e "s|@NAME@|keygate|g" -e "s|@KG_HTTP@|$KG_HTTP|g" -e "s|@KG_TLS@|$KG_TLS|g" \
         -e "s|@KG_ADMIN@|$KG_ADMIN|g" -e "s|@NG_HTTP@|$NG_HTTP|g" -e "s|@NG_TLS@|$NG_TLS|g" \
-        -e "s|@MAP@|$work/small.nginx.map|g" "$here/$1" >"$work/$2"
+        -e "s|@MAP@|$work/small.nginx.map|g" -e "s|@SINK@|$SINK|g" "$here/$1" >"$work/$2"
 }
 
 python3 "$here/keys.py" 1000 "$work/small" >/dev/null
@@ -91,7 +92,7 @@ for bin in "$@"; do
         port_http=$KG_HTTP port_tls=$KG_TLS startup=60 # valgrind starts slowly
     fi
     vg=$!
-    pids+=($vg)
+    pids+=("$vg")
     wait_port "$port_http" "$startup"
     if [ "$PROTOCOL" = tls ]; then url="https://localhost:$port_tls"; else url="http://127.0.0.1:$port_http"; fi
     # Warm up: every key cached, the upstream pools open.
@@ -102,7 +103,8 @@ for bin in "$@"; do
     callgrind_control --dump "$vg" >/dev/null 2>&1
     sleep 1
     requests=${result##*requests=}
-    bad=$(echo "$result" | sed 's/.*bad=\([0-9]*\).*/\1/')
+    bad=${result##*bad=}
+    bad=${bad%% *}
     instructions=$(grep -h '^summary:\|^totals:' "$work/cg.$vg".* | awk '{print $2}' | sort -n | tail -1)
     printf '%s (%s): %d requests, %d instructions per request%s\n' "$bin" "$PROTOCOL" "$requests" \
         "$((instructions / requests))" "$([ "$bad" -gt 0 ] && echo ", $bad errors: void")"

@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Generates throwaway API keys for the load benchmark, in keygate's format (sk_ + 40 base62 +
-6 base62 of CRC32), and writes the three views of them the benchmark needs:
+6 base62 of CRC32), and writes the four views of them the benchmark needs:
 
   OUT.export.json  a keygate export (SHA-256 digests only) for `keygate keys import`
   OUT.nginx.map    the same keys as an nginx `map` body (key -> id), for the nginx peer
-  OUT.keys         the keys, one per line, for wrk (benches/load/keys.lua)
+  OUT.haproxy.map  the same keys as an HAProxy map file ("key id" lines), for the HAProxy peer
+  OUT.keys         the keys, one per line, for the load clients (wrk's keys.lua, h2load, curl,
+                   handshakes.py)
 
 The keys live in the benchmark's temporary directory and are deleted with it.
 """
@@ -54,6 +56,8 @@ def main() -> None:
         json.dump(export, f)
     with open(out + ".nginx.map", "w") as f:
         f.writelines(f'    "{k}" "key_bench{i:07d}";\n' for i, k in enumerate(keys))
+    with open(out + ".haproxy.map", "w") as f:
+        f.writelines(f"{k} key_bench{i:07d}\n" for i, k in enumerate(keys))
     with open(out + ".keys", "w") as f:
         f.writelines(k + "\n" for k in keys)
 

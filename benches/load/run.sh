@@ -1,30 +1,82 @@
 #!/usr/bin/env bash
-# Load benchmark: keygate against nginx doing the same key check, and against the upstream
-# directly, over plain HTTP/1.1 keep-alive and over TLS, in one run, alternating, several rounds.
+# Load benchmark: keygate against nginx and HAProxy doing the same key check, and against the
+# upstream directly, on the traffic a gateway gets, in one run, alternating, several rounds:
+#
+#   keepalive   HTTP/1.1 keep-alive from wrk, plain HTTP and TLS
+#   h2          HTTP/2 over TLS from h2load, many streams on each connection (browsers)
+#   handshakes  a new TLS connection for every request, TLS 1.3 and 1.2, session resumption off
+#               and on (new visitors; benches/load/handshakes.py)
+#   uploads     16 MiB bodies streamed through to an upstream that reads them all (curl)
+#
+# Every target reports its rate, p50/p99, CPU time per request (or per MiB) and peak RSS during
+# the run; the summary gives keygate's ratios to nginx, to HAProxy and to the better of the two.
 # See docs/benchmarks.md for what is measured and how to read it.
 #
-#   benches/load/run.sh                      # defaults below
-#   ROUNDS=5 DURATION=15 benches/load/run.sh
+#   benches/load/run.sh                                  # every workload, about 15 minutes here
+#   WORKLOADS="h2 handshakes" ROUNDS=5 benches/load/run.sh
 #
-# Environment: ROUNDS (3), DURATION seconds per wrk run (10), CONNECTIONS (50), THREADS (wrk, 2),
-# KEYS in the stores (1000), LARGE_KEYS for a second keygate with a larger store (100000; 0: skip),
-# TARGETS (all; e.g. "keygate nginx" to skip the rest), PROTOCOLS ("http tls"),
-# KEYGATE_BIN (a keygate binary to measure instead of building this tree's),
-# BASE_BIN (another keygate build, e.g. an older commit, measured in the same run as target "base"
-# with the same 1,000-key store, so a change is judged by the ratio keygate/base),
-# PROFILE (http or tls: instead of measuring, record keygate with `perf record -g` under that load
-# and print the hottest functions; installs linux-perf when missing).
+# Environment [default]:
+#   WORKLOADS          workloads to run, in this order ["keepalive h2 handshakes uploads"]
+#   ROUNDS             rounds; each runs every selected workload on every target once [3]
+#   DURATION           seconds of each keepalive, h2 and uploads run [10]
+#   TARGETS            targets to measure, from: direct nginx keygate haproxy keygate100k base
+#                      [all that are set up]; each workload skips those it does not apply to
+#   KEYS               keys in every gateway's store [1000]
+#   LARGE_KEYS         keys of keygate100k, a second keygate with a larger store, measured in
+#                      keepalive only [100000; 0: no keygate100k]
+#   KEYGATE_BIN        a keygate binary to measure instead of building this tree's
+#   BASE_BIN           another keygate build (e.g. an older commit), measured in every workload
+#                      as target "base" with the same 1,000-key store, so a change is judged by
+#                      the ratio keygate/base
+#   PROFILE            instead of measuring, record keygate with `perf record -g` under one load
+#                      and print the hottest functions (installs linux-perf when missing): http or
+#                      tls (keepalive), h2, handshakes (the first HANDSHAKE_MODES entry), uploads
+#                      (the first UPLOAD_PROTOCOLS entry)
+# keepalive (wrk, benches/load/keys.lua: every request with the next key of the store):
+#   PROTOCOLS          ["http tls"]
+#   CONNECTIONS        wrk connections [50]
+#   THREADS            wrk threads [2]
+# h2 (h2load over TLS, ALPN h2; one key for a whole run: the round's, the same for every target):
+#   H2_CLIENTS         connections [20]
+#   H2_STREAMS         concurrent streams on each connection [10]
+#   H2_THREADS         h2load threads [1]
+# handshakes (benches/load/handshakes.py: one POST per connection, with `Connection: close`):
+#   HANDSHAKE_MODES    TLS version and resumption of each run, from: 1.3-new 1.3-resumed 1.2-new
+#                      1.2-resumed [all four]; "new": the client never offers a session, so every
+#                      handshake is a full one; "resumed": each client offers the session its
+#                      previous connection ended with
+#   HANDSHAKE_CLIENTS  concurrent connections [16]
+#   HANDSHAKE_DURATION seconds of each run [5]
+# uploads (curl, `Expect:` off; the upstream relays them to benches/load/sink.py, which reads
+# every byte before it answers; one key for a whole run, as in h2):
+#   UPLOAD_PROTOCOLS   from: tls (HTTP/1.1 over TLS), h2 (HTTP/2 over TLS), http ["tls"]
+#   UPLOAD_CLIENTS     uploading connections in parallel [3]
+#   UPLOAD_IN_A_ROW    uploads on each connection before it is closed and another opened [5]
+#   UPLOAD_MIB         size of each body in MiB [16]
 #
-# Everything listens on 127.0.0.1 and every process started here is stopped by PID on exit.
+# Everything listens on 127.0.0.1, ports are bound by the kernel, and every process started here
+# is stopped by PID on exit. Missing tools are installed from Debian (nginx, haproxy, wrk,
+# nghttp2-client for h2load, curl).
 set -euo pipefail
 
+WORKLOADS=${WORKLOADS:-"keepalive h2 handshakes uploads"}
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10}
-CONNECTIONS=${CONNECTIONS:-50}
-THREADS=${THREADS:-2}
 KEYS=${KEYS:-1000}
 LARGE_KEYS=${LARGE_KEYS:-100000}
 PROTOCOLS=${PROTOCOLS:-"http tls"}
+CONNECTIONS=${CONNECTIONS:-50}
+THREADS=${THREADS:-2}
+H2_CLIENTS=${H2_CLIENTS:-20}
+H2_STREAMS=${H2_STREAMS:-10}
+H2_THREADS=${H2_THREADS:-1}
+HANDSHAKE_MODES=${HANDSHAKE_MODES:-"1.3-new 1.3-resumed 1.2-new 1.2-resumed"}
+HANDSHAKE_CLIENTS=${HANDSHAKE_CLIENTS:-16}
+HANDSHAKE_DURATION=${HANDSHAKE_DURATION:-5}
+UPLOAD_PROTOCOLS=${UPLOAD_PROTOCOLS:-tls}
+UPLOAD_CLIENTS=${UPLOAD_CLIENTS:-3}
+UPLOAD_IN_A_ROW=${UPLOAD_IN_A_ROW:-5}
+UPLOAD_MIB=${UPLOAD_MIB:-16}
 ORIGIN="https://app.example.com"
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -32,8 +84,34 @@ root=$(cd "$here/../.." && pwd)
 
 # shellcheck source=benches/load/common.sh
 . "$here/common.sh"
-install_missing nginx:nginx wrk:wrk
+
+fail() { echo "$*" >&2; exit 1; }
+selected() { [[ " $WORKLOADS " == *" $1 "* ]]; } # workload
+for w in $WORKLOADS; do
+    case $w in keepalive | h2 | handshakes | uploads) ;; *) fail "WORKLOADS: unknown workload '$w' (expected keepalive, h2, handshakes or uploads)" ;; esac
+done
+for m in $HANDSHAKE_MODES; do
+    case $m in 1.3-new | 1.3-resumed | 1.2-new | 1.2-resumed) ;; *) fail "HANDSHAKE_MODES: unknown mode '$m' (expected 1.3-new, 1.3-resumed, 1.2-new or 1.2-resumed)" ;; esac
+done
+for p in $UPLOAD_PROTOCOLS; do
+    case $p in tls | h2 | http) ;; *) fail "UPLOAD_PROTOCOLS: unknown protocol '$p' (expected tls, h2 or http)" ;; esac
+done
+for p in $PROTOCOLS; do
+    case $p in tls | http) ;; *) fail "PROTOCOLS: unknown protocol '$p' (expected http or tls)" ;; esac
+done
+for v in ROUNDS DURATION KEYS CONNECTIONS THREADS H2_CLIENTS H2_STREAMS H2_THREADS HANDSHAKE_CLIENTS \
+    HANDSHAKE_DURATION UPLOAD_CLIENTS UPLOAD_IN_A_ROW UPLOAD_MIB; do
+    [[ ${!v} =~ ^[1-9][0-9]*$ ]] || fail "$v: '${!v}' is not a whole number above 0"
+done
+[[ $LARGE_KEYS =~ ^[0-9]+$ ]] || fail "LARGE_KEYS: '$LARGE_KEYS' is not a whole number (0: no keygate100k)"
+# keygate100k is measured in keepalive only: without it, its store is not built.
+selected keepalive || LARGE_KEYS=0
+
+tools=(nginx:nginx haproxy:haproxy wrk:wrk curl:curl)
+selected h2 && tools+=(h2load:nghttp2-client)
+install_missing "${tools[@]}"
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
 
 if [ -n "${KEYGATE_BIN:-}" ]; then
     KEYGATE=$KEYGATE_BIN # another build, e.g. an older commit, to compare in the same setup
@@ -45,12 +123,13 @@ fi
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/keygate-load.XXXXXX")
 mkdir -p "$work/tmp"
-pids=()
+pids=()    # servers, stopped at exit
+clients=() # load clients running in the background, stopped at exit if still running
 cleanup() {
-    for pid in "${pids[@]}"; do
+    for pid in "${clients[@]}" "${pids[@]}"; do
         kill "$pid" 2>/dev/null || true
     done
-    for pid in "${pids[@]}"; do
+    for pid in "${clients[@]}" "${pids[@]}"; do
         wait "$pid" 2>/dev/null || true
     done
     rm -rf "$work"
@@ -60,9 +139,9 @@ trap 'exit 130' INT TERM
 
 # Ports: bound together by the kernel, then released for the servers to take.
 read -r UP_HTTP UP_TLS NG_HTTP NG_TLS KG_HTTP KG_TLS KG_ADMIN KL_HTTP KL_TLS KL_ADMIN \
-    KB_HTTP KB_TLS KB_ADMIN < <(python3 -c '
+    KB_HTTP KB_TLS KB_ADMIN HA_HTTP HA_TLS SINK < <(python3 -c '
 import socket
-socks = [socket.socket() for _ in range(13)]
+socks = [socket.socket() for _ in range(16)]
 for s in socks: s.bind(("127.0.0.1", 0))
 print(*[s.getsockname()[1] for s in socks])')
 
@@ -71,18 +150,21 @@ KEY="$work/key.pem"
 user_line=""
 [ "$(id -u)" -eq 0 ] && user_line="user root;"
 
-render() { # template output NAME
+render() { # template output NAME http tls admin
     sed -e "s|@WORK@|$work|g" -e "s|@CERT@|$CERT|g" -e "s|@KEY@|$KEY|g" -e "s|@USER@|$user_line|g" \
         -e "s|@UP_HTTP@|$UP_HTTP|g" -e "s|@UP_TLS@|$UP_TLS|g" -e "s|@NG_HTTP@|$NG_HTTP|g" \
         -e "s|@NG_TLS@|$NG_TLS|g" -e "s|@MAP@|$work/small.nginx.map|g" -e "s|@NAME@|$3|g" \
+        -e "s|@HA_HTTP@|$HA_HTTP|g" -e "s|@HA_TLS@|$HA_TLS|g" -e "s|@HAMAP@|$work/small.haproxy.map|g" \
+        -e "s|@SINK@|$SINK|g" \
         -e "s|@KG_HTTP@|$4|g" -e "s|@KG_TLS@|$5|g" -e "s|@KG_ADMIN@|$6|g" "$here/$1" >"$work/$2"
 }
 
-
-echo "generating $KEYS keys${LARGE_KEYS:+ and $LARGE_KEYS keys}" >&2
+echo "generating $KEYS keys$([ "$LARGE_KEYS" -gt 0 ] && echo " and $LARGE_KEYS keys")" >&2
 python3 "$here/keys.py" "$KEYS" "$work/small"
 [ "$LARGE_KEYS" -gt 0 ] && python3 "$here/keys.py" "$LARGE_KEYS" "$work/large"
+printf '%s' '{"video_url":"https://media.example/clip.mp4","preset":"720p"}' >"$work/body.json"
 
+small_pid="" large_pid="" base_pid="" # set by start_keygate
 start_keygate() { # name http tls admin [binary]
     local bin=${5:-$KEYGATE} keys=small
     [ "$1" = large ] && keys=large
@@ -90,67 +172,220 @@ start_keygate() { # name http tls admin [binary]
     "$bin" --config "$work/$1.toml" keys import "$work/$keys.export.json" >/dev/null
     "$bin" --config "$work/$1.toml" serve >"$work/$1.log" 2>&1 &
     pids+=($!)
-    eval "${1}_pid=$!"
+    printf -v "${1}_pid" '%s' "$!"
     wait_port "$2"
 }
 
+# The first keygate generates the development certificate (ECDSA P-256) every server uses.
 start_keygate small "$KG_HTTP" "$KG_TLS" "$KG_ADMIN"
 [ "$LARGE_KEYS" -gt 0 ] && start_keygate large "$KL_HTTP" "$KL_TLS" "$KL_ADMIN"
 [ -n "${BASE_BIN:-}" ] && start_keygate base "$KB_HTTP" "$KB_TLS" "$KB_ADMIN" "$BASE_BIN"
 small_idle_kib=$(awk '/VmRSS/ {print $2}' "/proc/$small_pid/status")
 
+python3 "$here/sink.py" "$SINK" 2>>"$work/sink.log" &
+pids+=($!)
 render upstream.conf.in upstream.conf x 0 0 0
 render nginx-gateway.conf.in nginx.conf x 0 0 0
+render haproxy-gateway.cfg.in haproxy.cfg x 0 0 0
+cat "$CERT" "$KEY" >"$work/haproxy.pem" # HAProxy reads the certificate and its key from one file
 "$NGINX" -p "$work" -c "$work/upstream.conf" -g 'daemon off;' 2>>"$work/upstream-error.log" &
 pids+=($!)
 upstream_pid=$!
 "$NGINX" -p "$work" -c "$work/nginx.conf" -g 'daemon off;' 2>>"$work/nginx-error.log" &
 pids+=($!)
 nginx_pid=$!
+# HAProxy's access log is its standard output (see haproxy-gateway.cfg.in).
+"$HAPROXY" -f "$work/haproxy.cfg" >"$work/haproxy-access.log" 2>>"$work/haproxy-error.log" &
+pids+=($!)
+haproxy_pid=$!
+wait_port "$SINK"
 wait_port "$UP_HTTP"
 wait_port "$NG_HTTP"
+wait_port "$HA_HTTP"
 
-url() { # target protocol
+url() { # target protocol(http|tls)
     local port
     case "$1-$2" in
         direct-http) port=$UP_HTTP ;; direct-tls) port=$UP_TLS ;;
         nginx-http) port=$NG_HTTP ;; nginx-tls) port=$NG_TLS ;;
+        haproxy-http) port=$HA_HTTP ;; haproxy-tls) port=$HA_TLS ;;
         keygate-http) port=$KG_HTTP ;; keygate-tls) port=$KG_TLS ;;
         keygate100k-http) port=$KL_HTTP ;; keygate100k-tls) port=$KL_TLS ;;
         base-http) port=$KB_HTTP ;; base-tls) port=$KB_TLS ;;
     esac
     if [ "$2" = tls ]; then echo "https://localhost:$port"; else echo "http://127.0.0.1:$port"; fi
 }
-pid_of() { # target -> the process whose CPU time is that target's (nginx: master and workers)
+pid_of() { # target -> the process whose CPU time and memory are that target's (nginx: master and workers)
     case "$1" in
-        direct) echo "$upstream_pid" ;; nginx) echo "$nginx_pid" ;; keygate) echo "$small_pid" ;;
-        keygate100k) echo "$large_pid" ;; base) echo "$base_pid" ;;
+        direct) echo "$upstream_pid" ;; nginx) echo "$nginx_pid" ;; haproxy) echo "$haproxy_pid" ;;
+        keygate) echo "$small_pid" ;; keygate100k) echo "$large_pid" ;; base) echo "$base_pid" ;;
     esac
 }
+tree() { echo "$1"; cat "/proc/$1/task/"*/children 2>/dev/null || true; } # pid -> it and its children
 cpu_ticks() { # pid -> user+system clock ticks of it and its children so far
     local total=0 p
-    for p in "$1" $(cat "/proc/$1/task/"*/children 2>/dev/null); do
+    for p in $(tree "$1"); do
         total=$((total + $(awk '{print $14 + $15}' "/proc/$p/stat")))
     done
     echo "$total"
 }
+# Peak RSS during one run: the kernel's high-water mark (VmHWM), reset to the current RSS before
+# the run (`5` into clear_refs); for nginx, the sum over master and workers.
+reset_peak() { local p; for p in $(tree "$1"); do echo 5 >"/proc/$p/clear_refs" 2>/dev/null || true; done; }
+peak_kib() {
+    local total=0 p
+    for p in $(tree "$1"); do total=$((total + $(awk '/VmHWM/ {print $2}' "/proc/$p/status"))); done
+    echo "$total"
+}
 keys_for() { if [ "$1" = keygate100k ]; then echo "$work/large.keys"; else echo "$work/small.keys"; fi; }
+round_key() { sed -n "$(( ($1 - 1) % KEYS + 1 ))p" "$work/small.keys"; } # round -> that round's key
 
-run_wrk() { # target protocol seconds -> "rps p50 p99 bad cpu_us_per_request"
-    local out before after pid
-    pid=$(pid_of "$1")
+# Each runner: variant target seconds round -> "rate p50_us p99_us bad units extra", where units
+# are what the CPU time is divided by (requests, or MiB) and extra is workload-specific ("-": none).
+
+run_keepalive() { # wrk over HTTP/1.1 keep-alive; variant: http or tls
+    wrk -t"$THREADS" -c"$CONNECTIONS" -d"${3}s" --timeout 5s -s "$here/keys.lua" \
+        "$(url "$2" "$1")" -- "$(keys_for "$2")" "$ORIGIN" 2>&1 |
+        sed -n 's/^RESULT rps=\([0-9.]*\) p50_us=\([0-9]*\) p99_us=\([0-9]*\) bad=\([0-9]*\) requests=\([0-9]*\)/\1 \2 \3 \4 \5 -/p'
+}
+
+run_h2() { # h2load over TLS with ALPN h2; variant: tls
+    rm -f "$work/h2load.log"
+    h2load -t"$H2_THREADS" -c"$H2_CLIENTS" -m"$H2_STREAMS" -D "$3" -d "$work/body.json" \
+        -H "x-api-key: $(round_key "$4")" -H "origin: $ORIGIN" -H "content-type: application/json" \
+        -H "user-agent: keygate-load/1" --log-file="$work/h2load.log" \
+        "$(url "$2" tls)/api/v1/video/process/" >"$work/h2load.out" 2>&1 || true
+    # h2load prints no percentiles: they come from its per-request log (start, status, latency).
+    python3 - "$work/h2load.out" "$work/h2load.log" <<'PY'
+import os, re, sys
+out = open(sys.argv[1]).read()
+rate = re.search(r"finished in [0-9.]+m?s, ([0-9.]+) req/s", out)
+failed = re.search(r"requests: \d+ total, \d+ started, \d+ done, \d+ succeeded, (\d+) failed", out)
+if not (rate and failed and os.path.exists(sys.argv[2])) or "Application protocol: h2" not in out:
+    print("0 0 0 1 0 -")  # no HTTP/2 run: void
+    sys.exit()
+lat, bad = [], int(failed.group(1))
+for line in open(sys.argv[2]):
+    _, status, us = line.split()
+    if int(status) < 0:
+        continue  # a failed stream, counted in "failed"
+    if not 200 <= int(status) < 300:
+        bad += 1
+    lat.append(int(us))
+lat.sort()
+p = lambda q: lat[min(len(lat) - 1, int(len(lat) * q))] if lat else 0
+print(rate.group(1), p(0.5), p(0.99), bad, len(lat), "-")
+PY
+}
+
+run_handshakes() { # benches/load/handshakes.py; variant: 1.3-new, 1.3-resumed, 1.2-new, 1.2-resumed
+    local resume=off
+    [ "${1#*-}" = resumed ] && resume=on
+    python3 "$here/handshakes.py" "$(url "$2" tls)/api/v1/video/process/" "$(keys_for "$2")" \
+        "$ORIGIN" --tls "${1%-*}" --resume "$resume" --clients "$HANDSHAKE_CLIENTS" --seconds "$3" |
+        awk '/^RESULT/ { for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+            printf "%s %s %s %s %s %.3f\n", v["rps"], v["p50_us"], v["p99_us"], v["bad"], v["requests"] + v["late"],
+                (v["requests"] > 0 ? v["resumed"] / v["requests"] : 0) }'
+}
+
+sink_bytes() { curl -s "http://127.0.0.1:$SINK/bytes"; }
+run_uploads() { # curl; variant: tls, h2 or http
+    local flags=(--http1.1) proto=tls base size i start before after pairs=()
+    case $1 in h2) flags=(--http2) ;; http) proto=http ;; esac
+    base=$(url "$2" "$proto")
+    size=$((UPLOAD_MIB * 1048576))
+    for ((i = 0; i < UPLOAD_IN_A_ROW; i++)); do
+        pairs+=(-T "$work/upload.bin" -o /dev/null "$base/api/v1/video/upload/")
+    done
+    before=$(sink_bytes)
+    start=$(date +%s%N)
+    local deadline=$((start + $3 * 1000000000)) loops=()
+    for ((i = 0; i < UPLOAD_CLIENTS; i++)); do
+        # One curl: UPLOAD_IN_A_ROW uploads on one connection; again until the time is up.
+        while [ "$(date +%s%N)" -lt "$deadline" ]; do
+            curl -sk "${flags[@]}" -X POST -H "Expect:" -H "X-API-Key: $(round_key "$4")" \
+                -H "Origin: $ORIGIN" -H "Content-Type: application/octet-stream" \
+                -H "User-Agent: keygate-load/1" -w '%{http_code} %{time_total} %{size_upload}\n' \
+                "${pairs[@]}" || true
+        done >"$work/uploads.$i" &
+        loops+=($!)
+    done
+    clients=("${loops[@]}")
+    wait "${loops[@]}"
+    clients=()
+    local end
+    end=$(date +%s%N)
+    after=$(sink_bytes)
+    python3 - "$size" "$((end - start))" "$((after - before))" "$work"/uploads.* <<'PY'
+import sys
+size, elapsed_ns, sunk = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+lat, bad = [], 0
+for path in sys.argv[4:]:
+    for line in open(path):
+        code, seconds, sent = line.split()
+        if code.startswith("2") and int(float(sent)) == size:
+            lat.append(int(float(seconds) * 1e6))
+        else:
+            bad += 1
+# The sink must have read every byte of every upload the client saw succeed.
+if sunk != len(lat) * size:
+    bad += 1
+lat.sort()
+p = lambda q: lat[min(len(lat) - 1, int(len(lat) * q))] if lat else 0
+mib = len(lat) * size / 1048576
+print(f"{mib / (elapsed_ns / 1e9):.1f} {p(0.5)} {p(0.99)} {bad} {mib:.0f} -")
+PY
+    rm -f "$work"/uploads.*
+}
+
+# One measured run: the runner's figures, with the target's CPU time per unit and peak RSS.
+# The runner runs in this shell (not in a command substitution), so the load clients it leaves in
+# the background are in `clients` for the exit trap.
+measure() { # workload variant target seconds round -> "rate p50 p99 bad cpu_us_per_unit peak_kib extra"
+    local pid before after out peak
+    pid=$(pid_of "$3")
+    reset_peak "$pid"
     before=$(cpu_ticks "$pid")
-    out=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"${3}s" --timeout 5s -s "$here/keys.lua" \
-        "$(url "$1" "$2")" -- "$(keys_for "$1")" "$ORIGIN" 2>&1)
+    "run_$1" "$2" "$3" "$4" "$5" >"$work/run.out"
     after=$(cpu_ticks "$pid")
-    echo "$out" | sed -n 's/^RESULT rps=\([0-9.]*\) p50_us=\([0-9]*\) p99_us=\([0-9]*\) bad=\([0-9]*\) requests=\([0-9]*\)/\1 \2 \3 \4 \5/p' |
-        awk -v t="$((after - before))" -v hz="$(getconf CLK_TCK)" \
-            '{ printf "%s %s %s %s %.1f\n", $1, $2, $3, $4, ($5 > 0 ? t * 1e6 / hz / $5 : 0) }'
+    peak=$(peak_kib "$pid")
+    out=$(cat "$work/run.out")
+    [ -n "$out" ] || out="0 0 0 1 0 -" # the client printed nothing: void
+    echo "$out" | awk -v t="$((after - before))" -v hz="$(getconf CLK_TCK)" -v peak="$peak" \
+        '{ printf "%s %s %s %s %.1f %s %s\n", $1, $2, $3, $4, ($5 > 0 ? t * 1e6 / hz / $5 : 0), peak, $6 }'
+}
+
+# In this order, keygate runs next to both peers; the order is reversed every other round.
+all_targets=(direct nginx keygate haproxy)
+[ "$LARGE_KEYS" -gt 0 ] && all_targets+=(keygate100k)
+[ -n "${BASE_BIN:-}" ] && all_targets+=(base)
+targets=("${all_targets[@]}")
+[ -n "${TARGETS:-}" ] && read -r -a targets <<<"$TARGETS"
+for t in "${targets[@]}"; do
+    [[ " ${all_targets[*]} " == *" $t "* ]] ||
+        fail "TARGETS: '$t' is not set up in this run (set up: ${all_targets[*]})"
+done
+targets_of() { # workload -> the selected targets it applies to, in order
+    local t
+    for t in "${targets[@]}"; do
+        case "$1-$t" in
+            h2-keygate100k | handshakes-direct | handshakes-keygate100k | uploads-keygate100k) ;;
+            *) echo "$t" ;;
+        esac
+    done
+}
+variants_of() { # workload
+    case $1 in
+        keepalive) echo "$PROTOCOLS" ;; h2) echo tls ;;
+        handshakes) echo "$HANDSHAKE_MODES" ;; uploads) echo "$UPLOAD_PROTOCOLS" ;;
+    esac
 }
 
 # Every gateway must answer a key from its store with 200 (and an unknown key with 401) before
-# anything is timed: a gateway that refuses quickly would otherwise look fast.
-status_of() { # url key -> HTTP status of a POST with that key
+# anything is timed, in every protocol it is measured in: a gateway that refuses quickly would
+# otherwise look fast.
+UNKNOWN_KEY="sk_$(printf '0%.0s' $(seq 46))"
+status_of() { # url key -> HTTP status of a POST with that key (HTTP/1.1)
     python3 - "$1" "$2" <<'PY'
 import ssl, sys, urllib.error, urllib.request
 ctx = ssl.create_default_context()
@@ -163,24 +398,84 @@ except urllib.error.HTTPError as e:
     print(e.code)
 PY
 }
+h2_status_of() { # url key -> "status http-version" of a POST over HTTP/2
+    curl -sk --http2 -o /dev/null -w '%{http_code} %{http_version}' -X POST -d '{}' -H "X-API-Key: $2" "$1" || true
+}
 check_answers() { # target
-    local key code
+    local key code proto
     key=$(head -1 "$(keys_for "$1")")
     for proto in $PROTOCOLS; do
         code=$(status_of "$(url "$1" "$proto")/api/v1/video/process/" "$key")
-        [ "$code" = 200 ] || { echo "$1 over $proto answered $code to a valid key" >&2; exit 1; }
+        [ "$code" = 200 ] || fail "$1 over $proto answered $code to a valid key"
         [ "$1" = direct ] && continue
-        code=$(status_of "$(url "$1" "$proto")/api/v1/video/process/" "sk_$(printf '0%.0s' $(seq 46))")
-        [ "$code" = 401 ] || { echo "$1 over $proto answered $code to an unknown key" >&2; exit 1; }
+        code=$(status_of "$(url "$1" "$proto")/api/v1/video/process/" "$UNKNOWN_KEY")
+        [ "$code" = 401 ] || fail "$1 over $proto answered $code to an unknown key"
+    done
+    if selected h2 && [[ " $(targets_of h2 | tr '\n' ' ') " == *" $1 "* ]]; then
+        code=$(h2_status_of "$(url "$1" tls)/api/v1/video/process/" "$key")
+        [ "$code" = "200 2" ] || fail "$1 over HTTP/2 answered '$code' to a valid key (expected '200 2')"
+        if [ "$1" != direct ]; then
+            code=$(h2_status_of "$(url "$1" tls)/api/v1/video/process/" "$UNKNOWN_KEY")
+            [ "$code" = "401 2" ] || fail "$1 over HTTP/2 answered '$code' to an unknown key (expected '401 2')"
+        fi
+    fi
+}
+# A handshake mode must do what it says on every target: the TLS version asked for (checked by
+# handshakes.py), no resumption in "new", and in "resumed" the server resuming the handshakes
+# where a session is offered (all but each client's first): a gateway that does not resume would
+# otherwise be measured on full handshakes. 90% leaves room for a server's session cache evicting
+# under load; the summary prints each run's share.
+check_handshakes() { # target
+    local mode result requests resumed bad resume ciphers=""
+    for mode in $HANDSHAKE_MODES; do
+        resume=off
+        [ "${mode#*-}" = resumed ] && resume=on
+        result=$(python3 "$here/handshakes.py" "$(url "$1" tls)/api/v1/video/process/" \
+            "$(keys_for "$1")" "$ORIGIN" --tls "${mode%-*}" --resume "$resume" \
+            --clients "$HANDSHAKE_CLIENTS" --seconds 1 | grep '^RESULT' || true)
+        requests=$(echo "$result" | sed -n 's/.* requests=\([0-9]*\).*/\1/p')
+        resumed=$(echo "$result" | sed -n 's/.* resumed=\([0-9]*\).*/\1/p')
+        bad=$(echo "$result" | sed -n 's/.* bad=\([0-9]*\).*/\1/p')
+        if [ "${bad:-1}" != 0 ] || [ "${requests:-0}" -eq 0 ]; then
+            fail "$1 in handshake mode $mode: ${requests:-0} responses and ${bad:-no} errors (connection errors, another TLS version or non-2xx answers)"
+        fi
+        if [ "$resume" = off ]; then
+            [ "$resumed" -eq 0 ] || fail "$1 resumed $resumed sessions in mode $mode, where the client offers none"
+        else
+            [ $((resumed * 10)) -ge $(((requests - HANDSHAKE_CLIENTS) * 9)) ] ||
+                fail "$1 resumed $resumed of $requests handshakes in mode $mode ($HANDSHAKE_CLIENTS of them full by design)"
+        fi
+        ciphers="$ciphers $mode:${result##*ciphers=}"
+    done
+    echo "  $1 chose:$ciphers" >&2
+}
+# An upload must reach the upstream whole, through every target and protocol.
+check_uploads() { # target
+    local proto flags base before after code
+    for proto in $UPLOAD_PROTOCOLS; do
+        flags=(--http1.1)
+        base=$(url "$1" tls)
+        [ "$proto" = h2 ] && flags=(--http2)
+        [ "$proto" = http ] && base=$(url "$1" http)
+        before=$(sink_bytes)
+        code=$(curl -sk "${flags[@]}" -X POST -H "Expect:" -H "X-API-Key: $(head -1 "$work/small.keys")" \
+            -T "$work/upload.bin" -o /dev/null -w '%{http_code}' "$base/api/v1/video/upload/" || true)
+        after=$(sink_bytes)
+        if [ "$code" != 200 ] || [ $((after - before)) -ne $((UPLOAD_MIB * 1048576)) ]; then
+            fail "$1: an upload over $proto got $code and the upstream read $((after - before)) of $((UPLOAD_MIB * 1048576)) bytes"
+        fi
     done
 }
 
-# In this order, each target a ratio compares keygate with (nginx, the larger store) runs next to it.
-targets=(direct nginx keygate)
-[ "$LARGE_KEYS" -gt 0 ] && targets+=(keygate100k)
-[ -n "${BASE_BIN:-}" ] && targets+=(base)
-[ -n "${TARGETS:-}" ] && read -r -a targets <<<"$TARGETS"
+selected uploads && head -c "$((UPLOAD_MIB * 1048576))" /dev/urandom >"$work/upload.bin"
 for t in "${targets[@]}"; do check_answers "$t"; done
+if selected handshakes; then
+    echo "checking the handshake modes; cipher suites:" >&2
+    for t in $(targets_of handshakes); do check_handshakes "$t"; done
+fi
+if selected uploads; then
+    for t in $(targets_of uploads); do check_uploads "$t"; done
+fi
 
 metric() { # admin-port metric-name -> the sum of that metric's series
     python3 - "http://127.0.0.1:$1/metrics" "$2" <<'PY'
@@ -193,20 +488,19 @@ lookups() { metric "$1" keygate_cache_misses_total; } # store lookups so far
 lapses() { metric "$1" keygate_change_feed_lapses_total; } # change feed lapses so far
 cache_entries() { metric "$1" keygate_cache_entries; } # keys in keygate's cache
 
-
 echo "warming up (caches, upstream pools)" >&2
 for t in "${targets[@]}"; do
-    for p in $PROTOCOLS; do run_wrk "$t" "$p" 3 >/dev/null; done
+    for p in $PROTOCOLS; do run_keepalive "$p" "$t" 3 >/dev/null; done
 done
 # The large store is measured warm, as in steady state: every key cached (at most 2 min), and in
 # the workers' copies.
 if [[ " ${targets[*]} " == *" keygate100k "* ]]; then
     for _ in $(seq 1 40); do
         [ "$(cache_entries "$KL_ADMIN")" -ge "$LARGE_KEYS" ] && break
-        run_wrk keygate100k http 3 >/dev/null
+        run_keepalive http keygate100k 3 >/dev/null
     done
     # A key read from the store enters a worker's own copy at that worker's next request for it.
-    for _ in 1 2 3; do run_wrk keygate100k http 3 >/dev/null; done
+    for _ in 1 2 3; do run_keepalive http keygate100k 3 >/dev/null; done
 fi
 small_lookups_before=$(lookups "$KG_ADMIN")
 large_lookups_before=0
@@ -216,101 +510,166 @@ large_lapses_before=0
 [ "$LARGE_KEYS" -gt 0 ] && large_lapses_before=$(lapses "$KL_ADMIN")
 
 if [ -n "${PROFILE:-}" ]; then
+    case $PROFILE in
+        http | tls) workload=keepalive variant=$PROFILE ;;
+        h2) workload=h2 variant=tls ;;
+        handshakes) workload=handshakes variant=${HANDSHAKE_MODES%% *} ;;
+        uploads) workload=uploads variant=${UPLOAD_PROTOCOLS%% *} ;;
+        *) fail "PROFILE: unknown load '$PROFILE' (expected http, tls, h2, handshakes or uploads)" ;;
+    esac
     command -v perf >/dev/null || { [ "$(id -u)" -eq 0 ] && apt-get install -y -qq linux-perf >/dev/null 2>&1; } || true
-    run_wrk keygate "$PROFILE" "$((DURATION + 2))" >/dev/null &
-    wrk_pid=$!
+    "run_$workload" "$variant" keygate "$((DURATION + 2))" 1 >/dev/null &
+    load_pid=$!
+    clients=("$load_pid")
     sleep 1
     perf record -F 1999 -g --call-graph dwarf,16384 -o "$work/perf.data" -p "$small_pid" -- sleep "$DURATION" 2>/dev/null >/dev/null
-    wait "$wrk_pid"
+    wait "$load_pid"
+    clients=()
     perf report -i "$work/perf.data" --no-children --percent-limit 0.7 --stdio -g none 2>/dev/null | grep -v '^$' | head -60
     out="$root/target/perf-$PROFILE.data"
     cp "$work/perf.data" "$out" && echo "perf data kept in $out" >&2
     exit 0
 fi
 
+seconds_of() { if [ "$1" = handshakes ]; then echo "$HANDSHAKE_DURATION"; else echo "$DURATION"; fi; }
+units_of() { # workload -> "rate-unit cpu-unit"
+    case $1 in handshakes) echo "hs/s us/hs" ;; uploads) echo "MiB/s us/MiB" ;; *) echo "req/s us/req" ;; esac
+}
 results="$work/results"
 : >"$results"
-echo "measuring: $ROUNDS rounds x ${#targets[@]} targets x ($PROTOCOLS), ${DURATION}s each, wrk -t$THREADS -c$CONNECTIONS" >&2
+echo "measuring: $ROUNDS rounds of ($WORKLOADS) on (${targets[*]})" >&2
 for round in $(seq 1 "$ROUNDS"); do
-    order=("${targets[@]}")
-    # Alternate the order so no target always runs first (or last) in a round.
-    if [ $((round % 2)) -eq 0 ]; then
-        order=()
-        for ((i = ${#targets[@]} - 1; i >= 0; i--)); do order+=("${targets[i]}"); done
-    fi
-    # One protocol at a time, so the targets a ratio compares run back to back.
-    for p in $PROTOCOLS; do
-        for t in "${order[@]}"; do
-            read -r rps p50 p99 bad cpu < <(run_wrk "$t" "$p" "$DURATION")
-            echo "$round $t $p $rps $p50 $p99 $bad $cpu" >>"$results"
-            printf '  round %d  %-12s %-4s %10.0f req/s  p50 %6d us  p99 %6d us  cpu %5.1f us/req  errors %s\n' \
-                "$round" "$t" "$p" "$rps" "$p50" "$p99" "$cpu" "$bad" >&2
+    for w in $WORKLOADS; do
+        mapfile -t order < <(targets_of "$w")
+        # Alternate the order so no target always runs first (or last) in a round.
+        if [ $((round % 2)) -eq 0 ]; then
+            reversed=()
+            for ((i = ${#order[@]} - 1; i >= 0; i--)); do reversed+=("${order[i]}"); done
+            order=("${reversed[@]}")
+        fi
+        # One variant at a time, so the targets a ratio compares run back to back.
+        for v in $(variants_of "$w"); do
+            for t in "${order[@]}"; do
+                measure "$w" "$v" "$t" "$(seconds_of "$w")" "$round" >"$work/measure.out"
+                read -r rate p50 p99 bad cpu peak extra <"$work/measure.out"
+                read -r rate_unit cpu_unit < <(units_of "$w")
+                echo "$w $v $round $t $rate $p50 $p99 $bad $cpu $peak $extra" >>"$results"
+                printf '  round %d  %-10s %-11s %-11s %10.1f %-5s  p50 %8.2f ms  p99 %8.2f ms  cpu %8.1f %-6s  peak %6.1f MiB  errors %s%s\n' \
+                    "$round" "$w" "$v" "$t" "$rate" "$rate_unit" "$(awk -v x="$p50" 'BEGIN { print x / 1000 }')" \
+                    "$(awk -v x="$p99" 'BEGIN { print x / 1000 }')" "$cpu" "$cpu_unit" \
+                    "$(awk -v x="$peak" 'BEGIN { print x / 1024 }')" "$bad" \
+                    "$([ "$extra" != - ] && echo "  resumed $extra")" >&2
+            done
         done
     done
 done
 
-hwm() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
-tree_hwm() { # pid and its children, KiB
-    local total
-    total=$(hwm "$1")
-    for c in $(cat "/proc/$1/task/"*/children 2>/dev/null); do total=$((total + $(hwm "$c"))); done
-    echo "$total"
-}
-small_lookups=$(( $(lookups "$KG_ADMIN") - small_lookups_before ))
+small_lookups=$(($(lookups "$KG_ADMIN") - small_lookups_before))
 large_lookups=0
-[ "$LARGE_KEYS" -gt 0 ] && large_lookups=$(( $(lookups "$KL_ADMIN") - large_lookups_before ))
-small_lapses=$(( $(lapses "$KG_ADMIN") - small_lapses_before ))
+[ "$LARGE_KEYS" -gt 0 ] && large_lookups=$(($(lookups "$KL_ADMIN") - large_lookups_before))
+small_lapses=$(($(lapses "$KG_ADMIN") - small_lapses_before))
 large_lapses=0
-[ "$LARGE_KEYS" -gt 0 ] && large_lapses=$(( $(lapses "$KL_ADMIN") - large_lapses_before ))
+[ "$LARGE_KEYS" -gt 0 ] && large_lapses=$(($(lapses "$KL_ADMIN") - large_lapses_before))
 
-python3 - "$results" "$small_idle_kib" "$(hwm "$small_pid")" "$(tree_hwm "$nginx_pid")" \
-    "$small_lookups" "$large_lookups" "$( [ "$LARGE_KEYS" -gt 0 ] && hwm "$large_pid" || echo 0)" <<'PY'
+python3 - "$results" "$small_idle_kib" "$small_lookups" "$large_lookups" \
+    "HTTP/1.1 keep-alive, wrk -t$THREADS -c$CONNECTIONS, ${DURATION}s runs, a key per request" \
+    "HTTP/2 over TLS, h2load -t$H2_THREADS -c$H2_CLIENTS -m$H2_STREAMS, ${DURATION}s runs, one key per run" \
+    "a new TLS connection per request, $HANDSHAKE_CLIENTS at a time, ${HANDSHAKE_DURATION}s runs" \
+    "$UPLOAD_MIB MiB bodies, $UPLOAD_CLIENTS connections x $UPLOAD_IN_A_ROW in a row, ${DURATION}s runs" <<'PY'
 import statistics, sys
 from collections import defaultdict
-path, idle, kg_hwm, ng_hwm, small_lookups, large_lookups, large_hwm = sys.argv[1:]
-runs = defaultdict(list)
+
+path, idle, small_lookups, large_lookups = sys.argv[1:5]
+clients = dict(zip(("keepalive", "h2", "handshakes", "uploads"), sys.argv[5:9]))
+units = {"keepalive": ("req/s", "us/req"), "h2": ("req/s", "us/req"),
+         "handshakes": ("hs/s", "us/hs"), "uploads": ("MiB/s", "us/MiB")}
+runs = defaultdict(dict)  # (workload, variant, target) -> round -> figures
+order = []
 for line in open(path):
-    r, t, p, rps, p50, p99, bad, cpu = line.split()
-    runs[(t, p)].append((float(rps), int(p50), int(p99), int(bad), float(cpu)))
-med = {k: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v),
-           statistics.median(x[2] for x in v), sum(x[3] for x in v),
-           statistics.median(x[4] for x in v)) for k, v in runs.items()}
-protos = sorted({p for _, p in med}, key=lambda p: p != "http")
-print("\nmedians over rounds:")
-print(f"{'target':<12} {'proto':<5} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'cpu us/req':>11} {'errors':>7}")
-for (t, p), (rps, p50, p99, bad, cpu) in sorted(med.items(), key=lambda kv: (protos.index(kv[0][1]), kv[0][0])):
-    print(f"{t:<12} {p:<5} {rps:>10.0f} {p50/1000:>8.2f} {p99/1000:>8.2f} {cpu:>11.1f} {bad:>7}")
-print("\nratios (medians):")
-for p in protos:
-    k, n, d, l = med.get(("keygate", p)), med.get(("nginx", p)), med.get(("direct", p)), med.get(("keygate100k", p))
-    b = med.get(("base", p))
+    w, v, r, t, rate, p50, p99, bad, cpu, peak, extra = line.split()
+    if (w, v) not in order:
+        order.append((w, v))
+    runs[(w, v, t)][int(r)] = dict(rate=float(rate), p50=int(p50), p99=int(p99), bad=int(bad),
+                                   cpu=float(cpu), peak=int(peak), extra=None if extra == "-" else float(extra))
+
+def med(w, v, t, k):
+    xs = [x[k] for x in runs.get((w, v, t), {}).values()]
+    return statistics.median(xs) if xs else None
+
+better = {"rate": max, "p99": min, "cpu": min}  # which of two peers is the better one, per figure
+
+def ratio_line(w, v, num, den):
+    """num/den for rate, p99 and CPU: medians over rounds, then per round min / median / max.
+    den may be "best": per figure, the better of nginx and HAProxy (in each round, for the rounds)."""
     parts = []
-    if k and n: parts.append(f"keygate/nginx req/s {k[0]/n[0]:.2f}  p99 {k[2]/n[2]:.2f}  cpu/req {k[4]/n[4]:.2f}")
-    if k and b: parts.append(f"keygate/base req/s {k[0]/b[0]:.2f}  p99 {k[2]/b[2]:.2f}  cpu/req {k[4]/b[4]:.2f}")
-    if k and d: parts.append(f"keygate/direct {k[0]/d[0]:.2f}")
-    if n and d: parts.append(f"nginx/direct {n[0]/d[0]:.2f}")
-    if k and l: parts.append(f"100k-keys/1k-keys {l[0]/k[0]:.3f}")
-    print(f"  {p:<5} " + "   ".join(parts))
-# Each round's ratio pairs two targets measured minutes apart on the same machine: their spread
-# shows how much of a median's distance from 1.0 this machine's noise can explain.
-by_round = {(r, t, p): float(rps) for r, t, p, rps, *_ in (l.split() for l in open(path))}
-rounds = sorted({r for r, _, _ in by_round}, key=int)
-print("\nper-round req/s ratios (min / median / max, rounds at or above 1.0):")
-for num, den in (("keygate", "nginx"), ("keygate", "base"), ("keygate100k", "keygate")):
-    for p in protos:
-        rs = [by_round[(r, num, p)] / by_round[(r, den, p)] for r in rounds
-              if (r, num, p) in by_round and (r, den, p) in by_round and by_round[(r, den, p)] > 0]
-        if rs:
-            print(f"  {num}/{den} {p:<5} {min(rs):.2f} / {statistics.median(rs):.2f} / {max(rs):.2f}"
-                  f"   {sum(x >= 1.0 for x in rs)} of {len(rs)}")
-total = sum(x[0] for (t, _), v in runs.items() if t == "keygate" for x in v)
-print("\nmemory: keygate idle RSS %.1f MiB, keygate peak RSS %.1f MiB, nginx peak RSS (master+workers) %.1f MiB"
-      % (int(idle)/1024, int(kg_hwm)/1024, int(ng_hwm)/1024))
-if int(large_hwm):
-    print("        keygate with the large store: peak RSS %.1f MiB" % (int(large_hwm)/1024))
+    for k, label in (("rate", units[w][0]), ("p99", "p99"), ("cpu", "cpu")):
+        def value(t, r=None):
+            if t != "best":
+                x = runs.get((w, v, t), {})
+                return (x[r][k] if r in x else None) if r is not None else med(w, v, t, k)
+            peers = [y for y in (value("nginx", r), value("haproxy", r)) if y is not None]
+            return better[k](peers) if peers else None
+        a, b = value(num), value(den)
+        if not a or not b:
+            continue
+        per_round = []
+        for r in sorted(runs.get((w, v, num), {})):
+            x, y = value(num, r), value(den, r)
+            if x and y:
+                per_round.append(x / y)
+        spread = ""
+        if per_round:
+            spread = f" ({min(per_round):.2f}/{statistics.median(per_round):.2f}/{max(per_round):.2f}"
+            if k == "rate":
+                spread += f", {sum(x >= 1.0 for x in per_round)} of {len(per_round)} >= 1"
+            spread += ")"
+        parts.append(f"{label} {a / b:.2f}{spread}")
+    return f"    {num + '/' + den:<20} " + "  ".join(parts) if parts else None
+
+voided = []
+for w in dict.fromkeys(w for w, _ in order):
+    rate_unit, cpu_unit = units[w]
+    print(f"\n{w}: {clients[w]}; medians over rounds")
+    print(f"  {'target':<12} {'variant':<12} {rate_unit:>10} {'p50 ms':>8} {'p99 ms':>8} {'cpu ' + cpu_unit:>11} {'peak MiB':>9} {'errors':>7}"
+          + ("  resumed" if w == "handshakes" else ""))
+    for (w2, v) in order:
+        if w2 != w:
+            continue
+        for t in ("direct", "nginx", "haproxy", "keygate", "keygate100k", "base"):
+            if (w, v, t) not in runs:
+                continue
+            rs = runs[(w, v, t)].values()
+            bad = sum(x["bad"] for x in rs)
+            peak = max(x["peak"] for x in rs)
+            line = (f"  {t:<12} {v:<12} {med(w, v, t, 'rate'):>10.1f} {med(w, v, t, 'p50') / 1000:>8.2f} "
+                    f"{med(w, v, t, 'p99') / 1000:>8.2f} {med(w, v, t, 'cpu'):>11.1f} {peak / 1024:>9.1f} {bad:>7}")
+            if w == "handshakes":
+                share = med(w, v, t, "extra")
+                line += f"  {share * 100:6.1f}%"
+                if v.endswith("-resumed") and share < 0.95:
+                    voided.append(f"{t} resumed only {share * 100:.1f}% of the handshakes in {v}")
+            print(line)
+            if bad:
+                voided.append(f"{t} {w} {v}: {bad} errors or non-2xx responses")
+    print(f"  ratios: medians over rounds (per round min/median/max); {rate_unit} higher is better, p99 and cpu lower")
+    for (w2, v) in order:
+        if w2 != w:
+            continue
+        print(f"  {v}")
+        for num, den in (("keygate", "nginx"), ("keygate", "haproxy"), ("keygate", "best"),
+                         ("keygate", "base"), ("keygate100k", "keygate"), ("keygate", "direct"),
+                         ("nginx", "direct"), ("haproxy", "direct")):
+            line = ratio_line(w, v, num, den)
+            if line:
+                print(line)
+
+print("\nbest: per figure, the better of nginx and HAProxy (in each round for the per-round ratios)")
+print(f"memory: keygate idle RSS {int(idle) / 1024:.1f} MiB")
 print(f"store lookups while measuring: keygate {small_lookups}, keygate100k {large_lookups}")
-bad = sum(v[3] for v in med.values())
-if bad:
-    print(f"WARNING: {bad} errors or non-2xx responses: the affected figures are void")
+for v in voided:
+    print(f"WARNING: {v}: the affected figures are void")
 PY
 echo "change feed lapses while measuring: keygate $small_lapses, keygate100k $large_lapses"
+# Every gateway logs each request (keygate's log also holds its few start-up lines; nginx flushes
+# its 64 KiB buffer at exit, so its last lines are not counted here).
+echo "access log lines: nginx $(wc -l <"$work/nginx-access.log"), haproxy $(wc -l <"$work/haproxy-access.log"), keygate $(wc -l <"$work/small.log")"
