@@ -9,9 +9,9 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 
-use crate::gateway::Gateway;
-use crate::gateway::GatewayBody;
 use crate::metrics::Metrics;
+use crate::pipeline::Gateway;
+use crate::pipeline::GatewayBody;
 
 /// How long the readiness probe waits for the upstream's TCP accept.
 const UPSTREAM_PROBE_TIMEOUT: Duration = Duration::from_secs(1);

@@ -11,7 +11,7 @@ use http::{HeaderMap, HeaderName, header};
 
 use crate::cache::{Entry, KeyCache, KnownKey, Source};
 use crate::config;
-use crate::error::{GatewayError, InvalidReason};
+use crate::error::{GatewayError, InvalidReason, Refused};
 use crate::key::{MAX_PRESENTED_LEN, Presented};
 use crate::store::unix_now;
 
@@ -35,6 +35,25 @@ pub struct Authenticated {
     pub cache: Source,
     /// The key was rotated and is inside its grace period.
     pub in_grace: bool,
+}
+
+/// A refused authentication: why, and the key when one was identified (an inactive, expired or
+/// rotated key), for the log.
+#[derive(Debug)]
+pub struct Denial {
+    /// Why.
+    pub error: GatewayError,
+    /// The key involved, if one was found.
+    pub key: Option<Arc<KnownKey>>,
+}
+
+impl From<Refused> for Denial {
+    fn from(refused: Refused) -> Self {
+        Self {
+            error: refused.into(),
+            key: None,
+        }
+    }
 }
 
 /// Reads credentials as `[auth]` says.
@@ -62,11 +81,11 @@ impl Authenticator {
     pub fn credential<'h>(
         &self,
         headers: &'h HeaderMap,
-    ) -> Result<(Presented<'h>, CredentialSource), GatewayError> {
+    ) -> Result<(Presented<'h>, CredentialSource), Refused> {
         let mut values = headers.get_all(&self.key_header).iter();
         if let Some(first) = values.next() {
             if values.next().is_some() {
-                return Err(GatewayError::InvalidKey(InvalidReason::Ambiguous));
+                return Err(Refused::InvalidKey(InvalidReason::Ambiguous));
             }
             let raw = trim(first.as_bytes());
             // An empty header counts as absent, as in the old API ("if not api_key").
@@ -80,12 +99,12 @@ impl Authenticator {
                 && let Some(token) = bearer_token(first.as_bytes())
             {
                 if values.next().is_some() {
-                    return Err(GatewayError::InvalidKey(InvalidReason::Ambiguous));
+                    return Err(Refused::InvalidKey(InvalidReason::Ambiguous));
                 }
                 return Ok((Presented::new(token), CredentialSource::Bearer));
             }
         }
-        Err(GatewayError::MissingCredentials)
+        Err(Refused::MissingCredentials)
     }
 
     /// Authenticates the request's credential against `cache`.
@@ -93,34 +112,47 @@ impl Authenticator {
         &self,
         headers: &HeaderMap,
         cache: &KeyCache,
-    ) -> Result<Authenticated, GatewayError> {
+    ) -> Result<Authenticated, Denial> {
         let (presented, source) = self.credential(headers)?;
         if presented.len() > MAX_PRESENTED_LEN {
-            return Err(GatewayError::InvalidKey(InvalidReason::TooLong));
+            return Err(Refused::InvalidKey(InvalidReason::TooLong).into());
         }
         if let Err(e) = presented.check_format() {
             // Imported legacy keys have no checksum: only while some exist does a malformed key
             // earn a (cached) lookup.
             if !cache.legacy_present() {
-                return Err(GatewayError::InvalidKey(InvalidReason::Malformed(e)));
+                return Err(Refused::InvalidKey(InvalidReason::Malformed(e)).into());
             }
         }
-        let (entry, cache_source) = cache
-            .resolve(presented.digest())
-            .await
-            .map_err(|_| GatewayError::StoreUnavailable)?;
+        let (entry, cache_source) =
+            cache
+                .resolve(presented.digest())
+                .await
+                .map_err(|_| Denial {
+                    error: GatewayError::Store,
+                    key: None,
+                })?;
         let key = match entry {
             Entry::Known(key) => key,
-            Entry::Unknown { .. } => return Err(GatewayError::InvalidKey(InvalidReason::Unknown)),
+            Entry::Unknown { .. } => {
+                return Err(Refused::InvalidKey(InvalidReason::Unknown).into());
+            }
         };
-        if !key.record.is_active {
-            return Err(GatewayError::InactiveKey(key));
-        }
         let now = unix_now();
-        if key.record.is_expired(now) {
-            return Err(match key.record.rotated_to {
-                Some(_) => GatewayError::RotatedKey(key),
-                None => GatewayError::ExpiredKey(key),
+        let refused = if !key.record.is_active {
+            Some(Refused::InactiveKey)
+        } else if key.record.is_expired(now) {
+            Some(match key.record.rotated_to {
+                Some(_) => Refused::RotatedKey,
+                None => Refused::ExpiredKey,
+            })
+        } else {
+            None
+        };
+        if let Some(refused) = refused {
+            return Err(Denial {
+                error: refused.into(),
+                key: Some(key),
             });
         }
         let in_grace = key.record.rotated_to.is_some();
@@ -184,7 +216,7 @@ mod tests {
         h
     }
 
-    fn found(pairs: &[(&str, &str)]) -> Result<(Vec<u8>, CredentialSource), GatewayError> {
+    fn found(pairs: &[(&str, &str)]) -> Result<(Vec<u8>, CredentialSource), Refused> {
         let h = headers(pairs);
         auth()
             .credential(&h)
@@ -219,7 +251,7 @@ mod tests {
             vec![("x_api_key", "sk_x")],
         ] {
             assert!(
-                matches!(found(&pairs), Err(GatewayError::MissingCredentials)),
+                matches!(found(&pairs), Err(Refused::MissingCredentials)),
                 "{pairs:?}"
             );
         }
@@ -234,7 +266,7 @@ mod tests {
             assert!(
                 matches!(
                     found(&pairs),
-                    Err(GatewayError::InvalidKey(InvalidReason::Ambiguous))
+                    Err(Refused::InvalidKey(InvalidReason::Ambiguous))
                 ),
                 "{pairs:?}"
             );

@@ -9,7 +9,7 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 
 use crate::config;
-use crate::gateway::{GatewayBody, X_REQUEST_ID, request_id};
+use crate::pipeline::{GatewayBody, X_REQUEST_ID, request_id};
 
 /// The prepared redirect target and headers.
 #[derive(Debug, Clone)]

@@ -12,6 +12,7 @@ use http::{HeaderMap, HeaderValue};
 use keygate::auth::Authenticator;
 use keygate::cache::KeyCache;
 use keygate::config::FileConfig;
+use keygate::error::ErrorResponses;
 use keygate::key::{self, Presented};
 use keygate::metrics::Metrics;
 use keygate::store::sqlite::SqliteStore;
@@ -78,13 +79,15 @@ async fn panics_and_errors_built_from_keygate_values_never_show_the_key() {
         let mut h = HeaderMap::new();
         h.insert("x-api-key", HeaderValue::from_bytes(&bad).unwrap());
         let err = auth.authenticate(&h, &cache).await.unwrap_err();
-        messages.push(format!("{err} {err:?} {:?}", err.body()));
+        let rendered = ErrorResponses::new("keygate").render(&err.error);
+        messages.push(format!("{} {err:?} {rendered:?}", err.error));
     }
     let mut two = HeaderMap::new();
     two.append("x-api-key", HeaderValue::from_str(&key).unwrap());
     two.append("x-api-key", HeaderValue::from_str(&key).unwrap());
     let err = auth.authenticate(&two, &cache).await.unwrap_err();
-    messages.push(format!("{err} {err:?} {:?}", err.body()));
+    let rendered = ErrorResponses::new("keygate").render(&err.error);
+    messages.push(format!("{} {err:?} {rendered:?}", err.error));
 
     for m in &messages {
         assert!(!m.contains(needle), "the key leaked into: {m}");

@@ -100,9 +100,10 @@ impl Report {
         if let Some(n) = active_keys {
             body["active_api_keys"] = n.into();
         }
+        // Problems by their codes: the public answer carries no internal error text (the
+        // admin listener's /readyz and the log have it).
         if !problems.is_empty() {
             body["problems"] = problems.iter().map(|p| p.as_str()).collect();
-            body["error"] = error.as_str().into();
         }
         Self {
             status,
