@@ -25,6 +25,8 @@
 //! - [`error`]: the request path's error type and its one rendering.
 //! - [`policy`]: per-key scopes, client networks and rate, compiled once per cached key.
 //! - [`ratelimit`]: per-key and per-IP-failure limits (GCRA), shared through the store.
+//! - [`rate`]: the rate-limit values ([`rate::Rate`], [`rate::LimitKind`], [`rate::Verdict`])
+//!   that configuration, policies, stores, metrics and the limiter share.
 //!
 //! Around it: [`config`] (two-stage configuration), [`metrics`] (pre-registered Prometheus
 //! series), [`admin`] (metrics, liveness, readiness), [`logging`] (log output and the audit
@@ -48,6 +50,7 @@ pub mod logging;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod rate;
 pub mod ratelimit;
 pub mod redirect;
 pub mod server;

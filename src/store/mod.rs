@@ -258,8 +258,8 @@ pub trait KeyStore: Send + Sync + 'static {
         &self,
         _kind: &str,
         _subject: &str,
-        _rate: crate::ratelimit::Rate,
-    ) -> StoreFuture<'_, Option<crate::ratelimit::Verdict>> {
+        _rate: crate::rate::Rate,
+    ) -> StoreFuture<'_, Option<crate::rate::Verdict>> {
         Box::pin(async { Ok(None) })
     }
     /// Whether the store's connections belong to the runtime that first drives them (Redis), so

@@ -46,7 +46,7 @@ use super::{
 };
 use crate::key::KeyDigest;
 use crate::logging::Throttle;
-use crate::ratelimit::{Rate, Verdict};
+use crate::rate::{Rate, Verdict};
 
 /// Approximate number of change-stream entries kept.
 pub const CHANGE_LOG_KEEP: u64 = 10_000;
