@@ -805,7 +805,14 @@ impl Gateway {
             }
         }
         if let Some(signer) = &self.signer {
-            let key = forward.key.as_ref().map(|a| &*a.key);
+            let key = forward.key.as_ref().map_or(crate::identity::NO_KEY, |a| {
+                let owner = a.key.owner_header.as_ref();
+                [
+                    a.key.id_header.as_bytes(),
+                    a.key.name_header.as_bytes(),
+                    owner.map_or(&b""[..], HeaderValue::as_bytes),
+                ]
+            });
             let signature = signer.sign(
                 &parts.method,
                 &parts.uri,
