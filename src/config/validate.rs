@@ -54,7 +54,8 @@ pub struct Server {
     pub http_mode: HttpMode,
     pub admin_listen: Option<SocketAddr>,
     pub public_host: String,
-    pub public_port: u16,
+    /// The port in redirects' URLs; `None`: the HTTPS listener's ([`Server::redirect_port`]).
+    pub public_port: Option<u16>,
     pub handshake_timeout: Duration,
     pub header_read_timeout: Duration,
     pub body_read_timeout: Duration,
@@ -69,6 +70,19 @@ pub struct Server {
     pub max_body_bytes_by_prefix: Vec<(String, Option<u64>)>,
     pub h2_max_concurrent_streams: u32,
     pub workers: usize,
+}
+
+impl Server {
+    /// The port redirects send clients to: `public_port`, else the HTTPS listener's. `https` is
+    /// that listener's address once bound, which tells the port when `https_listen` asks for an
+    /// ephemeral one (port 0).
+    pub fn redirect_port(&self, https: Option<SocketAddr>) -> u16 {
+        self.public_port
+            .unwrap_or_else(|| match self.https_listen.port() {
+                0 => https.map_or(443, |a| a.port()),
+                port => port,
+            })
+    }
 }
 
 /// Validated `[tls]`.
@@ -315,11 +329,7 @@ impl ServerSection {
             http_mode: self.http_mode,
             admin_listen: optional_addr("server.admin_listen", &self.admin_listen)?,
             public_host: self.public_host.trim().to_owned(),
-            public_port: if self.public_port == 0 {
-                https_listen.port()
-            } else {
-                self.public_port
-            },
+            public_port: (self.public_port != 0).then_some(self.public_port),
             handshake_timeout: self
                 .handshake_timeout
                 .positive("server.handshake_timeout")?,
@@ -882,10 +892,28 @@ mod tests {
     fn defaults_are_valid() {
         let c = load("", &[]).unwrap();
         assert_eq!(c.server.https_listen.port(), 8443);
-        assert_eq!(c.server.public_port, 8443);
+        assert_eq!(c.server.public_port, None);
+        assert_eq!(c.server.redirect_port(None), 8443);
         assert_eq!(c.cors.max_age, 86_400);
         assert!(!c.cors.allow_credentials);
         assert_eq!(c.auth.key_header, "x-api-key");
+    }
+
+    #[test]
+    fn redirects_go_to_the_public_port_else_the_https_listeners() {
+        let bound: SocketAddr = "127.0.0.1:40123".parse().unwrap();
+        let c = load("", &[]).unwrap();
+        assert_eq!(c.server.redirect_port(None), 8443);
+        let ephemeral = load("[server]\nhttps_listen = \"127.0.0.1:0\"\n", &[]).unwrap();
+        assert_eq!(ephemeral.server.public_port, None);
+        assert_eq!(ephemeral.server.redirect_port(Some(bound)), 40123);
+        assert_eq!(ephemeral.server.redirect_port(None), 443);
+        let public = load(
+            "[server]\nhttps_listen = \"127.0.0.1:0\"\npublic_port = 443\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(public.server.redirect_port(Some(bound)), 443);
     }
 
     #[test]
