@@ -190,9 +190,10 @@ fn check_keys(
 }
 
 /// Keys whose values may hold a secret (a password in a Redis URL, the identity secret).
-const SECRET_KEYS: [&str; 3] = [
+const SECRET_KEYS: [&str; 4] = [
     "store.url",
     "store.cluster_nodes",
+    "store.sentinels",
     "upstream.identity_secret",
 ];
 
@@ -392,6 +393,17 @@ mod tests {
                 && !err.contains("123456789"),
             "{err}"
         );
+        // Nor is a URL list that may hold a password, written as one string.
+        for key in ["cluster_nodes", "sentinels"] {
+            let text = format!("[store]\n{key} = \"redis://:s3cret@10.0.0.1:26379\"\n");
+            let err = load(&text, &[]).unwrap_err().to_string();
+            assert_eq!(
+                err,
+                format!(
+                    "invalid config: store.{key} = ***: expected a list such as [\"a\", \"b\"]"
+                )
+            );
+        }
         // A value refused by validation names the variable that set it.
         let err = load("", &[("KEYGATE_UPSTREAM_URL", "ftp://x")])
             .unwrap_err()
