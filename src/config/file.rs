@@ -30,8 +30,7 @@ pub struct DurationSetting {
 
 impl DurationSetting {
     /// What a duration setting takes, in the words of the error that refuses one.
-    pub const EXPECTED: &str =
-        "a duration such as \"250ms\", \"30s\", \"5m\" or \"7d\", at most 365d";
+    const EXPECTED: &str = "a duration such as \"250ms\", \"30s\", \"5m\" or \"7d\", at most 365d";
 
     /// `text` as a duration setting; `None` when it is not one.
     pub fn parse(text: &str) -> Option<Self> {

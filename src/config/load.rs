@@ -311,7 +311,7 @@ mod tests {
                 && err.ends_with("did you mean KEYGATE_AUTH_KEY_HEADER?"),
             "{err}"
         );
-        // A misspelt section is no longer passed over in silence.
+        // A misspelt section is refused, not passed over in silence.
         let err = load("", &[("KEYGATE_UPSTREM_URL", "http://10.0.0.5:8000")])
             .unwrap_err()
             .to_string();
