@@ -33,8 +33,6 @@ use hmac::{Hmac, Mac as _};
 use http::{HeaderValue, Method, Uri};
 use sha2::Sha256;
 
-use crate::cache::KnownKey;
-
 type HmacSha256 = Hmac<Sha256>;
 
 /// First field of the signed text: names the scheme, so a later one cannot be confused with it.
@@ -45,6 +43,10 @@ pub const MIN_SECRET_LEN: usize = 32;
 
 /// How many secrets may be configured at once: the current one and, during a rotation, the next.
 pub const MAX_SECRETS: usize = 2;
+
+/// The key fields of the signed text for a request that no key authenticated (a public path):
+/// empty, so that the backend can tell it came through keygate all the same.
+pub const NO_KEY: [&[u8]; 3] = [b"", b"", b""];
 
 /// A signing secret. Its `Debug` never shows it.
 #[derive(Clone, PartialEq, Eq)]
@@ -108,21 +110,6 @@ impl std::fmt::Debug for Signer {
     }
 }
 
-/// The key fields of the signed text: empty for a request that no key authenticated (a public
-/// path), so that the backend can tell it came through keygate all the same.
-fn key_fields(key: Option<&KnownKey>) -> [&[u8]; 3] {
-    match key {
-        Some(k) => [
-            k.id_header.as_bytes(),
-            k.name_header.as_bytes(),
-            k.owner_header
-                .as_ref()
-                .map_or(&b""[..], HeaderValue::as_bytes),
-        ],
-        None => [b"", b"", b""],
-    }
-}
-
 /// Feeds `path` to `mac` percent-decoded (`%XX` with two hex digits becomes that byte; any other
 /// `%` stays as it is, as Python's `urllib.parse.unquote_to_bytes` does).
 fn update_decoded(mac: &mut HmacSha256, path: &[u8]) {
@@ -161,18 +148,20 @@ impl Signer {
     }
 
     /// The signature header's value for a request with `method` and client-side `uri`, as
-    /// forwarded with `request_id` and the identity of `key` (`None`: no key, a public path).
+    /// forwarded with `request_id` and the key's identity header values `[id, name, owner]`
+    /// ([`NO_KEY`] for a request that no key authenticated, on a public path; an empty owner for
+    /// a key without one).
     pub fn sign(
         &self,
         method: &Method,
         uri: &Uri,
         request_id: &[u8],
-        key: Option<&KnownKey>,
+        key: [&[u8]; 3],
     ) -> HeaderValue {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        self.sign_at(now, method, uri, request_id, key_fields(key))
+        self.sign_at(now, method, uri, request_id, key)
     }
 
     /// [`Signer::sign`] at Unix time `now`, with the key fields given (id, name, owner).

@@ -22,6 +22,8 @@
 //!   store's health (breaker, lost data).
 //! - [`policy`]: per-key scopes, client networks and rate, compiled once per cached key.
 //! - [`ratelimit`]: per-key and per-IP-failure limits (GCRA), shared through the store.
+//! - [`rate`]: the rate-limit values ([`rate::Rate`], [`rate::LimitKind`], [`rate::Verdict`])
+//!   that configuration, policies, stores, metrics and the limiter share.
 //! - [`proxy`]: what is forwarded (header edits, forwarding headers, the client's address).
 //! - [`identity`]: the signature over the identity forwarded upstream, which the backend can
 //!   verify.
@@ -51,6 +53,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod policy;
 pub mod proxy;
+pub mod rate;
 pub mod ratelimit;
 pub mod redirect;
 pub mod server;

@@ -7,7 +7,7 @@ use metrics::{
 };
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
-use crate::ratelimit::LimitKind;
+use crate::rate::LimitKind;
 
 /// How a request ended, for `keygate_requests_total{outcome}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

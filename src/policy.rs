@@ -9,7 +9,7 @@ use http::Method;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::ratelimit::Rate;
+use crate::rate::Rate;
 
 /// A key's policy as stored. Empty lists mean "no restriction".
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

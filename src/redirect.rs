@@ -19,14 +19,19 @@ pub struct Redirect {
 }
 
 impl Redirect {
-    /// `https://<public_host>[:<public_port>]`, the port omitted when it is 443.
-    pub fn new(cfg: &config::Server, headers: &config::Headers) -> Self {
+    /// `https://<public_host>[:<port>]`, the port ([`config::Server::redirect_port`]: the
+    /// public port, else that of the HTTPS listener, bound at `https`) omitted when it is 443.
+    pub fn new(
+        cfg: &config::Server,
+        https: Option<std::net::SocketAddr>,
+        headers: &config::Headers,
+    ) -> Self {
         let host = if cfg.public_host.contains(':') && !cfg.public_host.starts_with('[') {
             format!("[{}]", cfg.public_host) // a bare IPv6 address
         } else {
             cfg.public_host.clone()
         };
-        let base = match cfg.public_port {
+        let base = match cfg.redirect_port(https) {
             443 => format!("https://{host}"),
             port => format!("https://{host}:{port}"),
         };
@@ -76,7 +81,7 @@ mod tests {
             .unwrap()
             .validate()
             .unwrap();
-        Redirect::new(&cfg.server, &cfg.headers)
+        Redirect::new(&cfg.server, None, &cfg.headers)
     }
 
     fn location(r: &Redirect, uri: &str, host: &str) -> String {

@@ -16,11 +16,10 @@ use anyhow::{Context as _, anyhow, bail};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::keys::{MAX_TIMESTAMP, audit, timestamp, validate_name};
-use super::note;
+use super::{MAX_TIMESTAMP, audit, note, timestamp};
 use crate::key::{self, MAX_PRESENTED_LEN, Secret};
 use crate::logging::AuditEvent;
-use crate::store::{KeyRecord, SharedStore, check_owner, unix_now};
+use crate::store::{KeyRecord, SharedStore, check_name, check_owner, unix_now};
 
 /// `format` of a keygate export.
 const EXPORT_FORMAT: &str = "keygate-export";
@@ -228,7 +227,7 @@ fn parse(text: &str) -> anyhow::Result<Parsed> {
 }
 
 fn check(record: &KeyRecord) -> anyhow::Result<()> {
-    validate_name(&record.name)?;
+    check_name(&record.name).map_err(|e| anyhow!(e))?;
     if let Some(owner) = &record.owner {
         check_owner(owner).map_err(|e| anyhow!(e))?;
     }
@@ -303,7 +302,7 @@ fn django(item: Value, now: i64) -> anyhow::Result<(Option<String>, KeyRecord)> 
         );
     }
     let f = object.fields;
-    validate_name(&f.name).map_err(|e| anyhow!("({at}): {e}; rename it in the file"))?;
+    check_name(&f.name).map_err(|e| anyhow!("({at}): {e}; rename it in the file"))?;
     let plaintext = f.key.trim();
     if plaintext.is_empty()
         || plaintext.len() > MAX_PRESENTED_LEN

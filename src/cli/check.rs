@@ -9,8 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 
-use super::keys::timestamp;
-use super::{note, source, sqlite_exists};
+use super::{note, source, sqlite_exists, timestamp};
 use crate::config::{self, Backend, Config, FileConfig};
 use crate::store::unix_now;
 use crate::tls::{self, CertCheck};

@@ -2,41 +2,18 @@
 
 use std::io::Write as _;
 use std::path::Path;
-use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
 use serde::Serialize;
 
-use super::{CreateArgs, JsonFlag, KeysCommand, RotateArgs, UsageArgs, backup, note};
+use super::{
+    CreateArgs, JsonFlag, KeysCommand, MAX_TIMESTAMP, RotateArgs, UsageArgs, audit, backup, note,
+    timestamp,
+};
 use crate::key;
 use crate::logging::AuditEvent;
 use crate::policy::Policy;
-use crate::store::{KeyRecord, SharedStore, StoreError, unix_now};
-
-/// Checks a key name: header-safe (it is sent upstream), short, and readable.
-pub(super) fn validate_name(name: &str) -> anyhow::Result<()> {
-    let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, ' ' | '.' | '_' | '-');
-    if name.is_empty() || name.len() > 64 || !name.chars().all(ok_char) || name.trim() != name {
-        bail!(
-            "invalid key name {name:?}: use 1-64 letters, digits, spaces, '.', '_' or '-', without leading or trailing spaces"
-        );
-    }
-    Ok(())
-}
-
-/// The last second an RFC 3339 timestamp can show, 9999-12-31T23:59:59Z: no time the CLI
-/// stores or shows is later.
-pub(super) const MAX_TIMESTAMP: i64 = 253_402_300_799;
-
-/// Unix seconds as RFC 3339. A time past [`MAX_TIMESTAMP`] (written to the store by something
-/// other than this CLI) is shown as seconds rather than failing the command.
-pub(super) fn timestamp(secs: i64) -> String {
-    if secs > MAX_TIMESTAMP {
-        return format!("{secs} (Unix seconds, after 9999-12-31)");
-    }
-    let t = UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).unwrap_or(0));
-    humantime::format_rfc3339_seconds(t).to_string()
-}
+use crate::store::{KeyRecord, SharedStore, StoreError, check_name, unix_now};
 
 fn status(r: &KeyRecord, now: i64) -> &'static str {
     match (r.is_active, r.is_expired(now), r.rotated_to.is_some()) {
@@ -221,19 +198,6 @@ fn unconfirmed(result: Result<(), StoreError>) -> Result<Option<StoreError>, Sto
     }
 }
 
-/// Appends to the audit log, if one is configured. A failure to write it is reported, but does
-/// not undo the change (and must not hide a key that was just printed).
-pub(super) fn audit(path: Option<&Path>, event: AuditEvent<'_>) {
-    if let Some(path) = path
-        && let Err(e) = event.append(path)
-    {
-        note!(
-            "keygate: warning: audit log {} not written: {e}",
-            path.display()
-        );
-    }
-}
-
 /// What a command reads and checks before the store is opened (and, for `create` and `import`,
 /// perhaps created): a refused command leaves nothing behind.
 #[derive(Debug, Default)]
@@ -245,7 +209,7 @@ pub(super) struct Prepared {
 pub(super) fn prepare(cmd: &KeysCommand) -> anyhow::Result<Prepared> {
     match cmd {
         KeysCommand::Create(args) => {
-            validate_name(&args.name)?;
+            check_name(&args.name).map_err(anyhow::Error::msg)?;
             create_policy(args)?;
             create_expiry(args, unix_now())?;
             Ok(Prepared::default())
@@ -286,7 +250,7 @@ async fn create(
     out: &mut impl std::io::Write,
     audit_log: Option<&Path>,
 ) -> anyhow::Result<()> {
-    validate_name(&args.name)?;
+    check_name(&args.name).map_err(anyhow::Error::msg)?;
     let policy = create_policy(&args)?;
     let secret = key::generate()?;
     let now = unix_now();
@@ -598,27 +562,4 @@ async fn usage(
         )?;
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_must_be_header_safe() {
-        for ok in ["Frontend production", "ci-bot_2", "a.b"] {
-            validate_name(ok).unwrap();
-        }
-        for bad in [
-            "",
-            " lead",
-            "trail ",
-            "new\nline",
-            "ünï",
-            "a\"b",
-            &"x".repeat(65),
-        ] {
-            assert!(validate_name(bad).is_err(), "{bad:?}");
-        }
-    }
 }

@@ -10,12 +10,13 @@
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
 use clap::{Args, CommandFactory as _, Parser, Subcommand};
 
 use crate::config::{Backend, Config, FileConfig, ProcessEnv};
+use crate::logging::AuditEvent;
 use crate::store;
 
 mod backup;
@@ -31,6 +32,33 @@ macro_rules! note {
     }};
 }
 pub(crate) use note;
+
+/// The last second an RFC 3339 timestamp can show, 9999-12-31T23:59:59Z: no time the CLI
+/// stores or shows is later.
+const MAX_TIMESTAMP: i64 = 253_402_300_799;
+
+/// Unix seconds as RFC 3339. A time past [`MAX_TIMESTAMP`] (written to the store by something
+/// other than this CLI) is shown as seconds rather than failing the command.
+fn timestamp(secs: i64) -> String {
+    if secs > MAX_TIMESTAMP {
+        return format!("{secs} (Unix seconds, after 9999-12-31)");
+    }
+    let t = UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).unwrap_or(0));
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// Appends to the audit log, if one is configured. A failure to write it is reported, but does
+/// not undo the change (and must not hide a key that was just printed).
+fn audit(path: Option<&Path>, event: AuditEvent<'_>) {
+    if let Some(path) = path
+        && let Err(e) = event.append(path)
+    {
+        note!(
+            "keygate: warning: audit log {} not written: {e}",
+            path.display()
+        );
+    }
+}
 
 /// keygate: API-key authentication gateway.
 #[derive(Debug, Parser)]
@@ -211,7 +239,7 @@ fn parse_owner(s: &str) -> Result<String, String> {
 
 fn parse_time(s: &str) -> Result<i64, String> {
     backup::parse_datetime(s)
-        .filter(|t| (0..=keys::MAX_TIMESTAMP).contains(t))
+        .filter(|t| (0..=MAX_TIMESTAMP).contains(t))
         .ok_or_else(|| format!("'{s}' is not an RFC 3339 time such as 2027-03-01T00:00:00Z"))
 }
 

@@ -69,7 +69,7 @@ pub(super) async fn run(
                     "identity marker {} generation {}",
                     identity.id, identity.generation
                 ));
-                super::keys::audit(audit_log, event);
+                super::audit(audit_log, event);
                 eprintln!(
                     "accepted the store as it is now (identity {} generation {}): running gateways \
                      drop their cached keys and read them from it again",

@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use http::Response;
-use http::header::HeaderName;
+use http::header::{HeaderName, HeaderValue};
 use http::request::Parts;
 use hyper::body::Incoming;
 
@@ -56,7 +56,14 @@ impl Gateway {
             }
         }
         if let Some(signer) = &self.signer {
-            let key = forward.key.as_ref().map(|a| &*a.key);
+            let key = forward.key.as_ref().map_or(crate::identity::NO_KEY, |a| {
+                let owner = a.key.owner_header.as_ref();
+                [
+                    a.key.id_header.as_bytes(),
+                    a.key.name_header.as_bytes(),
+                    owner.map_or(&b""[..], HeaderValue::as_bytes),
+                ]
+            });
             let signature = signer.sign(&parts.method, &parts.uri, ctx.request_id.as_bytes(), key);
             edits.add(self.signature_header.clone(), signature);
         }

@@ -36,16 +36,12 @@ pub async fn run(
 /// at once: the connections still open are closed without waiting for `server.shutdown_grace`.
 /// Usage is still flushed.
 pub async fn run_until(
-    mut config: Config,
+    config: Config,
     store: SharedStore,
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
     cut_short: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    if config.server.public_port == 0 {
-        // Listening on an ephemeral port: redirect to the port actually bound.
-        config.server.public_port = listeners.https_addr().map_or(443, |a| a.port());
-    }
     let hosts = [config.server.public_host.clone()];
     let served = tls::ServedCert::load(&config.tls, &hosts)?;
     let acceptor = TlsAcceptor::from(served.server_config()?);
@@ -66,7 +62,11 @@ pub async fn run_until(
         Arc::clone(&metrics),
         workers,
     )?);
-    let redirect = Arc::new(Redirect::new(&config.server, &config.headers));
+    let redirect = Arc::new(Redirect::new(
+        &config.server,
+        listeners.https_addr(),
+        &config.headers,
+    ));
     let admin = Arc::new(Admin::new(Arc::clone(&gateway), Arc::clone(&metrics)));
 
     let (stop_tx, stop_rx) = watch::channel(false);

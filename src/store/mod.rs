@@ -91,6 +91,19 @@ impl KeyRecord {
     }
 }
 
+/// Checks a key name: 1-64 letters, digits, spaces, '.', '_' or '-', without leading or trailing
+/// spaces. It is sent upstream in a header and signed ([`crate::identity`]), so it must be a
+/// header value, and short and readable for the operators who type it.
+pub fn check_name(name: &str) -> Result<(), String> {
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, ' ' | '.' | '_' | '-');
+    if name.is_empty() || name.len() > 64 || !name.chars().all(ok_char) || name.trim() != name {
+        return Err(format!(
+            "invalid key name {name:?}: use 1-64 letters, digits, spaces, '.', '_' or '-', without leading or trailing spaces"
+        ));
+    }
+    Ok(())
+}
+
 /// Longest owner accepted (Django's `username` is at most 150 characters).
 pub const MAX_OWNER_LEN: usize = 150;
 
@@ -258,8 +271,8 @@ pub trait KeyStore: Send + Sync + 'static {
         &self,
         _kind: &str,
         _subject: &str,
-        _rate: crate::ratelimit::Rate,
-    ) -> StoreFuture<'_, Option<crate::ratelimit::Verdict>> {
+        _rate: crate::rate::Rate,
+    ) -> StoreFuture<'_, Option<crate::rate::Verdict>> {
         Box::pin(async { Ok(None) })
     }
     /// Whether the store's connections belong to the runtime that first drives them (Redis), so
@@ -314,5 +327,28 @@ pub fn open(cfg: &crate::config::Store) -> Result<SharedStore, StoreError> {
             settings.clone(),
             cfg.timeout,
         )?)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_must_be_header_safe() {
+        for ok in ["Frontend production", "ci-bot_2", "a.b"] {
+            check_name(ok).unwrap();
+        }
+        for bad in [
+            "",
+            " lead",
+            "trail ",
+            "new\nline",
+            "ünï",
+            "a\"b",
+            &"x".repeat(65),
+        ] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
     }
 }

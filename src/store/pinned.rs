@@ -16,7 +16,7 @@ use super::{
     Changes, Identity, KeyRecord, KeyStore, SharedStore, Status, StoreError, StoreFuture, Usage,
 };
 use crate::key::KeyDigest;
-use crate::ratelimit::{Rate, Verdict};
+use crate::rate::{Rate, Verdict};
 
 /// Runs `inner`'s calls on `handle`'s runtime.
 pub struct Pinned {

@@ -46,7 +46,10 @@ use super::{
 };
 use crate::key::KeyDigest;
 use crate::logging::Throttle;
-use crate::ratelimit::{Rate, Verdict};
+use crate::rate::{Rate, Verdict};
+
+/// What `[store]` says about a Redis store (validated with the rest of the configuration).
+pub use crate::config::{RedisSettings as Settings, RedisTarget as Target, RedisTls as Tls};
 
 /// Approximate number of change-stream entries kept.
 pub const CHANGE_LOG_KEEP: u64 = 10_000;
@@ -54,90 +57,25 @@ pub const CHANGE_LOG_KEEP: u64 = 10_000;
 /// One change-stream entry as XRANGE returns it: id and field/value pairs.
 type StreamEntry = (String, Vec<(String, String)>);
 
-/// Where the store lives.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Target {
-    /// One server (or a proxy in front of several): `redis://` or `rediss://` URL.
-    Single(String),
-    /// Redis Cluster seed nodes.
-    Cluster(Vec<String>),
-    /// A primary that Redis Sentinel manages: the sentinels' URLs (their user and password, if
-    /// any, are the sentinels' own), the group's name, and a URL whose user, password, database
-    /// and scheme are the primary's (its host is not used: the sentinels name the primary).
-    Sentinel {
-        sentinels: Vec<String>,
-        master: String,
-        node: String,
-    },
-}
-
-/// TLS material for the connections to Redis (and to the sentinels), PEM.
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct Tls {
-    /// The CAs that sign the servers' certificates, instead of the system's roots.
-    pub ca: Option<Vec<u8>>,
-    /// Certificate chain and private key presented to the servers.
-    pub client: Option<(Vec<u8>, Vec<u8>)>,
-}
-
-impl std::fmt::Debug for Tls {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // The private key is never printed.
-        f.debug_struct("Tls")
-            .field("ca", &self.ca.is_some())
-            .field("client", &self.client.is_some())
-            .finish()
+/// `tls`'s CA and client certificate, as the Redis client takes them; `None` when it has none.
+fn certificates(tls: &Tls) -> Option<TlsCertificates> {
+    if tls.ca.is_none() && tls.client.is_none() {
+        return None;
     }
+    Some(TlsCertificates {
+        client_tls: tls.client.as_ref().map(|(cert, key)| ClientTlsConfig {
+            client_cert: cert.clone(),
+            client_key: key.clone(),
+        }),
+        root_cert: tls.ca.clone(),
+    })
 }
 
-impl Tls {
-    fn certificates(&self) -> Option<TlsCertificates> {
-        if self.ca.is_none() && self.client.is_none() {
-            return None;
-        }
-        Some(TlsCertificates {
-            client_tls: self.client.as_ref().map(|(cert, key)| ClientTlsConfig {
-                client_cert: cert.clone(),
-                client_key: key.clone(),
-            }),
-            root_cert: self.ca.clone(),
-        })
-    }
-
-    /// A client for `url`, with this TLS material when there is some.
-    fn client(&self, url: &str) -> RedisResult<Client> {
-        match self.certificates() {
-            Some(certs) => Client::build_with_tls(url, certs),
-            None => Client::open(url),
-        }
-    }
-}
-
-/// Everything `[store]` says about a Redis store but its timeout.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Settings {
-    /// Where it lives.
-    pub target: Target,
-    /// Keys are `{prefix}:...`.
-    pub prefix: String,
-    /// CA and client certificate for `rediss://` connections.
-    pub tls: Tls,
-    /// Replicas that must acknowledge a key change (`WAIT`) before it is confirmed; 0: none.
-    pub confirm_replicas: u32,
-    /// How long a key change waits for them.
-    pub confirm_timeout: Duration,
-}
-
-impl Settings {
-    /// `target`, keys under `{prefix}`, no TLS files, no confirmation by replicas.
-    pub fn new(target: Target, prefix: &str) -> Self {
-        Self {
-            target,
-            prefix: prefix.to_owned(),
-            tls: Tls::default(),
-            confirm_replicas: 0,
-            confirm_timeout: Duration::from_secs(1),
-        }
+/// A client for `url`, with `tls`'s material when there is some.
+fn client_for(tls: &Tls, url: &str) -> RedisResult<Client> {
+    match certificates(tls) {
+        Some(certs) => Client::build_with_tls(url, certs),
+        None => Client::open(url),
     }
 }
 
@@ -271,7 +209,7 @@ impl Failover {
             } else {
                 TlsMode::Secure
             });
-            if let Some(certs) = tls.certificates() {
+            if let Some(certs) = certificates(tls) {
                 builder = builder.set_client_to_redis_certificates(certs);
             }
         }
@@ -284,7 +222,7 @@ impl Failover {
             }
         }
         if sentinels.iter().any(|s| s.starts_with("rediss://"))
-            && let Some(certs) = tls.certificates()
+            && let Some(certs) = certificates(tls)
         {
             builder = builder.set_client_to_sentinel_certificates(certs);
         }
@@ -908,12 +846,12 @@ impl RedisStore {
         let mut failover = None;
         let display = match &settings.target {
             Target::Single(url) => {
-                let client = settings.tls.client(url).map_err(invalid)?;
+                let client = client_for(&settings.tls, url).map_err(invalid)?;
                 format!("Redis at {}", client.get_connection_info().addr())
             }
             Target::Cluster(nodes) => {
                 for node in nodes {
-                    settings.tls.client(node).map_err(invalid)?;
+                    client_for(&settings.tls, node).map_err(invalid)?;
                 }
                 "the Redis Cluster".to_owned()
             }
@@ -953,7 +891,7 @@ impl RedisStore {
     async fn connect(&self) -> Result<Conn, StoreError> {
         match &self.settings.target {
             Target::Single(url) => {
-                let client = self.settings.tls.client(url).map_err(|e| self.error(e))?;
+                let client = client_for(&self.settings.tls, url).map_err(|e| self.error(e))?;
                 let manager = ConnectionManager::new_lazy_with_config(
                     client,
                     manager_config(self.timeout, self.settings.confirm_timeout),
@@ -966,7 +904,7 @@ impl RedisStore {
                     .connection_timeout(self.timeout)
                     .response_timeout(self.timeout + self.settings.confirm_timeout)
                     .retries(2);
-                if let Some(certs) = self.settings.tls.certificates() {
+                if let Some(certs) = certificates(&self.settings.tls) {
                     builder = builder.certs(certs);
                 }
                 let client = builder.build().map_err(|e| self.error(e))?;
@@ -1238,12 +1176,12 @@ impl RedisStore {
         let tls = &self.settings.tls;
         match (&self.settings.target, &self.failover) {
             (Target::Single(url), _) => Ok(Subscription::Nodes(vec![
-                tls.client(url).map_err(|e| self.error(e))?,
+                client_for(tls, url).map_err(|e| self.error(e))?,
             ])),
             (Target::Cluster(nodes), _) => Ok(Subscription::Nodes(
                 nodes
                     .iter()
-                    .map(|n| tls.client(n).map_err(|e| self.error(e)))
+                    .map(|n| client_for(tls, n).map_err(|e| self.error(e)))
                     .collect::<Result<_, _>>()?,
             )),
             (Target::Sentinel { .. }, Some(failover)) => {
