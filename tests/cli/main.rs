@@ -20,7 +20,7 @@ mod startup;
 
 use std::path::Path;
 use std::process::{Child, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{keygate, write_config};
 
@@ -63,29 +63,13 @@ fn assert_one_line_error(o: &Output, words: &[&str]) {
     }
 }
 
-/// Polls `done` every 20 ms until it holds or `within` passes.
-fn wait_until(within: Duration, what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Waits for `child` to exit; kills it and fails if it is still running after `within`.
 fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("still running after {within:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::poll(within, || child.try_wait().unwrap()).unwrap_or_else(|| {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("still running after {within:?}");
+    })
 }
 
 /// A blocking TLS client that trusts `dir`'s `cert.pem` and reaches `localhost` at `https`.

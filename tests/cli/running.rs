@@ -4,28 +4,22 @@
 
 use std::time::{Duration, Instant};
 
-use crate::common::{Process, Upstream, write_config};
+use crate::common::{self, Process, Upstream, write_config};
 use crate::{blocking_client, run, stdout};
 
+/// Polls `GET url` with `key` until it answers `want` (within a second); returns how long that
+/// took.
 fn wait_status(client: &reqwest::blocking::Client, url: &str, key: &str, want: u16) -> Duration {
     let started = Instant::now();
-    loop {
-        let status = client
-            .get(url)
-            .header("X-API-Key", key)
-            .send()
-            .unwrap()
-            .status()
-            .as_u16();
-        if status == want {
-            return started.elapsed();
+    let what = format!("the answer {want}");
+    common::wait_for(Duration::from_secs(1), &what, || {
+        let status = client.get(url).header("X-API-Key", key).send();
+        match status.unwrap().status().as_u16() {
+            status if status == want => Ok(()),
+            status => Err(status),
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(1),
-            "still {status} after 1 s (want {want})"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    });
+    started.elapsed()
 }
 
 /// The whole operator story through the real binaries: create with the CLI while the gateway
@@ -66,15 +60,15 @@ fn cli_changes_reach_a_running_gateway_and_logs_never_contain_keys() {
         401
     );
     // Access lines are gathered per worker, but reach stdout within 100 ms while it runs.
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while !gw.output().contains("malformed_checksum") {
-        assert!(
-            Instant::now() < deadline,
-            "no access line while the gateway runs:\n{}",
-            gw.output()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let what = "an access line while the gateway runs";
+    common::wait_for(Duration::from_secs(3), what, || {
+        let output = gw.output();
+        if output.contains("malformed_checksum") {
+            Ok(())
+        } else {
+            Err(output)
+        }
+    });
 
     assert!(run(&cfg, &["keys", "revoke", "frontend"]).status.success());
     let took = wait_status(&client, &url, &key, 401);

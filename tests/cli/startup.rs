@@ -7,7 +7,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use crate::common::{self, Process, keygate, write_config};
-use crate::{run, signal, stderr, wait_exit, wait_until};
+use crate::{run, signal, stderr, wait_exit};
 
 #[test]
 fn serve_names_its_config_and_store_and_warns_of_a_down_upstream() {
@@ -28,7 +28,7 @@ fn serve_names_its_config_and_store_and_warns_of_a_down_upstream() {
         start["store"],
         format!("sqlite {}", real.join("keygate.db").display())
     );
-    wait_until(Duration::from_secs(10), "the upstream warning", || {
+    common::eventually(Duration::from_secs(10), "the upstream warning", || {
         gw.output().contains("upstream does not accept connections")
     });
     assert!(gw.output().contains("created a new, empty key store"));

@@ -2,12 +2,12 @@
 //! permission stops the start in one line), and TLS with a private CA and a client
 //! certificate.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use reqwest::StatusCode;
 
 use crate::common::redis::Redis;
-use crate::common::{self, Gateway, Upstream};
+use crate::common::{self, Gateway, Upstream, wait_for_async};
 use crate::{all_within, cli, documented_acl, redis_overrides, status};
 
 /// `keygate serve` with `env`: its exit status and stderr, once it exits (within 20 s).
@@ -21,17 +21,10 @@ fn serve_until_exit(config: &std::path::Path, env: &[(&str, &str)]) -> (bool, St
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if started.elapsed() > Duration::from_secs(20) {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("keygate serve did not exit");
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    let Some(status) = common::poll(Duration::from_secs(20), || child.try_wait().unwrap()) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("keygate serve did not exit");
     };
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
@@ -81,19 +74,20 @@ async fn the_documented_acl_is_enough_and_a_missing_permission_stops_the_start()
     let (code, body) = gw.health().await;
     assert_eq!(code, StatusCode::OK, "{body}");
     // Usage is written (a script), and the revocation reaches the gateway (pub/sub).
-    let written = Instant::now();
-    loop {
-        let list = cli(&gw, &url, &["list", "--json"]);
-        let keys: serde_json::Value = serde_json::from_str(&list).unwrap();
-        if keys[0]["use_count"].as_u64() >= Some(5) {
-            break;
-        }
-        assert!(
-            written.elapsed() < Duration::from_secs(5),
-            "no usage: {list}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_async(
+        Duration::from_secs(5),
+        "the usage to be written",
+        async || {
+            let list = cli(&gw, &url, &["list", "--json"]);
+            let keys: serde_json::Value = serde_json::from_str(&list).unwrap();
+            if keys[0]["use_count"].as_u64() >= Some(5) {
+                Ok(())
+            } else {
+                Err(list)
+            }
+        },
+    )
+    .await;
     cli(&gw, &url, &["revoke", "acl"]);
     all_within(
         &[&gw],

@@ -23,7 +23,7 @@ mod sentinel;
 
 use std::time::{Duration, Instant};
 
-use common::Gateway;
+use common::{Gateway, wait_for_async};
 use reqwest::StatusCode;
 
 /// `KEYGATE_*` overrides for a gateway on the Redis at `redis`, then `extra`.
@@ -54,20 +54,20 @@ async fn status(gw: &Gateway, key: &str) -> StatusCode {
 /// `limit`. Returns how long it took (a change's propagation time).
 async fn all_within(gws: &[&Gateway], key: &str, want: StatusCode, limit: Duration) -> Duration {
     let started = Instant::now();
-    loop {
-        let mut done = true;
+    let what = format!("every instance to answer {want}");
+    wait_for_async(limit, &what, async || {
+        let mut answers = Vec::new();
         for gw in gws {
-            done &= status(gw, key).await == want;
+            answers.push(status(gw, key).await);
         }
-        if done {
-            return started.elapsed();
+        if answers.iter().all(|&a| a == want) {
+            Ok(())
+        } else {
+            Err(format!("{answers:?}"))
         }
-        assert!(
-            started.elapsed() < limit,
-            "not every instance answers {want} after {limit:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    })
+    .await;
+    started.elapsed()
 }
 
 /// Sends, all at once, 8 requests with `known` and one with each key of `unseen`; returns each

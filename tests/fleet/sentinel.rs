@@ -9,42 +9,39 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 
 use crate::common::redis::{Redis, Sentinels};
-use crate::common::{self, Gateway, Upstream};
+use crate::common::{self, Gateway, Upstream, eventually_async, wait_for_async};
 use crate::{all_within, documented_acl, status};
 
 /// Polls every gateway's `/readyz` until it names `node` as the store's node; returns how long
 /// after `since` each got there.
 async fn each_on_node(gws: &[&Gateway], node: &str, since: Instant, limit: Duration) -> Vec<f64> {
     let mut took = Vec::new();
+    let what = format!("every gateway on {node}");
     for gw in gws {
-        loop {
+        let within = (since + limit).saturating_duration_since(Instant::now());
+        wait_for_async(within, &what, async || {
             let (_, body) = gw.ready().await;
             if body["store_node"] == node {
-                took.push(since.elapsed().as_secs_f64());
-                break;
+                Ok(())
+            } else {
+                Err(body)
             }
-            assert!(
-                since.elapsed() < limit,
-                "a gateway is not on {node} after {limit:?}: {body}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        })
+        .await;
+        took.push(since.elapsed().as_secs_f64());
     }
     took
 }
 
 /// Polls the sentinels until they name `node` the primary; returns how long after `since`.
 async fn sentinels_name(sentinels: &Sentinels, node: &str, since: Instant) -> f64 {
-    loop {
-        if sentinels.primary().as_deref() == Some(node) {
-            return since.elapsed().as_secs_f64();
-        }
-        assert!(
-            since.elapsed() < Duration::from_secs(30),
-            "the sentinels did not promote {node}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let within = (since + Duration::from_secs(30)).saturating_duration_since(Instant::now());
+    let what = format!("the sentinels to promote {node}");
+    eventually_async(within, &what, async || {
+        sentinels.primary().as_deref() == Some(node)
+    })
+    .await;
+    since.elapsed().as_secs_f64()
 }
 
 /// Three gateways on a Sentinel group while clients use them: a `SENTINEL FAILOVER` with
@@ -131,6 +128,7 @@ async fn a_sentinel_failover_moves_every_gateway_and_loses_no_revocation() {
                         other => failed.push(format!("{other:?}")),
                     }
                 }
+                // Paced on purpose: a steady client, not a flood.
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             (served, failed)
@@ -150,18 +148,16 @@ async fn a_sentinel_failover_moves_every_gateway_and_loses_no_revocation() {
             let (mut confirmed, mut refused) = (Vec::new(), Vec::new());
             for i in 0..12 {
                 let name = format!("victim-{i}");
-                loop {
-                    match cli(&["revoke", &name]) {
-                        Ok(_) => break,
-                        Err(e) => refused.push((started.elapsed().as_secs_f64(), e)),
-                    }
-                    assert!(
-                        started.elapsed() < Duration::from_secs(30),
-                        "no revocation confirmed: {refused:?}"
-                    );
-                    std::thread::sleep(Duration::from_millis(100));
-                }
+                let within =
+                    (started + Duration::from_secs(30)).saturating_duration_since(Instant::now());
+                common::wait_for(within, "a confirmed revocation", || {
+                    cli(&["revoke", &name]).map_err(|e| {
+                        refused.push((started.elapsed().as_secs_f64(), e));
+                        format!("{refused:?}")
+                    })
+                });
                 confirmed.push(started.elapsed().as_secs_f64());
+                // Paced on purpose: the revocations are spread over the whole failover.
                 std::thread::sleep(Duration::from_millis(100));
             }
             (confirmed, refused)
@@ -192,23 +188,19 @@ async fn a_sentinel_failover_moves_every_gateway_and_loses_no_revocation() {
     }
 
     // The old primary resyncs as a replica of the new one: every revocation is still there.
-    let resynced = Instant::now();
-    while !primary
-        .cli(&["INFO", "replication"])
-        .is_some_and(|i| i.contains("role:slave") && i.contains("master_link_status:up"))
-    {
-        assert!(
-            resynced.elapsed() < Duration::from_secs(30),
-            "the old primary did not resync"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let resynced = |node: &Redis| {
+        node.cli(&["INFO", "replication"])
+            .is_some_and(|i| i.contains("role:slave") && i.contains("master_link_status:up"))
+    };
+    let what = "the old primary to resync";
+    eventually_async(Duration::from_secs(30), what, async || resynced(&primary)).await;
     for _ in 0..3 {
         for gw in &gws {
             for victim in &victims {
                 assert_eq!(status(gw, victim).await, StatusCode::UNAUTHORIZED);
             }
         }
+        // Spread on purpose: a revocation that holds keeps holding after the resync.
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     for victim in &victims {
@@ -260,17 +252,8 @@ async fn a_sentinel_failover_moves_every_gateway_and_loses_no_revocation() {
     // The killed node comes back as a replica: changes are confirmed again.
     replica.restart();
     assert_eq!(replica.cli(&acl).as_deref(), Some("OK"));
-    let back = Instant::now();
-    while !replica
-        .cli(&["INFO", "replication"])
-        .is_some_and(|i| i.contains("role:slave") && i.contains("master_link_status:up"))
-    {
-        assert!(
-            back.elapsed() < Duration::from_secs(30),
-            "the restarted node did not resync"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let what = "the restarted node to resync";
+    eventually_async(Duration::from_secs(30), what, async || resynced(&replica)).await;
     let after = cli(&["create", "--name", "after-crash"]).unwrap();
     all_within(&gws, &after, StatusCode::OK, Duration::from_secs(2)).await;
     for victim in &victims {

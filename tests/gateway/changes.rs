@@ -2,11 +2,11 @@
 //! store connection or by hand in `sqlite3`) take effect within a second, and usage goes back
 //! to the store in batches.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use reqwest::StatusCode;
 
-use crate::common::{Gateway, Upstream};
+use crate::common::{Gateway, Upstream, wait_for_async};
 
 #[tokio::test]
 async fn keys_created_revoked_and_enabled_elsewhere_take_effect_within_a_second() {
@@ -69,18 +69,15 @@ async fn usage_is_flushed_in_batches() {
         let resp = gw.get_with_key("/x", &key).await;
         assert_eq!(resp.status(), StatusCode::OK);
     }
-    let started = Instant::now();
-    loop {
+    let flushed = wait_for_async(Duration::from_secs(3), "the usage flush", async || {
         let r = gw.store.find("counted").await.unwrap();
         if r.use_count == 5 {
-            assert!(r.last_used.is_some());
-            break;
+            Ok(r)
+        } else {
+            Err(format!("{r:?}"))
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(3),
-            "usage not flushed: {r:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
+    assert!(flushed.last_used.is_some());
     gw.shutdown().await;
 }

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 
-use crate::common::{self, Gateway, Upstream};
+use crate::common::{self, Gateway, Upstream, eventually_async};
 use crate::json;
 
 #[tokio::test]
@@ -25,11 +25,8 @@ async fn shutdown_lets_in_flight_requests_finish_and_flushes_usage() {
         tokio::spawn(async move { client.get(url).header("X-API-Key", key).send().await })
     };
     // Wait until the upstream holds the request, then shut down.
-    let started = Instant::now();
-    while upstream.count() == 0 {
-        assert!(started.elapsed() < Duration::from_secs(5));
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let what = "the upstream to hold the request";
+    eventually_async(Duration::from_secs(5), what, async || upstream.count() > 0).await;
     let done = gw.begin_shutdown();
     let resp = in_flight.await.unwrap().unwrap();
     assert_eq!(resp.status(), StatusCode::OK);

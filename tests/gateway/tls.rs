@@ -1,11 +1,11 @@
 //! TLS: 1.2 and 1.3 handshakes, non-TLS clients counted and dropped, and certificates reloaded
 //! when their files change (a bad pair refused, traffic uninterrupted).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use reqwest::StatusCode;
 
-use crate::common::{Gateway, Upstream};
+use crate::common::{Gateway, Upstream, eventually_async, wait_for_async};
 
 /// TLS 1.2 and 1.3 are served (anything older is not even implemented by rustls), with HSTS.
 #[tokio::test]
@@ -44,19 +44,18 @@ async fn tls12_and_tls13_handshakes_succeed() {
     let _ = tcp.read_to_end(&mut buf).await;
     assert!(!String::from_utf8_lossy(&buf).contains("200"));
     // The worker counts the failure just after the socket closes: allow it a moment.
-    let counted = |m: &str| {
-        m.lines()
-            .any(|l| l == "keygate_tls_handshake_failures_total 1")
-    };
-    let mut metrics = gw.metrics().await;
-    for _ in 0..50 {
-        if counted(&metrics) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        metrics = gw.metrics().await;
-    }
-    assert!(counted(&metrics), "{metrics}");
+    wait_for_async(
+        Duration::from_secs(1),
+        "the failed handshake's count",
+        async || {
+            let metrics = gw.metrics().await;
+            let counted = metrics
+                .lines()
+                .any(|l| l == "keygate_tls_handshake_failures_total 1");
+            if counted { Ok(()) } else { Err(metrics) }
+        },
+    )
+    .await;
     gw.shutdown().await;
 }
 
@@ -123,6 +122,8 @@ async fn certificates_are_reloaded_when_their_files_change_and_bad_ones_are_refu
                     .status();
                 assert_eq!(status, StatusCode::OK);
                 ok += 1;
+                // Paced on purpose: 100 requests spread over a second or more overlap both
+                // file changes below.
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             ok
@@ -135,24 +136,18 @@ async fn certificates_are_reloaded_when_their_files_change_and_bad_ones_are_refu
         b"-----BEGIN CERTIFICATE-----\nnope\n-----END CERTIFICATE-----\n",
     )
     .unwrap();
+    // A fixed wait: four watch intervals (100 ms) for the watcher to read the broken file. A
+    // refused reload changes nothing a client can see, and that is what is checked.
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(served_cert(&gw, &roots).await.unwrap(), before);
 
     // A good pair: new connections get it.
     std::fs::copy(next.join("key.pem"), dir.join("key.pem")).unwrap();
     std::fs::copy(next.join("cert.pem"), dir.join("cert.pem")).unwrap();
-    let started = Instant::now();
-    loop {
-        let now = served_cert(&gw, &roots).await.unwrap();
-        if now != before {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(3),
-            "the new certificate was not picked up"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually_async(Duration::from_secs(3), "the new certificate", async || {
+        served_cert(&gw, &roots).await.unwrap() != before
+    })
+    .await;
     // A client that only trusts the old certificate now fails: the new one is really served.
     assert!(served_cert(&gw, &[old_pem]).await.is_err());
     assert_eq!(

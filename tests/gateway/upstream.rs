@@ -2,11 +2,13 @@
 //! connections kept alive, replaced when the upstream closes them, and kept usable when it
 //! answers before reading a body.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 
-use crate::common::{Gateway, Upstream};
+use crate::common::{Gateway, Upstream, eventually_async};
 use crate::{assert_security_headers, json};
 
 #[tokio::test]
@@ -94,12 +96,16 @@ async fn upstream_connections_are_kept_alive_across_requests() {
 #[tokio::test]
 async fn idle_upstream_connections_closed_by_the_upstream_are_replaced() {
     // An upstream that keeps a connection open for 50 ms after each answer, then hangs up, as
-    // servers with a short keep-alive timeout do; it never says `Connection: close`.
+    // servers with a short keep-alive timeout do; it never says `Connection: close`. Counts the
+    // connections it has answered and closed.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let hung_up = Arc::new(AtomicUsize::new(0));
+    let closes = Arc::clone(&hung_up);
     tokio::spawn(async move {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
         while let Ok((mut stream, _)) = listener.accept().await {
+            let closes = Arc::clone(&closes);
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 let mut chunk = [0u8; 4096];
@@ -112,18 +118,24 @@ async fn idle_upstream_connections_closed_by_the_upstream_are_replaced() {
                 let _ = stream
                     .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
                     .await;
+                // The upstream's keep-alive timeout: the behaviour under test.
                 tokio::time::sleep(Duration::from_millis(50)).await;
+                drop(stream);
+                closes.fetch_add(1, Ordering::SeqCst);
             });
         }
     });
     let gw = Gateway::start(&format!("http://{addr}"), &[]).await;
     let key = gw.create_key("k").await;
     let client = gw.h1_client();
-    for _ in 0..3 {
+    for answered in 1..=3 {
         let resp = gw.get_with_key_on(&client, "/x", &key).await;
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(resp.text().await.unwrap(), "ok");
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The next request goes out once the upstream has closed the connection this one used.
+        let what = "the upstream to close the idle connection";
+        let closed = async || hung_up.load(Ordering::SeqCst) == answered;
+        eventually_async(Duration::from_secs(5), what, closed).await;
     }
     let opened = metric_value(
         &gw.metrics().await,
