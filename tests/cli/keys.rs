@@ -228,7 +228,9 @@ fn import_reads_standard_input_for_a_dash() {
     assert!(listed.contains("one") && listed.contains("two"), "{listed}");
 }
 
-/// A key that expires after year 9999 was accepted, and every listing then panicked on it.
+/// Expiry times stay within what can be shown (before year 10000): a longer lifetime is refused
+/// at creation, a time past it written by another tool is shown as a number (no panic), and an
+/// import refuses it.
 #[test]
 fn expiry_times_stay_within_what_can_be_shown() {
     let dir = tempfile::tempdir().unwrap();

@@ -77,8 +77,8 @@ fn serve_started_elsewhere_uses_the_store_beside_its_config() {
     assert!(!elsewhere.path().join("keygate.db").exists());
 }
 
-/// Two gateways on one port shared it through `SO_REUSEPORT` and split its connections (some
-/// answered, some 502). Only the first may listen there; the second is refused in one line.
+/// A port is one gateway's: two sharing it through `SO_REUSEPORT` would split its connections
+/// (some answered, some 502). Only the first may listen there; the second is refused in one line.
 #[test]
 fn a_second_gateway_cannot_listen_on_a_port_the_first_owns() {
     let rt = tokio::runtime::Runtime::new().unwrap();

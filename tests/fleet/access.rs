@@ -33,8 +33,8 @@ fn serve_until_exit(config: &std::path::Path, env: &[(&str, &str)]) -> (bool, St
 
 /// The ACL of docs/fleet.md, used verbatim, is all keygate needs: the gateway starts (its
 /// permission check passes), the CLI creates and revokes, the shared rate limits stay shared
-/// (the limiter's TIME is granted), usage is written. A user without TIME (the ACL the docs
-/// used to give) makes `keygate serve` refuse to start with one line naming it.
+/// (the limiter's TIME is granted), usage is written. A user without TIME makes `keygate serve`
+/// refuse to start with one line naming it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_documented_acl_is_enough_and_a_missing_permission_stops_the_start() {
     let dir = tempfile::tempdir().unwrap();

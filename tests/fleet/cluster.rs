@@ -70,7 +70,8 @@ async fn a_cluster_gateway_follows_any_node_and_answers_outages_within_the_store
         .iter()
         .position(|n| n.cli(&["SET", "{keygate}:owner", "1"]).as_deref() == Some("OK"))
         .expect("a node holds the {keygate} slot");
-    // Seed nodes with another node first: the one the subscription used to be tied to.
+    // Seed nodes with another node first: it is killed below, and the subscription must not
+    // depend on it.
     let first = (owner + 1) % 3;
     let order = [first, owner, (owner + 2) % 3];
     let nodes = format!(

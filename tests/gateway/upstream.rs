@@ -14,7 +14,7 @@ use crate::{assert_security_headers, json};
 #[tokio::test]
 async fn upstream_failures_are_502_and_504_and_the_gateway_keeps_serving() {
     // An upstream that hangs up on every connection. The port stays ours, so no other test's
-    // listener can take it (a dropped listener's port was once reused by a parallel test).
+    // listener can take it (a dropped listener's port is free for a parallel test to bind).
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let dead = listener.local_addr().unwrap();
     tokio::spawn(async move {
