@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{Process, Upstream, keygate, write_config};
 
@@ -28,18 +28,11 @@ fn access_lines(gw: &Process) -> Vec<serde_json::Value> {
 
 /// Waits until an access-log line for `path` appears; returns it.
 fn line_for(gw: &Process, path: &str, within: Duration) -> serde_json::Value {
-    let started = Instant::now();
-    loop {
-        if let Some(line) = access_lines(gw).into_iter().find(|l| l["path"] == path) {
-            return line;
-        }
-        assert!(
-            started.elapsed() < within,
-            "no access-log line for {path}:\n{}",
-            gw.output()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let what = format!("an access-log line for {path}");
+    common::wait_for(within, &what, || {
+        let line = access_lines(gw).into_iter().find(|l| l["path"] == path);
+        line.ok_or_else(|| gw.output())
+    })
 }
 
 fn client(
@@ -113,11 +106,8 @@ fn requests_cut_off_before_their_answer_are_logged_as_cancelled() {
         let key = key.clone();
         move || patient.get(url).header("X-API-Key", key).send()
     });
-    let started = Instant::now();
-    while upstream.count() < 2 {
-        assert!(started.elapsed() < Duration::from_secs(5));
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let what = "the upstream to have the request";
+    common::eventually(Duration::from_secs(5), what, || upstream.count() >= 2);
     assert!(gw.terminate().success());
     assert!(waiting.join().unwrap().is_err(), "the request was cut off");
     let lines = access_lines(&gw);

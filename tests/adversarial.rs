@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Gateway, Upstream};
+use common::{Gateway, Upstream, eventually_async};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
@@ -276,16 +276,15 @@ async fn a_client_dying_mid_upload_is_an_aborted_request_upstream() {
         .unwrap();
     stream.write_all(&[7u8; 100_000]).await.unwrap();
     stream.flush().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The client dies once the upload is under way upstream.
+    let what = "the upload to reach the upstream";
+    eventually_async(Duration::from_secs(5), what, async || {
+        upstream.started() > 0
+    })
+    .await;
     drop(stream);
-    let started = Instant::now();
-    while upstream.count() == 0 {
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "the upstream never saw the request end"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let what = "the upstream to see the request end";
+    eventually_async(Duration::from_secs(5), what, async || upstream.count() > 0).await;
     let seen = upstream.last();
     assert!(
         !seen.body_complete,
@@ -691,10 +690,9 @@ async fn a_stalled_body_times_out() {
         // `raw` reads to the end: the connection was closed, well before its 5 s.
         assert!(took < Duration::from_secs(4), "{what}: took {took:?}");
         // The upstream's side of the aborted request ends as the gateway drops it.
-        while upstream.count() == before {
-            assert!(started.elapsed() < Duration::from_secs(5), "{what}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let within = (started + Duration::from_secs(5)).saturating_duration_since(Instant::now());
+        let ended = format!("{what}: the upstream to see the request end");
+        eventually_async(within, &ended, async || upstream.count() > before).await;
         assert_eq!(upstream.count(), before + 1, "{what}");
         assert!(!upstream.last().body_complete, "{what}");
     }

@@ -11,8 +11,8 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead as _, BufReader};
-use std::net::SocketAddr;
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -116,6 +116,9 @@ impl Gunicorn {
             .unwrap_or_else(|_| panic!("gunicorn did not start: {:?}", log.lock().unwrap()))
             .parse()
             .unwrap();
+        // gunicorn listens before its worker has loaded Django: wait until an answer comes.
+        let what = "gunicorn's worker to answer";
+        common::wait_for(Duration::from_secs(60), what, || answers(addr));
         Self { child, addr, log }
     }
 
@@ -125,6 +128,24 @@ impl Gunicorn {
 
     fn log(&self) -> String {
         self.log.lock().unwrap().join("\n")
+    }
+}
+
+/// Whether an HTTP server answers `GET /` at `addr` within two seconds; the error says why not.
+fn answers(addr: SocketAddr) -> Result<(), String> {
+    let mut stream = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut head = [0u8; 5];
+    stream.read_exact(&mut head).map_err(|e| e.to_string())?;
+    if &head == b"HTTP/" {
+        Ok(())
+    } else {
+        Err(format!("not HTTP: {:?}", String::from_utf8_lossy(&head)))
     }
 }
 

@@ -8,11 +8,13 @@
 //! (the `#   ` lines after a command) must appear in that command's output, in order; `...`
 //! stands for anything.
 
+mod common;
+
 use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// One command of the quickstart and the output lines the README shows for it.
 #[derive(Debug)]
@@ -155,16 +157,7 @@ fn run_steps(dir: &Path, bin_dir: &Path, steps: &[Step]) -> (Vec<String>, bool) 
         bash.env_remove(var);
     }
     let mut child = bash.spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(180);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break Some(status);
-        }
-        if Instant::now() > deadline {
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = common::poll(Duration::from_secs(180), || child.try_wait().unwrap());
     // The group is the bash started here and what it started: end whatever is left of it.
     let group = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
     let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);

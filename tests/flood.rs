@@ -7,7 +7,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Gateway, Upstream};
+use common::{Gateway, Upstream, eventually_async};
 
 fn vm_rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -56,7 +56,6 @@ async fn a_million_random_keys_cost_bounded_lookups_flat_memory_and_no_new_serie
     let url = format!("http://{}/api/v1/video/process/", gw.http);
     let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let statuses = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::new()));
-    let mut rss_after_warmup = None;
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..CONNECTIONS {
         let (url, sent, statuses) = (url.clone(), Arc::clone(&sent), Arc::clone(&statuses));
@@ -92,15 +91,10 @@ async fn a_million_random_keys_cost_bounded_lookups_flat_memory_and_no_new_serie
         });
     }
     // Memory is compared from the point where every address is locked out and the caches hold
-    // what they will hold, to the end.
-    while sent.load(std::sync::atomic::Ordering::Relaxed) < REQUESTS {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        if rss_after_warmup.is_none()
-            && sent.load(std::sync::atomic::Ordering::Relaxed) >= REQUESTS / 10
-        {
-            rss_after_warmup = Some(vm_rss_kib());
-        }
-    }
+    // what they will hold (a tenth of the flood in), to the end.
+    let warm = async || sent.load(std::sync::atomic::Ordering::Relaxed) >= REQUESTS / 10;
+    eventually_async(Duration::from_secs(600), "a tenth of the flood", warm).await;
+    let rss_after_warmup = vm_rss_kib();
     while let Some(done) = workers.join_next().await {
         done.unwrap();
     }
@@ -114,12 +108,12 @@ async fn a_million_random_keys_cost_bounded_lookups_flat_memory_and_no_new_serie
     let lookups = metric(&after, "keygate_cache_misses_total")
         - metric(&before, "keygate_cache_misses_total");
     let entries = metric(&after, "keygate_cache_entries");
-    let grown_mib = (rss_end as f64 - rss_after_warmup.unwrap() as f64) / 1024.0;
+    let grown_mib = (rss_end as f64 - rss_after_warmup as f64) / 1024.0;
     println!(
         "{REQUESTS} random keys from {ADDRESSES} addresses in {elapsed:.1?}: {statuses:?}; \
          {lookups} store lookups (limit {allowed}); {entries} cache entries; \
          RSS {} MiB after 10%, {} MiB at the end ({grown_mib:+.1} MiB)",
-        rss_after_warmup.unwrap() / 1024,
+        rss_after_warmup / 1024,
         rss_end / 1024
     );
     assert_eq!(statuses.values().sum::<usize>(), REQUESTS);

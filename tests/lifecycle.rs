@@ -4,9 +4,9 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{Gateway, Upstream, keygate};
+use common::{Gateway, Upstream, keygate, wait_for_async};
 use reqwest::StatusCode;
 use serde_json::Value;
 
@@ -88,6 +88,7 @@ async fn expiry_from_the_cli() {
         )
         .contains("in the past")
     );
+    // A fixed wait: the key's two-second lifetime must run out.
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let resp = gw.get_with_key("/x", &soon).await;
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
@@ -125,47 +126,54 @@ async fn rotation_keeps_the_old_key_for_the_grace_period_and_shows_its_use() {
     keygate::key::check_format(new.as_bytes()).unwrap();
     gw.wait_for_status(&new, StatusCode::FORBIDDEN, Duration::from_secs(3))
         .await; // the policy came along: /x is out of scope
-    // Let the change feed (50 ms polls in tests) bring the old key's new state to the cache.
-    tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
         request(&gw, reqwest::Method::GET, "/api/x", &new, None)
             .await
             .status(),
         StatusCode::OK
     );
-    // The old key still works, and the upstream sees the same key name for both.
-    assert_eq!(
-        request(&gw, reqwest::Method::GET, "/api/old", &old, None)
-            .await
-            .status(),
-        StatusCode::OK
-    );
+    // The old key still works; once the change feed (50 ms polls in tests) has brought its new
+    // state to the cache, a use of it counts as a rotated key's.
+    let what = "a use counted as the rotated key's";
+    wait_for_async(Duration::from_secs(3), what, async || {
+        let old_use = request(&gw, reqwest::Method::GET, "/api/old", &old, None).await;
+        assert_eq!(old_use.status(), StatusCode::OK);
+        let metrics = gw.metrics().await;
+        if metrics
+            .lines()
+            .any(|l| l == "keygate_rotated_key_uses_total 1")
+        {
+            Ok(())
+        } else {
+            Err(metrics)
+        }
+    })
+    .await;
+    // The upstream sees the same key name for both.
     assert_eq!(upstream.last().headers["x-api-key-name"], "frontend");
     assert_eq!(upstream.last().headers["x-api-key-id"], old_id.as_str());
-    let metrics = gw.metrics().await;
-    assert!(
-        metrics
-            .lines()
-            .any(|l| l == "keygate_rotated_key_uses_total 1"),
-        "{metrics}"
-    );
     // The name now means the new key; the old one is reachable by id, and shows its last use.
     let shown: Value = serde_json::from_str(&cli(&gw, &["show", "frontend", "--json"])).unwrap();
     assert_ne!(shown["id"], old_id.as_str());
-    let started = Instant::now();
-    loop {
-        let usage = cli(&gw, &["usage"]);
-        if usage.contains(&format!("(old key {old_id}, rotated to"))
-            && !usage.contains("last used never")
-        {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(3), "{usage}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_async(
+        Duration::from_secs(3),
+        "the old key's last use",
+        async || {
+            let usage = cli(&gw, &["usage"]);
+            if usage.contains(&format!("(old key {old_id}, rotated to"))
+                && !usage.contains("last used never")
+            {
+                Ok(())
+            } else {
+                Err(usage)
+            }
+        },
+    )
+    .await;
     assert!(cli_err(&gw, &["rotate", &old_id]).contains("already rotated"));
 
-    // After the grace period the old key is refused, with its own reason.
+    // After the grace period the old key is refused, with its own reason. A fixed wait: the
+    // three-second grace period must run out.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let resp = request(&gw, reqwest::Method::GET, "/api/old", &old, None).await;
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);

@@ -8,7 +8,7 @@ mod common;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -171,8 +171,8 @@ fn get(dir: &Path, gw: &Process, key: &str, path: &str) -> (u16, serde_json::Val
 
 /// The access-log line for `path`, once it is there.
 fn logged(gw: &Process, path: &str) -> serde_json::Value {
-    let started = Instant::now();
-    loop {
+    let what = format!("the access-log line for {path}");
+    common::wait_for(Duration::from_secs(5), &what, || {
         let found = gw.lines.lock().unwrap().iter().find_map(|l| {
             let v: serde_json::Value = serde_json::from_str(l).ok()?;
             let fields = if v["fields"].is_object() {
@@ -182,16 +182,8 @@ fn logged(gw: &Process, path: &str) -> serde_json::Value {
             };
             (fields["path"] == path).then_some(fields)
         });
-        if let Some(line) = found {
-            return line;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "{}",
-            gw.output()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        found.ok_or_else(|| gw.output())
+    })
 }
 
 #[test]

@@ -4,12 +4,18 @@
 #![allow(dead_code)]
 
 pub mod redis;
+pub mod wait;
+
+// Each test binary uses some of them.
+#[allow(unused_imports)]
+pub use wait::{eventually, eventually_async, poll, wait_for, wait_for_async};
 
 use std::collections::BTreeMap;
 use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -49,7 +55,10 @@ pub struct Seen {
 /// body is read to the end (hashed, not stored) and the answer is JSON with its length and digest.
 pub struct Upstream {
     pub addr: SocketAddr,
+    /// Requests whose body has ended (completely or not), in that order.
     pub seen: Arc<Mutex<Vec<Seen>>>,
+    /// Requests whose head has arrived (their bodies may still be on the way).
+    started: Arc<AtomicUsize>,
     _stop: oneshot::Sender<()>,
 }
 
@@ -58,17 +67,22 @@ impl Upstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let started: Arc<AtomicUsize> = Arc::default();
         let (stop_tx, mut stop_rx) = oneshot::channel::<()>();
         let record = Arc::clone(&seen);
+        let heads = Arc::clone(&started);
         tokio::spawn(async move {
             loop {
                 let (stream, _) = tokio::select! {
                     r = listener.accept() => match r { Ok(a) => a, Err(_) => continue },
                     _ = &mut stop_rx => return,
                 };
-                let record = Arc::clone(&record);
+                let (record, heads) = (Arc::clone(&record), Arc::clone(&heads));
                 tokio::spawn(async move {
-                    let service = service_fn(move |req| handle(req, Arc::clone(&record)));
+                    let service = service_fn(move |req| {
+                        heads.fetch_add(1, Ordering::SeqCst);
+                        handle(req, Arc::clone(&record))
+                    });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
@@ -78,6 +92,7 @@ impl Upstream {
         Self {
             addr,
             seen,
+            started,
             _stop: stop_tx,
         }
     }
@@ -86,8 +101,14 @@ impl Upstream {
         format!("http://{}", self.addr)
     }
 
+    /// Requests seen whole (their bodies ended).
     pub fn count(&self) -> usize {
         self.seen.lock().unwrap().len()
+    }
+
+    /// Requests whose head has arrived, bodies ended or not.
+    pub fn started(&self) -> usize {
+        self.started.load(Ordering::SeqCst)
     }
 
     pub fn last(&self) -> Seen {
@@ -131,6 +152,7 @@ async fn handle(
         body_sha256: digest.clone(),
         body_complete: complete,
     });
+    // A slow upstream is what these routes are for: the delay is the behaviour under test.
     match parts.uri.path() {
         "/slow" => tokio::time::sleep(Duration::from_secs(3)).await,
         "/hold" => tokio::time::sleep(Duration::from_millis(700)).await,
@@ -142,7 +164,8 @@ async fn handle(
         let first = futures_util::stream::iter([Ok::<_, std::io::Error>(http_body::Frame::data(
             Bytes::from_static(b"0123456789"),
         ))]);
-        // The headers and first bytes go out; then the upstream dies.
+        // The headers and first bytes go out; then the upstream dies. The pause is part of
+        // that behaviour: the break comes after the first bytes have reached the gateway.
         let death = futures_util::stream::once(async {
             tokio::time::sleep(Duration::from_millis(200)).await;
             Err(std::io::Error::other("upstream died"))
@@ -383,17 +406,15 @@ impl Gateway {
     ) -> Duration {
         let client = self.client();
         let started = std::time::Instant::now();
-        loop {
-            let status = self.get_with_key_on(&client, "/x", key).await.status();
-            if status == want {
-                return started.elapsed();
+        let what = format!("GET /x to answer {want}");
+        wait_for_async(within, &what, async || {
+            match self.get_with_key_on(&client, "/x", key).await.status() {
+                status if status == want => Ok(()),
+                status => Err(format!("still {status}")),
             }
-            assert!(
-                started.elapsed() < within,
-                "still {status} after {within:?}, wanted {want}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        })
+        .await;
+        started.elapsed()
     }
 
     /// `https://localhost:<port><path>`.
@@ -494,6 +515,9 @@ pub struct Process {
     pub admin: SocketAddr,
     pub lines: Arc<Mutex<Vec<String>>>,
     pub stderr: Arc<Mutex<Vec<String>>>,
+    /// The threads reading stdout and stderr: they end when the process has exited and every
+    /// line it wrote has been kept.
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Process {
@@ -513,7 +537,7 @@ impl Process {
         let (tx, rx) = std::sync::mpsc::channel::<String>();
         let out = child.stdout.take().unwrap();
         let sink = Arc::clone(&lines);
-        std::thread::spawn(move || {
+        let out_reader = std::thread::spawn(move || {
             for line in BufReader::new(out).lines().map_while(Result::ok) {
                 // Kept before it is announced: once `start` returns, `output()` has the line.
                 sink.lock().unwrap().push(line.clone());
@@ -524,7 +548,7 @@ impl Process {
         });
         let err = child.stderr.take().unwrap();
         let sink = Arc::clone(&stderr);
-        std::thread::spawn(move || {
+        let err_reader = std::thread::spawn(move || {
             for line in BufReader::new(err).lines().map_while(Result::ok) {
                 sink.lock().unwrap().push(line);
             }
@@ -541,14 +565,19 @@ impl Process {
             child,
             lines,
             stderr,
+            readers: vec![out_reader, err_reader],
         }
     }
 
-    /// Sends SIGTERM and waits for the exit status.
+    /// Sends SIGTERM and waits for the exit status, and for every line the process wrote.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap());
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-        self.child.wait().unwrap()
+        let status = self.child.wait().unwrap();
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
+        }
+        status
     }
 
     /// Everything written to stdout and stderr so far.

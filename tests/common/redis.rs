@@ -5,7 +5,9 @@
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use super::eventually;
 
 /// A free loopback port whose `port + 10000` (the cluster bus port) is free too.
 fn free_port() -> u16 {
@@ -120,18 +122,12 @@ impl Redis {
     pub fn start_replica(dir: &Path, primary: &Redis) -> Self {
         let port = primary.port.to_string();
         let replica = Self::start_with(dir, &["--replicaof", "127.0.0.1", &port]);
-        let started = Instant::now();
-        while !replica
-            .cli(&["INFO", "replication"])
-            .is_some_and(|i| i.contains("master_link_status:up"))
-        {
-            assert!(
-                started.elapsed() < Duration::from_secs(20),
-                "the replica on {} did not synchronise",
-                replica.port
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let what = format!("the replica on {} to synchronise", replica.port);
+        eventually(Duration::from_secs(20), &what, || {
+            replica
+                .cli(&["INFO", "replication"])
+                .is_some_and(|i| i.contains("master_link_status:up"))
+        });
         replica
     }
 
@@ -188,15 +184,10 @@ impl Redis {
             .spawn()
             .unwrap();
         self.child = Some(child);
-        let started = Instant::now();
-        while self.cli(&["PING"]).as_deref() != Some("PONG") {
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "redis-server on {} did not start",
-                self.port
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let what = format!("redis-server on {} to start", self.port);
+        eventually(Duration::from_secs(10), &what, || {
+            self.cli(&["PING"]).as_deref() == Some("PONG")
+        });
     }
 
     /// `redis://127.0.0.1:<port>/0` (`rediss://` for a TLS server).
@@ -305,17 +296,12 @@ impl Cluster {
             .status()
             .unwrap();
         assert!(status.success(), "redis-cli --cluster create failed");
-        let started = Instant::now();
-        while !nodes.iter().all(|n| {
-            n.cli(&["CLUSTER", "INFO"])
-                .is_some_and(|i| i.contains("cluster_state:ok"))
-        }) {
-            assert!(
-                started.elapsed() < Duration::from_secs(20),
-                "cluster did not become ok"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        eventually(Duration::from_secs(20), "the cluster to become ok", || {
+            nodes.iter().all(|n| {
+                n.cli(&["CLUSTER", "INFO"])
+                    .is_some_and(|i| i.contains("cluster_state:ok"))
+            })
+        });
         Self { nodes }
     }
 
@@ -374,18 +360,14 @@ impl Sentinels {
             group.ports.push(port);
             group.children.push(child);
         }
-        let started = Instant::now();
-        while !group.ports.iter().all(|&port| {
-            let ask = |what: &str| sentinel_cli(port, &["SENTINEL", what, master]);
-            ask("replicas").is_some_and(|r| r.contains("slave") && !r.contains("s_down"))
-                && ask("sentinels").is_some_and(|s| s.matches("127.0.0.1").count() >= n - 1)
-        }) {
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "the sentinels did not find the primary, its replica and each other"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let what = "the sentinels to find the primary, its replica and each other";
+        eventually(Duration::from_secs(30), what, || {
+            group.ports.iter().all(|&port| {
+                let ask = |what: &str| sentinel_cli(port, &["SENTINEL", what, master]);
+                ask("replicas").is_some_and(|r| r.contains("slave") && !r.contains("s_down"))
+                    && ask("sentinels").is_some_and(|s| s.matches("127.0.0.1").count() >= n - 1)
+            })
+        });
         group
     }
 

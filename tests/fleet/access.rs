@@ -1,0 +1,204 @@
+//! How keygate gets into Redis: the ACL user of docs/fleet.md is enough (and a missing
+//! permission stops the start in one line), and TLS with a private CA and a client
+//! certificate.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+
+use crate::common::redis::Redis;
+use crate::common::{self, Gateway, Upstream, wait_for_async};
+use crate::{all_within, cli, documented_acl, redis_overrides, status};
+
+/// `keygate serve` with `env`: its exit status and stderr, once it exits (within 20 s).
+fn serve_until_exit(config: &std::path::Path, env: &[(&str, &str)]) -> (bool, String) {
+    let mut child = common::keygate()
+        .arg("--config")
+        .arg(config)
+        .arg("serve")
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let Some(status) = common::poll(Duration::from_secs(20), || child.try_wait().unwrap()) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("keygate serve did not exit");
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    (status.success(), stderr)
+}
+
+/// The ACL of docs/fleet.md, used verbatim, is all keygate needs: the gateway starts (its
+/// permission check passes), the CLI creates and revokes, the shared rate limits stay shared
+/// (the limiter's TIME is granted), usage is written. A user without TIME makes `keygate serve`
+/// refuse to start with one line naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documented_acl_is_enough_and_a_missing_permission_stops_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = Redis::start(dir.path());
+    let acl = documented_acl("+time");
+    let args: Vec<&str> = acl.iter().map(String::as_str).collect();
+    assert_eq!(redis.cli(&args).as_deref(), Some("OK"), "{acl:?}");
+    let url = format!("redis://keygate:CHANGE-ME@127.0.0.1:{}/0", redis.port);
+    let upstream = Upstream::start().await;
+    let o = redis_overrides(
+        &url,
+        &[
+            ("KEYGATE_RATE_LIMIT_PER_KEY", "5/min"),
+            ("KEYGATE_RATE_LIMIT_SHARED_TIMEOUT", "2s"),
+            ("KEYGATE_STORE_USAGE_FLUSH_INTERVAL", "200ms"),
+        ],
+    );
+    let gw = Gateway::start(&upstream.url(), &o).await;
+    let key = cli(&gw, &url, &["create", "--name", "acl"]);
+    let mut admitted = 0;
+    for _ in 0..8 {
+        match status(&gw, &key).await {
+            StatusCode::OK => admitted += 1,
+            StatusCode::TOO_MANY_REQUESTS => {}
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(
+        admitted, 5,
+        "limits are not shared under the documented ACL"
+    );
+    let metrics = gw.metrics().await;
+    assert!(
+        metrics.contains("keygate_rate_limit_degraded 0"),
+        "{metrics}"
+    );
+    let (code, body) = gw.health().await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    // Usage is written (a script), and the revocation reaches the gateway (pub/sub).
+    wait_for_async(
+        Duration::from_secs(5),
+        "the usage to be written",
+        async || {
+            let list = cli(&gw, &url, &["list", "--json"]);
+            let keys: serde_json::Value = serde_json::from_str(&list).unwrap();
+            if keys[0]["use_count"].as_u64() >= Some(5) {
+                Ok(())
+            } else {
+                Err(list)
+            }
+        },
+    )
+    .await;
+    cli(&gw, &url, &["revoke", "acl"]);
+    all_within(
+        &[&gw],
+        &key,
+        StatusCode::UNAUTHORIZED,
+        Duration::from_secs(1),
+    )
+    .await;
+    gw.shutdown().await;
+
+    // The ACL without +time: refused at start, in one line that names the command and the fix.
+    let mut without_time = args.clone();
+    without_time[2] = "notime";
+    assert_eq!(without_time.pop(), Some("+time"));
+    assert_eq!(redis.cli(&without_time).as_deref(), Some("OK"));
+    let url = format!("redis://notime:CHANGE-ME@127.0.0.1:{}/0", redis.port);
+    let config = common::write_config(dir.path(), &upstream.url());
+    let (ok, stderr) = serve_until_exit(
+        &config,
+        &[
+            ("KEYGATE_STORE_BACKEND", "redis"),
+            ("KEYGATE_STORE_URL", url.as_str()),
+            ("KEYGATE_LOGGING_LEVEL", "error"),
+        ],
+    );
+    assert!(!ok, "keygate started without TIME: {stderr}");
+    let line = stderr.trim();
+    eprintln!("refused start: {line}");
+    assert!(
+        line.starts_with("keygate: error: key store permission missing:")
+            && line.contains("TIME")
+            && line.contains("grant +time")
+            && !line.contains('\n')
+            && !line.contains("CHANGE-ME"),
+        "{line}"
+    );
+}
+
+/// A Redis that speaks TLS only, with a certificate from a private CA (made by the test) and
+/// client certificates required: `store.tls_ca_file` trusts the CA (not the system roots),
+/// `store.tls_cert_file`/`tls_key_file` present keygate's certificate, and gateway and CLI work
+/// (lookups, changes, the subscription). Without the client certificate the CLI fails in one
+/// line; `check-config` refuses `#insecure` unless `store.tls_allow_insecure` allows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_redis_with_a_private_ca_and_a_client_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = common::redis::TlsFiles::generate(&dir.path().join("tls"));
+    let redis = Redis::start_tls(&dir.path().join("redis"), &tls);
+    let url = redis.url();
+    assert!(url.starts_with("rediss://"));
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_owned();
+    let (ca, cert, key) = (path(&tls.ca), path(&tls.client_cert), path(&tls.client_key));
+    let o = redis_overrides(
+        &url,
+        &[
+            ("KEYGATE_STORE_TLS_CA_FILE", ca.as_str()),
+            ("KEYGATE_STORE_TLS_CERT_FILE", cert.as_str()),
+            ("KEYGATE_STORE_TLS_KEY_FILE", key.as_str()),
+            ("KEYGATE_STORE_POLL_INTERVAL", "30s"),
+        ],
+    );
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream.url(), &o).await;
+    let config = gw.config_path.clone();
+    let key_one = common::keys_cli(&config, &o, &["create", "--name", "over-tls"]);
+    all_within(&[&gw], &key_one, StatusCode::OK, Duration::from_secs(2)).await;
+    // Polling every 30 s: the revocation arrives on the subscription, over TLS too.
+    common::keys_cli(&config, &o, &["revoke", "over-tls"]);
+    all_within(
+        &[&gw],
+        &key_one,
+        StatusCode::UNAUTHORIZED,
+        Duration::from_secs(1),
+    )
+    .await;
+    assert_eq!(gw.health().await.0, StatusCode::OK);
+
+    // No client certificate: refused by the server, said in one line.
+    let err = common::keys_cli_result(&config, &o[..3], &["list"])
+        .expect_err("listed without a certificate");
+    eprintln!("without a client certificate: {err}");
+    assert!(
+        err.starts_with("keygate: error: key store unavailable:") && !err.contains('\n'),
+        "{err}"
+    );
+    // Trusting the system roots instead of the private CA: the server's certificate is refused.
+    let no_ca: Vec<(&str, &str)> = o
+        .iter()
+        .copied()
+        .filter(|(k, _)| *k != "KEYGATE_STORE_TLS_CA_FILE")
+        .collect();
+    let err = common::keys_cli_result(&config, &no_ca, &["list"]).expect_err("an unknown CA");
+    eprintln!("without the private CA: {err}");
+    assert!(
+        err.starts_with("keygate: error: key store unavailable:"),
+        "{err}"
+    );
+
+    // `#insecure` turns verification off: check-config refuses it, unless allowed explicitly.
+    let insecure = format!("{url}#insecure");
+    let mut env = o.clone();
+    env[1] = ("KEYGATE_STORE_URL", insecure.as_str());
+    let err = common::cli_result(&config, &env, &["check-config"]).unwrap_err();
+    assert!(
+        err.contains("store.url") && err.contains("tls_allow_insecure"),
+        "{err}"
+    );
+    env.push(("KEYGATE_STORE_TLS_ALLOW_INSECURE", "true"));
+    common::cli_result(&config, &env, &["check-config"]).unwrap();
+    // And, allowed, it works: any certificate is accepted.
+    let listed = common::keys_cli_result(&config, &env, &["list"]).unwrap();
+    assert!(listed.contains("over-tls"), "{listed}");
+    gw.shutdown().await;
+}

@@ -1,0 +1,155 @@
+//! Redis Cluster: authentication and revocations through the cluster, the change subscription
+//! moving to another node when its node dies, and outages of the node that holds keygate's
+//! slot.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+
+use crate::common::{self, Gateway, Upstream, eventually_async};
+use crate::{all_within, burst, status};
+
+#[tokio::test]
+async fn a_gateway_on_a_redis_cluster_authenticates_and_sees_revocations() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = common::redis::Cluster::start(dir.path());
+    let nodes = format!(
+        "[{}]",
+        cluster
+            .urls()
+            .iter()
+            .map(|u| format!("\"{u}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(
+        &upstream.url(),
+        &[
+            ("KEYGATE_STORE_BACKEND", "redis-cluster"),
+            ("KEYGATE_STORE_CLUSTER_NODES", &nodes),
+            ("KEYGATE_STORE_POLL_INTERVAL", "30s"),
+            ("KEYGATE_RATE_LIMIT_PER_KEY", "100/min"),
+        ],
+    )
+    .await;
+    let key = gw.create_key("clustered").await;
+    all_within(&[&gw], &key, StatusCode::OK, Duration::from_secs(1)).await;
+    gw.store.set_active("clustered", false).await.unwrap();
+    let took = all_within(
+        &[&gw],
+        &key,
+        StatusCode::UNAUTHORIZED,
+        Duration::from_secs(1),
+    )
+    .await;
+    eprintln!("revocation through the cluster took {took:?}");
+    gw.shutdown().await;
+}
+
+/// Redis Cluster: the change subscription is not tied to the first seed node (killed here, with
+/// polling slowed to 30 s, a revocation still arrives within a second through another node), and
+/// with the node that holds keygate's slot down, requests are answered within the store timeout
+/// (cached keys 200, unseen keys 503) and health says 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_gateway_follows_any_node_and_answers_outages_within_the_store_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = common::redis::Cluster::start_with(
+        dir.path(),
+        &[
+            "--cluster-require-full-coverage",
+            "no",
+            "--cluster-node-timeout",
+            "1000",
+        ],
+    );
+    // The node that holds keygate's slot answers a write to it; the others redirect.
+    let owner = cluster
+        .nodes
+        .iter()
+        .position(|n| n.cli(&["SET", "{keygate}:owner", "1"]).as_deref() == Some("OK"))
+        .expect("a node holds the {keygate} slot");
+    // Seed nodes with another node first: it is killed below, and the subscription must not
+    // depend on it.
+    let first = (owner + 1) % 3;
+    let order = [first, owner, (owner + 2) % 3];
+    let nodes = format!(
+        "[{}]",
+        order
+            .iter()
+            .map(|&i| format!("\"redis://127.0.0.1:{}\"", cluster.nodes[i].port))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let upstream = Upstream::start().await;
+    let o = [
+        ("KEYGATE_STORE_BACKEND", "redis-cluster"),
+        ("KEYGATE_STORE_CLUSTER_NODES", nodes.as_str()),
+        ("KEYGATE_STORE_POLL_INTERVAL", "30s"),
+        ("KEYGATE_STORE_TIMEOUT", "500ms"),
+        ("KEYGATE_STORE_POSITIVE_TTL", "100ms"),
+        ("KEYGATE_STORE_STALE_IF_ERROR", "1m"),
+        ("KEYGATE_RATE_LIMIT_FAILURES_PER_IP", ""),
+    ];
+    let gw = Gateway::start(&upstream.url(), &o).await;
+    let key = gw.create_key("clustered").await;
+    let unseen: Vec<String> = futures_util::future::join_all((0..8).map(|i| {
+        let store = Arc::clone(&gw.store);
+        async move { common::create_key(store.as_ref(), &format!("unseen-{i}")).await }
+    }))
+    .await;
+    all_within(&[&gw], &key, StatusCode::OK, Duration::from_secs(2)).await;
+
+    // The first seed node dies: the subscription moves on, and a revocation still arrives.
+    cluster.nodes[first].kill();
+    let what = "the subscription to move to another node";
+    let took = eventually_async(Duration::from_secs(10), what, async || {
+        gw.store.set_active("clustered", false).await.unwrap();
+        if status(&gw, &key).await == StatusCode::UNAUTHORIZED {
+            return true;
+        }
+        // Not yet resubscribed: try the change again (each one is published again).
+        gw.store.set_active("clustered", true).await.unwrap();
+        all_within(&[&gw], &key, StatusCode::OK, Duration::from_secs(60)).await;
+        false
+    })
+    .await;
+    eprintln!("first seed node killed: a revocation arrived through another node {took:?} later");
+    gw.store.set_active("clustered", true).await.unwrap();
+    all_within(&[&gw], &key, StatusCode::OK, Duration::from_secs(1)).await;
+
+    // The node holding keygate's slot dies: answers within the store timeout, health 503.
+    cluster.nodes[owner].kill();
+    // A fixed wait: the key's cache entry must outlive positive_ttl (100 ms), so that it is
+    // served as stale_if_error; nothing outside the cache shows its age.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    for wave in ["first", "breaker open"] {
+        let results = burst(&gw, &key, &unseen).await;
+        let mut latencies: Vec<f64> = Vec::new();
+        for (is_known, code, took) in &results {
+            let want = if *is_known {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            assert_eq!(*code, want, "{wave} wave: {results:?}");
+            assert!(
+                *took < Duration::from_millis(900),
+                "{wave} wave: a request took {took:?}: {results:?}"
+            );
+            latencies.push(took.as_secs_f64() * 1000.0);
+        }
+        latencies.sort_by(f64::total_cmp);
+        eprintln!("cluster slot owner down, {wave} wave: latencies {latencies:.0?} ms");
+    }
+    let started = Instant::now();
+    let (code, body) = gw.health().await;
+    eprintln!(
+        "cluster slot owner down: health {code} in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(started.elapsed() < Duration::from_millis(900));
+    gw.shutdown().await;
+}

@@ -1,0 +1,105 @@
+//! Fleet mode: several real gateways (in-process) sharing real Redis servers that the harness
+//! starts on their own ports (a single server, replicas under Sentinel, a three-node Cluster).
+//! One test binary, one module per feature:
+//!
+//! - `propagation`: changes on every instance within a second; no Redis round trip on a hit
+//! - `outage`: Redis killed, paused or restarted empty, and the recovery
+//! - `rate_limits`: limits shared by the fleet, per instance while Redis is gone
+//! - `cluster`: Redis Cluster, its nodes failing
+//! - `sentinel`: failover and crash under Sentinel, no revocation lost
+//! - `access`: the documented ACL user, TLS with client certificates
+//! - `health`: honest and cheap health on Redis
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod access;
+mod cluster;
+mod health;
+mod outage;
+mod propagation;
+mod rate_limits;
+mod sentinel;
+
+use std::time::{Duration, Instant};
+
+use common::{Gateway, wait_for_async};
+use reqwest::StatusCode;
+
+/// `KEYGATE_*` overrides for a gateway on the Redis at `redis`, then `extra`.
+fn redis_overrides<'a>(redis: &'a str, extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    let mut o = vec![
+        ("KEYGATE_STORE_BACKEND", "redis"),
+        ("KEYGATE_STORE_URL", redis),
+    ];
+    o.extend_from_slice(extra);
+    o
+}
+
+/// Runs `keygate keys ...` against the Redis store, as an operator would.
+fn cli(gw: &Gateway, redis_url: &str, args: &[&str]) -> String {
+    let env = [
+        ("KEYGATE_STORE_BACKEND", "redis"),
+        ("KEYGATE_STORE_URL", redis_url),
+    ];
+    common::keys_cli(&gw.config_path, &env, args)
+}
+
+/// The status `GET /x` with `key` gets.
+async fn status(gw: &Gateway, key: &str) -> StatusCode {
+    gw.get_with_key("/x", key).await.status()
+}
+
+/// Polls every gateway with `key` until all of them, in one round, answer `want`; panics after
+/// `limit`. Returns how long it took (a change's propagation time).
+async fn all_within(gws: &[&Gateway], key: &str, want: StatusCode, limit: Duration) -> Duration {
+    let started = Instant::now();
+    let what = format!("every instance to answer {want}");
+    wait_for_async(limit, &what, async || {
+        let mut answers = Vec::new();
+        for gw in gws {
+            answers.push(status(gw, key).await);
+        }
+        if answers.iter().all(|&a| a == want) {
+            Ok(())
+        } else {
+            Err(format!("{answers:?}"))
+        }
+    })
+    .await;
+    started.elapsed()
+}
+
+/// Sends, all at once, 8 requests with `known` and one with each key of `unseen`; returns each
+/// request's key (true: `known`), status and latency.
+async fn burst(gw: &Gateway, known: &str, unseen: &[String]) -> Vec<(bool, StatusCode, Duration)> {
+    let client = gw.client();
+    let mut tasks = Vec::new();
+    let keys = std::iter::repeat_n(known.to_owned(), 8).chain(unseen.iter().cloned());
+    for key in keys {
+        let (client, url) = (client.clone(), gw.url("/x"));
+        let is_known = key == known;
+        tasks.push(tokio::spawn(async move {
+            let started = Instant::now();
+            let resp = client.get(url).header("X-API-Key", key).send().await;
+            (is_known, resp.unwrap().status(), started.elapsed())
+        }));
+    }
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.unwrap());
+    }
+    results
+}
+
+/// The `ACL SETUSER keygate ...` line of docs/fleet.md whose last rule is `last`, split into
+/// arguments: the tests use the documented ACL verbatim, so the two cannot drift apart.
+fn documented_acl(last: &str) -> Vec<String> {
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/fleet.md")).unwrap();
+    let line = doc
+        .lines()
+        .find(|l| l.starts_with("ACL SETUSER keygate ") && l.ends_with(&format!(" {last}")))
+        .unwrap_or_else(|| panic!("docs/fleet.md has no ACL line ending in {last}"));
+    line.split_whitespace().map(str::to_owned).collect()
+}
