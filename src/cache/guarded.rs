@@ -77,7 +77,7 @@ impl GuardedStore {
 
     /// The record for `digest`, through the breaker.
     pub(super) async fn lookup(&self, digest: KeyDigest) -> Result<Option<KeyRecord>, StoreError> {
-        self.call(self.store.lookup(digest)).await
+        self.call(|| self.store.lookup(digest)).await
     }
 
     /// The records for `digests`, in order, in one call through the breaker.
@@ -85,12 +85,12 @@ impl GuardedStore {
         &self,
         digests: Vec<KeyDigest>,
     ) -> Result<Vec<Option<KeyRecord>>, StoreError> {
-        self.call(self.store.lookup_many(digests)).await
+        self.call(|| self.store.lookup_many(digests)).await
     }
 
     /// Writes a batch of usage, through the breaker.
     pub(super) async fn record_usage(&self, batch: Vec<Usage>) -> Result<(), StoreError> {
-        self.call(self.store.record_usage(batch)).await
+        self.call(|| self.store.record_usage(batch)).await
     }
 
     /// The change feed's current end: a probe, called whatever the breaker says.
@@ -111,15 +111,16 @@ impl GuardedStore {
 
     /// Calls the store with the configured timeout, tracking store health; while the breaker is
     /// open or the store lost its data, fails at once without calling it.
-    async fn call<T>(
-        &self,
-        fut: impl Future<Output = Result<T, StoreError>>,
-    ) -> Result<T, StoreError> {
+    async fn call<T, F>(&self, make: impl FnOnce() -> F) -> Result<T, StoreError>
+    where
+        F: Future<Output = Result<T, StoreError>>,
+    {
         if !self.health.available() {
             let (_, why) = self.health.problems(false);
             return Err(StoreError::Unavailable(why));
         }
-        self.probe(fut).await
+        // Made only now: a store call's future may start its work as soon as it exists.
+        self.probe(make()).await
     }
 
     /// Calls the store with the configured timeout whatever the breaker says (its probe),
@@ -221,17 +222,17 @@ impl GuardedStore {
 
     /// Re-reads the legacy flag and the active-key gauge.
     pub(super) async fn refresh_counts(&self) {
-        if let Ok(legacy) = self.call(self.store.has_legacy()).await {
+        if let Ok(legacy) = self.call(|| self.store.has_legacy()).await {
             self.legacy_present.store(legacy, Ordering::Relaxed);
         }
-        if let Ok(n) = self.call(self.store.count_active()).await {
+        if let Ok(n) = self.call(|| self.store.count_active()).await {
             self.metrics.active_keys.set(n as f64);
         }
     }
 
     /// Re-reads whether the store's node takes writes.
     pub(super) async fn refresh_status(&self) {
-        if let Ok(status) = self.call(self.store.status()).await {
+        if let Ok(status) = self.call(|| self.store.status()).await {
             self.health.set_read_only(status.read_only);
         }
     }
@@ -244,11 +245,11 @@ impl GuardedStore {
                 let mut active_keys = None;
                 let mut node = None;
                 if self.health.available() {
-                    if let Ok(status) = self.call(self.store.status()).await {
+                    if let Ok(status) = self.call(|| self.store.status()).await {
                         self.health.set_read_only(status.read_only);
                         node = status.node;
                     }
-                    if let Ok(n) = self.call(self.store.count_active()).await {
+                    if let Ok(n) = self.call(|| self.store.count_active()).await {
                         self.metrics.active_keys.set(n as f64);
                         active_keys = Some(n);
                     }
