@@ -134,12 +134,18 @@ impl KeyCache {
         let result = match *position {
             // Start from the feed's current end; entries read before this may predate a change
             // the feed no longer shows, so they never rely on it (`Feed::follow_from`).
+            // The legacy flag and the gauge were read at start; a change committed between
+            // that read and this position is not in the feed, so they are read again.
             None => {
                 let asked = Instant::now();
-                self.store.change_position().await.map(|p| {
+                let read = self.store.change_position().await.map(|p| {
                     self.feed.follow_from(asked);
                     *position = Some(p);
-                })
+                });
+                if read.is_ok() {
+                    self.store.refresh_counts().await;
+                }
+                read
             }
             Some(p) => self
                 .apply_changes(p)
@@ -300,6 +306,20 @@ mod tests {
         cache.feed.unconfirm();
         cache.poll_once(&mut position).await.unwrap();
         assert_eq!(lapses(&cache), 3);
+    }
+
+    #[tokio::test]
+    async fn a_legacy_import_before_the_first_poll_is_seen_by_it() {
+        let (_dir, store, cache) = setup();
+        cache.refresh_counts().await;
+        assert!(!cache.legacy_present());
+        // Imported after the start's read and before the feed's first position: no change in
+        // the feed will ever carry it.
+        let mut rec = record(&crate::key::generate().unwrap());
+        rec.legacy = true;
+        store.import(vec![rec]).await.unwrap();
+        cache.poll_once(&mut None).await.unwrap();
+        assert!(cache.legacy_present());
     }
 
     #[tokio::test]
