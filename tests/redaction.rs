@@ -1,7 +1,7 @@
 //! A key never shows up where a program prints by accident: in a panic message built from
 //! keygate's own values (`unwrap`, `expect`, `{:?}` in an assertion), or in the errors the request
 //! path produces. The log, metric and response-body side of the same promise is tested against
-//! the running gateway in `tests/lifecycle.rs` and `tests/gateway.rs`.
+//! the running gateway in `tests/lifecycle.rs` and `tests/cli/`.
 //!
 //! Its own test binary: it replaces the process-wide panic hook to capture what a panic prints.
 

@@ -1192,7 +1192,7 @@ mod tests {
         let mut conn = pool.idle().expect("reused after a complete exchange");
 
         // The upstream answers before the body is complete: the response is returned, the rest
-        // of the body still goes out (tests/gateway.rs checks the upstream gets it), and the
+        // of the body still goes out (tests/gateway/upstream.rs checks the upstream gets it), and the
         // connection, whose upstream answered before reading the whole request, is not reused.
         let (req, mut client) =
             client_request("POST /early HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\nabc")
