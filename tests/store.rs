@@ -588,15 +588,17 @@ async fn a_change_too_few_replicas_acknowledged_is_unconfirmed() {
     let dir = tempfile::tempdir().unwrap();
     let primary = Redis::start(&dir.path().join("primary"));
     let cluster = Cluster::start(&dir.path().join("cluster"));
-    let confirmed = |target| {
+    let confirmed = |target, confirm_timeout| {
         let mut settings = Settings::new(target, "keygate");
         settings.confirm_replicas = 1;
-        settings.confirm_timeout = Duration::from_millis(200);
+        settings.confirm_timeout = confirm_timeout;
         RedisStore::open(settings, Duration::from_secs(2)).unwrap()
     };
+    // Without a replica nothing can acknowledge: a short wait is enough to fail.
+    let short = Duration::from_millis(200);
     for store in [
-        confirmed(Target::Single(primary.url())),
-        confirmed(Target::Cluster(cluster.urls())),
+        confirmed(Target::Single(primary.url()), short),
+        confirmed(Target::Cluster(cluster.urls()), short),
     ] {
         let (_, r) = record("lonely");
         let err = store.insert(r.clone()).await.unwrap_err();
@@ -608,7 +610,9 @@ async fn a_change_too_few_replicas_acknowledged_is_unconfirmed() {
         assert_eq!(store.find("lonely").await.unwrap(), r);
     }
     let _replica = Redis::start_replica(&dir.path().join("replica"), &primary);
-    let store = confirmed(Target::Single(primary.url()));
+    // With one, the acknowledgement is what is checked, not its speed: on a busy machine a
+    // replica can take longer than 200 ms to answer WAIT's GETACK.
+    let store = confirmed(Target::Single(primary.url()), Duration::from_secs(5));
     store.insert(record("replicated").1).await.unwrap();
     store.set_active("replicated", false).await.unwrap();
 }
