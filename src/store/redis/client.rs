@@ -1,0 +1,88 @@
+//! Clients for one Redis node: the TLS material they present, how a connection manager to a
+//! node reconnects, and what a node's errors and answers say about it (gone, a replica, refused
+//! by the ACL, its role).
+
+use std::time::Duration;
+
+use redis::aio::ConnectionManagerConfig;
+use redis::{
+    Client, ClientTlsConfig, ErrorKind, RedisError, RedisResult, ServerErrorKind, TlsCertificates,
+    Value,
+};
+
+use super::Tls;
+
+/// `tls`'s CA and client certificate, as the Redis client takes them; `None` when it has none.
+pub(super) fn certificates(tls: &Tls) -> Option<TlsCertificates> {
+    if tls.ca.is_none() && tls.client.is_none() {
+        return None;
+    }
+    Some(TlsCertificates {
+        client_tls: tls.client.as_ref().map(|(cert, key)| ClientTlsConfig {
+            client_cert: cert.clone(),
+            client_key: key.clone(),
+        }),
+        root_cert: tls.ca.clone(),
+    })
+}
+
+/// A client for `url`, with `tls`'s material when there is some.
+pub(super) fn client_for(tls: &Tls, url: &str) -> RedisResult<Client> {
+    match certificates(tls) {
+        Some(certs) => Client::build_with_tls(url, certs),
+        None => Client::open(url),
+    }
+}
+
+/// How a connection manager to one node reconnects: connecting bounded by the store timeout, a
+/// few quick retries, then the caller's error. An answer may take `wait` longer (a `WAIT` for
+/// replicas); every round trip is bounded by the caller too ([`RedisStore::within`]).
+///
+/// [`RedisStore::within`]: super::RedisStore::within
+pub(super) fn manager_config(timeout: Duration, wait: Duration) -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout + wait))
+        .set_min_delay(Duration::from_millis(50))
+        .set_max_delay(Duration::from_millis(500))
+        .set_number_of_retries(2)
+}
+
+/// A broken or refused connection, or one that stopped answering: the node may be gone.
+pub(super) fn is_connection_error(e: &RedisError) -> bool {
+    e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout()
+}
+
+pub(super) fn is_read_only(e: &RedisError) -> bool {
+    e.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly)
+}
+
+/// Refused by an ACL: directly (`NOPERM`), or inside a script (where Redis says "can't").
+pub(super) fn is_denied(e: &RedisError) -> bool {
+    e.kind() == ErrorKind::Server(ServerErrorKind::NoPerm) || is_denial_text(&e.to_string())
+}
+
+fn is_denial_text(text: &str) -> bool {
+    text.contains("NOPERM")
+        || text.contains("no permissions")
+        || text.contains("The user executing the script can't")
+}
+
+/// `role` in a `HELLO` answer (a flat list of names and values).
+pub(super) fn hello_role(answer: &Value) -> Option<String> {
+    let items: Vec<&Value> = match answer {
+        Value::Array(items) => items.iter().collect(),
+        Value::Map(pairs) => pairs.iter().flat_map(|(k, v)| [k, v]).collect(),
+        _ => return None,
+    };
+    items.chunks(2).find_map(|pair| match pair {
+        [name, value] => {
+            let name: String = redis::from_redis_value_ref(name).ok()?;
+            if name != "role" {
+                return None;
+            }
+            redis::from_redis_value_ref(value).ok()
+        }
+        _ => None,
+    })
+}
