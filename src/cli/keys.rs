@@ -525,12 +525,14 @@ async fn usage(
         }
         match row.days_since_last_use {
             Some(days) => {
-                writeln!(out, "API Key '{}': Last used {days} days ago", row.name)?;
+                writeln!(out, "API Key '{}': Last used {} ago", row.name, Days(days))?;
                 if row.stale {
                     writeln!(
                         out,
-                        "WARNING: API Key '{}' not used in {days} days (stale after {stale_days} days)",
-                        row.name
+                        "WARNING: API Key '{}' not used in {} (stale after {})",
+                        row.name,
+                        Days(days),
+                        Days(stale_days)
                     )?;
                 }
             }
@@ -539,8 +541,9 @@ async fn usage(
         if let Some(days) = row.expires_in_days.filter(|d| *d < EXPIRING_SOON_DAYS) {
             writeln!(
                 out,
-                "WARNING: API Key '{}' expires in {days} days",
-                row.name
+                "WARNING: API Key '{}' expires in {}",
+                row.name,
+                Days(days)
             )?;
         }
         let status = match row.status {
@@ -562,4 +565,27 @@ async fn usage(
         )?;
     }
     Ok(())
+}
+
+/// A whole number of days as the usage report writes it: "1 day", "10 days".
+struct Days(i64);
+
+impl std::fmt::Display for Days {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            1 | -1 => write!(f, "{} day", self.0),
+            n => write!(f, "{n} days"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Days;
+
+    #[test]
+    fn one_day_is_singular() {
+        let shown: Vec<String> = [0, 1, 2, 10].map(|d| Days(d).to_string()).into();
+        assert_eq!(shown, ["0 days", "1 day", "2 days", "10 days"]);
+    }
 }

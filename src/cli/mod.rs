@@ -336,6 +336,15 @@ fn source(config: &Config) -> String {
         .map_or_else(|| "-".to_owned(), |p| p.display().to_string())
 }
 
+/// Where `store.path` came from, as config errors say it: `from KEYGATE_STORE_PATH` when the
+/// environment set it (it overrides the file), else `in <config file>`.
+fn store_path_origin(config: &Config) -> String {
+    match std::env::var_os("KEYGATE_STORE_PATH") {
+        Some(_) => "from KEYGATE_STORE_PATH".to_owned(),
+        None => format!("in {}", source(config)),
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Completions(args) = &cli.command {
         // Generated into memory: clap_complete panics on a failed write.
@@ -391,10 +400,10 @@ fn open_store(config: &Config, create_ok: bool) -> anyhow::Result<store::SharedS
     {
         if !create_ok {
             bail!(
-                "no key store at {} (store.path in {}): check --config, or create it with \
+                "no key store at {} (store.path {}): check --config, or create it with \
                  keygate keys create, keygate keys import or keygate serve",
                 path.display(),
-                source(config)
+                store_path_origin(config)
             );
         }
         note!(
@@ -416,10 +425,10 @@ fn sqlite_exists(config: &Config, path: &Path) -> anyhow::Result<bool> {
         && !dir.is_dir()
     {
         bail!(
-            "invalid config: store.path = {:?} (in {}): expected a file in an existing \
+            "invalid config: store.path = {:?} ({}): expected a file in an existing \
              directory; {} does not exist",
             path.display().to_string(),
-            source(config),
+            store_path_origin(config),
             dir.display()
         );
     }

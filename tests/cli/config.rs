@@ -95,7 +95,12 @@ fn commands_that_only_read_or_change_keys_never_create_a_store() {
             .unwrap();
         assert_one_line_error(
             &out,
-            &["store.path", missing.to_str().unwrap(), "does not exist"],
+            &[
+                "store.path",
+                missing.to_str().unwrap(),
+                "(from KEYGATE_STORE_PATH)",
+                "does not exist",
+            ],
         );
     }
     assert!(!dir.path().join("nonexistent").exists());
