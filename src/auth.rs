@@ -196,7 +196,6 @@ fn bearer_token(value: &[u8]) -> Option<&[u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
 
     fn auth() -> Authenticator {
         Authenticator {
@@ -205,16 +204,7 @@ mod tests {
         }
     }
 
-    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.append(
-                HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                HeaderValue::from_str(v).unwrap(),
-            );
-        }
-        h
-    }
+    use crate::http::header_map as headers;
 
     fn found(pairs: &[(&str, &str)]) -> Result<(Vec<u8>, CredentialSource), Refused> {
         let h = headers(pairs);

@@ -253,16 +253,7 @@ fn forwarded_for(earlier: &[&HeaderValue], peer: &HeaderValue) -> HeaderValue {
 mod tests {
     use super::*;
 
-    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.append(
-                HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                HeaderValue::from_str(v).unwrap(),
-            );
-        }
-        h
-    }
+    use crate::http::header_map as headers;
 
     #[test]
     fn forwarded_for_is_ignored_from_untrusted_peers() {

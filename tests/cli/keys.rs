@@ -3,7 +3,8 @@
 //! expiry times kept within what can be shown.
 
 use std::io::Write as _;
-use std::process::Stdio;
+use std::path::Path;
+use std::process::{Output, Stdio};
 
 use crate::common::{keygate, write_config};
 use crate::{assert_one_line_error, config, run, stderr, stdout};
@@ -208,16 +209,7 @@ fn import_reads_standard_input_for_a_dash() {
     let export = run(&cfg, &["keys", "export"]).stdout;
     let other = tempfile::tempdir().unwrap();
     let other_cfg = write_config(other.path(), "http://127.0.0.1:9");
-    let mut child = keygate()
-        .arg("--config")
-        .arg(&other_cfg)
-        .args(["keys", "import", "-"])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(&export).unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = import_from_stdin(&other_cfg, &export);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("imported 2 API keys from standard input"),
@@ -291,16 +283,7 @@ fn expiry_times_stay_within_what_can_be_shown() {
     let export = run(&cfg, &["keys", "export"]).stdout;
     let other = tempfile::tempdir().unwrap();
     let other_cfg = write_config(other.path(), "http://127.0.0.1:9");
-    let mut child = keygate()
-        .arg("--config")
-        .arg(&other_cfg)
-        .args(["keys", "import", "-"])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(&export).unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = import_from_stdin(&other_cfg, &export);
     assert_one_line_error(
         &out,
         &["record 1", "= 8640001796305274", "expected Unix seconds"],
@@ -309,4 +292,19 @@ fn expiry_times_stay_within_what_can_be_shown() {
         !other.path().join("keygate.db").exists(),
         "a refused import left a store behind"
     );
+}
+
+/// `keygate --config CONFIG keys import -` with `input` on its standard input.
+fn import_from_stdin(config: &Path, input: &[u8]) -> Output {
+    let mut child = keygate()
+        .arg("--config")
+        .arg(config)
+        .args(["keys", "import", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
 }

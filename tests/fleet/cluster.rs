@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 
 use crate::common::{self, Gateway, Upstream, eventually_async};
-use crate::{all_within, burst, status};
+use crate::{all_within, outage_waves, outlive_positive_ttl, status};
 
 #[tokio::test]
 async fn a_gateway_on_a_redis_cluster_authenticates_and_sees_revocations() {
@@ -121,28 +121,15 @@ async fn a_cluster_gateway_follows_any_node_and_answers_outages_within_the_store
 
     // The node holding keygate's slot dies: answers within the store timeout, health 503.
     cluster.nodes[owner].kill();
-    // A fixed wait: the key's cache entry must outlive positive_ttl (100 ms), so that it is
-    // served as stale_if_error; nothing outside the cache shows its age.
-    tokio::time::sleep(Duration::from_millis(150)).await;
-    for wave in ["first", "breaker open"] {
-        let results = burst(&gw, &key, &unseen).await;
-        let mut latencies: Vec<f64> = Vec::new();
-        for (is_known, code, took) in &results {
-            let want = if *is_known {
-                StatusCode::OK
-            } else {
-                StatusCode::SERVICE_UNAVAILABLE
-            };
-            assert_eq!(*code, want, "{wave} wave: {results:?}");
-            assert!(
-                *took < Duration::from_millis(900),
-                "{wave} wave: a request took {took:?}: {results:?}"
-            );
-            latencies.push(took.as_secs_f64() * 1000.0);
-        }
-        latencies.sort_by(f64::total_cmp);
-        eprintln!("cluster slot owner down, {wave} wave: latencies {latencies:.0?} ms");
-    }
+    outlive_positive_ttl().await;
+    outage_waves(
+        &gw,
+        &key,
+        &unseen,
+        "cluster slot owner down",
+        Duration::from_millis(900),
+    )
+    .await;
     let started = Instant::now();
     let (code, body) = gw.health().await;
     eprintln!(

@@ -70,6 +70,40 @@ async fn all_within(gws: &[&Gateway], key: &str, want: StatusCode, limit: Durati
     started.elapsed()
 }
 
+/// Waits until a cached key's entry has outlived `positive_ttl` (100 ms in these gateways), so
+/// that what serves it next is `stale_if_error`. A fixed wait: nothing outside the cache shows
+/// an entry's age.
+async fn outlive_positive_ttl() {
+    tokio::time::sleep(Duration::from_millis(150)).await;
+}
+
+/// Sends two bursts (`burst`) while the store is down, the first opening the breaker and the
+/// second meeting it open: in each, the known key gets 200 and the unseen ones 503, every answer
+/// within `limit`. Prints each wave's latencies under `label`.
+async fn outage_waves(gw: &Gateway, known: &str, unseen: &[String], label: &str, limit: Duration) {
+    for wave in ["first", "breaker open"] {
+        let results = burst(gw, known, unseen).await;
+        let mut latencies: Vec<f64> = Vec::new();
+        for (is_known, code, took) in &results {
+            let want = if *is_known {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            assert_eq!(*code, want, "{label}, {wave} wave: {results:?}");
+            assert!(
+                *took < limit,
+                "{label}, {wave} wave: a request took {took:?}: {results:?}"
+            );
+            latencies.push(took.as_secs_f64() * 1000.0);
+        }
+        latencies.sort_by(f64::total_cmp);
+        eprintln!(
+            "{label}, {wave} wave (8 known + 8 unseen, at once): latencies {latencies:.0?} ms"
+        );
+    }
+}
+
 /// Sends, all at once, 8 requests with `known` and one with each key of `unseen`; returns each
 /// request's key (true: `known`), status and latency.
 async fn burst(gw: &Gateway, known: &str, unseen: &[String]) -> Vec<(bool, StatusCode, Duration)> {

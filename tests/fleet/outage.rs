@@ -9,7 +9,7 @@ use reqwest::StatusCode;
 
 use crate::common::redis::Redis;
 use crate::common::{self, Gateway, Upstream, eventually_async, wait_for_async};
-use crate::{all_within, burst, cli, redis_overrides, status};
+use crate::{all_within, cli, outage_waves, outlive_positive_ttl, redis_overrides, status};
 
 #[tokio::test]
 async fn redis_killed_then_restarted() {
@@ -23,9 +23,7 @@ async fn redis_killed_then_restarted() {
     assert_eq!(status(&gw, &cached).await, StatusCode::OK);
 
     redis.kill();
-    // A fixed wait: the key's cache entry must outlive positive_ttl (100 ms), so that it is
-    // served as stale_if_error; nothing outside the cache shows its age.
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    outlive_positive_ttl().await;
     outage_behaviour(&gw, &cached, &later).await;
 
     redis.restart();
@@ -64,9 +62,7 @@ async fn redis_paused_behaves_like_redis_down() {
     let cached = gw.create_key("cached").await;
     let later = gw.create_key("later").await;
     assert_eq!(status(&gw, &cached).await, StatusCode::OK);
-    // A fixed wait: the key's cache entry must outlive positive_ttl (100 ms), so that it is
-    // served as stale_if_error; nothing outside the cache shows its age.
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    outlive_positive_ttl().await;
 
     redis.cli(&["CLIENT", "PAUSE", "2500", "ALL"]).unwrap();
     outage_behaviour(&gw, &cached, &later).await;
@@ -175,32 +171,16 @@ async fn eight_concurrent_requests_in_an_outage_are_each_answered_within_the_sto
                 redis.cli(&["CLIENT", "PAUSE", &ms, "ALL"]).unwrap();
             }
         }
-        // A fixed wait: the key's cache entry must outlive positive_ttl (100 ms), so that it is
-        // served as stale_if_error; nothing outside the cache shows its age.
-        tokio::time::sleep(Duration::from_millis(150)).await;
-        for wave in ["first", "breaker open"] {
-            let results = burst(&gw, &known, &unseen).await;
-            let mut latencies: Vec<f64> = Vec::new();
-            for (is_known, code, took) in &results {
-                let want = if *is_known {
-                    StatusCode::OK
-                } else {
-                    StatusCode::SERVICE_UNAVAILABLE
-                };
-                assert_eq!(*code, want, "{outage}, {wave} wave: {results:?}");
-                // Within the store timeout, plus what a TLS request costs on a busy machine.
-                assert!(
-                    *took < timeout + Duration::from_millis(400),
-                    "{outage}, {wave} wave: a request took {took:?}: {results:?}"
-                );
-                latencies.push(took.as_secs_f64() * 1000.0);
-            }
-            latencies.sort_by(f64::total_cmp);
-            eprintln!(
-                "{outage}, {wave} wave (8 known + 8 unseen, at once): latencies {:.0?} ms",
-                latencies
-            );
-        }
+        outlive_positive_ttl().await;
+        // Within the store timeout, plus what a TLS request costs on a busy machine.
+        outage_waves(
+            &gw,
+            &known,
+            &unseen,
+            outage,
+            timeout + Duration::from_millis(400),
+        )
+        .await;
         assert!(gw.metrics().await.contains("keygate_store_breaker_open 1"));
         let back = if outage == "kill -9" {
             redis.restart();

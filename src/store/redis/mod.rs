@@ -194,10 +194,8 @@ impl KeyStore for RedisStore {
                 .arg(&self.channel)
                 .arg(CHANGE_LOG_KEEP)
                 .arg(marker_id()?);
-            match self.mutate::<i64>(&invocation).await? {
-                (0, acked) => self.confirmed(acked),
-                (code, _) => Err(conflict(code, &record)),
-            }
+            self.mutate_checked(&invocation, |code| conflict(code, &record))
+                .await
         })
     }
 
@@ -222,11 +220,8 @@ impl KeyStore for RedisStore {
                 .arg(&self.channel)
                 .arg(CHANGE_LOG_KEEP)
                 .arg(marker_id()?);
-            let (code, acked): (i64, _) = self.mutate(&invocation).await?;
-            if code != 0 {
-                return Err(conflict(code, &old));
-            }
-            self.confirmed(acked)?;
+            self.mutate_checked(&invocation, |code| conflict(code, &old))
+                .await?;
             old.rotated_to = Some(successor.id.clone());
             old.expires_at = Some(old.expires_at.map_or(grace_until, |e| e.min(grace_until)));
             Ok(old)
@@ -323,11 +318,8 @@ impl KeyStore for RedisStore {
                 .arg(&self.channel)
                 .arg(CHANGE_LOG_KEEP)
                 .arg(marker_id()?);
-            let (code, acked): (i64, _) = self.mutate(&invocation).await?;
-            if code != 0 {
-                return Err(StoreError::NotFound(id_or_name));
-            }
-            self.confirmed(acked)?;
+            self.mutate_checked(&invocation, |_| StoreError::NotFound(id_or_name))
+                .await?;
             record.is_active = active;
             Ok(record)
         })
@@ -345,11 +337,8 @@ impl KeyStore for RedisStore {
                 .arg(&self.channel)
                 .arg(CHANGE_LOG_KEEP)
                 .arg(marker_id()?);
-            let (code, acked): (i64, _) = self.mutate(&invocation).await?;
-            if code != 0 {
-                return Err(StoreError::NotFound(id_or_name));
-            }
-            self.confirmed(acked)?;
+            self.mutate_checked(&invocation, |_| StoreError::NotFound(id_or_name))
+                .await?;
             Ok(record)
         })
     }

@@ -396,6 +396,20 @@ impl RedisStore {
     }
 
     /// Whether a change made with `acked` replicas acknowledging it is confirmed.
+    /// Runs a change whose script answers 0 when it is made and another code when it is refused
+    /// (`refused` names the error for that code); a change made is then held to
+    /// `confirm_replicas` ([`Self::confirmed`]).
+    pub(super) async fn mutate_checked(
+        &self,
+        invocation: &ScriptInvocation<'_>,
+        refused: impl FnOnce(i64) -> StoreError,
+    ) -> Result<(), StoreError> {
+        match self.mutate::<i64>(invocation).await? {
+            (0, acked) => self.confirmed(acked),
+            (code, _) => Err(refused(code)),
+        }
+    }
+
     pub(super) fn confirmed(&self, acked: Option<u32>) -> Result<(), StoreError> {
         let wanted = self.settings.confirm_replicas;
         match acked {
