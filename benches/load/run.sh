@@ -5,7 +5,7 @@
 #   keepalive   HTTP/1.1 keep-alive from wrk, plain HTTP and TLS
 #   h2          HTTP/2 over TLS from h2load, many streams on each connection (browsers)
 #   handshakes  a new TLS connection for every request, TLS 1.3 and 1.2, session resumption off
-#               and on (new visitors; benches/load/handshakes.py)
+#               and on (new visitors; examples/handshakes.rs)
 #   uploads     16 MiB bodies streamed through to an upstream that reads them all (curl)
 #
 # Every target reports its rate, p50/p99, CPU time per request (or per MiB) and peak RSS during
@@ -40,7 +40,7 @@
 #   H2_CLIENTS         connections [20]
 #   H2_STREAMS         concurrent streams on each connection [10]
 #   H2_THREADS         h2load threads [1]
-# handshakes (benches/load/handshakes.py: one POST per connection, with `Connection: close`):
+# handshakes (examples/handshakes.rs: one POST per connection, with `Connection: close`):
 #   HANDSHAKE_MODES    TLS version and resumption of each run, from: 1.3-new 1.3-resumed 1.2-new
 #                      1.2-resumed [all four]; "new": the client never offers a session, so every
 #                      handshake is a full one; "resumed": each client offers the session its
@@ -119,6 +119,11 @@ else
     echo "building keygate (release)" >&2
     (cd "$root" && cargo build --release --quiet --bin keygate)
     KEYGATE="$root/target/release/keygate"
+fi
+if selected handshakes; then
+    echo "building the new-connection client (examples/handshakes.rs)" >&2
+    (cd "$root" && cargo build --release --quiet --example handshakes)
+    HANDSHAKES="$root/target/release/examples/handshakes"
 fi
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/keygate-load.XXXXXX")
@@ -278,10 +283,10 @@ print(rate.group(1), p(0.5), p(0.99), bad, len(lat), "-")
 PY
 }
 
-run_handshakes() { # benches/load/handshakes.py; variant: 1.3-new, 1.3-resumed, 1.2-new, 1.2-resumed
+run_handshakes() { # examples/handshakes.rs; variant: 1.3-new, 1.3-resumed, 1.2-new, 1.2-resumed
     local resume=off
     [ "${1#*-}" = resumed ] && resume=on
-    python3 "$here/handshakes.py" "$(url "$2" tls)/api/v1/video/process/" "$(keys_for "$2")" \
+    "$HANDSHAKES" "$(url "$2" tls)/api/v1/video/process/" "$(keys_for "$2")" \
         "$ORIGIN" --tls "${1%-*}" --resume "$resume" --clients "$HANDSHAKE_CLIENTS" --seconds "$3" |
         awk '/^RESULT/ { for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
             printf "%s %s %s %s %s %.3f\n", v["rps"], v["p50_us"], v["p99_us"], v["bad"], v["requests"] + v["late"],
@@ -421,7 +426,7 @@ check_answers() { # target
     fi
 }
 # A handshake mode must do what it says on every target: the TLS version asked for (checked by
-# handshakes.py), no resumption in "new", and in "resumed" the server resuming the handshakes
+# handshakes.rs), no resumption in "new", and in "resumed" the server resuming the handshakes
 # where a session is offered (all but each client's first): a gateway that does not resume would
 # otherwise be measured on full handshakes. 90% leaves room for a server's session cache evicting
 # under load; the summary prints each run's share.
@@ -430,7 +435,7 @@ check_handshakes() { # target
     for mode in $HANDSHAKE_MODES; do
         resume=off
         [ "${mode#*-}" = resumed ] && resume=on
-        result=$(python3 "$here/handshakes.py" "$(url "$1" tls)/api/v1/video/process/" \
+        result=$("$HANDSHAKES" "$(url "$1" tls)/api/v1/video/process/" \
             "$(keys_for "$1")" "$ORIGIN" --tls "${mode%-*}" --resume "$resume" \
             --clients "$HANDSHAKE_CLIENTS" --seconds 1 | grep '^RESULT' || true)
         requests=$(echo "$result" | sed -n 's/.* requests=\([0-9]*\).*/\1/p')
