@@ -1,5 +1,5 @@
-//! TLS: 1.2 and 1.3 handshakes, non-TLS clients counted and dropped, and certificates reloaded
-//! when their files change (a bad pair refused, traffic uninterrupted).
+//! TLS: 1.2 and 1.3 handshakes, sessions resumed, non-TLS clients counted and dropped, and
+//! certificates reloaded when their files change (a bad pair refused, traffic uninterrupted).
 
 use std::time::Duration;
 
@@ -56,6 +56,77 @@ async fn tls12_and_tls13_handshakes_succeed() {
         },
     )
     .await;
+    gw.shutdown().await;
+}
+
+/// One request on a new TLS connection with `config`, read to the end: how the handshake went.
+async fn handshake_kind(
+    gw: &Gateway,
+    config: &std::sync::Arc<rustls::ClientConfig>,
+) -> rustls::HandshakeKind {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::clone(config));
+    let tcp = tokio::net::TcpStream::connect(gw.https).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    tls.write_all(
+        b"GET /health/api-auth/ HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    // Reading the answer reads the session tickets sent before it, so the client keeps them.
+    let mut answer = Vec::new();
+    let _ = tls.read_to_end(&mut answer).await;
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    tls.get_ref().1.handshake_kind().unwrap()
+}
+
+/// A returning client resumes its TLS session however many others connected in between: 600
+/// full handshakes by other clients (more than a server-side cache of a few hundred sessions
+/// holds) do not cost it its session, over TLS 1.3 and 1.2.
+#[tokio::test]
+async fn a_session_is_resumed_after_many_other_handshakes() {
+    use rustls::HandshakeKind::{Full, Resumed};
+    use rustls_pki_types::pem::PemObject as _;
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(&upstream.url(), &[]).await;
+    let mut roots = rustls::RootCertStore::empty();
+    let cert =
+        rustls_pki_types::CertificateDer::from_pem_file(gw.dir.path().join("cert.pem")).unwrap();
+    roots.add(cert).unwrap();
+    let client = |version, resumption| {
+        let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[version])
+        .unwrap()
+        .with_root_certificates(roots.clone())
+        .with_no_client_auth();
+        config.resumption = resumption;
+        std::sync::Arc::new(config)
+    };
+    for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+        let returning = client(version, rustls::client::Resumption::in_memory_sessions(8));
+        let others = client(version, rustls::client::Resumption::disabled());
+        assert_eq!(handshake_kind(&gw, &returning).await, Full);
+        assert_eq!(
+            handshake_kind(&gw, &returning).await,
+            Resumed,
+            "{version:?}, at once"
+        );
+        for _ in 0..600 {
+            assert_eq!(handshake_kind(&gw, &others).await, Full);
+        }
+        assert_eq!(
+            handshake_kind(&gw, &returning).await,
+            Resumed,
+            "{version:?}, after 600 others"
+        );
+    }
     gw.shutdown().await;
 }
 
