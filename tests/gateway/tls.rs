@@ -10,25 +10,14 @@ use crate::common::{Gateway, Upstream, eventually_async, wait_for_async};
 /// TLS 1.2 and 1.3 are served (anything older is not even implemented by rustls), with HSTS.
 #[tokio::test]
 async fn tls12_and_tls13_handshakes_succeed() {
-    use rustls_pki_types::pem::PemObject as _;
     let upstream = Upstream::start().await;
     let gw = Gateway::start(&upstream.url(), &[]).await;
-    let mut roots = rustls::RootCertStore::empty();
-    let cert =
-        rustls_pki_types::CertificateDer::from_pem_file(gw.dir.path().join("cert.pem")).unwrap();
-    roots.add(cert).unwrap();
     for (version, expected) in [
         (&rustls::version::TLS12, rustls::ProtocolVersion::TLSv1_2),
         (&rustls::version::TLS13, rustls::ProtocolVersion::TLSv1_3),
     ] {
-        let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_protocol_versions(&[version])
-        .unwrap()
-        .with_root_certificates(roots.clone())
-        .with_no_client_auth();
-        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+        let config = client_config(&gw, version, rustls::client::Resumption::default());
+        let connector = tokio_rustls::TlsConnector::from(config);
         let tcp = tokio::net::TcpStream::connect(gw.https).await.unwrap();
         let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
         let tls = connector.connect(name, tcp).await.unwrap();
@@ -57,6 +46,28 @@ async fn tls12_and_tls13_handshakes_succeed() {
     )
     .await;
     gw.shutdown().await;
+}
+
+/// A client trusting `gw`'s certificate, speaking only `version`, resuming as `resumption` says.
+fn client_config(
+    gw: &Gateway,
+    version: &'static rustls::SupportedProtocolVersion,
+    resumption: rustls::client::Resumption,
+) -> std::sync::Arc<rustls::ClientConfig> {
+    use rustls_pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    let cert =
+        rustls_pki_types::CertificateDer::from_pem_file(gw.dir.path().join("cert.pem")).unwrap();
+    roots.add(cert).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[version])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.resumption = resumption;
+    std::sync::Arc::new(config)
 }
 
 /// One request on a new TLS connection with `config`, read to the end: how the handshake went.
@@ -91,27 +102,12 @@ async fn handshake_kind(
 #[tokio::test]
 async fn a_session_is_resumed_after_many_other_handshakes() {
     use rustls::HandshakeKind::{Full, Resumed};
-    use rustls_pki_types::pem::PemObject as _;
+    use rustls::client::Resumption;
     let upstream = Upstream::start().await;
     let gw = Gateway::start(&upstream.url(), &[]).await;
-    let mut roots = rustls::RootCertStore::empty();
-    let cert =
-        rustls_pki_types::CertificateDer::from_pem_file(gw.dir.path().join("cert.pem")).unwrap();
-    roots.add(cert).unwrap();
-    let client = |version, resumption| {
-        let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_protocol_versions(&[version])
-        .unwrap()
-        .with_root_certificates(roots.clone())
-        .with_no_client_auth();
-        config.resumption = resumption;
-        std::sync::Arc::new(config)
-    };
     for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
-        let returning = client(version, rustls::client::Resumption::in_memory_sessions(8));
-        let others = client(version, rustls::client::Resumption::disabled());
+        let returning = client_config(&gw, version, Resumption::in_memory_sessions(8));
+        let others = client_config(&gw, version, Resumption::disabled());
         assert_eq!(handshake_kind(&gw, &returning).await, Full);
         assert_eq!(
             handshake_kind(&gw, &returning).await,
