@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, Pipeline, RedisError, RedisFuture, Value};
+use redis::{Cmd, FromRedisValue, Pipeline, RedisError, RedisFuture, Value};
 
 use super::client::{certificates, client_for, is_denied, is_read_only, manager_config};
 use super::sentinel::Failover;
@@ -144,35 +144,51 @@ impl RedisStore {
         StoreError::Unavailable(format!("{}: {e}", self.display))
     }
 
-    /// Runs a read-only command. A connection found broken (Redis restarted since the last call)
-    /// is retried once on the fresh connection the manager makes.
-    pub(super) async fn query<T: redis::FromRedisValue>(&self, cmd: &Cmd) -> Result<T, StoreError> {
+    /// Runs a read-only command, retried once like every read ([`Self::read_retried`]).
+    pub(super) async fn query<T: FromRedisValue + Send>(&self, cmd: &Cmd) -> Result<T, StoreError> {
+        self.read_retried(cmd).await
+    }
+
+    /// Runs a pipeline of reads, retried once like every read ([`Self::read_retried`]).
+    pub(super) async fn pipe<T: FromRedisValue + Send>(
+        &self,
+        pipe: &Pipeline,
+    ) -> Result<T, StoreError> {
+        self.read_retried(pipe).await
+    }
+
+    /// Runs a read. A connection found broken (Redis restarted since the last call) is retried
+    /// once on the fresh connection the manager makes.
+    async fn read_retried<T: FromRedisValue + Send>(
+        &self,
+        read: &impl Read,
+    ) -> Result<T, StoreError> {
         let mut conn = self.conn().await?;
         self.within(Duration::ZERO, async {
-            match cmd.query_async(&mut conn).await {
+            match read.send(&mut conn).await {
                 Err(e) if e.is_connection_dropped() || e.is_io_error() => {
-                    cmd.query_async(&mut conn).await.map_err(|e| self.error(e))
+                    read.send(&mut conn).await.map_err(|e| self.error(e))
                 }
                 other => other.map_err(|e| self.error(e)),
             }
         })
         .await
     }
+}
 
-    /// Runs a pipeline of reads, retried once like [`RedisStore::query`].
-    pub(super) async fn pipe<T: redis::FromRedisValue>(
-        &self,
-        pipe: &Pipeline,
-    ) -> Result<T, StoreError> {
-        let mut conn = self.conn().await?;
-        self.within(Duration::ZERO, async {
-            match pipe.query_async(&mut conn).await {
-                Err(e) if e.is_connection_dropped() || e.is_io_error() => {
-                    pipe.query_async(&mut conn).await.map_err(|e| self.error(e))
-                }
-                other => other.map_err(|e| self.error(e)),
-            }
-        })
-        .await
+/// A read [`RedisStore::read_retried`] can send a second time: a command or a pipeline.
+trait Read: Sync {
+    fn send<'a, T: FromRedisValue + Send + 'a>(&'a self, conn: &'a mut Conn) -> RedisFuture<'a, T>;
+}
+
+impl Read for Cmd {
+    fn send<'a, T: FromRedisValue + Send + 'a>(&'a self, conn: &'a mut Conn) -> RedisFuture<'a, T> {
+        Box::pin(self.query_async(conn))
+    }
+}
+
+impl Read for Pipeline {
+    fn send<'a, T: FromRedisValue + Send + 'a>(&'a self, conn: &'a mut Conn) -> RedisFuture<'a, T> {
+        Box::pin(self.query_async(conn))
     }
 }

@@ -190,10 +190,7 @@ impl KeyStore for RedisStore {
             for a in record_args(&record)? {
                 invocation.arg(a);
             }
-            invocation
-                .arg(&self.channel)
-                .arg(CHANGE_LOG_KEEP)
-                .arg(marker_id()?);
+            self.change_args(&mut invocation)?;
             self.mutate_checked(&invocation, |code| conflict(code, &record))
                 .await
         })
@@ -216,10 +213,7 @@ impl KeyStore for RedisStore {
             for a in record_args(&successor)? {
                 invocation.arg(a);
             }
-            invocation
-                .arg(&self.channel)
-                .arg(CHANGE_LOG_KEEP)
-                .arg(marker_id()?);
+            self.change_args(&mut invocation)?;
             self.mutate_checked(&invocation, |code| conflict(code, &old))
                 .await?;
             old.rotated_to = Some(successor.id.clone());
@@ -235,10 +229,7 @@ impl KeyStore for RedisStore {
             }
             let mut invocation = self.scripts.import.prepare_invoke();
             self.shared_keys(&mut invocation);
-            invocation
-                .arg(&self.channel)
-                .arg(CHANGE_LOG_KEEP)
-                .arg(marker_id()?);
+            self.change_args(&mut invocation)?;
             for r in &records {
                 self.record_keys(&mut invocation, r);
                 for a in record_args(r)? {
@@ -314,10 +305,8 @@ impl KeyStore for RedisStore {
                 .key(self.named("changes"))
                 .key(self.named("store"))
                 .arg(record.digest.to_hex())
-                .arg(u8::from(active))
-                .arg(&self.channel)
-                .arg(CHANGE_LOG_KEEP)
-                .arg(marker_id()?);
+                .arg(u8::from(active));
+            self.change_args(&mut invocation)?;
             self.mutate_checked(&invocation, |_| StoreError::NotFound(id_or_name))
                 .await?;
             record.is_active = active;
@@ -332,11 +321,8 @@ impl KeyStore for RedisStore {
             let mut invocation = self.scripts.delete.prepare_invoke();
             self.record_keys(&mut invocation, &record);
             self.shared_keys(&mut invocation);
-            invocation
-                .arg(record.digest.to_hex())
-                .arg(&self.channel)
-                .arg(CHANGE_LOG_KEEP)
-                .arg(marker_id()?);
+            invocation.arg(record.digest.to_hex());
+            self.change_args(&mut invocation)?;
             self.mutate_checked(&invocation, |_| StoreError::NotFound(id_or_name))
                 .await?;
             Ok(record)

@@ -346,6 +346,19 @@ impl RedisStore {
         }
     }
 
+    /// The change feed's arguments, in script order: the channel to publish on, how many
+    /// changes the log keeps, and a fresh marker id.
+    pub(super) fn change_args(
+        &self,
+        invocation: &mut ScriptInvocation<'_>,
+    ) -> Result<(), StoreError> {
+        invocation
+            .arg(&self.channel)
+            .arg(super::CHANGE_LOG_KEEP)
+            .arg(marker_id()?);
+        Ok(())
+    }
+
     /// Runs a prepared script that changes nothing that needs confirming.
     pub(super) async fn invoke<T: redis::FromRedisValue>(
         &self,
@@ -395,7 +408,6 @@ impl RedisStore {
         .await
     }
 
-    /// Whether a change made with `acked` replicas acknowledging it is confirmed.
     /// Runs a change whose script answers 0 when it is made and another code when it is refused
     /// (`refused` names the error for that code); a change made is then held to
     /// `confirm_replicas` ([`Self::confirmed`]).
@@ -410,6 +422,7 @@ impl RedisStore {
         }
     }
 
+    /// Whether a change made with `acked` replicas acknowledging it is confirmed.
     pub(super) fn confirmed(&self, acked: Option<u32>) -> Result<(), StoreError> {
         let wanted = self.settings.confirm_replicas;
         match acked {
