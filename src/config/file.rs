@@ -304,6 +304,12 @@ pub struct ServerSection {
     pub max_body_bytes_by_prefix: BTreeMap<String, u64>,
     /// HTTP/2: most concurrent streams per connection.
     pub h2_max_concurrent_streams: u32,
+    /// HTTP/2: flow-control window of each request stream, in bytes: how much of a body a
+    /// client may send ahead of what the upstream has taken.
+    pub h2_stream_window_bytes: u32,
+    /// HTTP/2: flow-control window of each connection, across its streams, in bytes: the most
+    /// request body one connection can hold in the gateway.
+    pub h2_connection_window_bytes: u32,
     /// Worker threads serving the pipeline, each with its own runtime, listening sockets and
     /// upstream pool; 0: one per CPU.
     pub workers: usize,
@@ -330,6 +336,8 @@ impl Default for ServerSection {
             max_body_bytes: 0,
             max_body_bytes_by_prefix: BTreeMap::new(),
             h2_max_concurrent_streams: 256,
+            h2_stream_window_bytes: 4 << 20,
+            h2_connection_window_bytes: 8 << 20,
             workers: 0,
         }
     }

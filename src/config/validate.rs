@@ -69,6 +69,8 @@ pub struct Server {
     /// `(prefix, limit)`, longest prefix first.
     pub max_body_bytes_by_prefix: Vec<(String, Option<u64>)>,
     pub h2_max_concurrent_streams: u32,
+    pub h2_stream_window_bytes: u32,
+    pub h2_connection_window_bytes: u32,
     pub workers: usize,
 }
 
@@ -292,6 +294,15 @@ const MIN_HEADER_BYTES: usize = 8 * 1024;
 /// The most `server.workers`.
 const MAX_WORKERS: usize = 1024;
 
+/// An HTTP/2 flow-control window: from the protocol's initial 65,535 bytes to its largest,
+/// 2^31-1 (RFC 9113 §6.9).
+fn h2_window(key: &'static str, bytes: u32) -> Result<u32, ConfigError> {
+    match bytes {
+        n @ 65_535..=0x7fff_ffff => Ok(n),
+        n => Err(invalid(key, n, "from 65535 to 2147483647 bytes")),
+    }
+}
+
 impl ServerSection {
     fn validate(&self) -> Result<Server, ConfigError> {
         let https_listen = parse_addr("server.https_listen", &self.https_listen)?;
@@ -395,6 +406,14 @@ impl ServerSection {
                 }
                 n => n,
             },
+            h2_stream_window_bytes: h2_window(
+                "server.h2_stream_window_bytes",
+                self.h2_stream_window_bytes,
+            )?,
+            h2_connection_window_bytes: h2_window(
+                "server.h2_connection_window_bytes",
+                self.h2_connection_window_bytes,
+            )?,
             workers: match self.workers {
                 0 => std::thread::available_parallelism().map_or(1, usize::from),
                 n @ 1..=MAX_WORKERS => n,
@@ -1034,6 +1053,16 @@ mod tests {
                 "[server]\nh2_max_concurrent_streams = 0\n",
                 "server.h2_max_concurrent_streams",
                 "above 0",
+            ),
+            (
+                "[server]\nh2_stream_window_bytes = 1024\n",
+                "server.h2_stream_window_bytes",
+                "from 65535",
+            ),
+            (
+                "[server]\nh2_connection_window_bytes = 4294967295\n",
+                "server.h2_connection_window_bytes",
+                "to 2147483647 bytes",
             ),
             (
                 "[logging]\nlevel = \"verbose\"\n",

@@ -149,6 +149,8 @@ impl Builders {
             .http2()
             .timer(TokioTimer::new())
             .max_concurrent_streams(cfg.h2_max_concurrent_streams)
+            .initial_stream_window_size(cfg.h2_stream_window_bytes)
+            .initial_connection_window_size(cfg.h2_connection_window_bytes)
             .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX))
             // Rapid-reset protection: a client resetting streams faster than this loses the
             // connection.

@@ -325,6 +325,14 @@ impl Gateway {
     /// A raw TLS connection to the HTTPS listener (ALPN `http/1.1`), for writing requests byte
     /// by byte.
     pub async fn raw_tls(&self) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+        self.raw_tls_alpn(b"http/1.1").await
+    }
+
+    /// A raw TLS connection to the HTTPS listener offering only `alpn`.
+    pub async fn raw_tls_alpn(
+        &self,
+        alpn: &[u8],
+    ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
         use rustls_pki_types::pem::PemObject as _;
         let mut roots = rustls::RootCertStore::empty();
         let cert =
@@ -338,7 +346,7 @@ impl Gateway {
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        config.alpn_protocols = vec![alpn.to_vec()];
         let tcp = tokio::net::TcpStream::connect(self.https).await.unwrap();
         let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
         tokio_rustls::TlsConnector::from(Arc::new(config))

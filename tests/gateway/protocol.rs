@@ -104,6 +104,62 @@ async fn a_client_that_waits_for_100_continue_gets_it_and_its_upload_goes_throug
     gw.shutdown().await;
 }
 
+/// An HTTP/2 client may send a whole stream window of body before the gateway has passed any
+/// of it on: the configured window, not hyper's 1 MiB, is what the gateway announces, and the
+/// connection's window is opened wide enough for it. The body then reaches the upstream whole.
+#[tokio::test]
+async fn http2_uploads_get_the_configured_flow_control_windows() {
+    const STREAM_WINDOW: u32 = 3_000_000;
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(
+        &upstream.url(),
+        &[
+            ("KEYGATE_SERVER_H2_STREAM_WINDOW_BYTES", "3000000"),
+            ("KEYGATE_SERVER_H2_CONNECTION_WINDOW_BYTES", "5000000"),
+        ],
+    )
+    .await;
+    let key = gw.create_key("h2-window").await;
+    let tls = gw.raw_tls_alpn(b"h2").await;
+    // h2 assigns a stream no more capacity than it would buffer (400 KiB by default).
+    let (client, connection) = h2::client::Builder::new()
+        .max_send_buffer_size(2 * STREAM_WINDOW as usize)
+        .handshake::<_, bytes::Bytes>(tls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let mut client = client.ready().await.unwrap();
+    let request = http::Request::post("https://localhost/api/v1/video/upload/")
+        .header("x-api-key", &key)
+        .body(())
+        .unwrap();
+    let (response, mut body) = client.send_request(request, false).unwrap();
+    body.reserve_capacity(2 * STREAM_WINDOW as usize);
+    let granted = tokio::time::timeout(Duration::from_secs(5), async {
+        // Capacity arrives as the gateway's SETTINGS and connection WINDOW_UPDATE do; it stops
+        // growing at the smaller of the two windows.
+        loop {
+            let granted = std::future::poll_fn(|cx| body.poll_capacity(cx))
+                .await
+                .unwrap()
+                .unwrap();
+            if granted >= STREAM_WINDOW as usize {
+                return granted;
+            }
+        }
+    })
+    .await
+    .expect("the gateway never opened a 3,000,000-byte window");
+    assert_eq!(granted, STREAM_WINDOW as usize);
+    body.send_data(vec![7u8; granted].into(), true).unwrap();
+    let response = response.await.unwrap();
+    assert_eq!(response.status(), http::StatusCode::OK);
+    let seen = upstream.last();
+    assert_eq!(seen.body_len, u64::from(STREAM_WINDOW));
+    assert!(seen.body_complete);
+    gw.shutdown().await;
+}
+
 /// Reads from `stream` until what has come contains `pattern` (5 s at most), and returns it.
 async fn read_until(stream: &mut (impl tokio::io::AsyncRead + Unpin), pattern: &[u8]) -> String {
     use tokio::io::AsyncReadExt as _;
