@@ -49,7 +49,7 @@
 #   HANDSHAKE_DURATION seconds of each run [5]
 # uploads (curl, `Expect:` off; the upstream relays them to benches/load/sink.py, which reads
 # every byte before it answers; one key for a whole run, as in h2):
-#   UPLOAD_PROTOCOLS   from: tls (HTTP/1.1 over TLS), h2 (HTTP/2 over TLS), http ["tls"]
+#   UPLOAD_PROTOCOLS   from: tls (HTTP/1.1 over TLS), h2 (HTTP/2 over TLS), http ["tls h2"]
 #   UPLOAD_CLIENTS     uploading connections in parallel [3]
 #   UPLOAD_IN_A_ROW    uploads on each connection before it is closed and another opened [5]
 #   UPLOAD_MIB         size of each body in MiB [16]
@@ -73,7 +73,7 @@ H2_THREADS=${H2_THREADS:-1}
 HANDSHAKE_MODES=${HANDSHAKE_MODES:-"1.3-new 1.3-resumed 1.2-new 1.2-resumed"}
 HANDSHAKE_CLIENTS=${HANDSHAKE_CLIENTS:-16}
 HANDSHAKE_DURATION=${HANDSHAKE_DURATION:-5}
-UPLOAD_PROTOCOLS=${UPLOAD_PROTOCOLS:-tls}
+UPLOAD_PROTOCOLS=${UPLOAD_PROTOCOLS:-"tls h2"}
 UPLOAD_CLIENTS=${UPLOAD_CLIENTS:-3}
 UPLOAD_IN_A_ROW=${UPLOAD_IN_A_ROW:-5}
 UPLOAD_MIB=${UPLOAD_MIB:-16}
