@@ -333,19 +333,7 @@ impl Gateway {
         &self,
         alpn: &[u8],
     ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-        use rustls_pki_types::pem::PemObject as _;
-        let mut roots = rustls::RootCertStore::empty();
-        let cert =
-            rustls_pki_types::CertificateDer::from_pem_file(self.dir.path().join("cert.pem"))
-                .unwrap();
-        roots.add(cert).unwrap();
-        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let mut config = self.tls_client_config(rustls::DEFAULT_VERSIONS);
         config.alpn_protocols = vec![alpn.to_vec()];
         let tcp = tokio::net::TcpStream::connect(self.https).await.unwrap();
         let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
@@ -353,6 +341,26 @@ impl Gateway {
             .connect(name, tcp)
             .await
             .unwrap()
+    }
+
+    /// A rustls client configuration trusting the gateway's certificate, speaking `versions`.
+    pub fn tls_client_config(
+        &self,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> rustls::ClientConfig {
+        use rustls_pki_types::pem::PemObject as _;
+        let mut roots = rustls::RootCertStore::empty();
+        let cert =
+            rustls_pki_types::CertificateDer::from_pem_file(self.dir.path().join("cert.pem"))
+                .unwrap();
+        roots.add(cert).unwrap();
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth()
     }
 
     /// The admin listener's `/readyz`: status and JSON body.

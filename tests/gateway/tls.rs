@@ -54,18 +54,7 @@ fn client_config(
     version: &'static rustls::SupportedProtocolVersion,
     resumption: rustls::client::Resumption,
 ) -> std::sync::Arc<rustls::ClientConfig> {
-    use rustls_pki_types::pem::PemObject as _;
-    let mut roots = rustls::RootCertStore::empty();
-    let cert =
-        rustls_pki_types::CertificateDer::from_pem_file(gw.dir.path().join("cert.pem")).unwrap();
-    roots.add(cert).unwrap();
-    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[version])
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let mut config = gw.tls_client_config(&[version]);
     config.resumption = resumption;
     std::sync::Arc::new(config)
 }
