@@ -8,7 +8,7 @@
 # release profile are the same as `cargo build --release`; only the compiler's choices differ.
 # What it saves is in docs/benchmarks.md (Levers).
 #
-#   scripts/build-pgo.sh                                    # about 12 minutes on 2 cores
+#   scripts/build-pgo.sh                                    # about 10 minutes on 2 cores
 #   KEYGATE_BIN=$(scripts/build-pgo.sh) benches/load/run.sh  # measure it
 #
 # Builds under target/pgo/ (the instrumented build, the profiles, the optimised build), so
