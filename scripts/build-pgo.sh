@@ -28,8 +28,10 @@ if [ ! -x "$profdata" ]; then
 fi
 [ -x "$profdata" ] || { echo "build-pgo: $profdata not found" >&2; exit 1; }
 
+# Compiler flags go through CARGO_ENCODED_RUSTFLAGS (separated by 0x1f), which cargo does not
+# split at spaces: the repository's path may contain them.
 echo "build-pgo: instrumented build (target/pgo/generate)" >&2
-RUSTFLAGS="-Cprofile-generate=$out/profiles" \
+CARGO_ENCODED_RUSTFLAGS="-Cprofile-generate=$out/profiles" \
     cargo build --release --locked --quiet --bin keygate --target-dir "$out/generate" >&2
 # The build scripts were instrumented too and left profiles of their own: only the gateway's
 # count.
@@ -45,6 +47,6 @@ compgen -G "$out/profiles/*.profraw" >/dev/null ||
 "$profdata" merge -o "$out/keygate.profdata" "$out/profiles"
 
 echo "build-pgo: optimised build (target/pgo/use)" >&2
-RUSTFLAGS="-Cprofile-use=$out/keygate.profdata -Cllvm-args=-pgo-warn-missing-function=false" \
+CARGO_ENCODED_RUSTFLAGS="-Cprofile-use=$out/keygate.profdata"$'\x1f'"-Cllvm-args=-pgo-warn-missing-function=false" \
     cargo build --release --locked --quiet --bin keygate --target-dir "$out/use" >&2
 echo "$out/use/release/keygate"
