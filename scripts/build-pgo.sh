@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Builds keygate with profile-guided optimisation (PGO) and prints the binary's path.
 #
-# An instrumented build serves the load benchmark's four workloads for about a minute
-# (benches/load/run.sh with one short round: HTTP/1.1 keep-alive over plain HTTP and TLS, HTTP/2,
-# new TLS connections, 16 MiB uploads); the release build is then compiled with the profile it
+# An instrumented build serves the load benchmark for about a minute (benches/load/run.sh with
+# one short round of four workloads: HTTP/1.1 keep-alive over plain HTTP and TLS, HTTP/2, new TLS
+# connections, 16 MiB uploads; its fifth, latency, runs keep-alive's code at a fixed rate and is
+# left out); the release build is then compiled with the profile it
 # recorded, so the code those requests run is laid out and inlined for them. The source and the
 # release profile are the same as `cargo build --release`; only the compiler's choices differ.
 # What it saves is in docs/benchmarks.md (Levers).
@@ -40,7 +41,8 @@ mkdir -p "$out/profiles"
 
 echo "build-pgo: recording a profile under the load benchmark" >&2
 LLVM_PROFILE_FILE="$out/profiles/keygate-%p-%m.profraw" \
-    KEYGATE_BIN="$out/generate/release/keygate" TARGETS=keygate ROUNDS=1 DURATION=5 \
+    KEYGATE_BIN="$out/generate/release/keygate" WORKLOADS="keepalive h2 handshakes uploads" \
+    TARGETS=keygate ROUNDS=1 DURATION=5 \
     HANDSHAKE_DURATION=3 LARGE_KEYS=0 benches/load/run.sh >&2
 compgen -G "$out/profiles/*.profraw" >/dev/null ||
     { echo "build-pgo: the instrumented gateway wrote no profile" >&2; exit 1; }

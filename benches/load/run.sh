@@ -3,6 +3,8 @@
 # upstream directly, on the traffic a gateway gets, in one run, alternating, several rounds:
 #
 #   keepalive   HTTP/1.1 keep-alive from wrk, plain HTTP and TLS
+#   latency     HTTP/1.1 keep-alive at one fixed request rate for every target (h2load), plain
+#               HTTP and TLS: latency compared at equal load
 #   h2          HTTP/2 over TLS from h2load, many streams on each connection (browsers)
 #   handshakes  a new TLS connection for every request, TLS 1.3 and 1.2, session resumption off
 #               and on (new visitors; examples/handshakes.rs)
@@ -16,7 +18,7 @@
 #   WORKLOADS="h2 handshakes" ROUNDS=5 benches/load/run.sh
 #
 # Environment [default]:
-#   WORKLOADS          workloads to run, in this order ["keepalive h2 handshakes uploads"]
+#   WORKLOADS          workloads to run, in this order ["keepalive latency h2 handshakes uploads"]
 #   ROUNDS             rounds; each runs every selected workload on every target once [3]
 #   DURATION           seconds of each keepalive, h2 and uploads run [10]
 #   TARGETS            targets to measure, from: direct nginx keygate haproxy keygate100k base
@@ -36,6 +38,12 @@
 #   PROTOCOLS          ["http tls"]
 #   CONNECTIONS        wrk connections [50]
 #   THREADS            wrk threads [2]
+# latency (h2load --h1 at a fixed rate, the same POST with one key per run, as in h2; the clients
+# start 1 ms apart, so their request timers do not all fire at once):
+#   LATENCY_PROTOCOLS  ["http tls"]
+#   LATENCY_RATE       requests per second offered to every target, split evenly over the
+#                      clients; below every target's capacity [20000]
+#   LATENCY_CLIENTS    connections [50]
 # h2 (h2load over TLS, ALPN h2; one key for a whole run: the round's, the same for every target):
 #   H2_CLIENTS         connections [20]
 #   H2_STREAMS         concurrent streams on each connection [10]
@@ -59,7 +67,7 @@
 # nghttp2-client for h2load, curl).
 set -euo pipefail
 
-WORKLOADS=${WORKLOADS:-"keepalive h2 handshakes uploads"}
+WORKLOADS=${WORKLOADS:-"keepalive latency h2 handshakes uploads"}
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10}
 KEYS=${KEYS:-1000}
@@ -67,6 +75,9 @@ LARGE_KEYS=${LARGE_KEYS:-100000}
 PROTOCOLS=${PROTOCOLS:-"http tls"}
 CONNECTIONS=${CONNECTIONS:-50}
 THREADS=${THREADS:-2}
+LATENCY_PROTOCOLS=${LATENCY_PROTOCOLS:-"http tls"}
+LATENCY_RATE=${LATENCY_RATE:-20000}
+LATENCY_CLIENTS=${LATENCY_CLIENTS:-50}
 H2_CLIENTS=${H2_CLIENTS:-20}
 H2_STREAMS=${H2_STREAMS:-10}
 H2_THREADS=${H2_THREADS:-1}
@@ -88,7 +99,7 @@ root=$(cd "$here/../.." && pwd)
 fail() { echo "$*" >&2; exit 1; }
 selected() { [[ " $WORKLOADS " == *" $1 "* ]]; } # workload
 for w in $WORKLOADS; do
-    case $w in keepalive | h2 | handshakes | uploads) ;; *) fail "WORKLOADS: unknown workload '$w' (expected keepalive, h2, handshakes or uploads)" ;; esac
+    case $w in keepalive | latency | h2 | handshakes | uploads) ;; *) fail "WORKLOADS: unknown workload '$w' (expected keepalive, latency, h2, handshakes or uploads)" ;; esac
 done
 for m in $HANDSHAKE_MODES; do
     case $m in 1.3-new | 1.3-resumed | 1.2-new | 1.2-resumed) ;; *) fail "HANDSHAKE_MODES: unknown mode '$m' (expected 1.3-new, 1.3-resumed, 1.2-new or 1.2-resumed)" ;; esac
@@ -96,19 +107,22 @@ done
 for p in $UPLOAD_PROTOCOLS; do
     case $p in tls | h2 | http) ;; *) fail "UPLOAD_PROTOCOLS: unknown protocol '$p' (expected tls, h2 or http)" ;; esac
 done
-for p in $PROTOCOLS; do
-    case $p in tls | http) ;; *) fail "PROTOCOLS: unknown protocol '$p' (expected http or tls)" ;; esac
+for v in PROTOCOLS LATENCY_PROTOCOLS; do
+    for p in ${!v}; do
+        case $p in tls | http) ;; *) fail "$v: unknown protocol '$p' (expected http or tls)" ;; esac
+    done
 done
-for v in ROUNDS DURATION KEYS CONNECTIONS THREADS H2_CLIENTS H2_STREAMS H2_THREADS HANDSHAKE_CLIENTS \
+for v in ROUNDS DURATION KEYS CONNECTIONS THREADS LATENCY_RATE LATENCY_CLIENTS H2_CLIENTS H2_STREAMS H2_THREADS HANDSHAKE_CLIENTS \
     HANDSHAKE_DURATION UPLOAD_CLIENTS UPLOAD_IN_A_ROW UPLOAD_MIB; do
     [[ ${!v} =~ ^[1-9][0-9]*$ ]] || fail "$v: '${!v}' is not a whole number above 0"
 done
+[ "$LATENCY_RATE" -ge "$LATENCY_CLIENTS" ] || fail "LATENCY_RATE: $LATENCY_RATE is under one request per second for each of the $LATENCY_CLIENTS clients"
 [[ $LARGE_KEYS =~ ^[0-9]+$ ]] || fail "LARGE_KEYS: '$LARGE_KEYS' is not a whole number (0: no keygate100k)"
 # keygate100k is measured in keepalive only: without it, its store is not built.
 selected keepalive || LARGE_KEYS=0
 
 tools=(nginx:nginx haproxy:haproxy wrk:wrk curl:curl)
-selected h2 && tools+=(h2load:nghttp2-client)
+{ selected h2 || selected latency; } && tools+=(h2load:nghttp2-client)
 install_missing "${tools[@]}"
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
@@ -254,23 +268,19 @@ run_keepalive() { # wrk over HTTP/1.1 keep-alive; variant: http or tls
         sed -n 's/^RESULT rps=\([0-9.]*\) p50_us=\([0-9]*\) p99_us=\([0-9]*\) bad=\([0-9]*\) requests=\([0-9]*\)/\1 \2 \3 \4 \5 -/p'
 }
 
-run_h2() { # h2load over TLS with ALPN h2; variant: tls
-    rm -f "$work/h2load.log"
-    h2load -t"$H2_THREADS" -c"$H2_CLIENTS" -m"$H2_STREAMS" -D "$3" -d "$work/body.json" \
-        -H "x-api-key: $(round_key "$4")" -H "origin: $ORIGIN" -H "content-type: application/json" \
-        -H "user-agent: keygate-load/1" --log-file="$work/h2load.log" \
-        "$(url "$2" tls)/api/v1/video/process/" >"$work/h2load.out" 2>&1 || true
-    # h2load prints no percentiles: they come from its per-request log (start, status, latency).
-    python3 - "$work/h2load.out" "$work/h2load.log" <<'PY'
+# h2load's figures -> "rate p50 p99 bad requests -"; void unless the run spoke the protocol given.
+# h2load prints no percentiles: they come from its per-request log (start, status, latency).
+h2load_figures() { # protocol (h2 or http/1.1)
+    python3 - "$1" "$work/h2load.out" "$work/h2load.log" <<'PY'
 import os, re, sys
-out = open(sys.argv[1]).read()
+proto, out = sys.argv[1], open(sys.argv[2]).read()
 rate = re.search(r"finished in [0-9.]+m?s, ([0-9.]+) req/s", out)
 failed = re.search(r"requests: \d+ total, \d+ started, \d+ done, \d+ succeeded, (\d+) failed", out)
-if not (rate and failed and os.path.exists(sys.argv[2])) or "Application protocol: h2" not in out:
-    print("0 0 0 1 0 -")  # no HTTP/2 run: void
+if not (rate and failed and os.path.exists(sys.argv[3])) or f"Application protocol: {proto}\n" not in out:
+    print("0 0 0 1 0 -")  # not a run of that protocol: void
     sys.exit()
 lat, bad = [], int(failed.group(1))
-for line in open(sys.argv[2]):
+for line in open(sys.argv[3]):
     _, status, us = line.split()
     if int(status) < 0:
         continue  # a failed stream, counted in "failed"
@@ -281,6 +291,32 @@ lat.sort()
 p = lambda q: lat[min(len(lat) - 1, int(len(lat) * q))] if lat else 0
 print(rate.group(1), p(0.5), p(0.99), bad, len(lat), "-")
 PY
+}
+
+run_h2() { # h2load over TLS with ALPN h2; variant: tls
+    rm -f "$work/h2load.log"
+    h2load -t"$H2_THREADS" -c"$H2_CLIENTS" -m"$H2_STREAMS" -D "$3" -d "$work/body.json" \
+        -H "x-api-key: $(round_key "$4")" -H "origin: $ORIGIN" -H "content-type: application/json" \
+        -H "user-agent: keygate-load/1" --log-file="$work/h2load.log" \
+        "$(url "$2" tls)/api/v1/video/process/" >"$work/h2load.out" 2>&1 || true
+    h2load_figures h2
+}
+
+# The offered rate: LATENCY_RATE split evenly over the clients (h2load's --rps is per client).
+LATENCY_PER_CLIENT=$((LATENCY_RATE / LATENCY_CLIENTS))
+LATENCY_OFFERED=$((LATENCY_PER_CLIENT * LATENCY_CLIENTS))
+run_latency() { # h2load over HTTP/1.1 at LATENCY_OFFERED req/s; variant: http or tls
+    # -r1 every 1ms: the clients start 1 ms apart, so each client's request timer fires at its own
+    # moment; started together, all their requests arrive at once, and at a tenth of capacity
+    # every target's p50 read 0.9 ms instead of 0.2. -n (for -D, which -r excludes): the run's
+    # requests at the offered rate.
+    rm -f "$work/h2load.log"
+    h2load --h1 -t1 -c"$LATENCY_CLIENTS" -r1 --rate-period=1ms --rps="$LATENCY_PER_CLIENT" \
+        -n "$((LATENCY_OFFERED * $3))" -d "$work/body.json" \
+        -H "x-api-key: $(round_key "$4")" -H "origin: $ORIGIN" -H "content-type: application/json" \
+        -H "user-agent: keygate-load/1" --log-file="$work/h2load.log" \
+        "$(url "$2" "$1")/api/v1/video/process/" >"$work/h2load.out" 2>&1 || true
+    h2load_figures http/1.1
 }
 
 run_handshakes() { # examples/handshakes.rs; variant: 1.3-new, 1.3-resumed, 1.2-new, 1.2-resumed
@@ -374,14 +410,14 @@ targets_of() { # workload -> the selected targets it applies to, in order
     local t
     for t in "${targets[@]}"; do
         case "$1-$t" in
-            h2-keygate100k | handshakes-direct | handshakes-keygate100k | uploads-keygate100k) ;;
+            h2-keygate100k | latency-keygate100k | handshakes-direct | handshakes-keygate100k | uploads-keygate100k) ;;
             *) echo "$t" ;;
         esac
     done
 }
 variants_of() { # workload
     case $1 in
-        keepalive) echo "$PROTOCOLS" ;; h2) echo tls ;;
+        keepalive) echo "$PROTOCOLS" ;; latency) echo "$LATENCY_PROTOCOLS" ;; h2) echo tls ;;
         handshakes) echo "$HANDSHAKE_MODES" ;; uploads) echo "$UPLOAD_PROTOCOLS" ;;
     esac
 }
@@ -407,9 +443,10 @@ h2_status_of() { # url key -> "status http-version" of a POST over HTTP/2
     curl -sk --http2 -o /dev/null -w '%{http_code} %{http_version}' -X POST -d '{}' -H "X-API-Key: $2" "$1" || true
 }
 check_answers() { # target
-    local key code proto
+    local key code proto protocols=$PROTOCOLS
+    selected latency && protocols=$(echo "$PROTOCOLS $LATENCY_PROTOCOLS" | tr ' ' '\n' | sort -u)
     key=$(head -1 "$(keys_for "$1")")
-    for proto in $PROTOCOLS; do
+    for proto in $protocols; do
         code=$(status_of "$(url "$1" "$proto")/api/v1/video/process/" "$key")
         [ "$code" = 200 ] || fail "$1 over $proto answered $code to a valid key"
         [ "$1" = direct ] && continue
@@ -577,16 +614,18 @@ large_lapses=0
 [ "$LARGE_KEYS" -gt 0 ] && large_lapses=$(($(lapses "$KL_ADMIN") - large_lapses_before))
 
 python3 - "$results" "$small_idle_kib" "$small_lookups" "$large_lookups" \
+    "$LATENCY_OFFERED" \
     "HTTP/1.1 keep-alive, wrk -t$THREADS -c$CONNECTIONS, ${DURATION}s runs, a key per request" \
+    "HTTP/1.1 keep-alive at $LATENCY_OFFERED req/s offered to every target, h2load -c$LATENCY_CLIENTS, ${DURATION}s runs, one key per run" \
     "HTTP/2 over TLS, h2load -t$H2_THREADS -c$H2_CLIENTS -m$H2_STREAMS, ${DURATION}s runs, one key per run" \
     "a new TLS connection per request, $HANDSHAKE_CLIENTS at a time, ${HANDSHAKE_DURATION}s runs" \
     "$UPLOAD_MIB MiB bodies, $UPLOAD_CLIENTS connections x $UPLOAD_IN_A_ROW in a row, ${DURATION}s runs" <<'PY'
 import statistics, sys
 from collections import defaultdict
 
-path, idle, small_lookups, large_lookups = sys.argv[1:5]
-clients = dict(zip(("keepalive", "h2", "handshakes", "uploads"), sys.argv[5:9]))
-units = {"keepalive": ("req/s", "us/req"), "h2": ("req/s", "us/req"),
+path, idle, small_lookups, large_lookups, offered = sys.argv[1:6]
+clients = dict(zip(("keepalive", "latency", "h2", "handshakes", "uploads"), sys.argv[6:11]))
+units = {"keepalive": ("req/s", "us/req"), "latency": ("req/s", "us/req"), "h2": ("req/s", "us/req"),
          "handshakes": ("hs/s", "us/hs"), "uploads": ("MiB/s", "us/MiB")}
 runs = defaultdict(dict)  # (workload, variant, target) -> round -> figures
 order = []
@@ -654,6 +693,10 @@ for w in dict.fromkeys(w for w, _ in order):
                 if v.endswith("-resumed") and share < 0.95:
                     voided.append(f"{t} resumed only {share * 100:.1f}% of the handshakes in {v}")
             print(line)
+            # Latencies are compared at one load: a target that fell behind the offered rate was
+            # measured at another (h2load times each request from when it is sent, not due).
+            if w == "latency" and med(w, v, t, "rate") < 0.95 * int(offered):
+                voided.append(f"{t} latency {v}: {med(w, v, t, 'rate'):.0f} of the {offered} req/s offered")
             if bad:
                 voided.append(f"{t} {w} {v}: {bad} errors or non-2xx responses")
     print(f"  ratios: medians over rounds (per round min/median/max); {rate_unit} higher is better, p99 and cpu lower")
