@@ -14,7 +14,7 @@
 # the run; the summary gives keygate's ratios to nginx, to HAProxy and to the better of the two.
 # See docs/benchmarks.md for what is measured and how to read it.
 #
-#   benches/load/run.sh                                  # every workload, about 20 minutes here
+#   benches/load/run.sh                                  # every workload, about 25 minutes here
 #   WORKLOADS="h2 handshakes" ROUNDS=5 benches/load/run.sh
 #
 # Environment [default]:
