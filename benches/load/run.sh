@@ -20,7 +20,7 @@
 # Environment [default]:
 #   WORKLOADS          workloads to run, in this order ["keepalive latency h2 handshakes uploads"]
 #   ROUNDS             rounds; each runs every selected workload on every target once [3]
-#   DURATION           seconds of each keepalive, h2 and uploads run [10]
+#   DURATION           seconds of each keepalive, latency, h2 and uploads run [10]
 #   TARGETS            targets to measure, from: direct nginx keygate haproxy keygate100k base
 #                      [all that are set up]; each workload skips those it does not apply to
 #   KEYS               keys in every gateway's store [1000]
@@ -293,12 +293,19 @@ print(rate.group(1), p(0.5), p(0.99), bad, len(lat), "-")
 PY
 }
 
-run_h2() { # h2load over TLS with ALPN h2; variant: tls
+# h2load POSTing the benchmark's JSON with one key, its output and per-request log in $work.
+h2load_post() { # base-url key h2load-options...
+    local base=$1 key=$2
+    shift 2
     rm -f "$work/h2load.log"
-    h2load -t"$H2_THREADS" -c"$H2_CLIENTS" -m"$H2_STREAMS" -D "$3" -d "$work/body.json" \
-        -H "x-api-key: $(round_key "$4")" -H "origin: $ORIGIN" -H "content-type: application/json" \
+    h2load "$@" -d "$work/body.json" \
+        -H "x-api-key: $key" -H "origin: $ORIGIN" -H "content-type: application/json" \
         -H "user-agent: keygate-load/1" --log-file="$work/h2load.log" \
-        "$(url "$2" tls)/api/v1/video/process/" >"$work/h2load.out" 2>&1 || true
+        "$base/api/v1/video/process/" >"$work/h2load.out" 2>&1 || true
+}
+
+run_h2() { # h2load over TLS with ALPN h2; variant: tls
+    h2load_post "$(url "$2" tls)" "$(round_key "$4")" -t"$H2_THREADS" -c"$H2_CLIENTS" -m"$H2_STREAMS" -D "$3"
     h2load_figures h2
 }
 
@@ -307,15 +314,10 @@ LATENCY_PER_CLIENT=$((LATENCY_RATE / LATENCY_CLIENTS))
 LATENCY_OFFERED=$((LATENCY_PER_CLIENT * LATENCY_CLIENTS))
 run_latency() { # h2load over HTTP/1.1 at LATENCY_OFFERED req/s; variant: http or tls
     # -r1 every 1ms: the clients start 1 ms apart, so each client's request timer fires at its own
-    # moment; started together, all their requests arrive at once, and at a tenth of capacity
-    # every target's p50 read 0.9 ms instead of 0.2. -n (for -D, which -r excludes): the run's
-    # requests at the offered rate.
-    rm -f "$work/h2load.log"
-    h2load --h1 -t1 -c"$LATENCY_CLIENTS" -r1 --rate-period=1ms --rps="$LATENCY_PER_CLIENT" \
-        -n "$((LATENCY_OFFERED * $3))" -d "$work/body.json" \
-        -H "x-api-key: $(round_key "$4")" -H "origin: $ORIGIN" -H "content-type: application/json" \
-        -H "user-agent: keygate-load/1" --log-file="$work/h2load.log" \
-        "$(url "$2" "$1")/api/v1/video/process/" >"$work/h2load.out" 2>&1 || true
+    # moment (started together, their requests would arrive in bursts, and p50 would measure the
+    # burst). -n instead of -D, which -r excludes: the run's requests at the offered rate.
+    h2load_post "$(url "$2" "$1")" "$(round_key "$4")" --h1 -t1 -c"$LATENCY_CLIENTS" -r1 \
+        --rate-period=1ms --rps="$LATENCY_PER_CLIENT" -n "$((LATENCY_OFFERED * $3))"
     h2load_figures http/1.1
 }
 
