@@ -381,40 +381,46 @@ PY
     rm -f "$work"/uploads.*
 }
 
-metric() { # admin-port metric-name -> the sum of that metric's series
-    python3 - "http://127.0.0.1:$1/metrics" "$2" <<'PY'
+metrics() { # admin-port metric-name... -> the sum of each metric's series, in one line
+    python3 - "http://127.0.0.1:$1/metrics" "${@:2}" <<'PY'
 import sys, urllib.request
 text = urllib.request.urlopen(sys.argv[1]).read().decode()
-print(int(sum(float(l.split()[-1]) for l in text.splitlines() if l.split("{")[0].split()[0:1] == [sys.argv[2]])))
+def total(name):
+    return int(sum(float(l.split()[-1]) for l in text.splitlines() if l.split("{")[0].split()[0:1] == [name]))
+print(*(total(name) for name in sys.argv[2:]))
 PY
 }
-lookups() { metric "$1" keygate_cache_misses_total; } # store lookups so far
-lapses() { metric "$1" keygate_change_feed_lapses_total; } # change feed lapses so far
-cache_entries() { metric "$1" keygate_cache_entries; } # keys in keygate's cache
+cache_entries() { metrics "$1" keygate_cache_entries; } # keys in keygate's cache
+counters() { # admin-port -> a keygate's store lookups and change feed lapses so far
+    metrics "$1" keygate_cache_misses_total keygate_change_feed_lapses_total
+}
 admin_of() { # target -> its admin port, for keygate's targets
     case "$1" in keygate) echo "$KG_ADMIN" ;; keygate100k) echo "$KL_ADMIN" ;; base) echo "$KB_ADMIN" ;; esac
 }
 
 # One measured run: the runner's figures, with the target's CPU time per unit and peak RSS (and,
-# for keygate's targets, its store lookups).
+# for keygate's targets, its store lookups and change feed lapses).
 # The runner runs in this shell (not in a command substitution), so the load clients it leaves in
 # the background are in `clients` for the exit trap.
-measure() { # workload variant target seconds round -> "rate p50 p99 bad cpu_us_per_unit peak_kib extra lookups"
-    local pid admin before after out peak lookups_before=0 lookups=-
+measure() { # workload variant target seconds round -> "rate p50 p99 bad cpu_us_per_unit peak_kib extra lookups lapses"
+    local pid admin before after out peak counted=("-" "-") counted_before
     pid=$(pid_of "$3")
     admin=$(admin_of "$3")
-    # The store lookups a keygate made during the run (read outside the CPU time measured).
-    [ -n "$admin" ] && lookups_before=$(lookups "$admin")
+    # A keygate's counters are read outside the CPU time measured.
+    [ -n "$admin" ] && read -r -a counted_before < <(counters "$admin")
     reset_peak "$pid"
     before=$(cpu_ticks "$pid")
     "run_$1" "$2" "$3" "$4" "$5" >"$work/run.out"
     after=$(cpu_ticks "$pid")
     peak=$(peak_kib "$pid")
-    [ -n "$admin" ] && lookups=$(($(lookups "$admin") - lookups_before))
+    if [ -n "$admin" ]; then
+        read -r -a counted < <(counters "$admin")
+        counted=($((counted[0] - counted_before[0])) $((counted[1] - counted_before[1])))
+    fi
     out=$(cat "$work/run.out")
     [ -n "$out" ] || out="0 0 0 1 0 -" # the client printed nothing: void
-    echo "$out" | awk -v t="$((after - before))" -v hz="$(getconf CLK_TCK)" -v peak="$peak" -v lookups="$lookups" \
-        '{ printf "%s %s %s %s %.1f %s %s %s\n", $1, $2, $3, $4, ($5 > 0 ? t * 1e6 / hz / $5 : 0), peak, $6, lookups }'
+    echo "$out" | awk -v t="$((after - before))" -v hz="$(getconf CLK_TCK)" -v peak="$peak" -v counted="${counted[*]}" \
+        '{ printf "%s %s %s %s %.1f %s %s %s\n", $1, $2, $3, $4, ($5 > 0 ? t * 1e6 / hz / $5 : 0), peak, $6, counted }'
 }
 
 # In this order, keygate runs next to both peers; the order is reversed every other round.
@@ -554,9 +560,6 @@ if [[ " ${targets[*]} " == *" keygate100k "* ]]; then
     # A key read from the store enters a worker's own copy at that worker's next request for it.
     for _ in 1 2 3; do run_keepalive http keygate100k 3 >/dev/null; done
 fi
-small_lapses_before=$(lapses "$KG_ADMIN")
-large_lapses_before=0
-[ "$LARGE_KEYS" -gt 0 ] && large_lapses_before=$(lapses "$KL_ADMIN")
 
 if [ -n "${PROFILE:-}" ]; then
     case $PROFILE in
@@ -600,23 +603,20 @@ for round in $(seq 1 "$ROUNDS"); do
         for v in $(variants_of "$w"); do
             for t in "${order[@]}"; do
                 measure "$w" "$v" "$t" "$(seconds_of "$w")" "$round" >"$work/measure.out"
-                read -r rate p50 p99 bad cpu peak extra lookups <"$work/measure.out"
+                read -r rate p50 p99 bad cpu peak extra lookups lapses <"$work/measure.out"
                 read -r rate_unit cpu_unit < <(units_of "$w")
-                echo "$w $v $round $t $rate $p50 $p99 $bad $cpu $peak $extra $lookups" >>"$results"
+                echo "$w $v $round $t $rate $p50 $p99 $bad $cpu $peak $extra $lookups $lapses" >>"$results"
                 printf '  round %d  %-10s %-11s %-11s %10.1f %-5s  p50 %8.2f ms  p99 %8.2f ms  cpu %8.1f %-6s  peak %6.1f MiB  errors %s%s%s\n' \
                     "$round" "$w" "$v" "$t" "$rate" "$rate_unit" "$(awk -v x="$p50" 'BEGIN { print x / 1000 }')" \
                     "$(awk -v x="$p99" 'BEGIN { print x / 1000 }')" "$cpu" "$cpu_unit" \
                     "$(awk -v x="$peak" 'BEGIN { print x / 1024 }')" "$bad" \
                     "$([ "$extra" != - ] && echo "  resumed $extra")" \
-                    "$([ "$lookups" != - ] && echo "  store lookups $lookups")" >&2
+                    "$([ "$lookups" != - ] && echo "  store lookups $lookups  feed lapses $lapses")" >&2
             done
         done
     done
 done
 
-small_lapses=$(($(lapses "$KG_ADMIN") - small_lapses_before))
-large_lapses=0
-[ "$LARGE_KEYS" -gt 0 ] && large_lapses=$(($(lapses "$KL_ADMIN") - large_lapses_before))
 
 python3 - "$results" "$small_idle_kib" \
     "$LATENCY_OFFERED" \
@@ -633,14 +633,14 @@ clients = dict(zip(("keepalive", "latency", "h2", "handshakes", "uploads"), sys.
 units = {"keepalive": ("req/s", "us/req"), "latency": ("req/s", "us/req"), "h2": ("req/s", "us/req"),
          "handshakes": ("hs/s", "us/hs"), "uploads": ("MiB/s", "us/MiB")}
 runs = defaultdict(dict)  # (workload, variant, target) -> round -> figures
-store_lookups = defaultdict(list)  # keygate's targets -> [(store lookups, measurement)]
+counted = defaultdict(list)  # keygate's targets -> [(store lookups, feed lapses, measurement)]
 order = []
 for line in open(path):
-    w, v, r, t, rate, p50, p99, bad, cpu, peak, extra, lookups = line.split()
+    w, v, r, t, rate, p50, p99, bad, cpu, peak, extra, lookups, lapses = line.split()
     if (w, v) not in order:
         order.append((w, v))
     if lookups != "-":
-        store_lookups[t].append((int(lookups), f"{w} {v} round {r}"))
+        counted[t].append((int(lookups), int(lapses), f"{w} {v} round {r}"))
     runs[(w, v, t)][int(r)] = dict(rate=float(rate), p50=int(p50), p99=int(p99), bad=int(bad),
                                    cpu=float(cpu), peak=int(peak), extra=None if extra == "-" else float(extra))
 
@@ -721,13 +721,13 @@ for w in dict.fromkeys(w for w, _ in order):
 
 print("\nbest: per figure, the better of nginx and HAProxy (in each round for the per-round ratios)")
 print(f"memory: keygate idle RSS {int(idle) / 1024:.1f} MiB")
-for t, xs in store_lookups.items():
-    where = ", ".join(f"{m}: {n}" for n, m in xs if n)
-    print(f"store lookups while measuring: {t} {sum(n for n, _ in xs)}" + (f" ({where})" if where else ""))
+for i, what in enumerate(("store lookups", "change feed lapses")):
+    for t, xs in counted.items():
+        where = ", ".join(f"{x[2]}: {x[i]}" for x in xs if x[i])
+        print(f"{what} while measuring: {t} {sum(x[i] for x in xs)}" + (f" ({where})" if where else ""))
 for v in voided:
     print(f"WARNING: {v}: the affected figures are void")
 PY
-echo "change feed lapses while measuring: keygate $small_lapses, keygate100k $large_lapses"
 # Every gateway logs each request (keygate's log also holds its few start-up lines; nginx flushes
 # its 64 KiB buffer at exit, so its last lines are not counted here).
 echo "access log lines: nginx $(wc -l <"$work/nginx-access.log"), haproxy $(wc -l <"$work/haproxy-access.log"), keygate $(wc -l <"$work/small.log")"
