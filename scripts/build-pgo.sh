@@ -5,8 +5,8 @@
 # one short round of four workloads: HTTP/1.1 keep-alive over plain HTTP and TLS, HTTP/2, new TLS
 # connections, 16 MiB uploads; the fifth, latency, runs keep-alive's code and is left out). The
 # release build is then compiled with the profile it recorded, so the code those requests run is
-# laid out and inlined for them. The source and the
-# release profile are the same as `cargo build --release`; only the compiler's choices differ.
+# laid out and inlined for them. The source and the release profile are the same as
+# `cargo build --release`; only the compiler's choices differ.
 # What it saves is in docs/benchmarks.md (Levers).
 #
 #   scripts/build-pgo.sh                                    # about 10 minutes on 2 cores
