@@ -3,10 +3,10 @@
 //! what a store read makes of the entry it finds ([`Timing::after_read`]).
 //!
 //! A known key (active or not) is fresh for `positive_ttl` (each entry for a random 75-100% of
-//! it, so entries made together do not expire together) and kept `stale_if_error` longer; an
-//! unknown key is cached for `negative_ttl` (likewise jittered). A re-read that finds a known key
-//! deciding as before moves its entry on in place, so that the entry, and every worker's copy of
-//! it, stays as it is.
+//! it, so entries made together do not expire together) and kept `stale_if_error` longer; the
+//! first request after its freshness has it re-read in the background. An unknown key is cached
+//! for `negative_ttl` (likewise jittered). A re-read that finds a known key deciding as before
+//! moves its entry on in place, so that the entry, and every worker's copy of it, stays as it is.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -40,14 +40,12 @@ pub struct KnownKey {
     origin: Instant,
     /// When the record was last read from the store (found unchanged since `origin`).
     loaded_at: AtomicU64,
+    /// Until when the entry is fresh. From then on, a request that finds it has it re-read in
+    /// the background, and is served from it meanwhile while the change feed vouches for it (for
+    /// `stale_if_error` longer): a key used at least once every `stale_if_error` never makes a
+    /// request wait on the store, and through a store outage it keeps working for about
+    /// `stale_if_error` after its last use. The re-read is for changes the feed does not carry.
     fresh_until: AtomicU64,
-    /// From when a request that finds this entry has it re-read in the background: the last
-    /// quarter of the time to its `reread_by` (a random 75-100% of `stale_if_error` past
-    /// `fresh_until`, so keys read together are re-read over a spread, not in one wave). A key in
-    /// use at least once from then on is re-read while the entry stays usable (a confirmed
-    /// change feed keeps it for all of `stale_if_error`), never by a request waiting on the
-    /// store; the re-read is for changes the feed does not carry.
-    refresh_at: AtomicU64,
     /// The background re-read was asked for (once per re-read).
     refresh_asked: AtomicBool,
     /// Uses not flushed yet, and the latest (Unix seconds). The first use after a flush queues
@@ -59,14 +57,8 @@ pub struct KnownKey {
 }
 
 impl KnownKey {
-    /// `record`, read from the store at (or after) `loaded_at`, fresh until `fresh_until`, and
-    /// re-read in the background by `reread_by` if in use.
-    pub(crate) fn new(
-        record: KeyRecord,
-        loaded_at: Instant,
-        fresh_until: Instant,
-        reread_by: Instant,
-    ) -> Self {
+    /// `record`, read from the store at (or after) `loaded_at`, fresh until `fresh_until`.
+    pub(crate) fn new(record: KeyRecord, loaded_at: Instant, fresh_until: Instant) -> Self {
         let id_header = HeaderValue::from_str(&record.id)
             .unwrap_or_else(|_| HeaderValue::from_static("invalid-id"));
         let name_header = HeaderValue::from_str(&record.name)
@@ -96,30 +88,24 @@ impl KnownKey {
             origin: loaded_at,
             loaded_at: AtomicU64::new(0),
             fresh_until: AtomicU64::new(0),
-            refresh_at: AtomicU64::new(0),
             refresh_asked: AtomicBool::new(false),
             uses_pending: AtomicU64::new(0),
             used_last: AtomicI64::new(0),
         };
-        key.extend(loaded_at, fresh_until, reread_by);
+        key.extend(loaded_at, fresh_until);
         key
     }
 
     /// Records a re-read at `loaded_at` that found the key deciding as before: fresh until
-    /// `fresh_until`, re-read in the background by `reread_by` if in use. Times only move on.
-    /// (The record's usage fields stay as first read: requests are decided without them.)
-    fn extend(&self, loaded_at: Instant, fresh_until: Instant, reread_by: Instant) {
-        let refresh_at = reread_by
-            .checked_sub(reread_by.saturating_duration_since(loaded_at) / 4)
-            .unwrap_or(loaded_at);
+    /// `fresh_until`. Times only move on. (The record's usage fields stay as first read:
+    /// requests are decided without them.)
+    fn extend(&self, loaded_at: Instant, fresh_until: Instant) {
         self.loaded_at
             .fetch_max(self.offset(loaded_at), Ordering::Relaxed);
         self.fresh_until
             .fetch_max(self.offset(fresh_until), Ordering::Relaxed);
-        self.refresh_at
-            .fetch_max(self.offset(refresh_at), Ordering::Relaxed);
-        // After the new re-read time: a request that sees the ask cleared and an older time
-        // asks again, and the re-read finds it not needed yet.
+        // After the new freshness: a request that sees the ask cleared and an older time asks
+        // again, and the re-read finds it not needed yet.
         self.refresh_asked.store(false, Ordering::Release);
     }
 
@@ -140,14 +126,10 @@ impl KnownKey {
         self.at(&self.fresh_until)
     }
 
-    /// From when a request that finds the entry has it re-read in the background.
-    pub(super) fn refresh_at(&self) -> Instant {
-        self.at(&self.refresh_at)
-    }
-
-    /// Whether a background re-read is due at `now` and not asked for yet; marks it asked.
+    /// Whether a background re-read is due at `now` (the entry is no longer fresh) and not asked
+    /// for yet; marks it asked.
     pub(super) fn ask_refresh(&self, now: Instant) -> bool {
-        now >= self.refresh_at() && !self.refresh_asked.swap(true, Ordering::Relaxed)
+        now >= self.fresh_until() && !self.refresh_asked.swap(true, Ordering::Relaxed)
     }
 
     /// Takes back an ask that was not queued, for a later request to make again.
@@ -286,11 +268,10 @@ impl Timing {
             };
         };
         let fresh_until = read_at + jittered(self.positive_ttl);
-        let reread_by = fresh_until + jittered(self.stale_if_error);
         if let Some(Entry::Known(old)) = current
             && old.same_decision(&record)
         {
-            old.extend(read_at, fresh_until, reread_by);
+            old.extend(read_at, fresh_until);
             return Read {
                 entry: Entry::Known(Arc::clone(old)),
                 replaced: false,
@@ -298,7 +279,7 @@ impl Timing {
         }
         // An unknown entry is served only while fresh, and it is replaced only once it is not:
         // nothing can serve it again, so replacing it replaces no decision in use.
-        let known = KnownKey::new(record, read_at, fresh_until, reread_by);
+        let known = KnownKey::new(record, read_at, fresh_until);
         Read {
             entry: Entry::Known(Arc::new(known)),
             replaced: was_known,

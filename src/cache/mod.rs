@@ -311,11 +311,11 @@ mod tests {
         let (_dir, _store, cache) = setup_with(|cfg| cfg.stale_if_error = Duration::from_secs(2));
         let secret = crate::key::generate().unwrap();
         let now = Instant::now();
-        // Read `ago`, fresh and due for a re-read until then: being past its re-read time asks
-        // for a background re-read, it does not end the entry.
+        // Read `ago`, fresh until then: being past its freshness asks for a background re-read,
+        // it does not end the entry.
         let read = |ago| {
             let at = now - ago;
-            Entry::Known(Arc::new(KnownKey::new(record(&secret), at, at, at)))
+            Entry::Known(Arc::new(KnownKey::new(record(&secret), at, at)))
         };
         cache.feed.follow_from(now - Duration::from_secs(3));
         cache.feed.confirm();

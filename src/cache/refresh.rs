@@ -3,9 +3,8 @@
 //! made behind keygate's back (in the database itself, which the change feed does not carry) is
 //! seen within a bounded time.
 //!
-//! A request that finds a known key in the last quarter of a random 75-100% of its window
-//! ([`KnownKey::refresh_at`]), or later, asks for a re-read (once per re-read) and is served from
-//! the entry meanwhile.
+//! A request that finds a known key past its freshness asks for a re-read (once per re-read) and
+//! is served from the entry meanwhile, while the change feed vouches for it.
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -54,9 +53,9 @@ impl RefreshQueue {
 }
 
 impl KeyCache {
-    /// Re-reads, in the background, the known keys that requests found near the end of their
-    /// entries (`KnownKey::refresh_at`), up to `REFRESH_BATCH` in one store call, until
-    /// `shutdown`. The requests go on being served from the entries meanwhile.
+    /// Re-reads, in the background, the known keys that requests found past their freshness, up
+    /// to `REFRESH_BATCH` in one store call, until `shutdown`. The requests go on being served
+    /// from the entries meanwhile.
     pub async fn refresh_ahead(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         let Some(mut rx) = self.refresh.rx.lock().ok().and_then(|mut rx| rx.take()) else {
             return; // another refresher has it
@@ -94,7 +93,7 @@ impl KeyCache {
         let mut due = Vec::with_capacity(digests.len());
         for digest in digests {
             if let Some(Entry::Known(k)) = self.entries.get(digest).await
-                && read_at >= k.refresh_at()
+                && read_at >= k.fresh_until()
             {
                 due.push(*digest);
             }
@@ -142,29 +141,19 @@ mod tests {
     use super::super::testing::{Counting, known, known_local, setup, stored_key};
     use super::*;
 
-    /// A stored key whose cached entry is due for a background re-read: read 80 s ago with the
-    /// feed followed since before then and confirmed, to be re-read within 5 s.
-    async fn due_for_refresh(store: &Counting, cache: &KeyCache) -> Arc<KnownKey> {
-        cached_for_80s(store, cache, Instant::now() + Duration::from_secs(5)).await
-    }
-
-    /// A stored key whose cached entry was read 80 s ago (fresh for 10 s, to be re-read by
-    /// `reread_by`) with the feed followed since before then and confirmed.
-    async fn cached_for_80s(
-        store: &Counting,
-        cache: &KeyCache,
-        reread_by: Instant,
-    ) -> Arc<KnownKey> {
+    /// A stored key whose cached entry was read `age` ago, fresh for 10 s, with the feed
+    /// followed since before then and confirmed.
+    async fn cached(store: &Counting, cache: &KeyCache, age: Duration) -> Arc<KnownKey> {
         let rec = stored_key(store).await;
         let now = Instant::now();
-        cache.feed.follow_from(now - Duration::from_secs(100));
+        cache.feed.follow_from(now - age - Duration::from_secs(20));
         cache.feed.confirm();
         let digest = rec.digest;
+        let loaded_at = now - age;
         let old = Arc::new(KnownKey::new(
             rec,
-            now - Duration::from_secs(80),
-            now - Duration::from_secs(70),
-            reread_by,
+            loaded_at,
+            loaded_at + Duration::from_secs(10),
         ));
         cache
             .entries
@@ -173,13 +162,32 @@ mod tests {
         old
     }
 
+    /// A stored key whose cached entry is due for a background re-read: read 80 s ago, fresh for
+    /// 10 s, with the feed followed since before then and confirmed.
+    async fn due_for_refresh(store: &Counting, cache: &KeyCache) -> Arc<KnownKey> {
+        cached(store, cache, Duration::from_secs(80)).await
+    }
+
     #[tokio::test]
-    async fn past_its_re_read_time_a_key_is_served_while_it_is_re_read() {
+    async fn a_fresh_key_asks_for_no_re_read() {
         let (_dir, store, cache) = setup();
         let mut queue = cache.refresh.rx.lock().unwrap().take().unwrap();
-        // Past the time to re-read it (no request came in the last quarter before it, as when
-        // the key was idle then), with the feed confirmed: no request waits on the store.
-        let old = cached_for_80s(&store, &cache, Instant::now() - Duration::from_secs(1)).await;
+        let key = cached(&store, &cache, Duration::from_secs(5)).await;
+        assert_eq!(
+            cache.resolve(key.record.digest).await.unwrap().1,
+            Source::Hit
+        );
+        assert!(queue.try_recv().is_err() && !key.refresh_asked());
+        assert_eq!(store.lookups.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn past_its_freshness_a_key_is_served_while_it_is_re_read() {
+        let (_dir, store, cache) = setup();
+        let mut queue = cache.refresh.rx.lock().unwrap().take().unwrap();
+        // Past its freshness, with the feed confirmed: the first request asks for the re-read,
+        // and no request waits on the store.
+        let old = due_for_refresh(&store, &cache).await;
         let digest = old.record.digest;
         for _ in 0..3 {
             assert_eq!(cache.resolve(digest).await.unwrap().1, Source::Hit);
@@ -242,7 +250,7 @@ mod tests {
         assert_eq!(source, Source::Hit);
         assert!(Arc::ptr_eq(&new, &old) && Arc::ptr_eq(&new, &known_local(&cache, &digest)));
         assert!(new.loaded_at() > loaded_before && new.fresh_until() > fresh_before);
-        assert!(Instant::now() < new.refresh_at() && !new.refresh_asked());
+        assert!(Instant::now() < new.fresh_until() && !new.refresh_asked());
         assert_eq!(cache.copies.generation(), generation);
         assert!(queue.try_recv().is_err(), "asked for again");
         // A second refresh of the same digest finds it done.
