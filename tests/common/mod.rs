@@ -483,6 +483,14 @@ pub async fn create_key(store: &dyn KeyStore, name: &str) -> String {
     secret.expose().to_owned()
 }
 
+/// The value of an unlabelled metric in a Prometheus exposition.
+pub fn metric_value(exposition: &str, name: &str) -> f64 {
+    exposition
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in the exposition"))
+}
+
 /// The real `keygate` binary.
 pub fn keygate() -> Command {
     Command::new(env!("CARGO_BIN_EXE_keygate"))

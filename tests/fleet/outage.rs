@@ -1,7 +1,7 @@
-//! Redis unavailable: killed, paused, or restarted empty. Cached keys keep working, unseen keys
-//! get 503 within the store timeout (concurrent requests too), health and readiness say so,
-//! the outage is logged in a few lines, the CLI fails in one, and everything recovers without
-//! a restart.
+//! Redis unavailable: killed, paused, or restarted empty. Cached keys keep working (a key in use
+//! for `stale_if_error` after its last use), unseen keys get 503 within the store timeout
+//! (concurrent requests too), health and readiness say so, the outage is logged in a few lines,
+//! the CLI fails in one, and everything recovers without a restart.
 
 use std::time::{Duration, Instant};
 
@@ -73,6 +73,69 @@ async fn redis_paused_behaves_like_redis_down() {
         async || status(&gw, &later).await == StatusCode::OK,
     )
     .await;
+    gw.shutdown().await;
+}
+
+/// A key in use keeps working through an outage for `stale_if_error` after its last use, not
+/// after its first read: a request past `positive_ttl` has it re-read in the background, which
+/// moves the end of its entry on. Here `positive_ttl` is 100 ms and `stale_if_error` 4 s; the key
+/// is read at 0 s, used at 1.5 s, Redis is killed, and the key still works at 4.8 s, past the
+/// 4.1 s its first read alone would have given it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_in_use_outlives_its_first_read_in_an_outage() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut redis = Redis::start(dir.path());
+    let url = redis.url();
+    let upstream = Upstream::start().await;
+    let gw = Gateway::start(
+        &upstream.url(),
+        &redis_overrides(
+            &url,
+            &[
+                ("KEYGATE_STORE_TIMEOUT", "300ms"),
+                ("KEYGATE_STORE_POSITIVE_TTL", "100ms"),
+                ("KEYGATE_STORE_STALE_IF_ERROR", "4s"),
+                // Each poll confirms the feed for 2 s: a busy machine does not make it lapse.
+                ("KEYGATE_STORE_POLL_INTERVAL", "1s"),
+            ],
+        ),
+    )
+    .await;
+    let key = gw.create_key("in-use").await;
+    // The gateway applies the creation's change (at its next poll, within 1 s) before the key is
+    // read: applied after, it would evict the entry and the next request would read the store.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let counter = async |name: &str| common::metric_value(&gw.metrics().await, name);
+
+    let read = Instant::now();
+    assert_eq!(status(&gw, &key).await, StatusCode::OK);
+    tokio::time::sleep_until((read + Duration::from_millis(1500)).into()).await;
+    let misses = counter("keygate_cache_misses_total").await;
+    assert_eq!(status(&gw, &key).await, StatusCode::OK);
+    assert_eq!(
+        counter("keygate_cache_misses_total").await,
+        misses,
+        "past positive_ttl, with the change feed confirmed, the key was read by its request"
+    );
+    eventually_async(
+        Duration::from_secs(1),
+        "the background re-read of the key in use",
+        async || counter("keygate_cache_refreshes_total").await == 1.0,
+    )
+    .await;
+
+    redis.kill();
+    let down = Instant::now();
+    tokio::time::sleep_until((read + Duration::from_millis(4800)).into()).await;
+    let resp = gw.get_with_key("/x", &key).await;
+    assert_eq!(
+        resp.status(),
+        StatusCode::OK,
+        "{:?} after the first read, {:?} into the outage",
+        read.elapsed(),
+        down.elapsed()
+    );
+    assert!(counter("keygate_cache_stale_served_total").await >= 1.0);
     gw.shutdown().await;
 }
 

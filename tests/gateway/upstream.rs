@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 
-use crate::common::{Gateway, Upstream, eventually_async};
+use crate::common::{Gateway, Upstream, eventually_async, metric_value};
 use crate::{assert_security_headers, json};
 
 #[tokio::test]
@@ -53,14 +53,6 @@ async fn upstream_failures_are_502_and_504_and_the_gateway_keeps_serving() {
     let resp = gw.get_with_key("/fast", &key).await;
     assert_eq!(resp.status(), StatusCode::OK);
     gw.shutdown().await;
-}
-
-/// The value of an unlabelled metric in a Prometheus exposition.
-fn metric_value(exposition: &str, name: &str) -> f64 {
-    exposition
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in the exposition"))
 }
 
 #[tokio::test]
