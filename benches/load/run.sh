@@ -617,7 +617,6 @@ for round in $(seq 1 "$ROUNDS"); do
     done
 done
 
-
 python3 - "$results" "$small_idle_kib" \
     "$LATENCY_OFFERED" \
     "HTTP/1.1 keep-alive, wrk -t$THREADS -c$CONNECTIONS, ${DURATION}s runs, a key per request" \
