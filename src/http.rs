@@ -17,17 +17,20 @@ const DRAIN_TIME: Duration = Duration::from_secs(10);
 /// Reads and drops, in a task of its own, what a client still sends of a request body that was
 /// answered without being read: by the gateway (a 401 to an upload without a key, say), or by
 /// an upstream that stopped taking it. The client then gets the whole answer and a clean end:
-/// over HTTP/2 its stream ends without a reset (some clients fail a request whose stream is reset
-/// while they are still sending, complete answer or not), and over HTTP/1.1 the connection can
-/// carry its next request. A body larger than [`DRAIN_BYTES`], or slower than [`DRAIN_TIME`], is
-/// let go: the stream is reset (`RST_STREAM(NO_ERROR)`, after the complete answer) or the
-/// connection closed (after the answer, with a lingering close).
+/// over HTTP/2 its stream ends without a reset, and over HTTP/1.1 the connection can carry its
+/// next request. Past [`DRAIN_BYTES`] or [`DRAIN_TIME`] the body is let go: the stream is reset
+/// (`RST_STREAM(NO_ERROR)`) or the connection closed, after the complete answer.
+///
+/// A body declared larger than [`DRAIN_BYTES`] is read too, up to that much: dropping it at once
+/// would put the reset in the same write as the answer, and a client still sending then may see
+/// the reset before the answer (curl 7.88 over HTTP/2 fails such a request with exit 92 and no
+/// status). Read first, the answer leaves on its own, and the client can stop sending on it.
 pub fn drain_unread<B>(mut body: B)
 where
     B: Body + Send + Unpin + 'static,
     B::Data: Send,
 {
-    if body.is_end_stream() || body.size_hint().lower() > DRAIN_BYTES {
+    if body.is_end_stream() {
         return;
     }
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {

@@ -1,5 +1,7 @@
 //! Real clients against the real gateway: curl over HTTP/1.1 and HTTP/2, and nghttp. Each sends
-//! GET, HEAD and POST (a small JSON body, a 2 MB body) with no key, a wrong key and a good key,
+//! GET, HEAD and POST (a small JSON body, a 2 MB body, a 16 MiB body: larger than the gateway
+//! reads of a body it answered without forwarding, and than an HTTP/2 stream's window, so the
+//! client is still sending when the answer comes) with no key, a wrong key and a good key,
 //! a CORS preflight, the health check (GET and HEAD), and requests the gateway refuses on their
 //! size (413, 414, 431). Every answer must arrive complete: the expected status, the JSON
 //! `detail` where there is a body, no body after HEAD, and the client's exit status 0. With
@@ -32,9 +34,11 @@ enum Body {
     None,
     Json,
     Big,
+    Huge,
 }
 
 const BIG: usize = 2_000_000;
+const HUGE: usize = 16 * 1024 * 1024;
 
 /// One request: what is sent and what must come back.
 #[derive(Debug, Clone)]
@@ -61,6 +65,7 @@ struct Files {
     _dir: tempfile::TempDir,
     json: PathBuf,
     big: PathBuf,
+    huge: PathBuf,
     body: PathBuf,
     cert: PathBuf,
 }
@@ -72,10 +77,13 @@ impl Files {
         std::fs::write(&json, br#"{"video_url":"https://example.com/v.mp4"}"#).unwrap();
         let big = dir.path().join("request.bin");
         std::fs::write(&big, vec![b'v'; BIG]).unwrap();
+        let huge = dir.path().join("upload.bin");
+        std::fs::write(&huge, vec![b'u'; HUGE]).unwrap();
         let body = dir.path().join("response");
         Self {
             json,
             big,
+            huge,
             body,
             cert: gw.dir.path().join("cert.pem"),
             _dir: dir,
@@ -87,6 +95,7 @@ impl Files {
             Body::None => None,
             Body::Json => Some(&self.json),
             Body::Big => Some(&self.big),
+            Body::Huge => Some(&self.huge),
         }
     }
 }
@@ -302,6 +311,7 @@ async fn every_client_gets_every_answer_whole() {
             ("HEAD", Body::None),
             ("POST", Body::Json),
             ("POST", Body::Big),
+            ("POST", Body::Huge),
         ] {
             cases.push(Case {
                 detail,
@@ -334,11 +344,13 @@ async fn every_client_gets_every_answer_whole() {
         }
     }
     let seen = upstream.seen.lock().unwrap();
-    let big = seen.iter().filter(|s| s.body_len == BIG as u64).count();
-    assert_eq!(
-        big, 3,
-        "each client's authenticated 2 MB upload reached the upstream whole"
-    );
+    for (size, what) in [(BIG, "2 MB"), (HUGE, "16 MiB")] {
+        let whole = seen.iter().filter(|s| s.body_len == size as u64).count();
+        assert_eq!(
+            whole, 3,
+            "each client's authenticated {what} upload reached the upstream whole"
+        );
+    }
     assert!(seen.iter().all(|s| s.body_complete));
 }
 
