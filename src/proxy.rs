@@ -14,7 +14,7 @@ use crate::http::{HOP_BY_HOP, connection_named};
 /// How the client's request headers become the upstream's: which of them are not copied, and
 /// which headers are written instead. The client's header map is read, never changed: each
 /// change to a `HeaderMap` is a hash and a probe (and a regrowth when the map is full), while the
-/// request head is written from the map in one pass anyway (by the upstream client).
+/// upstream request's map is built from it in one pass anyway (by [`crate::upstream`]).
 /// Headers the gateway adds can never be removed by what the client sends: `Connection` naming
 /// only drops the client's own.
 #[derive(Debug)]
@@ -300,7 +300,7 @@ mod tests {
     /// `preserve_host`.
     /// The head the upstream gets for a GET with `pairs` as its headers, from a client at
     /// 203.0.113.9 over TLS (`trusted`: the peer is a trusted proxy), with or without
-    /// `preserve_host`, written in the upstream client's order: request line, `Host`, the
+    /// `preserve_host`, in the order the upstream request's headers are built: `Host`, the
     /// client's headers that are kept, the added ones.
     fn upstream_head(pairs: &[(&str, &str)], trusted: bool, preserve_host: bool) -> String {
         let peer = HeaderValue::from_static("203.0.113.9");

@@ -40,8 +40,3 @@ fn config_load_corpus() {
 fn request_policy_corpus() {
     replay("request_policy", checks::request_policy);
 }
-
-#[test]
-fn upstream_response_corpus() {
-    replay("upstream_response", checks::upstream_response);
-}

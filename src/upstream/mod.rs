@@ -5,21 +5,21 @@
 //! changes to make, body) in, the response or an [`Error`] tagged with the side it arose on and
 //! whether the request may be sent again. Nothing here knows about the client-facing server.
 //!
-//! - [`h1`]: the HTTP/1.1 messages (request head written, response head parsed, body framing).
-//! - [`pool`]: each worker's connections and the I/O of one exchange.
+//! HTTP/1.1 itself (request heads written, responses parsed, bodies framed) is hyper's client.
+//!
+//! - [`pool`]: each worker's connections.
 //! - [`body`]: the client's body on its way up, held to its limit and idle timeout.
 
 mod body;
 mod error;
-pub mod h1; // public for the fuzz targets (fuzz/checks.rs)
 mod pool;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
-use http::{Method, Response, Uri};
+use http::{Method, Response, Uri, Version};
 use http_body::Body as _;
 
 pub use body::RequestBody;
@@ -27,8 +27,17 @@ pub use error::{Error, ErrorKind, Side};
 pub use pool::ResponseBody;
 
 use crate::config;
-use h1::{RequestFraming, ResponseTo};
-use pool::{Outgoing, Pool};
+use pool::{Outbound, Pool, Sent};
+
+/// The upstream closed the connection before responding.
+#[derive(Debug, thiserror::Error)]
+#[error("the upstream closed the connection before responding")]
+struct Closed;
+
+/// No response head within the response timeout of the request's end.
+#[derive(Debug, thiserror::Error)]
+#[error("no response headers within {0:?} of the request's end")]
+struct NoResponse(Duration);
 
 /// A request for the upstream: the client's, with the gateway's changes to its headers.
 #[derive(Debug)]
@@ -138,62 +147,401 @@ impl Upstream {
     /// Sends `req` and returns the response head with its body streaming (hop-by-hop headers
     /// included: what goes back to the client is the caller's to decide).
     ///
-    /// The request goes out on the warmest idle connection; if that one turns out closed before
-    /// any response, and the request may be repeated (an idempotent method with no body sent
-    /// yet), once more on a new connection.
+    /// The request goes out on the warmest idle connection. If that one turns out closed before
+    /// the request went out, the request goes once more on a new connection; if it closes after
+    /// the request went out but before any response, only a request that may be repeated (RFC
+    /// 9110 §9.2.2: an idempotent method, and no body) does.
     pub async fn send<K: Fn(&HeaderName) -> bool>(
         &self,
         req: Request<'_, K>,
     ) -> Result<Response<ResponseBody>, Error> {
         let body = req.body;
-        let framing = if body.is_end_stream() {
-            RequestFraming::for_body(req.method, Some(0))
+        let length = if body.is_end_stream() {
+            Some(0)
         } else {
-            RequestFraming::for_body(req.method, body.size_hint().exact())
+            body.size_hint().exact()
         };
-        let body = (framing != RequestFraming::None && !body.is_end_stream()).then_some(body);
-        let (mut conn, mut reused) = match self.pool.idle() {
-            Some(conn) => (conn, true),
+        // An empty body is announced as `Content-Length: 0` except for methods whose requests
+        // normally carry none; a body of unknown length goes in chunks (hyper's choice when no
+        // length is given).
+        let length = match length {
+            Some(0) if matches!(*req.method, Method::GET | Method::HEAD | Method::CONNECT) => None,
+            Some(0) => Some(0),
+            other => other,
+        };
+        let body = (!body.is_end_stream()).then_some(body);
+        let repeatable = body.is_none() && req.method.is_idempotent();
+        let target = self.target(req.uri);
+        let head = || {
+            let mut headers = HeaderMap::with_capacity(req.headers.len() + req.added.len() + 2);
+            if let Some(host) = req.host {
+                headers.insert(header::HOST, host.clone());
+            }
+            for (name, value) in req.headers {
+                // The body's framing is decided here alone, so the upstream can never see two.
+                if name == header::CONTENT_LENGTH
+                    || name == header::TRANSFER_ENCODING
+                    || !(req.keep)(name)
+                {
+                    continue;
+                }
+                headers.append(name, value.clone());
+            }
+            for (name, value) in req.added {
+                headers.append(name, value.clone());
+            }
+            if let Some(n) = length {
+                headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+            }
+            headers
+        };
+        let build = |body: Option<RequestBody>| {
+            let (outbound, sent) = Outbound::new(body);
+            let mut request = http::Request::new(outbound);
+            *request.method_mut() = req.method.clone();
+            *request.uri_mut() = target.clone();
+            *request.version_mut() = Version::HTTP_11;
+            *request.headers_mut() = head();
+            (request, sent)
+        };
+        let (mut request, mut sent) = build(body);
+        let (mut sender, mut reused) = match self.pool.idle() {
+            Some(sender) => (sender, true),
             None => (self.pool.connect().await?, false),
         };
-        let target = self.target(req.uri);
-        let head = h1::RequestHead {
-            method: req.method,
-            target: target.path_and_query().map_or("/", PathAndQuery::as_str),
-            host: req.host,
-            headers: req.headers,
-            keep: req.keep,
-            added: req.added,
-        };
-        let mut outgoing = Outgoing {
-            head: conn.encode(&head, framing),
-            retryable: body.is_none() && req.method.is_idempotent(),
-            body,
-            chunked: framing == RequestFraming::Chunked,
-            responds_to: ResponseTo::method(req.method),
-        };
         loop {
-            outgoing.retryable &= reused;
-            match pool::exchange(&mut conn, &mut outgoing, self.response_timeout).await {
-                Ok(head) => {
-                    let body = ResponseBody::new(&head, conn, Arc::clone(&self.pool));
-                    let mut resp = Response::new(body);
-                    *resp.status_mut() = head.status;
-                    *resp.version_mut() = head.version;
-                    *resp.headers_mut() = head.headers;
-                    if let Some(reason) = head.reason
-                        && let Ok(reason) = hyper::ext::ReasonPhrase::try_from(reason)
-                    {
-                        resp.extensions_mut().insert(reason);
+            if sender.ready().await.is_err() {
+                // The connection closed before it could take the request: nothing was sent.
+                if !reused {
+                    return Err(Error::new(ErrorKind::Protocol, Closed));
+                }
+                sender = self.pool.connect().await?;
+                reused = false;
+                continue;
+            }
+            let response = sender.try_send_request(request);
+            match self.response(response, &mut sent).await {
+                Ok(Ok(response)) => {
+                    let (parts, incoming) = response.into_parts();
+                    let body = ResponseBody::new(incoming, sender, Arc::clone(&self.pool), sent);
+                    return Ok(Response::from_parts(parts, body));
+                }
+                Ok(Err(mut e)) => {
+                    let unsent = e.take_message();
+                    let error = e.into_error();
+                    let again = match unsent {
+                        Some(unsent) => Some((unsent, sent)),
+                        None if reused && repeatable && error.is_incomplete_message() => {
+                            Some(build(None))
+                        }
+                        None => None,
+                    };
+                    match again {
+                        Some(again) if reused => {
+                            (request, sent) = again;
+                            sender = self.pool.connect().await?;
+                            reused = false;
+                        }
+                        _ => return Err(exchange_error(error)),
                     }
-                    return Ok(resp);
                 }
-                Err(e) if e.may_retry() => {
-                    conn = self.pool.connect().await?;
-                    reused = false;
+                Err(_) => {
+                    return Err(Error::new(
+                        ErrorKind::Timeout,
+                        NoResponse(self.response_timeout),
+                    ));
                 }
-                Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Waits for the response; the response timeout runs from when the request's body has been
+    /// taken whole (a large upload may take as long as it takes; an upstream that then stays
+    /// silent may not).
+    async fn response<F: Future>(
+        &self,
+        response: F,
+        sent: &mut Sent,
+    ) -> Result<F::Output, tokio::time::error::Elapsed> {
+        let mut response = std::pin::pin!(response);
+        tokio::select! {
+            biased;
+            output = &mut response => return Ok(output),
+            () = sent.wait() => {}
+        }
+        tokio::time::timeout(self.response_timeout, response).await
+    }
+}
+
+/// The error of an exchange that failed: the client's body's own (its limit, its idle timeout,
+/// a broken stream), or the upstream's.
+fn exchange_error(error: hyper::Error) -> Error {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(&error);
+    while let Some(e) = source {
+        if let Some(body) = e.downcast_ref::<Error>() {
+            return Error::new(body.kind(), error);
+        }
+        source = e.source();
+    }
+    Error::new(ErrorKind::Protocol, error)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::sync::Mutex;
+
+    use http_body_util::BodyExt as _;
+    use hyper::body::Incoming;
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+    use tokio::net::TcpListener;
+    use tokio::sync::{mpsc, oneshot};
+
+    use super::*;
+
+    /// An upstream that answers the first request on each connection with 200 and keeps the
+    /// connection, then reads the next request and closes without a word (as an upstream whose
+    /// keep-alive timeout ran out as the request arrived). Sends the connection's number and
+    /// each request it read on the channel.
+    async fn closing_upstream() -> (u16, mpsc::UnboundedReceiver<(usize, String)>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            for conn in 0.. {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    for answered in [true, false] {
+                        let mut seen = Vec::new();
+                        let mut buf = [0; 4096];
+                        while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match stream.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => seen.extend_from_slice(&buf[..n]),
+                            }
+                        }
+                        let _ = tx.send((conn, String::from_utf8_lossy(&seen).into_owned()));
+                        if !answered {
+                            return;
+                        }
+                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if stream.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (port, rx)
+    }
+
+    fn upstream(port: u16) -> Upstream {
+        Upstream {
+            pool: Arc::new(Pool::new(
+                "127.0.0.1".into(),
+                port,
+                None,
+                Duration::from_secs(5),
+                4,
+                Duration::from_secs(60),
+                metrics::Counter::noop(),
+            )),
+            host_header: HeaderValue::from_static("upstream"),
+            base_path: String::new(),
+            response_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// A client's request as the gateway receives it (from a hyper server, here over an
+    /// in-memory pipe), and the client's end of that pipe.
+    async fn client_request(head: &str) -> (http::Request<Incoming>, DuplexStream) {
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let (tx, rx) = oneshot::channel();
+        let tx = Mutex::new(Some(tx));
+        tokio::spawn(async move {
+            let service = service_fn(move |req: http::Request<Incoming>| {
+                if let Some(tx) = tx.lock().unwrap().take() {
+                    let _ = tx.send(req);
+                }
+                std::future::pending::<Result<Response<String>, Infallible>>()
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(server), service)
+                .await;
+        });
+        client.write_all(head.as_bytes()).await.unwrap();
+        (rx.await.unwrap(), client)
+    }
+
+    /// Sends the client's request `head` through `upstream`; the status and body, or the error.
+    async fn send(upstream: &Upstream, head: &str) -> Result<(u16, Vec<u8>), Error> {
+        let (req, _client) = client_request(head).await;
+        let (parts, body) = req.into_parts();
+        let resp = upstream
+            .send(Request {
+                method: &parts.method,
+                uri: &parts.uri,
+                host: None,
+                headers: &parts.headers,
+                keep: |_: &HeaderName| true,
+                added: &[],
+                body: RequestBody::new(body, None, Duration::from_secs(5)),
+            })
+            .await?;
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await?.to_bytes().to_vec();
+        Ok((status, body))
+    }
+
+    #[tokio::test]
+    async fn a_request_on_a_closed_reused_connection_goes_again_only_if_it_may_be_repeated() {
+        let (port, mut seen) = closing_upstream().await;
+        let upstream = upstream(port);
+
+        let first = send(&upstream, "GET /a HTTP/1.1\r\nhost: x\r\n\r\n").await;
+        assert_eq!(first.unwrap(), (200, b"ok".to_vec()));
+        assert_eq!(seen.recv().await.unwrap().0, 0);
+
+        // Connection 0 is reused and closes on the request: a GET goes again, on connection 1.
+        let again = send(&upstream, "GET /b HTTP/1.1\r\nhost: x\r\n\r\n").await;
+        assert_eq!(again.unwrap(), (200, b"ok".to_vec()));
+        let (conn, req) = seen.recv().await.unwrap();
+        assert_eq!(conn, 0);
+        assert!(req.starts_with("GET /b "), "{req}");
+        let (conn, req) = seen.recv().await.unwrap();
+        assert_eq!(conn, 1);
+        assert!(req.starts_with("GET /b "), "{req}");
+
+        // Connection 1 is reused and closes on the request: a POST is not sent again.
+        let post = "POST /c HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nhello";
+        let error = send(&upstream, post).await.unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Protocol, "{error}");
+        let (conn, req) = seen.recv().await.unwrap();
+        assert_eq!(conn, 1);
+        assert!(req.starts_with("POST /c "), "{req}");
+        assert!(seen.try_recv().is_err(), "the POST was sent again");
+    }
+
+    /// An upstream that reads one request (its head, and as many body bytes as its
+    /// `Content-Length` says), waits `delay`, and writes `answer` (nothing, when empty), then
+    /// keeps the connection open.
+    async fn answering_upstream(answer: &'static [u8], delay: Duration) -> u16 {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut seen = Vec::new();
+                    let mut buf = [0; 4096];
+                    loop {
+                        if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&seen[..end]).to_lowercase();
+                            let length: usize = head
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length: "))
+                                .map_or(0, |v| v.trim().parse().unwrap());
+                            if seen.len() >= end + 4 + length {
+                                break;
+                            }
+                        }
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => seen.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    tokio::time::sleep(delay).await;
+                    if stream.write_all(answer).await.is_ok() {
+                        std::future::pending::<()>().await;
+                    }
+                });
+            }
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn the_response_timeout_runs_from_the_end_of_the_request_body() {
+        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+        let port = answering_upstream(answer, Duration::ZERO).await;
+        let slow = Upstream {
+            response_timeout: Duration::from_millis(200),
+            ..upstream(port)
+        };
+        // The body takes 600 ms to arrive, three response timeouts.
+        let head = "POST /u HTTP/1.1\r\nhost: x\r\ncontent-length: 6\r\n\r\nab";
+        let (req, mut client) = client_request(head).await;
+        let (parts, body) = req.into_parts();
+        let rest = tokio::spawn(async move {
+            for part in [b"cd", b"ef"] {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                client.write_all(part).await.unwrap();
+            }
+            client
+        });
+        let resp = slow
+            .send(Request {
+                method: &parts.method,
+                uri: &parts.uri,
+                host: None,
+                headers: &parts.headers,
+                keep: |_: &HeaderName| true,
+                added: &[],
+                body: RequestBody::new(body, None, Duration::from_secs(5)),
+            })
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        drop(rest.await.unwrap());
+
+        // An upstream that stays silent after the request: 200 ms after its end, a timeout.
+        let port = answering_upstream(b"", Duration::ZERO).await;
+        let silent = Upstream {
+            response_timeout: Duration::from_millis(200),
+            ..upstream(port)
+        };
+        let error = send(&silent, "GET /silent HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Timeout, "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_malformed_or_cut_response_is_an_upstream_protocol_error() {
+        for (answer, what) in [
+            (
+                &b"HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\nok"[..],
+                "bad length",
+            ),
+            (b"HTTP/1.1 200 OK\r\nbad header\r\n\r\n", "bad header line"),
+            (
+                b"HTTP/9.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+                "bad version",
+            ),
+        ] {
+            let port = answering_upstream(answer, Duration::ZERO).await;
+            let error = send(&upstream(port), "GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+                .await
+                .unwrap_err();
+            assert_eq!(error.kind(), ErrorKind::Protocol, "{what}: {error}");
+            assert!(!error.may_retry(), "{what}");
+        }
+        // A body cut short: the head arrives, the error comes with the body.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut buf = [0; 4096];
+            let _ = stream.read(&mut buf).await;
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort")
+                .await;
+        });
+        let error = send(&upstream(port), "GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Protocol, "{error}");
     }
 }
