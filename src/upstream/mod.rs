@@ -377,20 +377,26 @@ mod tests {
     }
 
     /// Sends the client's request `head` through `upstream`; the status and body, or the error.
+    /// The client's request as the pipeline hands it to [`Upstream::send`], every header kept.
+    fn forwarded(
+        parts: &http::request::Parts,
+        body: Incoming,
+    ) -> Request<'_, fn(&HeaderName) -> bool> {
+        Request {
+            method: &parts.method,
+            uri: &parts.uri,
+            host: None,
+            headers: &parts.headers,
+            keep: |_| true,
+            added: &[],
+            body: RequestBody::new(body, None, Duration::from_secs(5)),
+        }
+    }
+
     async fn send(upstream: &Upstream, head: &str) -> Result<(u16, Vec<u8>), Error> {
         let (req, _client) = client_request(head).await;
         let (parts, body) = req.into_parts();
-        let resp = upstream
-            .send(Request {
-                method: &parts.method,
-                uri: &parts.uri,
-                host: None,
-                headers: &parts.headers,
-                keep: |_: &HeaderName| true,
-                added: &[],
-                body: RequestBody::new(body, None, Duration::from_secs(5)),
-            })
-            .await?;
+        let resp = upstream.send(forwarded(&parts, body)).await?;
         let status = resp.status().as_u16();
         let body = resp.into_body().collect().await?.to_bytes().to_vec();
         Ok((status, body))
@@ -481,18 +487,7 @@ mod tests {
             }
             client
         });
-        let resp = slow
-            .send(Request {
-                method: &parts.method,
-                uri: &parts.uri,
-                host: None,
-                headers: &parts.headers,
-                keep: |_: &HeaderName| true,
-                added: &[],
-                body: RequestBody::new(body, None, Duration::from_secs(5)),
-            })
-            .await
-            .unwrap();
+        let resp = slow.send(forwarded(&parts, body)).await.unwrap();
         assert_eq!(resp.status(), 200);
         drop(rest.await.unwrap());
 
