@@ -56,7 +56,13 @@ impl Outbound {
         if outbound.body.is_none() {
             outbound.taken();
         }
-        (outbound, Sent { rx, done: false })
+        (
+            outbound,
+            Sent {
+                rx: Some(rx),
+                done: false,
+            },
+        )
     }
 
     fn taken(&mut self) {
@@ -69,22 +75,29 @@ impl Outbound {
 /// Whether a request's body has been taken whole.
 #[derive(Debug)]
 pub struct Sent {
-    rx: oneshot::Receiver<()>,
+    /// `None` once it has answered (a receiver must not be polled again after that).
+    rx: Option<oneshot::Receiver<()>>,
     done: bool,
 }
 
 impl Sent {
     /// Waits until the body has been taken whole, or dropped unfinished.
     pub async fn wait(&mut self) {
-        if !self.done {
-            self.done = (&mut self.rx).await.is_ok();
+        if let Some(rx) = self.rx.as_mut() {
+            self.done = rx.await.is_ok();
+            self.rx = None;
         }
     }
 
     /// Whether the body has been taken whole.
     fn done(&mut self) -> bool {
-        if !self.done {
-            self.done = self.rx.try_recv().is_ok();
+        if let Some(rx) = self.rx.as_mut() {
+            match rx.try_recv() {
+                Ok(()) => self.done = true,
+                Err(oneshot::error::TryRecvError::Empty) => return false,
+                Err(oneshot::error::TryRecvError::Closed) => {}
+            }
+            self.rx = None;
         }
         self.done
     }
@@ -493,5 +506,36 @@ impl Drop for ResponseBody {
         if self.inner.is_end_stream() {
             self.finish();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn sent_answers_again_after_its_body_was_dropped_or_taken() {
+        // Dropped unfinished: waited on (by the response's wait), then asked and waited on
+        // again (by the end of the response body).
+        let (tx, rx) = oneshot::channel();
+        let mut sent = Sent {
+            rx: Some(rx),
+            done: false,
+        };
+        drop(tx);
+        sent.wait().await;
+        assert!(!sent.done());
+        sent.wait().await;
+        assert!(!sent.done());
+
+        // Taken whole: no body at all.
+        let (_outbound, mut sent) = Outbound::new(None);
+        sent.wait().await;
+        sent.wait().await;
+        assert!(sent.done());
+        let (_outbound, mut sent) = Outbound::new(None);
+        assert!(sent.done());
+        sent.wait().await;
+        assert!(sent.done());
     }
 }
