@@ -8,7 +8,8 @@
 //! HTTP/1.1 itself (request heads written, responses parsed, bodies framed) is hyper's client.
 //!
 //! - [`pool`]: each worker's connections.
-//! - [`body`]: the client's body on its way up, held to its limit and idle timeout.
+//! - [`body`]: the client's body on its way up, held to its limit and idle timeout, saying
+//!   when hyper has taken it whole.
 
 mod body;
 mod error;
@@ -27,7 +28,8 @@ pub use error::{Error, ErrorKind, Side};
 pub use pool::ResponseBody;
 
 use crate::config;
-use pool::{Outbound, Pool, Sent};
+use body::{Outbound, Sent};
+use pool::Pool;
 
 /// The upstream closed the connection before responding.
 #[derive(Debug, thiserror::Error)]
@@ -166,7 +168,6 @@ impl Upstream {
         // length is given).
         let length = match length {
             Some(0) if matches!(*req.method, Method::GET | Method::HEAD | Method::CONNECT) => None,
-            Some(0) => Some(0),
             other => other,
         };
         let body = (!body.is_end_stream()).then_some(body);
@@ -229,21 +230,16 @@ impl Upstream {
                 Ok(Err(mut e)) => {
                     let unsent = e.take_message();
                     let error = e.into_error();
-                    let again = match unsent {
-                        Some(unsent) => Some((unsent, sent)),
-                        None if reused && repeatable && error.is_incomplete_message() => {
-                            Some(build(None))
-                        }
-                        None => None,
-                    };
-                    match again {
-                        Some(again) if reused => {
-                            (request, sent) = again;
-                            sender = self.pool.connect().await?;
-                            reused = false;
-                        }
-                        _ => return Err(exchange_error(error)),
+                    if !reused {
+                        return Err(exchange_error(error));
                     }
+                    (request, sent) = match unsent {
+                        Some(unsent) => (unsent, sent),
+                        None if repeatable && error.is_incomplete_message() => build(None),
+                        None => return Err(exchange_error(error)),
+                    };
+                    sender = self.pool.connect().await?;
+                    reused = false;
                 }
                 Err(_) => {
                     return Err(Error::new(
@@ -376,7 +372,6 @@ mod tests {
         (rx.await.unwrap(), client)
     }
 
-    /// Sends the client's request `head` through `upstream`; the status and body, or the error.
     /// The client's request as the pipeline hands it to [`Upstream::send`], every header kept.
     fn forwarded(
         parts: &http::request::Parts,
@@ -393,6 +388,7 @@ mod tests {
         }
     }
 
+    /// Sends the client's request `head` through `upstream`; the status and body, or the error.
     async fn send(upstream: &Upstream, head: &str) -> Result<(u16, Vec<u8>), Error> {
         let (req, _client) = client_request(head).await;
         let (parts, body) = req.into_parts();
@@ -432,9 +428,9 @@ mod tests {
     }
 
     /// An upstream that reads one request (its head, and as many body bytes as its
-    /// `Content-Length` says), waits `delay`, and writes `answer` (nothing, when empty), then
-    /// keeps the connection open.
-    async fn answering_upstream(answer: &'static [u8], delay: Duration) -> u16 {
+    /// `Content-Length` says), writes `answer` (nothing, when empty), and keeps the connection
+    /// open.
+    async fn answering_upstream(answer: &'static [u8]) -> u16 {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         tokio::spawn(async move {
@@ -458,7 +454,6 @@ mod tests {
                             Ok(n) => seen.extend_from_slice(&buf[..n]),
                         }
                     }
-                    tokio::time::sleep(delay).await;
                     if stream.write_all(answer).await.is_ok() {
                         std::future::pending::<()>().await;
                     }
@@ -471,7 +466,7 @@ mod tests {
     #[tokio::test]
     async fn the_response_timeout_runs_from_the_end_of_the_request_body() {
         let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-        let port = answering_upstream(answer, Duration::ZERO).await;
+        let port = answering_upstream(answer).await;
         let slow = Upstream {
             response_timeout: Duration::from_millis(200),
             ..upstream(port)
@@ -492,7 +487,7 @@ mod tests {
         drop(rest.await.unwrap());
 
         // An upstream that stays silent after the request: 200 ms after its end, a timeout.
-        let port = answering_upstream(b"", Duration::ZERO).await;
+        let port = answering_upstream(b"").await;
         let silent = Upstream {
             response_timeout: Duration::from_millis(200),
             ..upstream(port)
@@ -516,7 +511,7 @@ mod tests {
                 "bad version",
             ),
         ] {
-            let port = answering_upstream(answer, Duration::ZERO).await;
+            let port = answering_upstream(answer).await;
             let error = send(&upstream(port), "GET / HTTP/1.1\r\nhost: x\r\n\r\n")
                 .await
                 .unwrap_err();

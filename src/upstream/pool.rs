@@ -25,136 +25,14 @@ use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
-use super::body::RequestBody;
+use super::body::{Outbound, Sent};
 use super::error::{Error, ErrorKind};
-use crate::http::drain_unread;
 
 /// The sending half of one upstream connection.
 pub type Sender = http1::SendRequest<Outbound>;
-
-/// The request body as hyper's client takes it: the client's body (or none), its trailers
-/// dropped, saying when it has been taken whole.
-#[derive(Debug)]
-pub struct Outbound {
-    body: Option<RequestBody>,
-    sent: Option<oneshot::Sender<()>>,
-}
-
-impl Outbound {
-    /// `body` (`None`: the request has none), and what hears when it has been taken whole (at
-    /// once for none).
-    pub fn new(body: Option<RequestBody>) -> (Self, Sent) {
-        let (tx, rx) = oneshot::channel();
-        let mut outbound = Self {
-            body,
-            sent: Some(tx),
-        };
-        if outbound.body.is_none() {
-            outbound.taken();
-        }
-        (
-            outbound,
-            Sent {
-                rx: Some(rx),
-                done: false,
-            },
-        )
-    }
-
-    fn taken(&mut self) {
-        if let Some(tx) = self.sent.take() {
-            let _ = tx.send(());
-        }
-    }
-}
-
-/// Whether a request's body has been taken whole.
-#[derive(Debug)]
-pub struct Sent {
-    /// `None` once it has answered (a receiver must not be polled again after that).
-    rx: Option<oneshot::Receiver<()>>,
-    done: bool,
-}
-
-impl Sent {
-    /// Waits until the body has been taken whole, or dropped unfinished.
-    pub async fn wait(&mut self) {
-        if let Some(rx) = self.rx.as_mut() {
-            self.done = rx.await.is_ok();
-            self.rx = None;
-        }
-    }
-
-    /// Whether the body has been taken whole.
-    fn done(&mut self) -> bool {
-        if let Some(rx) = self.rx.as_mut() {
-            match rx.try_recv() {
-                Ok(()) => self.done = true,
-                Err(oneshot::error::TryRecvError::Empty) => return false,
-                Err(oneshot::error::TryRecvError::Closed) => {}
-            }
-            self.rx = None;
-        }
-        self.done
-    }
-}
-
-impl Drop for Outbound {
-    /// What the client still sends of a body hyper stopped taking (the upstream closed the
-    /// connection, or its exchange failed) is read and dropped, so the client gets its answer
-    /// whole.
-    fn drop(&mut self) {
-        if let Some(body) = self.body.take() {
-            drain_unread(body);
-        }
-    }
-}
-
-impl Body for Outbound {
-    type Data = Bytes;
-    type Error = Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
-        let this = self.get_mut();
-        loop {
-            let Some(body) = this.body.as_mut() else {
-                this.taken();
-                return Poll::Ready(None);
-            };
-            match std::task::ready!(Pin::new(&mut *body).poll_frame(cx)) {
-                None => this.body = None,
-                // Trailers of a chunked request are not passed on.
-                Some(Ok(frame)) if !frame.is_data() => {}
-                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
-                Some(Ok(frame)) => {
-                    // hyper asks no further of a body that says it has ended.
-                    if body.is_end_stream() {
-                        this.body = None;
-                        this.taken();
-                    }
-                    return Poll::Ready(Some(Ok(frame)));
-                }
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.as_ref().is_none_or(Body::is_end_stream)
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body
-            .as_ref()
-            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
-    }
-}
 
 /// An upstream connection's byte stream: plain TCP, or TLS over it (`https://` upstreams).
 enum Stream {
@@ -506,36 +384,5 @@ impl Drop for ResponseBody {
         if self.inner.is_end_stream() {
             self.finish();
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn sent_answers_again_after_its_body_was_dropped_or_taken() {
-        // Dropped unfinished: waited on (by the response's wait), then asked and waited on
-        // again (by the end of the response body).
-        let (tx, rx) = oneshot::channel();
-        let mut sent = Sent {
-            rx: Some(rx),
-            done: false,
-        };
-        drop(tx);
-        sent.wait().await;
-        assert!(!sent.done());
-        sent.wait().await;
-        assert!(!sent.done());
-
-        // Taken whole: no body at all.
-        let (_outbound, mut sent) = Outbound::new(None);
-        sent.wait().await;
-        sent.wait().await;
-        assert!(sent.done());
-        let (_outbound, mut sent) = Outbound::new(None);
-        assert!(sent.done());
-        sent.wait().await;
-        assert!(sent.done());
     }
 }
