@@ -534,4 +534,48 @@ mod tests {
             .unwrap_err();
         assert_eq!(error.kind(), ErrorKind::Protocol, "{error}");
     }
+
+    #[tokio::test]
+    async fn an_answer_before_the_body_reaches_the_client_when_the_upstream_then_closes() {
+        // Reads a request's head, answers 403 and closes with the body unread: the kernel
+        // resets the connection, and writing the rest of the body fails.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut seen = Vec::new();
+                    let mut buf = [0; 4096];
+                    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => seen.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let answer = b"HTTP/1.1 403 Forbidden\r\ncontent-length: 2\r\n\r\nno";
+                    let _ = stream.write_all(answer).await;
+                });
+            }
+        });
+        let upstream = upstream(port);
+        const BODY: usize = 8 << 20;
+        for round in 0..10 {
+            let head = format!("POST /u HTTP/1.1\r\nhost: x\r\ncontent-length: {BODY}\r\n\r\n");
+            let (req, mut client) = client_request(&head).await;
+            let (parts, body) = req.into_parts();
+            tokio::spawn(async move {
+                let chunk = vec![b'x'; 64 * 1024];
+                for _ in 0..BODY / chunk.len() {
+                    if client.write_all(&chunk).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            let resp = upstream.send(forwarded(&parts, body)).await;
+            let resp = resp.unwrap_or_else(|e| panic!("round {round}: {e}"));
+            assert_eq!(resp.status(), 403, "round {round}");
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(&body[..], b"no", "round {round}");
+        }
+    }
 }

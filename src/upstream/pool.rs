@@ -14,7 +14,7 @@ use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -95,6 +95,110 @@ impl AsyncWrite for Stream {
             Stream::Plain(tcp) => Pin::new(tcp).poll_shutdown(cx),
             Stream::Tls(tls) => Pin::new(tls.as_mut()).poll_shutdown(cx),
         }
+    }
+}
+
+/// At most this many bytes of a request are taken and dropped once the upstream has stopped
+/// reading ([`Io`]).
+const UNREAD_BYTES: usize = 4 * 1024 * 1024;
+
+/// A connection's byte stream as hyper's client uses it. An upstream may answer a request before
+/// reading its body and close the connection (a 403 or 413 to an upload); the next write of the
+/// body then fails, and hyper would end the exchange with that error without reading the
+/// answer. So after a broken pipe or a reset on write, up to [`UNREAD_BYTES`] more are taken as
+/// written and dropped, while hyper reads the answer; past them, the error is reported.
+struct Io {
+    stream: Stream,
+    /// The write error, and how many bytes may still be dropped before it is reported.
+    stopped: Option<(io::ErrorKind, usize)>,
+}
+
+impl Io {
+    /// What to report for a write of `len` bytes after a failure, or for a failed write.
+    fn write_result(&mut self, len: usize, written: io::Result<usize>) -> io::Result<usize> {
+        match written {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                self.stopped = Some((e.kind(), UNREAD_BYTES));
+                self.drop_written(len)
+            }
+            other => other,
+        }
+    }
+
+    fn drop_written(&mut self, len: usize) -> io::Result<usize> {
+        match &mut self.stopped {
+            Some((kind, 0)) => Err((*kind).into()),
+            Some((_, left)) => {
+                let n = len.min(*left);
+                *left -= n;
+                Ok(n)
+            }
+            None => Ok(len),
+        }
+    }
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.stopped.is_some() {
+            return Poll::Ready(this.drop_written(buf.len()));
+        }
+        let written = ready!(Pin::new(&mut this.stream).poll_write(cx, buf));
+        Poll::Ready(this.write_result(buf.len(), written))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let len = bufs.iter().map(|b| b.len()).sum();
+        if this.stopped.is_some() {
+            return Poll::Ready(this.drop_written(len));
+        }
+        let written = ready!(Pin::new(&mut this.stream).poll_write_vectored(cx, bufs));
+        Poll::Ready(this.write_result(len, written))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.stopped.is_some() {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.stopped.is_some() {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.stream).poll_shutdown(cx)
     }
 }
 
@@ -229,7 +333,10 @@ impl Pool {
             .await
             .map_err(|e| Error::new(ErrorKind::Connect, e).retryable())?;
         let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(io))
+            .handshake(TokioIo::new(Io {
+                stream: io,
+                stopped: None,
+            }))
             .await
             .map_err(|e| Error::new(ErrorKind::Connect, e).retryable())?;
         // The connection's I/O runs on the worker's runtime; it ends when the upstream closes
