@@ -150,6 +150,13 @@ impl GuardedStore {
                 self.set_up(false);
                 self.health.open(e);
             }
+            // Credentials refused while running (changed in Redis first): an outage, which
+            // ends when they are accepted again.
+            Err(e @ StoreError::Unauthenticated(_)) => {
+                self.metrics.store_errors.increment(1);
+                self.set_up(false);
+                self.health.open(&e.to_string());
+            }
             Err(StoreError::Denied(e)) => {
                 self.metrics.store_errors.increment(1);
                 self.set_up(false);
@@ -162,16 +169,16 @@ impl GuardedStore {
         result
     }
 
-    /// Checks at start-up that the store permits every command keygate uses. A refusal is the
-    /// error to stop with; a store that does not answer yet is checked by the poller when it
-    /// first does ([`GuardedStore::recheck_access`]).
+    /// Checks at start-up that the store accepts keygate's credentials and permits every
+    /// command keygate uses. A refusal is the error to stop with; a store that does not answer
+    /// yet is checked by the poller when it first does ([`GuardedStore::recheck_access`]).
     pub(super) async fn check_access(&self) -> Result<(), StoreError> {
         match self.checked_access().await {
             Ok(()) => {
                 self.access_checked.store(true, Ordering::Relaxed);
                 Ok(())
             }
-            Err(e @ StoreError::Denied(_)) => Err(e),
+            Err(e @ (StoreError::Denied(_) | StoreError::Unauthenticated(_))) => Err(e),
             Err(e @ StoreError::ReadOnly(_)) => {
                 // Checked as far as a replica allows; the health answers report it read-only.
                 self.access_checked.store(true, Ordering::Relaxed);

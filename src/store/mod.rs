@@ -206,6 +206,11 @@ pub enum StoreError {
     /// The store refused a command keygate needs (a Redis ACL): says which, and the fix.
     #[error("key store permission missing: {0}")]
     Denied(String),
+    /// The store refused keygate's credentials (a wrong Redis password, or none given where
+    /// one is required): says where they are set. At start-up a reason to stop; once running,
+    /// an outage that ends when they are accepted again.
+    #[error("key store refuses keygate's credentials: {0}")]
+    Unauthenticated(String),
     /// A change was written to the primary but not confirmed as durable as configured (too few
     /// replicas acknowledged it in time): it may be lost if the primary fails now.
     #[error("key change not confirmed: {0}")]

@@ -319,6 +319,8 @@ impl Cluster {
 pub struct Sentinels {
     pub master: String,
     pub ports: Vec<u16>,
+    /// The password every sentinel requires of its clients (and of the other sentinels).
+    password: Option<String>,
     children: Vec<Child>,
 }
 
@@ -326,12 +328,38 @@ impl Sentinels {
     /// Starts `n` sentinels watching `primary` (and its replicas) as `master`, and waits until
     /// each knows the primary, a replica and the other sentinels.
     pub fn start(dir: &Path, master: &str, primary: &Redis, n: usize) -> Self {
+        Self::start_inner(dir, master, primary, n, None)
+    }
+
+    /// As [`Sentinels::start`], each sentinel requiring `password` of its clients
+    /// (`requirepass`), the other sentinels included (`sentinel sentinel-pass`).
+    pub fn start_with_password(
+        dir: &Path,
+        master: &str,
+        primary: &Redis,
+        n: usize,
+        password: &str,
+    ) -> Self {
+        Self::start_inner(dir, master, primary, n, Some(password))
+    }
+
+    fn start_inner(
+        dir: &Path,
+        master: &str,
+        primary: &Redis,
+        n: usize,
+        password: Option<&str>,
+    ) -> Self {
         require_redis();
         let mut group = Self {
             master: master.to_owned(),
             ports: Vec::new(),
+            password: password.map(str::to_owned),
             children: Vec::new(),
         };
+        let auth = password.map_or_else(String::new, |p| {
+            format!("requirepass {p}\nsentinel sentinel-pass {p}\n")
+        });
         for i in 0..n {
             let port = free_port();
             let d = dir.join(format!("sentinel{i}"));
@@ -345,7 +373,7 @@ impl Sentinels {
                      sentinel monitor {master} 127.0.0.1 {primary} 2\n\
                      sentinel down-after-milliseconds {master} 1000\n\
                      sentinel failover-timeout {master} 10000\n\
-                     sentinel parallel-syncs {master} 1\n",
+                     sentinel parallel-syncs {master} 1\n{auth}",
                     dir = d.display(),
                     primary = primary.port,
                 ),
@@ -363,7 +391,7 @@ impl Sentinels {
         let what = "the sentinels to find the primary, its replica and each other";
         eventually(Duration::from_secs(30), what, || {
             group.ports.iter().all(|&port| {
-                let ask = |what: &str| sentinel_cli(port, &["SENTINEL", what, master]);
+                let ask = |what: &str| sentinel_cli(port, password, &["SENTINEL", what, master]);
                 ask("replicas").is_some_and(|r| r.contains("slave") && !r.contains("s_down"))
                     && ask("sentinels").is_some_and(|s| s.matches("127.0.0.1").count() >= n - 1)
             })
@@ -373,17 +401,25 @@ impl Sentinels {
 
     /// `["redis://127.0.0.1:<port>", ...]` as a TOML array (for KEYGATE_STORE_SENTINELS).
     pub fn urls_toml(&self) -> String {
+        self.urls_toml_with("")
+    }
+
+    /// [`Sentinels::urls_toml`] with `userinfo` (e.g. `":password@"`) before each host.
+    pub fn urls_toml_with(&self, userinfo: &str) -> String {
         let urls: Vec<String> = self
             .ports
             .iter()
-            .map(|p| format!("\"redis://127.0.0.1:{p}\""))
+            .map(|p| format!("\"redis://{userinfo}127.0.0.1:{p}\""))
             .collect();
         format!("[{}]", urls.join(", "))
     }
 
     /// Runs `redis-cli` against the first sentinel that answers.
     pub fn cli(&self, args: &[&str]) -> Option<String> {
-        self.ports.iter().find_map(|&p| sentinel_cli(p, args))
+        let password = self.password.as_deref();
+        self.ports
+            .iter()
+            .find_map(|&p| sentinel_cli(p, password, args))
     }
 
     /// `host:port` of the primary, as the sentinels name it now.
@@ -394,13 +430,13 @@ impl Sentinels {
     }
 }
 
-fn sentinel_cli(port: u16, args: &[&str]) -> Option<String> {
-    let out = Command::new("redis-cli")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-        .args(args)
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
+fn sentinel_cli(port: u16, password: Option<&str>, args: &[&str]) -> Option<String> {
+    let mut command = Command::new("redis-cli");
+    command.args(["-h", "127.0.0.1", "-p", &port.to_string()]);
+    if let Some(password) = password {
+        command.args(["--no-auth-warning", "-a", password]);
+    }
+    let out = command.args(args).stderr(Stdio::null()).output().ok()?;
     let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     (out.status.success() && !text.starts_with("Could not connect")).then_some(text)
 }

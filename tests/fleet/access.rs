@@ -8,33 +8,12 @@ use reqwest::StatusCode;
 
 use crate::common::redis::Redis;
 use crate::common::{self, Gateway, Upstream, wait_for_async};
-use crate::{all_within, cli, documented_acl, redis_overrides, status};
-
-/// `keygate serve` with `env`: its exit status and stderr, once it exits (within 20 s).
-fn serve_until_exit(config: &std::path::Path, env: &[(&str, &str)]) -> (bool, String) {
-    let mut child = common::keygate()
-        .arg("--config")
-        .arg(config)
-        .arg("serve")
-        .envs(env.iter().copied())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let Some(status) = common::poll(Duration::from_secs(20), || child.try_wait().unwrap()) else {
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("keygate serve did not exit");
-    };
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
-    (status.success(), stderr)
-}
+use crate::{all_within, cli, documented_acl, redis_overrides, serve_until_exit, status};
 
 /// The ACL of docs/fleet.md, used verbatim, is all keygate needs: the gateway starts (its
 /// permission check passes), the CLI creates and revokes, the shared rate limits stay shared
 /// (the limiter's TIME is granted), usage is written. A user without TIME makes `keygate serve`
-/// refuse to start with one line naming it.
+/// refuse to start with one line naming it; so does a wrong password.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_documented_acl_is_enough_and_a_missing_permission_stops_the_start() {
     let dir = tempfile::tempdir().unwrap();
@@ -124,6 +103,31 @@ async fn the_documented_acl_is_enough_and_a_missing_permission_stops_the_start()
             && !line.contains("CHANGE-ME"),
         "{line}"
     );
+
+    // A wrong password: refused at start, in one line that says where to look, with no
+    // password in it.
+    let url = format!(
+        "redis://keygate:NOT-THE-PASSWORD@127.0.0.1:{}/0",
+        redis.port
+    );
+    let (ok, stderr) = serve_until_exit(
+        &config,
+        &[
+            ("KEYGATE_STORE_BACKEND", "redis"),
+            ("KEYGATE_STORE_URL", url.as_str()),
+            ("KEYGATE_LOGGING_LEVEL", "error"),
+        ],
+    );
+    assert!(!ok, "keygate started with a wrong password: {stderr}");
+    let line = stderr.trim();
+    eprintln!("refused start: {line}");
+    assert!(
+        line.starts_with("keygate: error: key store refuses keygate's credentials: Redis at ")
+            && line.contains("check the user and password in store.url")
+            && !line.contains('\n')
+            && !line.contains("NOT-THE-PASSWORD"),
+        "{line}"
+    );
 }
 
 /// A Redis that speaks TLS only, with a certificate from a private CA (made by the test) and
@@ -200,5 +204,63 @@ async fn a_tls_redis_with_a_private_ca_and_a_client_certificate() {
     // And, allowed, it works: any certificate is accepted.
     let listed = common::keys_cli_result(&config, &env, &["list"]).unwrap();
     assert!(listed.contains("over-tls"), "{listed}");
+    gw.shutdown().await;
+}
+
+/// Credentials Redis stops accepting while the gateway runs (the password changed in Redis
+/// before keygate's configuration was): an outage, not a reason to stop. The key in use is
+/// still answered from the cache, a key the gateway has not seen gets 503, and the health
+/// answer gives Redis's refusal; once Redis accepts the password again, the gateway recovers
+/// by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_refused_while_running_are_an_outage_that_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = Redis::start(dir.path());
+    let acl = documented_acl("+time");
+    let args: Vec<&str> = acl.iter().map(String::as_str).collect();
+    assert_eq!(redis.cli(&args).as_deref(), Some("OK"), "{acl:?}");
+    let url = format!("redis://keygate:CHANGE-ME@127.0.0.1:{}/0", redis.port);
+    let upstream = Upstream::start().await;
+    let o = redis_overrides(&url, &[("KEYGATE_STORE_TIMEOUT", "300ms")]);
+    let gw = Gateway::start(&upstream.url(), &o).await;
+    let key = cli(&gw, &url, &["create", "--name", "in-use"]);
+    assert_eq!(status(&gw, &key).await, StatusCode::OK);
+    let unseen = keygate::key::generate().unwrap().expose().to_owned();
+
+    // The password changes in Redis, and keygate's connections are cut: every reconnect is
+    // refused.
+    let rotate = ["ACL", "SETUSER", "keygate", "resetpass", ">ROTATED"];
+    assert_eq!(redis.cli(&rotate).as_deref(), Some("OK"));
+    assert!(redis.cli(&["CLIENT", "KILL", "USER", "keygate"]).is_some());
+    wait_for_async(
+        Duration::from_secs(10),
+        "the readiness answer to give Redis's refusal",
+        async || match gw.ready().await {
+            (StatusCode::SERVICE_UNAVAILABLE, body)
+                if body.to_string().contains("refuses keygate's credentials") =>
+            {
+                Ok(())
+            }
+            (code, body) => Err(format!("{code} {body}")),
+        },
+    )
+    .await;
+    assert_eq!(status(&gw, &key).await, StatusCode::OK);
+    assert_eq!(status(&gw, &unseen).await, StatusCode::SERVICE_UNAVAILABLE);
+
+    // Redis accepts keygate's password again.
+    let restore = ["ACL", "SETUSER", "keygate", ">CHANGE-ME"];
+    assert_eq!(redis.cli(&restore).as_deref(), Some("OK"));
+    wait_for_async(
+        Duration::from_secs(10),
+        "the gateway to recover",
+        async || match gw.health().await {
+            (StatusCode::OK, _) => Ok(()),
+            (code, body) => Err(format!("{code} {body}")),
+        },
+    )
+    .await;
+    assert_eq!(status(&gw, &unseen).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(status(&gw, &key).await, StatusCode::OK);
     gw.shutdown().await;
 }

@@ -45,6 +45,30 @@ fn cli(gw: &Gateway, redis_url: &str, args: &[&str]) -> String {
     common::keys_cli(&gw.config_path, &env, args)
 }
 
+/// `keygate serve` with `env`: its exit status and stderr, once it exits (within 20 s).
+fn serve_until_exit(config: &std::path::Path, env: &[(&str, &str)]) -> (bool, String) {
+    let mut child = common::keygate()
+        .arg("--config")
+        .arg(config)
+        .arg("serve")
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = common::poll(Duration::from_secs(20), || child.try_wait().unwrap());
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    let Some(status) = status else {
+        panic!("keygate serve did not exit; it wrote: {stderr}");
+    };
+    (status.success(), stderr)
+}
+
 /// The status `GET /x` with `key` gets.
 async fn status(gw: &Gateway, key: &str) -> StatusCode {
     gw.get_with_key("/x", key).await.status()

@@ -10,7 +10,7 @@ use reqwest::StatusCode;
 
 use crate::common::redis::{Redis, Sentinels};
 use crate::common::{self, Gateway, Upstream, eventually_async, wait_for_async};
-use crate::{all_within, documented_acl, status};
+use crate::{all_within, documented_acl, serve_until_exit, status};
 
 /// Polls every gateway's `/readyz` until it names `node` as the store's node; returns how long
 /// after `since` each got there.
@@ -276,6 +276,87 @@ async fn a_sentinel_failover_moves_every_gateway_and_loses_no_revocation() {
     for gw in gateways {
         gw.shutdown().await;
     }
+}
+
+/// Sentinels that require a password of their clients (`requirepass`, and `sentinel
+/// sentinel-pass` among themselves): keygate reaches them with the password in its sentinel
+/// URLs, serves a key from the primary they name, follows a `SENTINEL FAILOVER` by itself, and
+/// hears a revocation on the new primary. With a wrong password, `keygate serve` stops at start
+/// with one line that names the sentinels' refusal, and no password in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinels_that_require_a_password_are_reached_with_it() {
+    const PASSWORD: &str = "sentinel-SECRET";
+    let dir = tempfile::tempdir().unwrap();
+    let primary = Redis::start(&dir.path().join("primary"));
+    let replica = Redis::start_replica(&dir.path().join("replica"), &primary);
+    let sentinels = Sentinels::start_with_password(
+        &dir.path().join("sentinels"),
+        "keygate-pw",
+        &primary,
+        3,
+        PASSWORD,
+    );
+    let urls = sentinels.urls_toml_with(&format!(":{PASSWORD}@"));
+    let upstream = Upstream::start().await;
+    let o = [
+        ("KEYGATE_STORE_BACKEND", "redis-sentinel"),
+        ("KEYGATE_STORE_SENTINELS", urls.as_str()),
+        ("KEYGATE_STORE_MASTER_NAME", "keygate-pw"),
+        ("KEYGATE_STORE_URL", "redis://keygate-pw/0"),
+        ("KEYGATE_STORE_TIMEOUT", "500ms"),
+    ];
+    let gw = Gateway::start(&upstream.url(), &o).await;
+    let cli = |args: &[&str]| common::keys_cli(&gw.config_path, &o, args);
+    let key = cli(&["create", "--name", "behind-auth"]);
+    all_within(&[&gw], &key, StatusCode::OK, Duration::from_secs(2)).await;
+    each_on_node(
+        &[&gw],
+        &primary.addr(),
+        Instant::now(),
+        Duration::from_secs(5),
+    )
+    .await;
+
+    let started = Instant::now();
+    sentinels
+        .cli(&["SENTINEL", "FAILOVER", "keygate-pw"])
+        .unwrap();
+    sentinels_name(&sentinels, &replica.addr(), started).await;
+    each_on_node(&[&gw], &replica.addr(), started, Duration::from_secs(20)).await;
+    assert_eq!(status(&gw, &key).await, StatusCode::OK);
+    // Confirmed once the old primary, now a replica, has resynced: until then the CLI says so
+    // and is run again.
+    common::wait_for(Duration::from_secs(30), "a confirmed revocation", || {
+        common::keys_cli_result(&gw.config_path, &o, &["revoke", "behind-auth"])
+    });
+    all_within(
+        &[&gw],
+        &key,
+        StatusCode::UNAUTHORIZED,
+        Duration::from_secs(1),
+    )
+    .await;
+    gw.shutdown().await;
+
+    let wrong = sentinels.urls_toml_with(":not-the-password@");
+    let config = common::write_config(dir.path(), &upstream.url());
+    let mut env = o.to_vec();
+    env[1].1 = wrong.as_str();
+    env.push(("KEYGATE_LOGGING_LEVEL", "error"));
+    let (ok, stderr) = serve_until_exit(&config, &env);
+    assert!(
+        !ok,
+        "keygate started with a wrong sentinel password: {stderr}"
+    );
+    let line = stderr.trim();
+    eprintln!("refused start: {line}");
+    assert!(
+        line.starts_with("keygate: error: key store refuses keygate's credentials: ")
+            && line.contains("store.sentinels")
+            && !line.contains('\n')
+            && !line.contains("not-the-password"),
+        "{line}"
+    );
 }
 
 /// The Redis key of `key`'s record.

@@ -1,13 +1,15 @@
 //! Clients for one Redis node: the TLS material they present, how a connection manager to a
-//! node reconnects, and what a node's errors and answers say about it (gone, a replica, refused
-//! by the ACL, its role).
+//! node reconnects ([`Managed`]), and what a node's errors and answers say about it (gone, a
+//! replica, refused by the ACL or at authentication, its role).
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::ConnectionManagerConfig;
+use arc_swap::ArcSwap;
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::{
-    Client, ClientTlsConfig, ErrorKind, RedisError, RedisResult, ServerErrorKind, TlsCertificates,
-    Value,
+    Client, ClientTlsConfig, Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult,
+    ServerErrorKind, TlsCertificates, Value,
 };
 
 use super::Tls;
@@ -48,6 +50,76 @@ pub(super) fn manager_config(timeout: Duration, wait: Duration) -> ConnectionMan
         .set_number_of_retries(2)
 }
 
+/// A connection manager to one node, started afresh when the node refuses keygate's
+/// credentials. redis-rs's manager reconnects after an I/O error only: once a reconnect has
+/// been refused at authentication, it answers every later command with that refusal, also
+/// after Redis has come to accept the credentials again.
+#[derive(Clone)]
+pub(super) struct Managed(Arc<ManagedInner>);
+
+struct ManagedInner {
+    client: Client,
+    config: ConnectionManagerConfig,
+    current: ArcSwap<ConnectionManager>,
+}
+
+impl Managed {
+    /// A manager for `client`; it connects at its first command.
+    pub(super) fn new(client: Client, config: ConnectionManagerConfig) -> RedisResult<Self> {
+        let manager = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())?;
+        Ok(Self(Arc::new(ManagedInner {
+            client,
+            config,
+            current: ArcSwap::from_pointee(manager),
+        })))
+    }
+
+    fn manager(&self) -> ConnectionManager {
+        ConnectionManager::clone(&self.0.current.load())
+    }
+
+    /// After `result`: a refusal at authentication replaces the manager, so the next command
+    /// connects (and authenticates) anew.
+    fn after<T>(&self, result: RedisResult<T>) -> RedisResult<T> {
+        let inner = &self.0;
+        if let Err(e) = &result
+            && is_unauthenticated(e)
+            && let Ok(fresh) =
+                ConnectionManager::new_lazy_with_config(inner.client.clone(), inner.config.clone())
+        {
+            inner.current.store(Arc::new(fresh));
+        }
+        result
+    }
+}
+
+impl ConnectionLike for Managed {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        let mut manager = self.manager();
+        Box::pin(async move {
+            let result = manager.req_packed_command(cmd).await;
+            self.after(result)
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        let mut manager = self.manager();
+        Box::pin(async move {
+            let result = manager.req_packed_commands(pipeline, offset, count).await;
+            self.after(result)
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.0.client.get_connection_info().redis_settings().db()
+    }
+}
+
 /// A broken or refused connection, or one that stopped answering: the node may be gone.
 pub(super) fn is_connection_error(e: &RedisError) -> bool {
     e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout()
@@ -60,6 +132,12 @@ pub(super) fn is_read_only(e: &RedisError) -> bool {
 /// Refused by an ACL: directly (`NOPERM`), or inside a script (where Redis says "can't").
 pub(super) fn is_denied(e: &RedisError) -> bool {
     e.kind() == ErrorKind::Server(ServerErrorKind::NoPerm) || is_denial_text(&e.to_string())
+}
+
+/// Refused at authentication: a wrong user or password (`WRONGPASS`, or redis-rs's own
+/// `AuthenticationFailed`), or none given where one is required (`NOAUTH`).
+pub(super) fn is_unauthenticated(e: &RedisError) -> bool {
+    e.kind() == ErrorKind::AuthenticationFailed || matches!(e.code(), Some("NOAUTH" | "WRONGPASS"))
 }
 
 fn is_denial_text(text: &str) -> bool {

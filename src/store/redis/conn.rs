@@ -6,11 +6,13 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::aio::ConnectionLike;
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, FromRedisValue, Pipeline, RedisError, RedisFuture, Value};
 
-use super::client::{certificates, client_for, is_denied, is_read_only, manager_config};
+use super::client::{
+    Managed, certificates, client_for, is_denied, is_read_only, is_unauthenticated, manager_config,
+};
 use super::sentinel::Failover;
 use super::{RedisStore, Target};
 use crate::store::StoreError;
@@ -18,7 +20,7 @@ use crate::store::StoreError;
 /// One connection of any kind; all reconnect on their own.
 #[derive(Clone)]
 pub(super) enum Conn {
-    Single(ConnectionManager),
+    Single(Managed),
     Cluster(ClusterConnection),
     Sentinel(Arc<Failover>),
 }
@@ -59,7 +61,7 @@ impl RedisStore {
         match &self.settings.target {
             Target::Single(url) => {
                 let client = client_for(&self.settings.tls, url).map_err(|e| self.error(e))?;
-                let manager = ConnectionManager::new_lazy_with_config(
+                let manager = Managed::new(
                     client,
                     manager_config(self.timeout, self.settings.confirm_timeout),
                 )
@@ -134,6 +136,15 @@ impl RedisStore {
                 "{} is a replica that takes no writes (READONLY): {fix}",
                 self.display
             ));
+        }
+        if is_unauthenticated(&e) {
+            let fix = match self.settings.target {
+                Target::Sentinel { .. } => {
+                    "check the sentinels' password in store.sentinels and the primary's user and password in store.url"
+                }
+                _ => "check the user and password in store.url",
+            };
+            return StoreError::Unauthenticated(format!("{} ({e}): {fix}", self.display));
         }
         if is_denied(&e) {
             return StoreError::Denied(format!(

@@ -6,7 +6,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::aio::ConnectionLike;
 use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
 use redis::{
     Client, Cmd, ConnectionAddr, ErrorKind, IntoConnectionInfo, Pipeline, RedisError, RedisResult,
@@ -15,7 +15,9 @@ use redis::{
 use tokio::sync::watch;
 
 use super::Tls;
-use super::client::{certificates, is_connection_error, is_denied, is_read_only, manager_config};
+use super::client::{
+    Managed, certificates, is_connection_error, is_denied, is_read_only, manager_config,
+};
 use crate::logging::Throttle;
 
 /// The primary of a Sentinel group, found through the sentinels and followed when it moves.
@@ -36,7 +38,7 @@ pub struct Failover {
 pub(super) struct Primary {
     addr: String,
     pub(super) client: Client,
-    manager: ConnectionManager,
+    manager: Managed,
     pub(super) generation: u64,
 }
 
@@ -155,10 +157,7 @@ impl Failover {
         {
             return Ok(Arc::clone(p));
         }
-        let manager = ConnectionManager::new_lazy_with_config(
-            client.clone(),
-            manager_config(self.timeout, self.wait),
-        )?;
+        let manager = Managed::new(client.clone(), manager_config(self.timeout, self.wait))?;
         let generation = current.as_ref().map_or(1, |p| p.generation + 1);
         let primary = Arc::new(Primary {
             addr: addr.clone(),
