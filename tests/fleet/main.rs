@@ -45,8 +45,11 @@ fn cli(gw: &Gateway, redis_url: &str, args: &[&str]) -> String {
     common::keys_cli(&gw.config_path, &env, args)
 }
 
-/// `keygate serve` with `env`: its exit status and stderr, once it exits (within 20 s).
-fn serve_until_exit(config: &std::path::Path, env: &[(&str, &str)]) -> (bool, String) {
+/// Runs `keygate serve` with `env`, which must refuse to start (exit within 20 s, and not with
+/// success) in one line on stderr without `secret` in it; returns that line.
+fn refused_start(config: &std::path::Path, env: &[(&str, &str)], secret: &str) -> String {
+    let mut env = env.to_vec();
+    env.push(("KEYGATE_LOGGING_LEVEL", "error"));
     let mut child = common::keygate()
         .arg("--config")
         .arg(config)
@@ -63,10 +66,18 @@ fn serve_until_exit(config: &std::path::Path, env: &[(&str, &str)]) -> (bool, St
     }
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
-    let Some(status) = status else {
-        panic!("keygate serve did not exit; it wrote: {stderr}");
-    };
-    (status.success(), stderr)
+    match status {
+        None => panic!("keygate serve did not exit; it wrote: {stderr}"),
+        Some(s) if s.success() => panic!("keygate serve started: {stderr}"),
+        Some(_) => {}
+    }
+    let line = stderr.trim().to_owned();
+    eprintln!("refused start: {line}");
+    assert!(
+        line.starts_with("keygate: error: ") && !line.contains('\n') && !line.contains(secret),
+        "not one line, or with {secret:?} in it: {line}"
+    );
+    line
 }
 
 /// The status `GET /x` with `key` gets.
