@@ -10,6 +10,16 @@ use crate::common::redis::Redis;
 use crate::common::{self, Gateway, Upstream, wait_for_async};
 use crate::{all_within, cli, documented_acl, redis_overrides, refused_start, status};
 
+/// A Redis with keygate's user as docs/fleet.md defines it, and the URL that logs in as it.
+fn redis_with_documented_user(dir: &std::path::Path) -> (Redis, String) {
+    let redis = Redis::start(dir);
+    let acl = documented_acl("+time");
+    let args: Vec<&str> = acl.iter().map(String::as_str).collect();
+    assert_eq!(redis.cli(&args).as_deref(), Some("OK"), "{acl:?}");
+    let url = format!("redis://keygate:CHANGE-ME@127.0.0.1:{}/0", redis.port);
+    (redis, url)
+}
+
 /// The ACL of docs/fleet.md, used verbatim, is all keygate needs: the gateway starts (its
 /// permission check passes), the CLI creates and revokes, the shared rate limits stay shared
 /// (the limiter's TIME is granted), usage is written. A user without TIME makes `keygate serve`
@@ -17,11 +27,7 @@ use crate::{all_within, cli, documented_acl, redis_overrides, refused_start, sta
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_documented_acl_is_enough_and_a_missing_permission_stops_the_start() {
     let dir = tempfile::tempdir().unwrap();
-    let redis = Redis::start(dir.path());
-    let acl = documented_acl("+time");
-    let args: Vec<&str> = acl.iter().map(String::as_str).collect();
-    assert_eq!(redis.cli(&args).as_deref(), Some("OK"), "{acl:?}");
-    let url = format!("redis://keygate:CHANGE-ME@127.0.0.1:{}/0", redis.port);
+    let (redis, url) = redis_with_documented_user(dir.path());
     let upstream = Upstream::start().await;
     let o = redis_overrides(
         &url,
@@ -78,7 +84,8 @@ async fn the_documented_acl_is_enough_and_a_missing_permission_stops_the_start()
     gw.shutdown().await;
 
     // The ACL without +time: refused at start, in one line that names the command and the fix.
-    let mut without_time = args.clone();
+    let acl = documented_acl("+time");
+    let mut without_time: Vec<&str> = acl.iter().map(String::as_str).collect();
     without_time[2] = "notime";
     assert_eq!(without_time.pop(), Some("+time"));
     assert_eq!(redis.cli(&without_time).as_deref(), Some("OK"));
@@ -199,11 +206,7 @@ async fn a_tls_redis_with_a_private_ca_and_a_client_certificate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credentials_refused_while_running_are_an_outage_that_ends() {
     let dir = tempfile::tempdir().unwrap();
-    let redis = Redis::start(dir.path());
-    let acl = documented_acl("+time");
-    let args: Vec<&str> = acl.iter().map(String::as_str).collect();
-    assert_eq!(redis.cli(&args).as_deref(), Some("OK"), "{acl:?}");
-    let url = format!("redis://keygate:CHANGE-ME@127.0.0.1:{}/0", redis.port);
+    let (redis, url) = redis_with_documented_user(dir.path());
     let upstream = Upstream::start().await;
     let o = redis_overrides(&url, &[("KEYGATE_STORE_TIMEOUT", "300ms")]);
     let gw = Gateway::start(&upstream.url(), &o).await;
