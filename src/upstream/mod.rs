@@ -297,6 +297,20 @@ mod tests {
 
     use super::*;
 
+    /// Reads from `stream` until a request head has arrived: what was read (the head, and any
+    /// body bytes after it), or `None` if the peer closed first.
+    async fn read_head(stream: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+        let mut seen = Vec::new();
+        let mut buf = [0; 4096];
+        while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+        Some(seen)
+    }
+
     /// An upstream that answers the first request on each connection with 200 and keeps the
     /// connection, then reads the next request and closes without a word (as an upstream whose
     /// keep-alive timeout ran out as the request arrived). Sends the connection's number and
@@ -311,14 +325,9 @@ mod tests {
                 let tx = tx.clone();
                 tokio::spawn(async move {
                     for answered in [true, false] {
-                        let mut seen = Vec::new();
-                        let mut buf = [0; 4096];
-                        while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                            match stream.read(&mut buf).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => seen.extend_from_slice(&buf[..n]),
-                            }
-                        }
+                        let Some(seen) = read_head(&mut stream).await else {
+                            return;
+                        };
                         let _ = tx.send((conn, String::from_utf8_lossy(&seen).into_owned()));
                         if !answered {
                             return;
@@ -436,19 +445,17 @@ mod tests {
         tokio::spawn(async move {
             while let Ok((mut stream, _)) = listener.accept().await {
                 tokio::spawn(async move {
-                    let mut seen = Vec::new();
+                    let Some(mut seen) = read_head(&mut stream).await else {
+                        return;
+                    };
+                    let end = seen.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                    let head = String::from_utf8_lossy(&seen[..end]).to_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length: "))
+                        .map_or(0, |v| v.trim().parse().unwrap());
                     let mut buf = [0; 4096];
-                    loop {
-                        if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
-                            let head = String::from_utf8_lossy(&seen[..end]).to_lowercase();
-                            let length: usize = head
-                                .lines()
-                                .find_map(|l| l.strip_prefix("content-length: "))
-                                .map_or(0, |v| v.trim().parse().unwrap());
-                            if seen.len() >= end + 4 + length {
-                                break;
-                            }
-                        }
+                    while seen.len() < end + length {
                         match stream.read(&mut buf).await {
                             Ok(0) | Err(_) => return,
                             Ok(n) => seen.extend_from_slice(&buf[..n]),
@@ -544,13 +551,8 @@ mod tests {
         tokio::spawn(async move {
             while let Ok((mut stream, _)) = listener.accept().await {
                 tokio::spawn(async move {
-                    let mut seen = Vec::new();
-                    let mut buf = [0; 4096];
-                    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match stream.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => seen.extend_from_slice(&buf[..n]),
-                        }
+                    if read_head(&mut stream).await.is_none() {
+                        return;
                     }
                     let answer = b"HTTP/1.1 403 Forbidden\r\ncontent-length: 2\r\n\r\nno";
                     let _ = stream.write_all(answer).await;

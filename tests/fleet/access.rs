@@ -91,11 +91,7 @@ async fn the_documented_acl_is_enough_and_a_missing_permission_stops_the_start()
     assert_eq!(redis.cli(&without_time).as_deref(), Some("OK"));
     let url = format!("redis://notime:CHANGE-ME@127.0.0.1:{}/0", redis.port);
     let config = common::write_config(dir.path(), &upstream.url());
-    let env = [
-        ("KEYGATE_STORE_BACKEND", "redis"),
-        ("KEYGATE_STORE_URL", url.as_str()),
-    ];
-    let line = refused_start(&config, &env, "CHANGE-ME");
+    let line = refused_start(&config, &redis_overrides(&url, &[]), "CHANGE-ME");
     assert!(
         line.starts_with("keygate: error: key store permission missing:")
             && line.contains("TIME")
@@ -109,11 +105,7 @@ async fn the_documented_acl_is_enough_and_a_missing_permission_stops_the_start()
         "redis://keygate:NOT-THE-PASSWORD@127.0.0.1:{}/0",
         redis.port
     );
-    let env = [
-        ("KEYGATE_STORE_BACKEND", "redis"),
-        ("KEYGATE_STORE_URL", url.as_str()),
-    ];
-    let line = refused_start(&config, &env, "NOT-THE-PASSWORD");
+    let line = refused_start(&config, &redis_overrides(&url, &[]), "NOT-THE-PASSWORD");
     assert!(
         line.starts_with("keygate: error: key store refuses keygate's credentials: Redis at ")
             && line.contains("check the user and password in store.url"),
