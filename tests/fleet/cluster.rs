@@ -7,8 +7,10 @@ use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 
-use crate::common::{self, Gateway, Upstream, eventually_async};
-use crate::{all_within, outage_waves, outlive_positive_ttl, status};
+use crate::common::{self, Gateway, Upstream, eventually_async, wait_for_async};
+use crate::{
+    all_within, documented_acl, outage_waves, outlive_positive_ttl, refused_start, status,
+};
 
 #[tokio::test]
 async fn a_gateway_on_a_redis_cluster_authenticates_and_sees_revocations() {
@@ -138,5 +140,111 @@ async fn a_cluster_gateway_follows_any_node_and_answers_outages_within_the_store
     );
     assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert!(started.elapsed() < Duration::from_millis(900));
+    gw.shutdown().await;
+}
+
+/// Redis Cluster with keygate's own ACL user (docs/fleet.md's line and `+cluster|slots`, on every
+/// node): the gateway serves and sees revocations. A wrong password stops the start in one line
+/// that names `store.cluster_nodes`. A password changed on the nodes while the gateway runs is an
+/// outage (cached keys 200, unseen keys 503, readiness gives the refusal) that ends by itself
+/// once the nodes accept keygate's password again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_s_acl_user_is_enough_and_refused_credentials_are_named_and_outlived() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = common::redis::Cluster::start(dir.path());
+    let mut acl = documented_acl("+time");
+    acl.push("+cluster|slots".to_owned());
+    let acl: Vec<&str> = acl.iter().map(String::as_str).collect();
+    for node in &cluster.nodes {
+        assert_eq!(node.cli(&acl).as_deref(), Some("OK"), "{acl:?}");
+    }
+    let nodes_with = |password: &str| {
+        let urls: Vec<String> = cluster
+            .nodes
+            .iter()
+            .map(|n| format!("\"redis://keygate:{password}@127.0.0.1:{}\"", n.port))
+            .collect();
+        format!("[{}]", urls.join(", "))
+    };
+    let nodes = nodes_with("CHANGE-ME");
+    let upstream = Upstream::start().await;
+    let o = [
+        ("KEYGATE_STORE_BACKEND", "redis-cluster"),
+        ("KEYGATE_STORE_CLUSTER_NODES", nodes.as_str()),
+        ("KEYGATE_STORE_TIMEOUT", "300ms"),
+    ];
+    let gw = Gateway::start(&upstream.url(), &o).await;
+    let key = gw.create_key("acl").await;
+    all_within(&[&gw], &key, StatusCode::OK, Duration::from_secs(1)).await;
+    gw.store.set_active("acl", false).await.unwrap();
+    all_within(
+        &[&gw],
+        &key,
+        StatusCode::UNAUTHORIZED,
+        Duration::from_secs(1),
+    )
+    .await;
+    gw.store.set_active("acl", true).await.unwrap();
+    all_within(&[&gw], &key, StatusCode::OK, Duration::from_secs(1)).await;
+
+    // A wrong password: refused at start, in one line that says where to look.
+    let wrong = nodes_with("NOT-THE-PASSWORD");
+    let env = [
+        ("KEYGATE_STORE_BACKEND", "redis-cluster"),
+        ("KEYGATE_STORE_CLUSTER_NODES", wrong.as_str()),
+    ];
+    let line = refused_start(&gw.config_path, &env, "NOT-THE-PASSWORD");
+    assert!(
+        line.starts_with("keygate: error: key store refuses keygate's credentials: ")
+            && line.contains("store.cluster_nodes"),
+        "{line}"
+    );
+
+    // The password changes on every node, and keygate's connections are cut.
+    let unseen = keygate::key::generate().unwrap().expose().to_owned();
+    for node in &cluster.nodes {
+        let rotate = ["ACL", "SETUSER", "keygate", "resetpass", ">ROTATED"];
+        assert_eq!(node.cli(&rotate).as_deref(), Some("OK"));
+        assert!(node.cli(&["CLIENT", "KILL", "USER", "keygate"]).is_some());
+    }
+    wait_for_async(
+        Duration::from_secs(10),
+        "the readiness answer to give the cluster's refusal",
+        async || match gw.ready().await {
+            (StatusCode::SERVICE_UNAVAILABLE, body)
+                if body.to_string().contains("refuses keygate's credentials") =>
+            {
+                Ok(())
+            }
+            (code, body) => Err(format!("{code} {body}")),
+        },
+    )
+    .await;
+    assert_eq!(status(&gw, &key).await, StatusCode::OK);
+    assert_eq!(status(&gw, &unseen).await, StatusCode::SERVICE_UNAVAILABLE);
+
+    // The nodes accept keygate's password again: healthy, and revocations arrive again.
+    for node in &cluster.nodes {
+        let restore = ["ACL", "SETUSER", "keygate", ">CHANGE-ME"];
+        assert_eq!(node.cli(&restore).as_deref(), Some("OK"));
+    }
+    wait_for_async(
+        Duration::from_secs(10),
+        "the gateway to recover",
+        async || match gw.health().await {
+            (StatusCode::OK, _) => Ok(()),
+            (code, body) => Err(format!("{code} {body}")),
+        },
+    )
+    .await;
+    assert_eq!(status(&gw, &unseen).await, StatusCode::UNAUTHORIZED);
+    gw.store.set_active("acl", false).await.unwrap();
+    all_within(
+        &[&gw],
+        &key,
+        StatusCode::UNAUTHORIZED,
+        Duration::from_secs(1),
+    )
+    .await;
     gw.shutdown().await;
 }

@@ -1,15 +1,17 @@
-//! Clients for one Redis node: the TLS material they present, how a connection manager to a
-//! node reconnects ([`Managed`]), and what a node's errors and answers say about it (gone, a
-//! replica, refused by the ACL or at authentication, its role).
+//! Clients for Redis nodes: the TLS material they present, how a connection manager to a node
+//! reconnects ([`Managed`]), why a cluster connection reached no node ([`Clustered`]), and what a
+//! node's errors and answers say about it (gone, a replica, refused by the ACL or at
+//! authentication, its role).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
 use redis::{
-    Client, ClientTlsConfig, Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult,
-    ServerErrorKind, TlsCertificates, Value,
+    AsyncConnectionConfig, Client, ClientTlsConfig, Cmd, ErrorKind, Pipeline, RedisError,
+    RedisFuture, RedisResult, ServerErrorKind, TlsCertificates, Value,
 };
 
 use super::Tls;
@@ -120,6 +122,85 @@ impl ConnectionLike for Managed {
     }
 }
 
+/// A Redis Cluster connection that says why it reached no node. redis-rs answers "No
+/// connections found" once it has lost every node, whatever the cause; a refusal at
+/// authentication (credentials changed in Redis first) is found by asking the seed nodes.
+#[derive(Clone)]
+pub(super) struct Clustered {
+    conn: ClusterConnection,
+    seeds: Arc<[Client]>,
+    timeout: Duration,
+}
+
+impl Clustered {
+    /// `conn`, whose seed nodes are `seeds`, each asked within `timeout` when it is needed.
+    pub(super) fn new(conn: ClusterConnection, seeds: Vec<Client>, timeout: Duration) -> Self {
+        let seeds = seeds.into();
+        Self {
+            conn,
+            seeds,
+            timeout,
+        }
+    }
+
+    /// `e`, or the refusal at authentication that a seed node gives when the cluster client
+    /// found no node.
+    async fn explained(&self, e: RedisError) -> RedisError {
+        if e.kind() != ErrorKind::ClusterConnectionNotFound {
+            return e;
+        }
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout));
+        let asked = self.seeds.iter().map(async |seed| {
+            match seed
+                .get_multiplexed_async_connection_with_config(&config)
+                .await
+            {
+                // Credentials are sent when connecting; none where some are required shows at
+                // the first command.
+                Ok(mut conn) => redis::cmd("PING").query_async::<()>(&mut conn).await.err(),
+                Err(refused) => Some(refused),
+            }
+        });
+        futures_util::future::join_all(asked)
+            .await
+            .into_iter()
+            .flatten()
+            .find(is_unauthenticated)
+            .unwrap_or(e)
+    }
+}
+
+impl ConnectionLike for Clustered {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        Box::pin(async move {
+            match self.conn.req_packed_command(cmd).await {
+                Err(e) => Err(self.explained(e).await),
+                ok => ok,
+            }
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            match self.conn.req_packed_commands(pipeline, offset, count).await {
+                Err(e) => Err(self.explained(e).await),
+                ok => ok,
+            }
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.conn.get_db()
+    }
+}
+
 /// A broken or refused connection, or one that stopped answering: the node may be gone.
 pub(super) fn is_connection_error(e: &RedisError) -> bool {
     e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout()
@@ -135,9 +216,17 @@ pub(super) fn is_denied(e: &RedisError) -> bool {
 }
 
 /// Refused at authentication: a wrong user or password (`WRONGPASS`, or redis-rs's own
-/// `AuthenticationFailed`), or none given where one is required (`NOAUTH`).
+/// `AuthenticationFailed`), or none given where one is required (`NOAUTH`). A cluster client
+/// that reached no node gives an I/O error with the last node's error as text only.
 pub(super) fn is_unauthenticated(e: &RedisError) -> bool {
-    e.kind() == ErrorKind::AuthenticationFailed || matches!(e.code(), Some("NOAUTH" | "WRONGPASS"))
+    let refusal = |text: &str| {
+        ["AuthenticationFailed", "NOAUTH", "WRONGPASS"]
+            .iter()
+            .any(|word| text.contains(word))
+    };
+    e.kind() == ErrorKind::AuthenticationFailed
+        || matches!(e.code(), Some("NOAUTH" | "WRONGPASS"))
+        || (e.kind() == ErrorKind::Io && e.detail().is_some_and(refusal))
 }
 
 fn is_denial_text(text: &str) -> bool {

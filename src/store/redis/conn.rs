@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::ConnectionLike;
-use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, FromRedisValue, Pipeline, RedisError, RedisFuture, Value};
 
 use super::client::{
-    Managed, certificates, client_for, is_denied, is_read_only, is_unauthenticated, manager_config,
+    Clustered, Managed, certificates, client_for, is_denied, is_read_only, is_unauthenticated,
+    manager_config,
 };
 use super::sentinel::Failover;
 use super::{RedisStore, Target};
@@ -21,7 +21,7 @@ use crate::store::StoreError;
 #[derive(Clone)]
 pub(super) enum Conn {
     Single(Managed),
-    Cluster(ClusterConnection),
+    Cluster(Clustered),
     Sentinel(Arc<Failover>),
 }
 
@@ -81,7 +81,12 @@ impl RedisStore {
                     .await
                     .map_err(|_| self.no_answer(Duration::ZERO))?
                     .map_err(|e| self.error(e))?;
-                Ok(Conn::Cluster(conn))
+                let seeds = nodes
+                    .iter()
+                    .map(|node| client_for(&self.settings.tls, node))
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| self.error(e))?;
+                Ok(Conn::Cluster(Clustered::new(conn, seeds, self.timeout)))
             }
             Target::Sentinel { .. } => {
                 let failover = self.failover.as_ref().ok_or_else(|| {
@@ -142,7 +147,8 @@ impl RedisStore {
                 Target::Sentinel { .. } => {
                     "check the sentinels' password in store.sentinels and the primary's user and password in store.url"
                 }
-                _ => "check the user and password in store.url",
+                Target::Cluster(_) => "check the user and password in store.cluster_nodes",
+                Target::Single(_) => "check the user and password in store.url",
             };
             return StoreError::Unauthenticated(format!("{} ({e}): {fix}", self.display));
         }
