@@ -89,6 +89,33 @@ impl TlsFiles {
         std::fs::write(&files.client_key, client_key).unwrap();
         files
     }
+
+    /// `redis-cli`'s arguments to connect with these files.
+    fn cli_args(&self, command: &mut Command) {
+        command
+            .arg("--tls")
+            .arg("--cacert")
+            .arg(&self.ca)
+            .arg("--cert")
+            .arg(&self.client_cert)
+            .arg("--key")
+            .arg(&self.client_key);
+    }
+
+    /// The `sentinel.conf` lines of a sentinel that speaks TLS only, on `port`, to its clients,
+    /// the other sentinels and the Redis servers it watches.
+    fn sentinel_conf(&self, port: u16) -> String {
+        format!(
+            "port 0\ntls-port {port}\ntls-cert-file {}\ntls-key-file {}\n\
+             tls-client-cert-file {}\ntls-client-key-file {}\ntls-ca-cert-file {}\n\
+             tls-auth-clients yes\ntls-replication yes\n",
+            self.cert.display(),
+            self.key.display(),
+            self.client_cert.display(),
+            self.client_key.display(),
+            self.ca.display(),
+        )
+    }
 }
 
 /// One `redis-server`.
@@ -118,10 +145,12 @@ impl Redis {
         Self::start_with(dir, &["--appendonly", "no"])
     }
 
-    /// Starts a replica of `primary`, and waits until it has synchronised.
+    /// Starts a replica of `primary` (over TLS if `primary` speaks it), and waits until it has
+    /// synchronised.
     pub fn start_replica(dir: &Path, primary: &Redis) -> Self {
         let port = primary.port.to_string();
-        let replica = Self::start_with(dir, &["--replicaof", "127.0.0.1", &port]);
+        let args = ["--replicaof", "127.0.0.1", &port];
+        let replica = Self::start_inner(dir, &args, primary.tls.clone());
         let what = format!("the replica on {} to synchronise", replica.port);
         eventually(Duration::from_secs(20), &what, || {
             replica
@@ -132,7 +161,7 @@ impl Redis {
     }
 
     /// Starts a server that speaks TLS only, with `tls`'s certificate, and requires clients to
-    /// present one signed by its CA.
+    /// present one signed by its CA; as a replica it presents `tls`'s client certificate.
     pub fn start_tls(dir: &Path, tls: &TlsFiles) -> Self {
         Self::start_inner(dir, &[], Some(tls.clone()))
     }
@@ -163,7 +192,11 @@ impl Redis {
                 .arg(&tls.key)
                 .arg("--tls-ca-cert-file")
                 .arg(&tls.ca)
-                .args(["--tls-auth-clients", "yes"]),
+                .arg("--tls-client-cert-file")
+                .arg(&tls.client_cert)
+                .arg("--tls-client-key-file")
+                .arg(&tls.client_key)
+                .args(["--tls-auth-clients", "yes", "--tls-replication", "yes"]),
         };
         let child = command
             .args(["--bind", "127.0.0.1"])
@@ -210,18 +243,9 @@ impl Redis {
         let mut command = Command::new("redis-cli");
         command.args(["-h", "127.0.0.1", "-p", &self.port.to_string()]);
         if let Some(tls) = &self.tls {
-            command
-                .arg("--tls")
-                .arg("--cacert")
-                .arg(&tls.ca)
-                .arg("--cert")
-                .arg(&tls.client_cert)
-                .arg("--key")
-                .arg(&tls.client_key);
+            tls.cli_args(&mut command);
         }
-        let out = command.args(args).stderr(Stdio::null()).output().ok()?;
-        let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        (out.status.success() && !text.starts_with("Could not connect")).then_some(text)
+        cli_output(command.args(args))
     }
 
     /// `kill -9`.
@@ -315,12 +339,14 @@ impl Cluster {
 }
 
 /// A Sentinel group: `redis-sentinel` processes watching one primary under a name, quorum 2,
-/// with short failure-detection times so a test's failover takes seconds.
+/// with short failure-detection times so a test's failover takes seconds. Over TLS (with the
+/// primary's files) when the primary speaks TLS.
 pub struct Sentinels {
     pub master: String,
     pub ports: Vec<u16>,
     /// The password every sentinel requires of its clients (and of the other sentinels).
     password: Option<String>,
+    tls: Option<TlsFiles>,
     children: Vec<Child>,
 }
 
@@ -355,6 +381,7 @@ impl Sentinels {
             master: master.to_owned(),
             ports: Vec::new(),
             password: password.map(str::to_owned),
+            tls: primary.tls.clone(),
             children: Vec::new(),
         };
         let auth = password.map_or_else(String::new, |p| {
@@ -362,6 +389,10 @@ impl Sentinels {
         });
         for i in 0..n {
             let port = free_port();
+            let listen = group
+                .tls
+                .as_ref()
+                .map_or_else(|| format!("port {port}\n"), |tls| tls.sentinel_conf(port));
             let d = dir.join(format!("sentinel{i}"));
             std::fs::create_dir_all(&d).unwrap();
             // Sentinel rewrites its configuration file: each has its own.
@@ -369,7 +400,7 @@ impl Sentinels {
             std::fs::write(
                 &conf,
                 format!(
-                    "port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {dir}\n\
+                    "{listen}bind 127.0.0.1\nprotected-mode no\ndir {dir}\n\
                      sentinel monitor {master} 127.0.0.1 {primary} 2\n\
                      sentinel down-after-milliseconds {master} 1000\n\
                      sentinel failover-timeout {master} 10000\n\
@@ -391,7 +422,7 @@ impl Sentinels {
         let what = "the sentinels to find the primary, its replica and each other";
         eventually(Duration::from_secs(30), what, || {
             group.ports.iter().all(|&port| {
-                let ask = |what: &str| sentinel_cli(port, password, &["SENTINEL", what, master]);
+                let ask = |what: &str| group.cli_at(port, &["SENTINEL", what, master]);
                 ask("replicas").is_some_and(|r| r.contains("slave") && !r.contains("s_down"))
                     && ask("sentinels").is_some_and(|s| s.matches("127.0.0.1").count() >= n - 1)
             })
@@ -406,20 +437,35 @@ impl Sentinels {
 
     /// [`Sentinels::urls_toml`] with `userinfo` (e.g. `":password@"`) before each host.
     pub fn urls_toml_with(&self, userinfo: &str) -> String {
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
         let urls: Vec<String> = self
             .ports
             .iter()
-            .map(|p| format!("\"redis://{userinfo}127.0.0.1:{p}\""))
+            .map(|p| format!("\"{scheme}://{userinfo}127.0.0.1:{p}\""))
             .collect();
         format!("[{}]", urls.join(", "))
     }
 
     /// Runs `redis-cli` against the first sentinel that answers.
     pub fn cli(&self, args: &[&str]) -> Option<String> {
-        let password = self.password.as_deref();
-        self.ports
-            .iter()
-            .find_map(|&p| sentinel_cli(p, password, args))
+        self.ports.iter().find_map(|&p| self.cli_at(p, args))
+    }
+
+    /// Runs `redis-cli` against the sentinel on `port`; `None` when it cannot connect.
+    fn cli_at(&self, port: u16, args: &[&str]) -> Option<String> {
+        let mut command = Command::new("redis-cli");
+        command.args(["-h", "127.0.0.1", "-p", &port.to_string()]);
+        if let Some(password) = &self.password {
+            command.args(["--no-auth-warning", "-a", password]);
+        }
+        if let Some(tls) = &self.tls {
+            tls.cli_args(&mut command);
+        }
+        cli_output(command.args(args))
     }
 
     /// `host:port` of the primary, as the sentinels name it now.
@@ -430,13 +476,9 @@ impl Sentinels {
     }
 }
 
-fn sentinel_cli(port: u16, password: Option<&str>, args: &[&str]) -> Option<String> {
-    let mut command = Command::new("redis-cli");
-    command.args(["-h", "127.0.0.1", "-p", &port.to_string()]);
-    if let Some(password) = password {
-        command.args(["--no-auth-warning", "-a", password]);
-    }
-    let out = command.args(args).stderr(Stdio::null()).output().ok()?;
+/// What `redis-cli` printed; `None` when it failed or could not connect.
+fn cli_output(command: &mut Command) -> Option<String> {
+    let out = command.stderr(Stdio::null()).output().ok()?;
     let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     (out.status.success() && !text.starts_with("Could not connect")).then_some(text)
 }

@@ -1,6 +1,6 @@
 //! Redis Sentinel: a planned failover and a crash of the primary, with clients and revocations
 //! all through them; every gateway follows the primary by itself and no confirmed revocation
-//! is lost.
+//! is lost. Sentinels that require a password, and sentinels and servers over TLS.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -348,6 +348,65 @@ async fn sentinels_that_require_a_password_are_reached_with_it() {
             && line.contains("store.sentinels"),
         "{line}"
     );
+}
+
+/// Sentinels and Redis servers that speak TLS only and require client certificates: keygate
+/// asks the sentinels (`rediss://` in `store.sentinels`) and talks to the primary they name over
+/// TLS, with `store.tls_*`'s CA and certificate for both; it follows a `SENTINEL FAILOVER` by
+/// itself, and a revocation on the new primary is felt within a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinels_over_tls_are_reached_with_the_store_s_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = common::redis::TlsFiles::generate(&dir.path().join("tls"));
+    let primary = Redis::start_tls(&dir.path().join("primary"), &tls);
+    let replica = Redis::start_replica(&dir.path().join("replica"), &primary);
+    let sentinels = Sentinels::start(&dir.path().join("sentinels"), "keygate-tls", &primary, 3);
+    let urls = sentinels.urls_toml();
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_owned();
+    let (ca, cert, key) = (path(&tls.ca), path(&tls.client_cert), path(&tls.client_key));
+    let upstream = Upstream::start().await;
+    let o = [
+        ("KEYGATE_STORE_BACKEND", "redis-sentinel"),
+        ("KEYGATE_STORE_SENTINELS", urls.as_str()),
+        ("KEYGATE_STORE_MASTER_NAME", "keygate-tls"),
+        ("KEYGATE_STORE_URL", "rediss://keygate-tls/0"),
+        ("KEYGATE_STORE_TIMEOUT", "500ms"),
+        ("KEYGATE_STORE_POLL_INTERVAL", "30s"),
+        ("KEYGATE_STORE_TLS_CA_FILE", ca.as_str()),
+        ("KEYGATE_STORE_TLS_CERT_FILE", cert.as_str()),
+        ("KEYGATE_STORE_TLS_KEY_FILE", key.as_str()),
+    ];
+    let gw = Gateway::start(&upstream.url(), &o).await;
+    let cli = |args: &[&str]| common::keys_cli(&gw.config_path, &o, args);
+    let key = cli(&["create", "--name", "over-tls"]);
+    all_within(&[&gw], &key, StatusCode::OK, Duration::from_secs(2)).await;
+    each_on_node(
+        &[&gw],
+        &primary.addr(),
+        Instant::now(),
+        Duration::from_secs(5),
+    )
+    .await;
+
+    let started = Instant::now();
+    sentinels
+        .cli(&["SENTINEL", "FAILOVER", "keygate-tls"])
+        .unwrap();
+    sentinels_name(&sentinels, &replica.addr(), started).await;
+    each_on_node(&[&gw], &replica.addr(), started, Duration::from_secs(20)).await;
+    assert_eq!(status(&gw, &key).await, StatusCode::OK);
+    common::wait_for(Duration::from_secs(30), "a confirmed revocation", || {
+        common::keys_cli_result(&gw.config_path, &o, &["revoke", "over-tls"])
+    });
+    let took = all_within(
+        &[&gw],
+        &key,
+        StatusCode::UNAUTHORIZED,
+        Duration::from_secs(1),
+    )
+    .await;
+    eprintln!("sentinels over TLS: revocation on the new primary felt in {took:?}");
+    gw.shutdown().await;
 }
 
 /// The Redis key of `key`'s record.
