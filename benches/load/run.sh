@@ -121,6 +121,20 @@ done
 # keygate100k is measured in keepalive only: without it, its store is not built.
 selected keepalive || LARGE_KEYS=0
 
+# In this order, keygate runs next to both peers; the order is reversed every other round.
+all_targets=(direct nginx keygate haproxy)
+[ "$LARGE_KEYS" -gt 0 ] && all_targets+=(keygate100k)
+[ -n "${BASE_BIN:-}" ] && all_targets+=(base)
+targets=("${all_targets[@]}")
+[ -n "${TARGETS:-}" ] && read -r -a targets <<<"$TARGETS"
+for t in "${targets[@]}"; do
+    [[ " ${all_targets[*]} " == *" $t "* ]] ||
+        fail "TARGETS: '$t' is not set up in this run (set up: ${all_targets[*]})"
+done
+targeted() { [[ " ${targets[*]} " == *" $1 "* ]]; } # target
+# Only the targets measured are started (and the large store built only for keygate100k).
+targeted keygate100k || LARGE_KEYS=0
+
 tools=(nginx:nginx haproxy:haproxy wrk:wrk curl:curl)
 { selected h2 || selected latency; } && tools+=(h2load:nghttp2-client)
 install_missing "${tools[@]}"
@@ -195,10 +209,11 @@ start_keygate() { # name http tls admin [binary]
     wait_port "$2"
 }
 
-# The first keygate generates the development certificate (ECDSA P-256) every server uses.
+# The first keygate generates the development certificate (ECDSA P-256) every server uses: it
+# runs even when not measured.
 start_keygate small "$KG_HTTP" "$KG_TLS" "$KG_ADMIN"
 [ "$LARGE_KEYS" -gt 0 ] && start_keygate large "$KL_HTTP" "$KL_TLS" "$KL_ADMIN"
-[ -n "${BASE_BIN:-}" ] && start_keygate base "$KB_HTTP" "$KB_TLS" "$KB_ADMIN" "$BASE_BIN"
+targeted base && start_keygate base "$KB_HTTP" "$KB_TLS" "$KB_ADMIN" "$BASE_BIN"
 small_idle_kib=$(awk '/VmRSS/ {print $2}' "/proc/$small_pid/status")
 
 python3 "$here/sink.py" "$SINK" 2>>"$work/sink.log" &
@@ -210,17 +225,21 @@ cat "$CERT" "$KEY" >"$work/haproxy.pem" # HAProxy reads the certificate and its 
 "$NGINX" -p "$work" -c "$work/upstream.conf" -g 'daemon off;' 2>>"$work/upstream-error.log" &
 pids+=($!)
 upstream_pid=$!
-"$NGINX" -p "$work" -c "$work/nginx.conf" -g 'daemon off;' 2>>"$work/nginx-error.log" &
-pids+=($!)
-nginx_pid=$!
-# HAProxy's access log is its standard output (see haproxy-gateway.cfg.in).
-"$HAPROXY" -f "$work/haproxy.cfg" >"$work/haproxy-access.log" 2>>"$work/haproxy-error.log" &
-pids+=($!)
-haproxy_pid=$!
+if targeted nginx; then
+    "$NGINX" -p "$work" -c "$work/nginx.conf" -g 'daemon off;' 2>>"$work/nginx-error.log" &
+    pids+=($!)
+    nginx_pid=$!
+fi
+if targeted haproxy; then
+    # HAProxy's access log is its standard output (see haproxy-gateway.cfg.in).
+    "$HAPROXY" -f "$work/haproxy.cfg" >"$work/haproxy-access.log" 2>>"$work/haproxy-error.log" &
+    pids+=($!)
+    haproxy_pid=$!
+fi
 wait_port "$SINK"
 wait_port "$UP_HTTP"
-wait_port "$NG_HTTP"
-wait_port "$HA_HTTP"
+targeted nginx && wait_port "$NG_HTTP"
+targeted haproxy && wait_port "$HA_HTTP"
 
 url() { # target protocol(http|tls)
     local port
@@ -423,16 +442,6 @@ measure() { # workload variant target seconds round -> "rate p50 p99 bad cpu_us_
         '{ printf "%s %s %s %s %.1f %s %s %s\n", $1, $2, $3, $4, ($5 > 0 ? t * 1e6 / hz / $5 : 0), peak, $6, counted }'
 }
 
-# In this order, keygate runs next to both peers; the order is reversed every other round.
-all_targets=(direct nginx keygate haproxy)
-[ "$LARGE_KEYS" -gt 0 ] && all_targets+=(keygate100k)
-[ -n "${BASE_BIN:-}" ] && all_targets+=(base)
-targets=("${all_targets[@]}")
-[ -n "${TARGETS:-}" ] && read -r -a targets <<<"$TARGETS"
-for t in "${targets[@]}"; do
-    [[ " ${all_targets[*]} " == *" $t "* ]] ||
-        fail "TARGETS: '$t' is not set up in this run (set up: ${all_targets[*]})"
-done
 targets_of() { # workload -> the selected targets it applies to, in order
     local t
     for t in "${targets[@]}"; do
@@ -729,4 +738,5 @@ for v in voided:
 PY
 # Every gateway logs each request (keygate's log also holds its few start-up lines; nginx flushes
 # its 64 KiB buffer at exit, so its last lines are not counted here).
-echo "access log lines: nginx $(wc -l <"$work/nginx-access.log"), haproxy $(wc -l <"$work/haproxy-access.log"), keygate $(wc -l <"$work/small.log")"
+lines() { if [ -f "$1" ]; then wc -l <"$1"; else echo "not run"; fi; } # file -> its lines
+echo "access log lines: nginx $(lines "$work/nginx-access.log"), haproxy $(lines "$work/haproxy-access.log"), keygate $(lines "$work/small.log")"
