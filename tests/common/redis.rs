@@ -456,7 +456,7 @@ impl Sentinels {
     }
 
     /// Runs `redis-cli` against the sentinel on `port`; `None` when it cannot connect.
-    fn cli_at(&self, port: u16, args: &[&str]) -> Option<String> {
+    pub fn cli_at(&self, port: u16, args: &[&str]) -> Option<String> {
         let mut command = Command::new("redis-cli");
         command.args(["-h", "127.0.0.1", "-p", &port.to_string()]);
         if let Some(password) = &self.password {

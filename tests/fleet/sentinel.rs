@@ -350,6 +350,69 @@ async fn sentinels_that_require_a_password_are_reached_with_it() {
     );
 }
 
+/// Sentinels that give keygate an ACL user of its own (docs/fleet.md's line, run on each
+/// sentinel): keygate finds the primary and follows a `SENTINEL FAILOVER` as that user. A user
+/// without `+role` stops the start in one line that names the command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_acl_user_of_keygate_s_own_is_enough() {
+    const PASSWORD: &str = "sentinel-SECRET";
+    let dir = tempfile::tempdir().unwrap();
+    let primary = Redis::start(&dir.path().join("primary"));
+    let replica = Redis::start_replica(&dir.path().join("replica"), &primary);
+    let sentinels = Sentinels::start_with_password(
+        &dir.path().join("sentinels"),
+        "keygate-acl",
+        &primary,
+        3,
+        PASSWORD,
+    );
+    let acl = documented_sentinel_acl();
+    let args: Vec<&str> = acl.iter().map(String::as_str).collect();
+    for port in &sentinels.ports {
+        assert_eq!(
+            sentinels.cli_at(*port, &args).as_deref(),
+            Some("OK"),
+            "{acl:?}"
+        );
+    }
+    let urls = sentinels.urls_toml_with("keygate:CHANGE-ME@");
+    let upstream = Upstream::start().await;
+    let o = [
+        ("KEYGATE_STORE_BACKEND", "redis-sentinel"),
+        ("KEYGATE_STORE_SENTINELS", urls.as_str()),
+        ("KEYGATE_STORE_MASTER_NAME", "keygate-acl"),
+        ("KEYGATE_STORE_URL", "redis://keygate-acl/0"),
+        ("KEYGATE_STORE_TIMEOUT", "500ms"),
+    ];
+    let gw = Gateway::start(&upstream.url(), &o).await;
+    let cli = |args: &[&str]| common::keys_cli(&gw.config_path, &o, args);
+    let key = cli(&["create", "--name", "sentinel-acl"]);
+    all_within(&[&gw], &key, StatusCode::OK, Duration::from_secs(2)).await;
+
+    let started = Instant::now();
+    sentinels
+        .cli(&["SENTINEL", "FAILOVER", "keygate-acl"])
+        .unwrap();
+    sentinels_name(&sentinels, &replica.addr(), started).await;
+    // Followed by itself: the +switch-master announcement reaches keygate as its user.
+    each_on_node(&[&gw], &replica.addr(), started, Duration::from_secs(20)).await;
+    assert_eq!(status(&gw, &key).await, StatusCode::OK);
+    gw.shutdown().await;
+
+    for port in &sentinels.ports {
+        let revoke = ["ACL", "SETUSER", "keygate", "-role"];
+        assert_eq!(sentinels.cli_at(*port, &revoke).as_deref(), Some("OK"));
+    }
+    let config = common::write_config(dir.path(), &upstream.url());
+    let line = refused_start(&config, &o, "CHANGE-ME");
+    assert!(
+        line.starts_with("keygate: error: key store permission missing: ")
+            && line.contains("ROLE")
+            && line.contains("grant +role"),
+        "{line}"
+    );
+}
+
 /// Sentinels and Redis servers that speak TLS only and require client certificates: keygate
 /// asks the sentinels (`rediss://` in `store.sentinels`) and talks to the primary they name over
 /// TLS, with `store.tls_*`'s CA and certificate for both; it follows a `SENTINEL FAILOVER` by
@@ -407,6 +470,11 @@ async fn sentinels_over_tls_are_reached_with_the_store_s_certificates() {
     .await;
     eprintln!("sentinels over TLS: revocation on the new primary felt in {took:?}");
     gw.shutdown().await;
+}
+
+/// The `ACL SETUSER keygate ...` line of docs/fleet.md for the sentinels, split into arguments.
+fn documented_sentinel_acl() -> Vec<String> {
+    documented_acl("&+switch-master")
 }
 
 /// The Redis key of `key`'s record.

@@ -141,11 +141,12 @@ impl Failover {
             })?
             .map_err(|e| {
                 if is_denied(&e) {
-                    // redis-rs asks the primary ROLE to check it really is the primary.
+                    // redis-rs asks each sentinel ROLE to check it is one, and the primary to
+                    // check it really is the primary; its error does not say which refused.
                     RedisError::from((
                         ErrorKind::Server(ServerErrorKind::NoPerm),
-                        "the Redis user may not run ROLE, which the Sentinel client needs to check the primary",
-                        "grant +role (see the ACL in docs/fleet.md)".to_owned(),
+                        "keygate's user may not run ROLE, which the Sentinel client asks of the sentinels and of the primary",
+                        "grant +role on both (see the ACLs in docs/fleet.md)".to_owned(),
                     ))
                 } else {
                     e
