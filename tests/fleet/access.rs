@@ -8,7 +8,10 @@ use reqwest::StatusCode;
 
 use crate::common::redis::Redis;
 use crate::common::{self, Gateway, Upstream, wait_for_async};
-use crate::{all_within, cli, documented_acl, redis_overrides, refused_start, status};
+use crate::{
+    all_within, cli, documented_acl, healthy_again, not_ready_for_refused_credentials,
+    redis_overrides, refused_start, status,
+};
 
 /// A Redis with keygate's user as docs/fleet.md defines it, and the URL that logs in as it.
 fn redis_with_documented_user(dir: &std::path::Path) -> (Redis, String) {
@@ -211,34 +214,14 @@ async fn credentials_refused_while_running_are_an_outage_that_ends() {
     let rotate = ["ACL", "SETUSER", "keygate", "resetpass", ">ROTATED"];
     assert_eq!(redis.cli(&rotate).as_deref(), Some("OK"));
     assert!(redis.cli(&["CLIENT", "KILL", "USER", "keygate"]).is_some());
-    wait_for_async(
-        Duration::from_secs(10),
-        "the readiness answer to give Redis's refusal",
-        async || match gw.ready().await {
-            (StatusCode::SERVICE_UNAVAILABLE, body)
-                if body.to_string().contains("refuses keygate's credentials") =>
-            {
-                Ok(())
-            }
-            (code, body) => Err(format!("{code} {body}")),
-        },
-    )
-    .await;
+    not_ready_for_refused_credentials(&gw).await;
     assert_eq!(status(&gw, &key).await, StatusCode::OK);
     assert_eq!(status(&gw, &unseen).await, StatusCode::SERVICE_UNAVAILABLE);
 
     // Redis accepts keygate's password again.
     let restore = ["ACL", "SETUSER", "keygate", ">CHANGE-ME"];
     assert_eq!(redis.cli(&restore).as_deref(), Some("OK"));
-    wait_for_async(
-        Duration::from_secs(10),
-        "the gateway to recover",
-        async || match gw.health().await {
-            (StatusCode::OK, _) => Ok(()),
-            (code, body) => Err(format!("{code} {body}")),
-        },
-    )
-    .await;
+    healthy_again(&gw).await;
     assert_eq!(status(&gw, &unseen).await, StatusCode::UNAUTHORIZED);
     assert_eq!(status(&gw, &key).await, StatusCode::OK);
     gw.shutdown().await;

@@ -7,9 +7,10 @@ use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 
-use crate::common::{self, Gateway, Upstream, eventually_async, wait_for_async};
+use crate::common::{self, Gateway, Upstream, eventually_async};
 use crate::{
-    all_within, documented_acl, outage_waves, outlive_positive_ttl, refused_start, status,
+    all_within, documented_acl, healthy_again, not_ready_for_refused_credentials, outage_waves,
+    outlive_positive_ttl, refused_start, status,
 };
 
 #[tokio::test]
@@ -207,19 +208,7 @@ async fn a_cluster_s_acl_user_is_enough_and_refused_credentials_are_named_and_ou
         assert_eq!(node.cli(&rotate).as_deref(), Some("OK"));
         assert!(node.cli(&["CLIENT", "KILL", "USER", "keygate"]).is_some());
     }
-    wait_for_async(
-        Duration::from_secs(10),
-        "the readiness answer to give the cluster's refusal",
-        async || match gw.ready().await {
-            (StatusCode::SERVICE_UNAVAILABLE, body)
-                if body.to_string().contains("refuses keygate's credentials") =>
-            {
-                Ok(())
-            }
-            (code, body) => Err(format!("{code} {body}")),
-        },
-    )
-    .await;
+    not_ready_for_refused_credentials(&gw).await;
     assert_eq!(status(&gw, &key).await, StatusCode::OK);
     assert_eq!(status(&gw, &unseen).await, StatusCode::SERVICE_UNAVAILABLE);
 
@@ -228,15 +217,7 @@ async fn a_cluster_s_acl_user_is_enough_and_refused_credentials_are_named_and_ou
         let restore = ["ACL", "SETUSER", "keygate", ">CHANGE-ME"];
         assert_eq!(node.cli(&restore).as_deref(), Some("OK"));
     }
-    wait_for_async(
-        Duration::from_secs(10),
-        "the gateway to recover",
-        async || match gw.health().await {
-            (StatusCode::OK, _) => Ok(()),
-            (code, body) => Err(format!("{code} {body}")),
-        },
-    )
-    .await;
+    healthy_again(&gw).await;
     assert_eq!(status(&gw, &unseen).await, StatusCode::UNAUTHORIZED);
     gw.store.set_active("acl", false).await.unwrap();
     all_within(

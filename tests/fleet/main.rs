@@ -105,6 +105,37 @@ async fn all_within(gws: &[&Gateway], key: &str, want: StatusCode, limit: Durati
     started.elapsed()
 }
 
+/// Waits (10 s at most) until `gw`'s readiness answer is 503 with Redis's refusal of keygate's
+/// credentials in it.
+async fn not_ready_for_refused_credentials(gw: &Gateway) {
+    wait_for_async(
+        Duration::from_secs(10),
+        "the readiness answer to give Redis's refusal",
+        async || match gw.ready().await {
+            (StatusCode::SERVICE_UNAVAILABLE, body)
+                if body.to_string().contains("refuses keygate's credentials") =>
+            {
+                Ok(())
+            }
+            (code, body) => Err(format!("{code} {body}")),
+        },
+    )
+    .await;
+}
+
+/// Waits (10 s at most) until `gw`'s health answer is 200.
+async fn healthy_again(gw: &Gateway) {
+    wait_for_async(
+        Duration::from_secs(10),
+        "the gateway to recover",
+        async || match gw.health().await {
+            (StatusCode::OK, _) => Ok(()),
+            (code, body) => Err(format!("{code} {body}")),
+        },
+    )
+    .await;
+}
+
 /// Waits until a cached key's entry has outlived `positive_ttl` (100 ms in these gateways), so
 /// that what serves it next is `stale_if_error`. A fixed wait: nothing outside the cache shows
 /// an entry's age.

@@ -278,11 +278,53 @@ async fn a_sentinel_failover_moves_every_gateway_and_loses_no_revocation() {
     }
 }
 
+/// A gateway on `sentinels` with `o` (its `KEYGATE_*` settings) serves a key created with the
+/// CLI from `primary`, follows a `SENTINEL FAILOVER` to `replica` by itself, and feels a
+/// revocation confirmed on the new primary within a second.
+async fn serves_through_a_failover(
+    sentinels: &Sentinels,
+    (primary, replica): (&Redis, &Redis),
+    upstream: &Upstream,
+    o: &[(&str, &str)],
+) {
+    let gw = Gateway::start(&upstream.url(), o).await;
+    let key = common::keys_cli(&gw.config_path, o, &["create", "--name", "failover"]);
+    all_within(&[&gw], &key, StatusCode::OK, Duration::from_secs(2)).await;
+    each_on_node(
+        &[&gw],
+        &primary.addr(),
+        Instant::now(),
+        Duration::from_secs(5),
+    )
+    .await;
+
+    let started = Instant::now();
+    let master = sentinels.master.as_str();
+    sentinels.cli(&["SENTINEL", "FAILOVER", master]).unwrap();
+    sentinels_name(sentinels, &replica.addr(), started).await;
+    each_on_node(&[&gw], &replica.addr(), started, Duration::from_secs(20)).await;
+    assert_eq!(status(&gw, &key).await, StatusCode::OK);
+    // Confirmed once the old primary, now a replica, has resynced: until then the CLI says so
+    // and is run again.
+    common::wait_for(Duration::from_secs(30), "a confirmed revocation", || {
+        common::keys_cli_result(&gw.config_path, o, &["revoke", "failover"])
+    });
+    let took = all_within(
+        &[&gw],
+        &key,
+        StatusCode::UNAUTHORIZED,
+        Duration::from_secs(1),
+    )
+    .await;
+    eprintln!("{master}: a revocation on the new primary was felt in {took:?}");
+    gw.shutdown().await;
+}
+
 /// Sentinels that require a password of their clients (`requirepass`, and `sentinel
 /// sentinel-pass` among themselves): keygate reaches them with the password in its sentinel
-/// URLs, serves a key from the primary they name, follows a `SENTINEL FAILOVER` by itself, and
-/// hears a revocation on the new primary. With a wrong password, `keygate serve` stops at start
-/// with one line that names the sentinels' refusal, and no password in it.
+/// URLs and serves through a failover ([`serves_through_a_failover`]). With a wrong password,
+/// `keygate serve` stops at start with one line that names the sentinels' refusal, and no
+/// password in it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sentinels_that_require_a_password_are_reached_with_it() {
     const PASSWORD: &str = "sentinel-SECRET";
@@ -305,38 +347,7 @@ async fn sentinels_that_require_a_password_are_reached_with_it() {
         ("KEYGATE_STORE_URL", "redis://keygate-pw/0"),
         ("KEYGATE_STORE_TIMEOUT", "500ms"),
     ];
-    let gw = Gateway::start(&upstream.url(), &o).await;
-    let cli = |args: &[&str]| common::keys_cli(&gw.config_path, &o, args);
-    let key = cli(&["create", "--name", "behind-auth"]);
-    all_within(&[&gw], &key, StatusCode::OK, Duration::from_secs(2)).await;
-    each_on_node(
-        &[&gw],
-        &primary.addr(),
-        Instant::now(),
-        Duration::from_secs(5),
-    )
-    .await;
-
-    let started = Instant::now();
-    sentinels
-        .cli(&["SENTINEL", "FAILOVER", "keygate-pw"])
-        .unwrap();
-    sentinels_name(&sentinels, &replica.addr(), started).await;
-    each_on_node(&[&gw], &replica.addr(), started, Duration::from_secs(20)).await;
-    assert_eq!(status(&gw, &key).await, StatusCode::OK);
-    // Confirmed once the old primary, now a replica, has resynced: until then the CLI says so
-    // and is run again.
-    common::wait_for(Duration::from_secs(30), "a confirmed revocation", || {
-        common::keys_cli_result(&gw.config_path, &o, &["revoke", "behind-auth"])
-    });
-    all_within(
-        &[&gw],
-        &key,
-        StatusCode::UNAUTHORIZED,
-        Duration::from_secs(1),
-    )
-    .await;
-    gw.shutdown().await;
+    serves_through_a_failover(&sentinels, (&primary, &replica), &upstream, &o).await;
 
     let wrong = sentinels.urls_toml_with(":not-the-password@");
     let config = common::write_config(dir.path(), &upstream.url());
@@ -351,11 +362,10 @@ async fn sentinels_that_require_a_password_are_reached_with_it() {
 }
 
 /// Sentinels that give keygate an ACL user of its own (docs/fleet.md's line, run on each
-/// sentinel): keygate finds the primary and follows a `SENTINEL FAILOVER` as that user. A user
-/// without `+role` stops the start in one line that names the command.
+/// sentinel): keygate serves through a failover as that user. A user without `+role` stops the
+/// start in one line that names the command.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sentinel_acl_user_of_keygate_s_own_is_enough() {
-    const PASSWORD: &str = "sentinel-SECRET";
     let dir = tempfile::tempdir().unwrap();
     let primary = Redis::start(&dir.path().join("primary"));
     let replica = Redis::start_replica(&dir.path().join("replica"), &primary);
@@ -364,9 +374,9 @@ async fn a_sentinel_acl_user_of_keygate_s_own_is_enough() {
         "keygate-acl",
         &primary,
         3,
-        PASSWORD,
+        "sentinel-SECRET",
     );
-    let acl = documented_sentinel_acl();
+    let acl = documented_acl("&+switch-master");
     let args: Vec<&str> = acl.iter().map(String::as_str).collect();
     for port in &sentinels.ports {
         assert_eq!(
@@ -384,20 +394,7 @@ async fn a_sentinel_acl_user_of_keygate_s_own_is_enough() {
         ("KEYGATE_STORE_URL", "redis://keygate-acl/0"),
         ("KEYGATE_STORE_TIMEOUT", "500ms"),
     ];
-    let gw = Gateway::start(&upstream.url(), &o).await;
-    let cli = |args: &[&str]| common::keys_cli(&gw.config_path, &o, args);
-    let key = cli(&["create", "--name", "sentinel-acl"]);
-    all_within(&[&gw], &key, StatusCode::OK, Duration::from_secs(2)).await;
-
-    let started = Instant::now();
-    sentinels
-        .cli(&["SENTINEL", "FAILOVER", "keygate-acl"])
-        .unwrap();
-    sentinels_name(&sentinels, &replica.addr(), started).await;
-    // Followed by itself: the +switch-master announcement reaches keygate as its user.
-    each_on_node(&[&gw], &replica.addr(), started, Duration::from_secs(20)).await;
-    assert_eq!(status(&gw, &key).await, StatusCode::OK);
-    gw.shutdown().await;
+    serves_through_a_failover(&sentinels, (&primary, &replica), &upstream, &o).await;
 
     for port in &sentinels.ports {
         let revoke = ["ACL", "SETUSER", "keygate", "-role"];
@@ -415,8 +412,8 @@ async fn a_sentinel_acl_user_of_keygate_s_own_is_enough() {
 
 /// Sentinels and Redis servers that speak TLS only and require client certificates: keygate
 /// asks the sentinels (`rediss://` in `store.sentinels`) and talks to the primary they name over
-/// TLS, with `store.tls_*`'s CA and certificate for both; it follows a `SENTINEL FAILOVER` by
-/// itself, and a revocation on the new primary is felt within a second.
+/// TLS, with `store.tls_*`'s CA and certificate for both, through a failover
+/// ([`serves_through_a_failover`]).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sentinels_over_tls_are_reached_with_the_store_s_certificates() {
     let dir = tempfile::tempdir().unwrap();
@@ -439,42 +436,7 @@ async fn sentinels_over_tls_are_reached_with_the_store_s_certificates() {
         ("KEYGATE_STORE_TLS_CERT_FILE", cert.as_str()),
         ("KEYGATE_STORE_TLS_KEY_FILE", key.as_str()),
     ];
-    let gw = Gateway::start(&upstream.url(), &o).await;
-    let cli = |args: &[&str]| common::keys_cli(&gw.config_path, &o, args);
-    let key = cli(&["create", "--name", "over-tls"]);
-    all_within(&[&gw], &key, StatusCode::OK, Duration::from_secs(2)).await;
-    each_on_node(
-        &[&gw],
-        &primary.addr(),
-        Instant::now(),
-        Duration::from_secs(5),
-    )
-    .await;
-
-    let started = Instant::now();
-    sentinels
-        .cli(&["SENTINEL", "FAILOVER", "keygate-tls"])
-        .unwrap();
-    sentinels_name(&sentinels, &replica.addr(), started).await;
-    each_on_node(&[&gw], &replica.addr(), started, Duration::from_secs(20)).await;
-    assert_eq!(status(&gw, &key).await, StatusCode::OK);
-    common::wait_for(Duration::from_secs(30), "a confirmed revocation", || {
-        common::keys_cli_result(&gw.config_path, &o, &["revoke", "over-tls"])
-    });
-    let took = all_within(
-        &[&gw],
-        &key,
-        StatusCode::UNAUTHORIZED,
-        Duration::from_secs(1),
-    )
-    .await;
-    eprintln!("sentinels over TLS: revocation on the new primary felt in {took:?}");
-    gw.shutdown().await;
-}
-
-/// The `ACL SETUSER keygate ...` line of docs/fleet.md for the sentinels, split into arguments.
-fn documented_sentinel_acl() -> Vec<String> {
-    documented_acl("&+switch-master")
+    serves_through_a_failover(&sentinels, (&primary, &replica), &upstream, &o).await;
 }
 
 /// The Redis key of `key`'s record.
