@@ -1,7 +1,9 @@
 //! `keygate check-config`: every check `serve` makes before it binds its ports (the
 //! configuration, the TLS certificate and key, the key store, the log paths), without changing
 //! anything; then the effective configuration on stdout. An unreachable upstream is a warning,
-//! here and at `serve`'s start: the gateway runs without it and answers 502.
+//! here and at `serve`'s start: the gateway runs without it and answers 502. So is a Redis store
+//! that does not answer; one that refuses keygate's credentials or a command is an error, as it
+//! stops `serve`.
 
 use std::io::Write as _;
 use std::path::Path;
@@ -11,13 +13,14 @@ use anyhow::{Context as _, bail};
 
 use super::{note, source, sqlite_exists, timestamp};
 use crate::config::{self, Backend, Config, FileConfig};
-use crate::store::unix_now;
+use crate::store::{StoreError, unix_now};
 use crate::tls::{self, CertCheck};
 
 /// Runs the checks; the report goes to stderr, the effective configuration to stdout.
 pub(super) fn run(file: &FileConfig, config: &Config) -> anyhow::Result<()> {
     let mut report = vec![Finding::fine(format!("config {}", source(config)))];
     report.extend(preflight(config)?);
+    report.extend(redis_access(config)?);
     // (serve logs these when it builds the CORS policy.)
     report.extend(config.cors.warnings().into_iter().map(Finding::warning));
     if let Err(e) = upstream_reachable(&config.upstream) {
@@ -69,22 +72,23 @@ impl Finding {
 pub(super) fn preflight(config: &Config) -> anyhow::Result<Vec<Finding>> {
     let mut report = Vec::new();
 
-    report.push(Finding::fine(match &config.store.backend {
+    match &config.store.backend {
         Backend::Sqlite { path } if sqlite_exists(config, path)? => {
             let keys = crate::store::sqlite::SqliteStore::inspect(path)
                 .with_context(|| format!("key store {}", config.store.backend))?;
             let plural = if keys == 1 { "" } else { "s" };
-            format!("store {}: {keys} API key{plural}", config.store.backend)
+            report.push(Finding::fine(format!(
+                "store {}: {keys} API key{plural}",
+                config.store.backend
+            )));
         }
-        Backend::Sqlite { .. } => format!(
+        Backend::Sqlite { .. } => report.push(Finding::fine(format!(
             "store {}: does not exist yet (keygate serve, keys create or keys import creates it)",
             config.store.backend
-        ),
-        Backend::Redis { .. } => format!(
-            "store {} (not contacted: serve starts without it and reports it down)",
-            config.store.backend
-        ),
-    }));
+        ))),
+        // Tried once opened: by `serve`, and by `check-config` ([`redis_access`]).
+        Backend::Redis { .. } => {}
+    }
 
     let cert = config.tls.cert.display();
     report.push(
@@ -123,6 +127,42 @@ pub(super) fn preflight(config: &Config) -> anyhow::Result<Vec<Finding>> {
         }
     }
     Ok(report)
+}
+
+/// A Redis store, tried as `serve` tries it before it listens: keygate's credentials, and every
+/// command it uses (on scratch keys, removed again). A refusal is the error `serve` would stop
+/// with; a store that does not answer, or a replica, is a warning, as `serve` starts with it.
+fn redis_access(config: &Config) -> anyhow::Result<Option<Finding>> {
+    if !matches!(config.store.backend, Backend::Redis { .. }) {
+        return Ok(None);
+    }
+    let backend = &config.store.backend;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    // As long as `serve` gives the check at its start.
+    let limit = 4 * config.store.timeout;
+    let checked = runtime.block_on(async {
+        let store = crate::store::open(&config.store).context("cannot open the key store")?;
+        anyhow::Ok(tokio::time::timeout(limit, store.check_access()).await)
+    })?;
+    Ok(Some(match checked {
+        Ok(Ok(())) => Finding::fine(format!(
+            "store {backend}: answers, and accepts keygate's credentials and every command it uses"
+        )),
+        Ok(Err(e @ (StoreError::Denied(_) | StoreError::Unauthenticated(_)))) => {
+            return Err(e.into());
+        }
+        Ok(Err(e @ StoreError::ReadOnly(_))) => Finding::warning(format!(
+            "{e}: serve starts on it; key changes fail until it takes writes"
+        )),
+        Ok(Err(e)) => Finding::warning(format!("{e}: serve starts without it and reports it down")),
+        Err(_) => Finding::warning(format!(
+            "store {backend}: no answer within {limit:?} (4 x store.timeout): serve starts \
+             without it and reports it down"
+        )),
+    }))
 }
 
 /// A file that `serve` or the CLI creates (with its directory) when it is missing: it must be

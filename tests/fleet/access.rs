@@ -9,8 +9,8 @@ use reqwest::StatusCode;
 use crate::common::redis::Redis;
 use crate::common::{self, Gateway, Upstream, wait_for_async};
 use crate::{
-    all_within, cli, documented_acl, healthy_again, not_ready_for_refused_credentials,
-    redis_overrides, refused_start, status,
+    all_within, check_config, cli, documented_acl, healthy_again,
+    not_ready_for_refused_credentials, redis_overrides, refused_start, status,
 };
 
 /// A Redis with keygate's user as docs/fleet.md defines it, and the URL that logs in as it.
@@ -26,7 +26,8 @@ fn redis_with_documented_user(dir: &std::path::Path) -> (Redis, String) {
 /// The ACL of docs/fleet.md, used verbatim, is all keygate needs: the gateway starts (its
 /// permission check passes), the CLI creates and revokes, the shared rate limits stay shared
 /// (the limiter's TIME is granted), usage is written. A user without TIME makes `keygate serve`
-/// refuse to start with one line naming it; so does a wrong password.
+/// refuse to start with one line naming it; so does a wrong password. `check-config` says the
+/// same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_documented_acl_is_enough_and_a_missing_permission_stops_the_start() {
     let dir = tempfile::tempdir().unwrap();
@@ -41,6 +42,11 @@ async fn the_documented_acl_is_enough_and_a_missing_permission_stops_the_start()
         ],
     );
     let gw = Gateway::start(&upstream.url(), &o).await;
+    let (checked, said) = check_config(&gw.config_path, &o);
+    assert!(
+        checked && said.contains("accepts keygate's credentials and every command it uses"),
+        "{said}"
+    );
     let key = cli(&gw, &url, &["create", "--name", "acl"]);
     let mut admitted = 0;
     for _ in 0..8 {

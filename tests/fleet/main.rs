@@ -46,7 +46,8 @@ fn cli(gw: &Gateway, redis_url: &str, args: &[&str]) -> String {
 }
 
 /// Runs `keygate serve` with `env`, which must refuse to start (exit within 20 s, and not with
-/// success) in one line on stderr without `secret` in it; returns that line.
+/// success) in one line on stderr without `secret` in it; returns that line. `keygate
+/// check-config` must refuse with the same line.
 fn refused_start(config: &std::path::Path, env: &[(&str, &str)], secret: &str) -> String {
     let mut env = env.to_vec();
     env.push(("KEYGATE_LOGGING_LEVEL", "error"));
@@ -77,7 +78,23 @@ fn refused_start(config: &std::path::Path, env: &[(&str, &str)], secret: &str) -
         line.starts_with("keygate: error: ") && !line.contains('\n') && !line.contains(secret),
         "not one line, or with {secret:?} in it: {line}"
     );
+    let (checked, said) = check_config(config, &env);
+    assert!(!checked && said == line, "check-config said: {said}");
     line
+}
+
+/// Runs `keygate check-config` with `env`: whether it found the configuration valid, and what it
+/// wrote on stderr.
+fn check_config(config: &std::path::Path, env: &[(&str, &str)]) -> (bool, String) {
+    let out = common::keygate()
+        .arg("--config")
+        .arg(config)
+        .arg("check-config")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+    (out.status.success(), stderr)
 }
 
 /// The status `GET /x` with `key` gets.

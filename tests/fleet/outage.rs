@@ -9,7 +9,9 @@ use reqwest::StatusCode;
 
 use crate::common::redis::Redis;
 use crate::common::{self, Gateway, Upstream, eventually_async, wait_for_async};
-use crate::{all_within, cli, outage_waves, outlive_positive_ttl, redis_overrides, status};
+use crate::{
+    all_within, check_config, cli, outage_waves, outlive_positive_ttl, redis_overrides, status,
+};
 
 #[tokio::test]
 async fn redis_killed_then_restarted() {
@@ -471,7 +473,8 @@ async fn a_redis_outage_logs_a_few_lines_not_several_a_second() {
 }
 
 /// The CLI against a paused Redis fails within the store timeout, with one line saying so,
-/// instead of waiting in silence.
+/// instead of waiting in silence; `check-config` warns that the store does not answer (serve
+/// starts without it).
 #[test]
 fn the_cli_against_a_paused_redis_fails_within_the_store_timeout() {
     let dir = tempfile::tempdir().unwrap();
@@ -503,5 +506,18 @@ fn the_cli_against_a_paused_redis_fails_within_the_store_timeout() {
             "{err}"
         );
     }
+    // check-config: a warning, as serve starts without the store.
+    let started = Instant::now();
+    let (checked, said) = check_config(&config, &env);
+    eprintln!(
+        "check-config against a paused Redis: {:?}",
+        started.elapsed()
+    );
+    assert!(
+        checked
+            && said.contains("keygate: warning: key store unavailable: no answer from Redis at ")
+            && said.contains("serve starts without it and reports it down"),
+        "{said}"
+    );
     // Dropped with the test: the server is killed, paused or not.
 }
