@@ -1,6 +1,7 @@
 //! `keygate check-config`: every check `serve` makes before it binds its ports (the
 //! configuration, the TLS certificate and key, the key store, the log paths), without changing
-//! anything; then the effective configuration on stdout. An unreachable upstream is a warning,
+//! anything (a Redis store is tried on scratch keys, removed again); then the effective
+//! configuration on stdout. An unreachable upstream is a warning,
 //! here and at `serve`'s start: the gateway runs without it and answers 502. So is a Redis store
 //! that does not answer; one that refuses keygate's credentials or a command is an error, as it
 //! stops `serve`.
