@@ -122,9 +122,10 @@ impl ConnectionLike for Managed {
     }
 }
 
-/// A Redis Cluster connection that says why it reached no node. redis-rs answers "No
-/// connections found" once it has lost every node, whatever the cause; a refusal at
-/// authentication (credentials changed in Redis first) is found by asking the seed nodes.
+/// A Redis Cluster connection that says why it reached no node. Once redis-rs cannot connect to
+/// the nodes it answers "No connections found", or the redirection it could not follow, whatever
+/// the cause; a refusal at authentication (credentials changed in Redis first) is found by
+/// asking the seed nodes.
 #[derive(Clone)]
 pub(super) struct Clustered {
     conn: ClusterConnection,
@@ -144,9 +145,11 @@ impl Clustered {
     }
 
     /// `e`, or the refusal at authentication that a seed node gives when the cluster client
-    /// found no node.
+    /// did not reach the node it needed.
     async fn explained(&self, e: RedisError) -> RedisError {
-        if e.kind() != ErrorKind::ClusterConnectionNotFound {
+        // A broken or refused connection says why itself.
+        let unreached = e.kind() == ErrorKind::ClusterConnectionNotFound || e.is_cluster_error();
+        if !unreached {
             return e;
         }
         let config = AsyncConnectionConfig::new()
