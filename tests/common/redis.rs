@@ -294,6 +294,16 @@ impl Cluster {
 
     /// A cluster whose nodes take `extra` arguments too.
     pub fn start_with(dir: &Path, extra: &[&str]) -> Self {
+        Self::start_inner(dir, extra, None)
+    }
+
+    /// A cluster that speaks TLS only, to its clients and on its bus, with `tls`'s files (as
+    /// [`Redis::start_tls`]).
+    pub fn start_tls(dir: &Path, tls: &TlsFiles) -> Self {
+        Self::start_inner(dir, &["--tls-cluster", "yes"], Some(tls))
+    }
+
+    fn start_inner(dir: &Path, extra: &[&str], tls: Option<&TlsFiles>) -> Self {
         let nodes: Vec<Redis> = (0..3)
             .map(|i| {
                 let d = dir.join(format!("node{i}"));
@@ -304,14 +314,18 @@ impl Cluster {
                     "nodes.conf",
                 ];
                 args.extend_from_slice(extra);
-                Redis::start_with(&d, &args)
+                Redis::start_inner(&d, &args, tls.cloned())
             })
             .collect();
         let addrs: Vec<String> = nodes
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port))
             .collect();
-        let status = Command::new("redis-cli")
+        let mut create = Command::new("redis-cli");
+        if let Some(tls) = tls {
+            tls.cli_args(&mut create);
+        }
+        let status = create
             .args(["--cluster", "create"])
             .args(&addrs)
             .args(["--cluster-replicas", "0", "--cluster-yes"])
@@ -329,11 +343,11 @@ impl Cluster {
         Self { nodes }
     }
 
-    /// Seed URLs.
+    /// Seed URLs (`rediss://` over TLS).
     pub fn urls(&self) -> Vec<String> {
         self.nodes
             .iter()
-            .map(|n| format!("redis://127.0.0.1:{}", n.port))
+            .map(|n| n.url().trim_end_matches("/0").to_owned())
             .collect()
     }
 }

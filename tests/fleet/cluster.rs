@@ -7,16 +7,16 @@ use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 
+use crate::common::redis::Cluster;
 use crate::common::{self, Gateway, Upstream, eventually_async};
 use crate::{
     all_within, documented_acl, healthy_again, not_ready_for_refused_credentials, outage_waves,
     outlive_positive_ttl, refused_start, status,
 };
 
-#[tokio::test]
-async fn a_gateway_on_a_redis_cluster_authenticates_and_sees_revocations() {
-    let dir = tempfile::tempdir().unwrap();
-    let cluster = common::redis::Cluster::start(dir.path());
+/// A gateway on `cluster` (with `extra` settings) serves a key, and feels its revocation within
+/// a second while polling every 30 s: through the change subscription.
+async fn serves_and_hears_revocations(cluster: &Cluster, extra: &[(&str, &str)]) {
     let nodes = format!(
         "[{}]",
         cluster
@@ -27,16 +27,14 @@ async fn a_gateway_on_a_redis_cluster_authenticates_and_sees_revocations() {
             .join(", ")
     );
     let upstream = Upstream::start().await;
-    let gw = Gateway::start(
-        &upstream.url(),
-        &[
-            ("KEYGATE_STORE_BACKEND", "redis-cluster"),
-            ("KEYGATE_STORE_CLUSTER_NODES", &nodes),
-            ("KEYGATE_STORE_POLL_INTERVAL", "30s"),
-            ("KEYGATE_RATE_LIMIT_PER_KEY", "100/min"),
-        ],
-    )
-    .await;
+    let mut o = vec![
+        ("KEYGATE_STORE_BACKEND", "redis-cluster"),
+        ("KEYGATE_STORE_CLUSTER_NODES", nodes.as_str()),
+        ("KEYGATE_STORE_POLL_INTERVAL", "30s"),
+        ("KEYGATE_RATE_LIMIT_PER_KEY", "100/min"),
+    ];
+    o.extend_from_slice(extra);
+    let gw = Gateway::start(&upstream.url(), &o).await;
     let key = gw.create_key("clustered").await;
     all_within(&[&gw], &key, StatusCode::OK, Duration::from_secs(1)).await;
     gw.store.set_active("clustered", false).await.unwrap();
@@ -51,6 +49,31 @@ async fn a_gateway_on_a_redis_cluster_authenticates_and_sees_revocations() {
     gw.shutdown().await;
 }
 
+#[tokio::test]
+async fn a_gateway_on_a_redis_cluster_authenticates_and_sees_revocations() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(dir.path());
+    serves_and_hears_revocations(&cluster, &[]).await;
+}
+
+/// A cluster that speaks TLS only (clients and bus), with client certificates required:
+/// `rediss://` seed URLs and `store.tls_*`'s CA and certificate reach every node, and the
+/// subscription too.
+#[tokio::test]
+async fn a_redis_cluster_over_tls_is_reached_with_the_store_s_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = common::redis::TlsFiles::generate(&dir.path().join("tls"));
+    let cluster = Cluster::start_tls(&dir.path().join("cluster"), &tls);
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_owned();
+    let (ca, cert, key) = (path(&tls.ca), path(&tls.client_cert), path(&tls.client_key));
+    let files = [
+        ("KEYGATE_STORE_TLS_CA_FILE", ca.as_str()),
+        ("KEYGATE_STORE_TLS_CERT_FILE", cert.as_str()),
+        ("KEYGATE_STORE_TLS_KEY_FILE", key.as_str()),
+    ];
+    serves_and_hears_revocations(&cluster, &files).await;
+}
+
 /// Redis Cluster: the change subscription is not tied to the first seed node (killed here, with
 /// polling slowed to 30 s, a revocation still arrives within a second through another node), and
 /// with the node that holds keygate's slot down, requests are answered within the store timeout
@@ -58,7 +81,7 @@ async fn a_gateway_on_a_redis_cluster_authenticates_and_sees_revocations() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_gateway_follows_any_node_and_answers_outages_within_the_store_timeout() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cluster = common::redis::Cluster::start_with(
+    let mut cluster = Cluster::start_with(
         dir.path(),
         &[
             "--cluster-require-full-coverage",
@@ -152,7 +175,7 @@ async fn a_cluster_gateway_follows_any_node_and_answers_outages_within_the_store
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_s_acl_user_is_enough_and_refused_credentials_are_named_and_outlived() {
     let dir = tempfile::tempdir().unwrap();
-    let cluster = common::redis::Cluster::start(dir.path());
+    let cluster = Cluster::start(dir.path());
     let mut acl = documented_acl("+time");
     acl.push("+cluster|slots".to_owned());
     let acl: Vec<&str> = acl.iter().map(String::as_str).collect();
