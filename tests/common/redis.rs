@@ -90,6 +90,22 @@ impl TlsFiles {
         files
     }
 
+    /// The `KEYGATE_STORE_TLS_*` settings that trust this CA and present the client certificate.
+    pub fn store_settings(&self) -> [(&'static str, &str); 3] {
+        let utf8 = "temporary paths are UTF-8";
+        [
+            ("KEYGATE_STORE_TLS_CA_FILE", self.ca.to_str().expect(utf8)),
+            (
+                "KEYGATE_STORE_TLS_CERT_FILE",
+                self.client_cert.to_str().expect(utf8),
+            ),
+            (
+                "KEYGATE_STORE_TLS_KEY_FILE",
+                self.client_key.to_str().expect(utf8),
+            ),
+        ]
+    }
+
     /// `redis-cli`'s arguments to connect with these files.
     fn cli_args(&self, command: &mut Command) {
         command

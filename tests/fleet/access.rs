@@ -134,17 +134,9 @@ async fn a_tls_redis_with_a_private_ca_and_a_client_certificate() {
     let redis = Redis::start_tls(&dir.path().join("redis"), &tls);
     let url = redis.url();
     assert!(url.starts_with("rediss://"));
-    let path = |p: &std::path::Path| p.to_str().unwrap().to_owned();
-    let (ca, cert, key) = (path(&tls.ca), path(&tls.client_cert), path(&tls.client_key));
-    let o = redis_overrides(
-        &url,
-        &[
-            ("KEYGATE_STORE_TLS_CA_FILE", ca.as_str()),
-            ("KEYGATE_STORE_TLS_CERT_FILE", cert.as_str()),
-            ("KEYGATE_STORE_TLS_KEY_FILE", key.as_str()),
-            ("KEYGATE_STORE_POLL_INTERVAL", "30s"),
-        ],
-    );
+    let mut extra = tls.store_settings().to_vec();
+    extra.push(("KEYGATE_STORE_POLL_INTERVAL", "30s"));
+    let o = redis_overrides(&url, &extra);
     let upstream = Upstream::start().await;
     let gw = Gateway::start(&upstream.url(), &o).await;
     let config = gw.config_path.clone();

@@ -64,14 +64,7 @@ async fn a_redis_cluster_over_tls_is_reached_with_the_store_s_certificates() {
     let dir = tempfile::tempdir().unwrap();
     let tls = common::redis::TlsFiles::generate(&dir.path().join("tls"));
     let cluster = Cluster::start_tls(&dir.path().join("cluster"), &tls);
-    let path = |p: &std::path::Path| p.to_str().unwrap().to_owned();
-    let (ca, cert, key) = (path(&tls.ca), path(&tls.client_cert), path(&tls.client_key));
-    let files = [
-        ("KEYGATE_STORE_TLS_CA_FILE", ca.as_str()),
-        ("KEYGATE_STORE_TLS_CERT_FILE", cert.as_str()),
-        ("KEYGATE_STORE_TLS_KEY_FILE", key.as_str()),
-    ];
-    serves_and_hears_revocations(&cluster, &files).await;
+    serves_and_hears_revocations(&cluster, &tls.store_settings()).await;
 }
 
 /// Redis Cluster: the change subscription is not tied to the first seed node (killed here, with

@@ -422,20 +422,16 @@ async fn sentinels_over_tls_are_reached_with_the_store_s_certificates() {
     let replica = Redis::start_replica(&dir.path().join("replica"), &primary);
     let sentinels = Sentinels::start(&dir.path().join("sentinels"), "keygate-tls", &primary, 3);
     let urls = sentinels.urls_toml();
-    let path = |p: &std::path::Path| p.to_str().unwrap().to_owned();
-    let (ca, cert, key) = (path(&tls.ca), path(&tls.client_cert), path(&tls.client_key));
     let upstream = Upstream::start().await;
-    let o = [
+    let mut o = vec![
         ("KEYGATE_STORE_BACKEND", "redis-sentinel"),
         ("KEYGATE_STORE_SENTINELS", urls.as_str()),
         ("KEYGATE_STORE_MASTER_NAME", "keygate-tls"),
         ("KEYGATE_STORE_URL", "rediss://keygate-tls/0"),
         ("KEYGATE_STORE_TIMEOUT", "500ms"),
         ("KEYGATE_STORE_POLL_INTERVAL", "30s"),
-        ("KEYGATE_STORE_TLS_CA_FILE", ca.as_str()),
-        ("KEYGATE_STORE_TLS_CERT_FILE", cert.as_str()),
-        ("KEYGATE_STORE_TLS_KEY_FILE", key.as_str()),
     ];
+    o.extend(tls.store_settings());
     serves_through_a_failover(&sentinels, (&primary, &replica), &upstream, &o).await;
 }
 
