@@ -214,17 +214,10 @@ impl GuardedStore {
         }
     }
 
-    /// The store's permission check, bounded by a few store timeouts (it makes a dozen round
-    /// trips); its failures are not outages, so they leave the breaker alone.
+    /// The store's permission check, bounded; its failures are not outages, so they leave the
+    /// breaker alone.
     async fn checked_access(&self) -> Result<(), StoreError> {
-        tokio::time::timeout(4 * self.timeout, self.store.check_access())
-            .await
-            .unwrap_or_else(|_| {
-                Err(StoreError::Unavailable(format!(
-                    "no answer within {:?}",
-                    4 * self.timeout
-                )))
-            })
+        crate::store::check_access_within(self.store.as_ref(), self.timeout).await
     }
 
     /// Re-reads the legacy flag and the active-key gauge.

@@ -1,10 +1,9 @@
 //! `keygate check-config`: every check `serve` makes before it binds its ports (the
 //! configuration, the TLS certificate and key, the key store, the log paths), without changing
 //! anything (a Redis store is tried on scratch keys, removed again); then the effective
-//! configuration on stdout. An unreachable upstream is a warning,
-//! here and at `serve`'s start: the gateway runs without it and answers 502. So is a Redis store
-//! that does not answer; one that refuses keygate's credentials or a command is an error, as it
-//! stops `serve`.
+//! configuration on stdout. An unreachable upstream is a warning, here and at `serve`'s start:
+//! the gateway runs without it and answers 502. So is a Redis store that does not answer; one
+//! that refuses keygate's credentials or a command is an error, as it stops `serve`.
 
 use std::io::Write as _;
 use std::path::Path;
@@ -12,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 
-use super::{note, source, sqlite_exists, timestamp};
+use super::{current_thread_runtime, note, source, sqlite_exists, timestamp};
 use crate::config::{self, Backend, Config, FileConfig};
 use crate::store::{StoreError, unix_now};
 use crate::tls::{self, CertCheck};
@@ -137,32 +136,20 @@ fn redis_access(config: &Config) -> anyhow::Result<Option<Finding>> {
     if !matches!(config.store.backend, Backend::Redis { .. }) {
         return Ok(None);
     }
-    let backend = &config.store.backend;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the runtime")?;
-    // As long as `serve` gives the check at its start.
-    let limit = 4 * config.store.timeout;
-    let checked = runtime.block_on(async {
+    let checked = current_thread_runtime()?.block_on(async {
         let store = crate::store::open(&config.store).context("cannot open the key store")?;
-        anyhow::Ok(tokio::time::timeout(limit, store.check_access()).await)
+        anyhow::Ok(crate::store::check_access_within(store.as_ref(), config.store.timeout).await)
     })?;
     Ok(Some(match checked {
-        Ok(Ok(())) => Finding::fine(format!(
-            "store {backend}: answers, and accepts keygate's credentials and every command it uses"
+        Ok(()) => Finding::fine(format!(
+            "store {}: answers, and accepts keygate's credentials and every command it uses",
+            config.store.backend
         )),
-        Ok(Err(e @ (StoreError::Denied(_) | StoreError::Unauthenticated(_)))) => {
-            return Err(e.into());
-        }
-        Ok(Err(e @ StoreError::ReadOnly(_))) => Finding::warning(format!(
+        Err(e @ (StoreError::Denied(_) | StoreError::Unauthenticated(_))) => return Err(e.into()),
+        Err(e @ StoreError::ReadOnly(_)) => Finding::warning(format!(
             "{e}: serve starts on it; key changes fail until it takes writes"
         )),
-        Ok(Err(e)) => Finding::warning(format!("{e}: serve starts without it and reports it down")),
-        Err(_) => Finding::warning(format!(
-            "store {backend}: no answer within {limit:?} (4 x store.timeout): serve starts \
-             without it and reports it down"
-        )),
+        Err(e) => Finding::warning(format!("{e}: serve starts without it and reports it down")),
     }))
 }
 

@@ -366,10 +366,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve => serve(config),
         Command::CheckConfig => check::run(&file, &config),
         Command::Keys(cmd) => {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .context("cannot start the runtime")?;
+            let runtime = current_thread_runtime()?;
             let creates = matches!(cmd, KeysCommand::Create(_) | KeysCommand::Import(_));
             let prepared = keys::prepare(&cmd)?;
             runtime.block_on(async {
@@ -377,18 +374,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 keys::run(cmd, prepared, &store, config.logging.audit_file.as_deref()).await
             })
         }
-        Command::Store(cmd) => {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .context("cannot start the runtime")?;
-            runtime.block_on(async {
-                let opened = open_store(&config, false)?;
-                store_cmd::run(cmd, &opened, config.logging.audit_file.as_deref()).await
-            })
-        }
+        Command::Store(cmd) => current_thread_runtime()?.block_on(async {
+            let opened = open_store(&config, false)?;
+            store_cmd::run(cmd, &opened, config.logging.audit_file.as_deref()).await
+        }),
         Command::Completions(_) => Ok(()),
     }
+}
+
+/// The runtime a command that talks to the store runs on.
+fn current_thread_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")
 }
 
 /// Opens the configured store. A SQLite file that does not exist is created only by commands

@@ -12,7 +12,7 @@ pub mod sqlite;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -313,6 +313,22 @@ pub trait KeyStore: Send + Sync + 'static {
 
 /// Shared handle to the configured store.
 pub type SharedStore = Arc<dyn KeyStore>;
+
+/// `store`'s access check ([`KeyStore::check_access`]), bounded by four store timeouts (it makes
+/// a dozen round trips): as `serve` runs it before it listens, and `check-config` with it.
+pub async fn check_access_within(
+    store: &dyn KeyStore,
+    timeout: Duration,
+) -> Result<(), StoreError> {
+    let limit = 4 * timeout;
+    tokio::time::timeout(limit, store.check_access())
+        .await
+        .unwrap_or_else(|_| {
+            Err(StoreError::Unavailable(format!(
+                "no answer within {limit:?} (4 x store.timeout)"
+            )))
+        })
+}
 
 /// Current time as Unix seconds.
 pub fn unix_now() -> i64 {
