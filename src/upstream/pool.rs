@@ -42,15 +42,27 @@ type Stream = Either<TcpStream, Box<TlsStream<TcpStream>>>;
 /// reading ([`Io`]).
 const UNREAD_BYTES: usize = 4 * 1024 * 1024;
 
-/// A connection's byte stream as hyper's client uses it. An upstream may answer a request before
-/// reading its body and close the connection (a 403 or 413 to an upload); the next write of the
-/// body then fails, and hyper would end the exchange with that error without reading the
-/// answer. So after a broken pipe or a reset on write, up to [`UNREAD_BYTES`] more are taken as
-/// written and dropped, while hyper reads the answer; past them, the error is reported.
+/// A connection's byte stream as hyper's client uses it. It makes up for two ways hyper's
+/// client (1.12) ends an exchange where the upstream answered before the request was written
+/// whole:
+///
+/// - An upstream may answer before reading the body and close the connection (a 403 or 413 to
+///   an upload); the next write of the body then fails, and hyper would end the exchange with
+///   that error without reading the answer. So after a broken pipe or a reset on write, up to
+///   [`UNREAD_BYTES`] more are taken as written and dropped, while hyper reads the answer; past
+///   them, the error is reported.
+/// - If the response is read whole while the request's last bytes wait in hyper's write buffer
+///   (the socket being full), hyper's connection turns idle with them still to write. It writes
+///   them later, but then does not look for the next request until something wakes its task,
+///   and nothing does: the next request given to it waits for ever, and dropping its sender
+///   does not close it. So a flush that ends a write the socket held up wakes the task once
+///   more, and it finds itself idle.
 struct Io {
     stream: Stream,
     /// The write error, and how many bytes may still be dropped before it is reported.
     stopped: Option<(io::ErrorKind, usize)>,
+    /// Since the last flush, a write found the socket full.
+    held: bool,
 }
 
 impl Io {
@@ -67,6 +79,15 @@ impl Io {
                 self.drop_written(len)
             }
             other => other,
+        }
+    }
+
+    /// Notes whether a write of `len` bytes found the socket full.
+    fn note_held(&mut self, len: usize, written: &Poll<io::Result<usize>>) {
+        match written {
+            Poll::Pending => self.held = true,
+            Poll::Ready(Ok(n)) if *n < len => self.held = true,
+            Poll::Ready(_) => {}
         }
     }
 
@@ -103,8 +124,9 @@ impl AsyncWrite for Io {
         if this.stopped.is_some() {
             return Poll::Ready(this.drop_written(buf.len()));
         }
-        let written = ready!(Pin::new(&mut this.stream).poll_write(cx, buf));
-        Poll::Ready(this.write_result(buf.len(), written))
+        let written = Pin::new(&mut this.stream).poll_write(cx, buf);
+        this.note_held(buf.len(), &written);
+        Poll::Ready(this.write_result(buf.len(), ready!(written)))
     }
 
     fn poll_write_vectored(
@@ -117,8 +139,9 @@ impl AsyncWrite for Io {
         if this.stopped.is_some() {
             return Poll::Ready(this.drop_written(len));
         }
-        let written = ready!(Pin::new(&mut this.stream).poll_write_vectored(cx, bufs));
-        Poll::Ready(this.write_result(len, written))
+        let written = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        this.note_held(len, &written);
+        Poll::Ready(this.write_result(len, ready!(written)))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -127,10 +150,14 @@ impl AsyncWrite for Io {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.stopped.is_some() {
-            return Poll::Ready(Ok(()));
+        if this.stopped.is_none() {
+            ready!(Pin::new(&mut this.stream).poll_flush(cx))?;
         }
-        Pin::new(&mut this.stream).poll_flush(cx)
+        // hyper flushes its stream once its write buffer is empty.
+        if std::mem::take(&mut this.held) {
+            cx.waker().wake_by_ref();
+        }
+        Poll::Ready(Ok(()))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -276,6 +303,7 @@ impl Pool {
             .handshake(TokioIo::new(Io {
                 stream: io,
                 stopped: None,
+                held: false,
             }))
             .await
             .map_err(|e| Error::new(ErrorKind::Connect, e).retryable())?;

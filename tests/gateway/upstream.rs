@@ -140,8 +140,17 @@ async fn idle_upstream_connections_closed_by_the_upstream_are_replaced() {
 #[tokio::test]
 async fn an_upstream_that_answers_before_reading_the_body_still_gets_it_and_the_client_keeps_its_connection()
  {
-    // Answers as soon as it has a request's head, then reads and discards the body (as nginx's
-    // `return` does) before the next request on the connection. Reports each body's length.
+    // Answers PAUSE ms after it has a request's head, then reads and discards the body (as
+    // nginx's `return` does) before the next request on the connection; reports each body's
+    // length. The uploads grow from 2 to 5.75 MiB, so that in some of them the answer comes
+    // while the end of the body waits in the gateway's write buffer, the socket being full; the
+    // upstream connection must still take the next request (without the wake in
+    // src/upstream/pool.rs's `Io`, about half the runs hang there).
+    const ROUNDS: usize = 16;
+    const PAUSE: u64 = 10;
+    fn body_length(round: usize) -> usize {
+        (2 << 20) + round * (256 << 10)
+    }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, mut bodies) = tokio::sync::mpsc::unbounded_channel();
@@ -168,6 +177,7 @@ async fn an_upstream_that_answers_before_reading_the_body_still_gets_it_and_the_
                         .find_map(|l| l.strip_prefix("content-length: "))
                         .map_or(0, |v| v.trim().parse().unwrap());
                     buf.drain(..end);
+                    tokio::time::sleep(Duration::from_millis(PAUSE)).await;
                     if stream
                         .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
                         .await
@@ -195,20 +205,20 @@ async fn an_upstream_that_answers_before_reading_the_body_still_gets_it_and_the_
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let tls = gw.raw_tls().await;
     let (mut reader, mut writer) = tokio::io::split(tls);
-    const BODY: usize = 4 << 20;
-    let head = format!(
-        "POST /upload HTTP/1.1\r\nHost: localhost\r\nX-API-Key: {key}\r\nContent-Length: {BODY}\r\n\r\n"
-    );
     let uploads = tokio::spawn(async move {
-        for _ in 0..3 {
+        for round in 0..ROUNDS {
+            let length = body_length(round);
+            let head = format!(
+                "POST /upload HTTP/1.1\r\nHost: localhost\r\nX-API-Key: {key}\r\nContent-Length: {length}\r\n\r\n"
+            );
             writer.write_all(head.as_bytes()).await?;
-            writer.write_all(&vec![b'x'; BODY]).await?;
+            writer.write_all(&vec![b'x'; length]).await?;
         }
         writer.flush().await
     });
     let mut buf = Vec::new();
     let mut chunk = vec![0u8; 65536];
-    for round in 0..3 {
+    for round in 0..ROUNDS {
         let response = async {
             loop {
                 if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -239,7 +249,7 @@ async fn an_upstream_that_answers_before_reading_the_body_still_gets_it_and_the_
         let got = tokio::time::timeout(Duration::from_secs(10), bodies.recv()).await;
         assert_eq!(
             got.unwrap(),
-            Some(BODY),
+            Some(body_length(round)),
             "round {round}: the upstream got the whole body"
         );
     }
