@@ -9,7 +9,7 @@ use reqwest::StatusCode;
 use crate::common::redis::Redis;
 use crate::common::{self, Gateway, Upstream, wait_for_async};
 use crate::{
-    all_within, check_config, cli, documented_acl, healthy_again,
+    WITHIN_A_SECOND, all_within, check_config, cli, documented_acl, healthy_again,
     not_ready_for_refused_credentials, redis_overrides, refused_start, status,
 };
 
@@ -83,13 +83,7 @@ async fn the_documented_acl_is_enough_and_a_missing_permission_stops_the_start()
     )
     .await;
     cli(&gw, &url, &["revoke", "acl"]);
-    all_within(
-        &[&gw],
-        &key,
-        StatusCode::UNAUTHORIZED,
-        Duration::from_secs(1),
-    )
-    .await;
+    all_within(&[&gw], &key, StatusCode::UNAUTHORIZED, WITHIN_A_SECOND).await;
     gw.shutdown().await;
 
     // The ACL without +time: refused at start, in one line that names the command and the fix.
@@ -144,13 +138,7 @@ async fn a_tls_redis_with_a_private_ca_and_a_client_certificate() {
     all_within(&[&gw], &key_one, StatusCode::OK, Duration::from_secs(2)).await;
     // Polling every 30 s: the revocation arrives on the subscription, over TLS too.
     common::keys_cli(&config, &o, &["revoke", "over-tls"]);
-    all_within(
-        &[&gw],
-        &key_one,
-        StatusCode::UNAUTHORIZED,
-        Duration::from_secs(1),
-    )
-    .await;
+    all_within(&[&gw], &key_one, StatusCode::UNAUTHORIZED, WITHIN_A_SECOND).await;
     assert_eq!(gw.health().await.0, StatusCode::OK);
 
     // No client certificate: refused by the server, said in one line.

@@ -10,8 +10,8 @@ use reqwest::StatusCode;
 use crate::common::redis::Cluster;
 use crate::common::{self, Gateway, Upstream, eventually_async};
 use crate::{
-    all_within, documented_acl, healthy_again, not_ready_for_refused_credentials, outage_waves,
-    outlive_positive_ttl, refused_start, status,
+    WITHIN_A_SECOND, all_within, documented_acl, healthy_again, not_ready_for_refused_credentials,
+    outage_waves, outlive_positive_ttl, refused_start, status,
 };
 
 /// A gateway on `cluster` (with `extra` settings) serves a key, and feels its revocation within
@@ -36,15 +36,9 @@ async fn serves_and_hears_revocations(cluster: &Cluster, extra: &[(&str, &str)])
     o.extend_from_slice(extra);
     let gw = Gateway::start(&upstream.url(), &o).await;
     let key = gw.create_key("clustered").await;
-    all_within(&[&gw], &key, StatusCode::OK, Duration::from_secs(1)).await;
+    all_within(&[&gw], &key, StatusCode::OK, WITHIN_A_SECOND).await;
     gw.store.set_active("clustered", false).await.unwrap();
-    let took = all_within(
-        &[&gw],
-        &key,
-        StatusCode::UNAUTHORIZED,
-        Duration::from_secs(1),
-    )
-    .await;
+    let took = all_within(&[&gw], &key, StatusCode::UNAUTHORIZED, WITHIN_A_SECOND).await;
     eprintln!("revocation through the cluster took {took:?}");
     gw.shutdown().await;
 }
@@ -136,7 +130,7 @@ async fn a_cluster_gateway_follows_any_node_and_answers_outages_within_the_store
     .await;
     eprintln!("first seed node killed: a revocation arrived through another node {took:?} later");
     gw.store.set_active("clustered", true).await.unwrap();
-    all_within(&[&gw], &key, StatusCode::OK, Duration::from_secs(1)).await;
+    all_within(&[&gw], &key, StatusCode::OK, WITHIN_A_SECOND).await;
 
     // The node holding keygate's slot dies: answers within the store timeout, health 503.
     cluster.nodes[owner].kill();
@@ -192,17 +186,11 @@ async fn a_cluster_s_acl_user_is_enough_and_refused_credentials_are_named_and_ou
     ];
     let gw = Gateway::start(&upstream.url(), &o).await;
     let key = gw.create_key("acl").await;
-    all_within(&[&gw], &key, StatusCode::OK, Duration::from_secs(1)).await;
+    all_within(&[&gw], &key, StatusCode::OK, WITHIN_A_SECOND).await;
     gw.store.set_active("acl", false).await.unwrap();
-    all_within(
-        &[&gw],
-        &key,
-        StatusCode::UNAUTHORIZED,
-        Duration::from_secs(1),
-    )
-    .await;
+    all_within(&[&gw], &key, StatusCode::UNAUTHORIZED, WITHIN_A_SECOND).await;
     gw.store.set_active("acl", true).await.unwrap();
-    all_within(&[&gw], &key, StatusCode::OK, Duration::from_secs(1)).await;
+    all_within(&[&gw], &key, StatusCode::OK, WITHIN_A_SECOND).await;
 
     // A wrong password: refused at start, in one line that says where to look.
     let wrong = nodes_with("NOT-THE-PASSWORD");
@@ -236,12 +224,6 @@ async fn a_cluster_s_acl_user_is_enough_and_refused_credentials_are_named_and_ou
     healthy_again(&gw).await;
     assert_eq!(status(&gw, &unseen).await, StatusCode::UNAUTHORIZED);
     gw.store.set_active("acl", false).await.unwrap();
-    all_within(
-        &[&gw],
-        &key,
-        StatusCode::UNAUTHORIZED,
-        Duration::from_secs(1),
-    )
-    .await;
+    all_within(&[&gw], &key, StatusCode::UNAUTHORIZED, WITHIN_A_SECOND).await;
     gw.shutdown().await;
 }

@@ -102,6 +102,9 @@ async fn status(gw: &Gateway, key: &str) -> StatusCode {
     gw.get_with_key("/x", key).await.status()
 }
 
+/// How soon a revocation (or any key change) must be felt by every gateway.
+const WITHIN_A_SECOND: Duration = Duration::from_secs(1);
+
 /// Polls every gateway with `key` until all of them, in one round, answer `want`; panics after
 /// `limit`. Returns how long it took (a change's propagation time).
 async fn all_within(gws: &[&Gateway], key: &str, want: StatusCode, limit: Duration) -> Duration {

@@ -10,7 +10,8 @@ use reqwest::StatusCode;
 use crate::common::redis::Redis;
 use crate::common::{self, Gateway, Upstream, eventually_async, wait_for_async};
 use crate::{
-    all_within, check_config, cli, outage_waves, outlive_positive_ttl, redis_overrides, status,
+    WITHIN_A_SECOND, all_within, check_config, cli, outage_waves, outlive_positive_ttl,
+    redis_overrides, status,
 };
 
 #[tokio::test]
@@ -44,13 +45,7 @@ async fn redis_killed_then_restarted() {
     .await;
     eprintln!("recovered {took:?} after Redis restarted");
     cli(&gw, &url, &["revoke", "cached"]);
-    all_within(
-        &[&gw],
-        &cached,
-        StatusCode::UNAUTHORIZED,
-        Duration::from_secs(1),
-    )
-    .await;
+    all_within(&[&gw], &cached, StatusCode::UNAUTHORIZED, WITHIN_A_SECOND).await;
     gw.shutdown().await;
 }
 
@@ -368,14 +363,14 @@ async fn redis_restarted_empty_is_unavailable_not_empty() {
     let accepted = status_json(store_cli(&["store", "status", "--json"]));
     assert_eq!(accepted["identity"]["generation"], 2, "{accepted}");
     assert_eq!(accepted["identity"]["id"], restored["identity"]["id"]);
-    all_within(&[&a, &b], &uncached, StatusCode::OK, Duration::from_secs(1)).await;
+    all_within(&[&a, &b], &uncached, StatusCode::OK, WITHIN_A_SECOND).await;
     // And the feed works on the restored store.
     cli(&a, &url, &["revoke", "cached"]);
     all_within(
         &[&a, &b],
         &cached,
         StatusCode::UNAUTHORIZED,
-        Duration::from_secs(1),
+        WITHIN_A_SECOND,
     )
     .await;
     a.shutdown().await;

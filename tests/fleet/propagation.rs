@@ -8,7 +8,7 @@ use reqwest::StatusCode;
 
 use crate::common::redis::Redis;
 use crate::common::{Gateway, Upstream, eventually_async, wait_for_async};
-use crate::{all_within, cli, redis_overrides, status};
+use crate::{WITHIN_A_SECOND, all_within, cli, redis_overrides, status};
 
 // On a multi-threaded runtime, as `keygate serve` runs: the gateways' background tasks (the
 // subscriptions, the change poller) run beside this test's blocking calls to the CLI and
@@ -26,29 +26,17 @@ async fn revocation_reaches_every_instance_within_a_second_even_after_a_lost_sub
     let b = Gateway::start(&upstream.url(), &o).await;
 
     let key = cli(&a, &url, &["create", "--name", "fleet"]);
-    all_within(&[&a, &b], &key, StatusCode::OK, Duration::from_secs(1)).await;
+    all_within(&[&a, &b], &key, StatusCode::OK, WITHIN_A_SECOND).await;
     cli(&a, &url, &["revoke", "fleet"]);
-    let took = all_within(
-        &[&a, &b],
-        &key,
-        StatusCode::UNAUTHORIZED,
-        Duration::from_secs(1),
-    )
-    .await;
+    let took = all_within(&[&a, &b], &key, StatusCode::UNAUTHORIZED, WITHIN_A_SECOND).await;
     eprintln!("revocation reached both instances in {took:?}");
 
     // Kill every subscription; change the key while the instances are (re)subscribing.
     redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]).unwrap();
     cli(&a, &url, &["enable", "fleet"]);
-    all_within(&[&a, &b], &key, StatusCode::OK, Duration::from_secs(1)).await;
+    all_within(&[&a, &b], &key, StatusCode::OK, WITHIN_A_SECOND).await;
     cli(&a, &url, &["revoke", "fleet"]);
-    all_within(
-        &[&a, &b],
-        &key,
-        StatusCode::UNAUTHORIZED,
-        Duration::from_secs(1),
-    )
-    .await;
+    all_within(&[&a, &b], &key, StatusCode::UNAUTHORIZED, WITHIN_A_SECOND).await;
     a.shutdown().await;
     b.shutdown().await;
 }
@@ -89,20 +77,14 @@ async fn an_instance_that_misses_events_resynchronises_by_polling() {
         }
     };
     silent_change("0", true);
-    all_within(
-        &[&gw],
-        &key,
-        StatusCode::UNAUTHORIZED,
-        Duration::from_secs(1),
-    )
-    .await;
+    all_within(&[&gw], &key, StatusCode::UNAUTHORIZED, WITHIN_A_SECOND).await;
 
     // Re-enabled, and the stream entry is lost too (trimmed): a gap, so everything is re-read.
     silent_change("1", false);
     redis
         .cli(&["XTRIM", "{keygate}:changes", "MAXLEN", "0"])
         .unwrap();
-    all_within(&[&gw], &key, StatusCode::OK, Duration::from_secs(1)).await;
+    all_within(&[&gw], &key, StatusCode::OK, WITHIN_A_SECOND).await;
     gw.shutdown().await;
 }
 

@@ -10,7 +10,7 @@ use reqwest::StatusCode;
 
 use crate::common::redis::{Redis, Sentinels};
 use crate::common::{self, Gateway, Upstream, eventually_async, wait_for_async};
-use crate::{all_within, documented_acl, refused_start, status};
+use crate::{WITHIN_A_SECOND, all_within, documented_acl, refused_start, status};
 
 /// Polls every gateway's `/readyz` until it names `node` as the store's node; returns how long
 /// after `since` each got there.
@@ -309,13 +309,7 @@ async fn serves_through_a_failover(
     common::wait_for(Duration::from_secs(30), "a confirmed revocation", || {
         common::keys_cli_result(&gw.config_path, o, &["revoke", "failover"])
     });
-    let took = all_within(
-        &[&gw],
-        &key,
-        StatusCode::UNAUTHORIZED,
-        Duration::from_secs(1),
-    )
-    .await;
+    let took = all_within(&[&gw], &key, StatusCode::UNAUTHORIZED, WITHIN_A_SECOND).await;
     eprintln!("{master}: a revocation on the new primary was felt in {took:?}");
     gw.shutdown().await;
 }
