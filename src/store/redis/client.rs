@@ -144,13 +144,16 @@ impl Clustered {
         }
     }
 
-    /// `e`, or the refusal at authentication that a seed node gives when the cluster client
-    /// did not reach the node it needed.
-    async fn explained(&self, e: RedisError) -> RedisError {
+    /// `result`; in place of an error that says the cluster client did not reach the node it
+    /// needed, the refusal at authentication a seed node gives, if one does.
+    async fn explained<T>(&self, result: RedisResult<T>) -> RedisResult<T> {
+        let Err(e) = result else {
+            return result;
+        };
         // A broken or refused connection says why itself.
         let unreached = e.kind() == ErrorKind::ClusterConnectionNotFound || e.is_cluster_error();
         if !unreached {
-            return e;
+            return Err(e);
         }
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.timeout))
@@ -166,22 +169,20 @@ impl Clustered {
                 Err(refused) => Some(refused),
             }
         });
-        futures_util::future::join_all(asked)
+        let refusal = futures_util::future::join_all(asked)
             .await
             .into_iter()
             .flatten()
-            .find(is_unauthenticated)
-            .unwrap_or(e)
+            .find(is_unauthenticated);
+        Err(refusal.unwrap_or(e))
     }
 }
 
 impl ConnectionLike for Clustered {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
-            match self.conn.req_packed_command(cmd).await {
-                Err(e) => Err(self.explained(e).await),
-                ok => ok,
-            }
+            let result = self.conn.req_packed_command(cmd).await;
+            self.explained(result).await
         })
     }
 
@@ -192,10 +193,8 @@ impl ConnectionLike for Clustered {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         Box::pin(async move {
-            match self.conn.req_packed_commands(pipeline, offset, count).await {
-                Err(e) => Err(self.explained(e).await),
-                ok => ok,
-            }
+            let result = self.conn.req_packed_commands(pipeline, offset, count).await;
+            self.explained(result).await
         })
     }
 
